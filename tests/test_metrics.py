@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from torchnmf import metrics
+
+
+def naive_beta_div(x, y, beta):
+    """Entry-by-entry beta-divergence D(y | x) in plain Python, exact limits."""
+    total = 0.0
+    eps = torch.finfo(torch.float64).eps
+    for xi, yi in zip(x.flatten().tolist(), y.flatten().tolist()):
+        if beta == 2:
+            total += (yi - xi) ** 2 / 2
+        elif beta == 1:
+            xi = max(xi, eps)
+            total += (yi * math.log(yi / xi) if yi > 0 else 0.0) - yi + xi
+        elif beta == 0:
+            xi, yi = max(xi, eps), max(yi, eps)
+            total += yi / xi - math.log(yi / xi) - 1
+        else:
+            if beta < 1:
+                xi = max(xi, eps)
+            if beta < 0:
+                yi = max(yi, eps)
+            total += (yi ** beta + (beta - 1) * xi ** beta - beta * yi * xi ** (beta - 1)) / (
+                beta * (beta - 1)
+            )
+    return total
+
+
+@pytest.mark.parametrize("beta", [-0.5, 0, 0.5, 1, 1.5, 2, 3])
+@pytest.mark.parametrize("zeros", [None, "input", "target", "both"])
+def test_beta_div_matches_naive_reference(beta, zeros, generator):
+    x = torch.rand(6, 5, generator=generator, dtype=torch.float64) + 0.1
+    y = torch.rand(6, 5, generator=generator, dtype=torch.float64) + 0.1
+    if zeros in ("input", "both"):
+        x[0, :2] = 0
+    if zeros in ("target", "both"):
+        y[1, 1:3] = 0
+        y[0, 0] = 0
+    value = metrics.beta_div(x, y, beta)
+    assert value.dim() == 0
+    assert torch.isfinite(value) and value >= 0
+    assert_close(value.item(), naive_beta_div(x, y, beta), rtol=1e-10, atol=1e-10)
+
+
+def test_named_divergences_are_beta_div(generator):
+    x = torch.rand(4, 3, generator=generator)
+    y = torch.rand(4, 3, generator=generator)
+    assert_close(metrics.kl_div(x, y), metrics.beta_div(x, y, 1))
+    assert_close(metrics.euclidean(x, y), metrics.beta_div(x, y, 2))
+    assert_close(metrics.is_div(x, y), metrics.beta_div(x, y, 0))
+    assert_close(metrics.euclidean(x, y), ((x - y) ** 2).sum() / 2)
+
+
+@pytest.mark.parametrize("beta", [0, 0.5, 1, 2])
+def test_divergence_of_identical_arguments_is_zero(beta, generator):
+    x = torch.rand(5, 4, generator=generator, dtype=torch.float64) + 0.5
+    assert metrics.beta_div(x, x.clone(), beta).item() == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0, 1, 2])
+def test_all_zero_arguments_give_finite_non_negative(beta):
+    z = torch.zeros(3, 3)
+    value = metrics.beta_div(z, z, beta)
+    assert torch.isfinite(value) and value >= 0
+
+
+def test_sparseness_extremes():
+    one_hot = torch.zeros(10)
+    one_hot[3] = 2.5
+    assert metrics.sparseness(one_hot).item() == pytest.approx(1.0)
+    assert metrics.sparseness(torch.full((7,), 0.3)).item() == pytest.approx(0.0, abs=1e-6)
+    assert metrics.sparseness(torch.zeros(4)).item() == 0.0
+    assert metrics.sparseness(torch.tensor([1.0, 0, 0, 1])).dim() == 0
+
+
+def test_sparseness_matches_formula(generator):
+    x = torch.rand(20, generator=generator, dtype=torch.float64)
+    n = x.numel()
+    expected = (math.sqrt(n) - x.abs().sum() / x.norm()) / (math.sqrt(n) - 1)
+    assert_close(metrics.sparseness(x), expected)
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        metrics.beta_div([1.0], torch.ones(1))
+    with pytest.raises(ValueError, match="broadcastable shapes"):
+        metrics.beta_div(torch.ones(2, 3), torch.ones(4, 5))
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        metrics.beta_div(torch.ones(2), torch.ones(2), beta="two")
+    with pytest.raises(ValueError, match="x must have at least one entry"):
+        metrics.sparseness(torch.ones(0))

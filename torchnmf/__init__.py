@@ -1,0 +1,10 @@
+"""torchnmf: non-negative factorisations in PyTorch.
+
+Public modules: :mod:`torchnmf.nmf` (NMF models), :mod:`torchnmf.metrics`
+(divergences).  ``import torchnmf`` needs only torch, numpy and tqdm.
+"""
+from . import metrics, nmf
+from ._validation import ConvergenceWarning
+
+__version__ = "0.4.0.dev0"
+__all__ = ["nmf", "metrics", "ConvergenceWarning", "__version__"]

@@ -1,0 +1,221 @@
+r"""Statistics that a fitting step needs from the target.
+
+A *statistics object* wraps one target ``V`` and one ``beta`` and answers three
+questions about the current factors:
+
+- ``h_terms(H, W)``: the negative and positive parts of the gradient of
+  :math:`D_\beta(V | \hat V)` with respect to ``H``, and the divergence at the
+  current point (computed on the way, almost for free);
+- ``w_terms(H, W)``: the same parts with respect to ``W``;
+- ``divergence(H, W)``: the divergence alone.
+
+The solvers never look at ``V`` themselves, so dense, sparse and masked
+targets, and the generic autograd route of the convolutional models, differ
+only by the statistics object chosen once per fit.  Every statistic is a sum
+over row blocks of ``V`` (the ``W`` terms and the divergence) or a row-wise
+function of them (the ``H`` terms), which is what lets later code stream
+blocks from disk or sum them across processes.
+
+For a matrix, ``V`` is ``(N, C)``, ``H`` is ``(N, R)``, ``W`` is ``(C, R)`` and
+:math:`\hat V = H W^\top`.
+"""
+import torch
+
+from . import metrics
+
+__all__ = ["DenseMatrixStats", "AutogradStats", "BLOCK_ELEMENTS"]
+
+# Elements of V handled per block by the element-wise passes (4 MiB of float32):
+# large enough for efficient matrix products, small enough that the work buffers
+# stay far below one copy of V.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _row_blocks(n_rows, rows_per_block):
+    for start in range(0, n_rows, rows_per_block):
+        yield start, min(start + rows_per_block, n_rows)
+
+
+class DenseMatrixStats:
+    """Closed-form statistics for a dense ``(N, C)`` matrix.
+
+    beta=2 uses Gram products only (no reconstruction is ever formed); beta=1
+    needs the ratio ``V / WH`` and column sums; other betas need two powers of
+    the reconstruction.  For beta != 2 the reconstruction is formed one row
+    block at a time in work buffers allocated once.
+    """
+
+    def __init__(self, V, beta, block_elements=None):
+        self.V = V.contiguous()
+        self.beta = float(beta)
+        self.eps = torch.finfo(V.dtype).eps
+        N, C = self.V.shape
+        block_elements = block_elements or BLOCK_ELEMENTS
+        self.rows = max(1, min(N, block_elements // max(C, 1)))
+        self._work = None
+        self.constant = self._divergence_constant()
+
+    # -- set-up ---------------------------------------------------------------
+    def _buffers(self, R):
+        """Work buffers, allocated on first use and reused for the whole fit."""
+        if self._work is None or self._work[2].shape[1] != R:
+            N, C = self.V.shape
+            new = self.V.new_empty
+            self._work = (
+                new(self.rows, C),
+                new(2, self.rows, C),
+                new(N, R),
+                new(N, R),
+                new(C, R),
+                new(C, R),
+            )
+        return self._work
+
+    def _divergence_constant(self):
+        """The part of the divergence that depends on V alone, summed blockwise."""
+        beta, V = self.beta, self.V
+        total = torch.zeros((), dtype=torch.float64, device=V.device)
+        for start, stop in _row_blocks(V.shape[0], self.rows):
+            block = V[start:stop]
+            if beta == 2:
+                total += block.pow(2).sum(dtype=torch.float64) / 2
+            elif beta == 1:
+                total += (torch.xlogy(block, block) - block).sum(dtype=torch.float64)
+            elif beta == 0:
+                total -= block.log().sum(dtype=torch.float64) + block.numel()
+            else:
+                total += block.pow(beta).sum(dtype=torch.float64) / (beta * (beta - 1))
+        return total
+
+    # -- beta = 2: Gram products --------------------------------------------------
+    def _gram_h(self, H, W):
+        _, _, negative, positive, _, _ = self._buffers(H.shape[1])
+        torch.matmul(self.V, W, out=negative)
+        gram_W = W.T @ W
+        torch.matmul(H, gram_W, out=positive)
+        cross = (H * negative).sum(dtype=torch.float64)
+        quad = ((H.T @ H) * gram_W).sum(dtype=torch.float64)
+        divergence = self.constant - cross + quad / 2
+        return negative, positive, divergence
+
+    def _gram_w(self, H, W):
+        _, _, _, _, negative, positive = self._buffers(H.shape[1])
+        torch.matmul(self.V.T, H, out=negative)
+        torch.matmul(W, H.T @ H, out=positive)
+        return negative, positive
+
+    # -- other beta: blockwise powers of the reconstruction -------------------------
+    def _block_powers(self, V_block, H_block, W, work, pair):
+        """Fill ``pair`` with (V * WH^(beta-2), WH^(beta-1)) for one row block.
+
+        Returns the block's contribution to the divergence (minus the constant).
+        """
+        beta = self.beta
+        b = V_block.shape[0]
+        WH = work[:b]
+        torch.matmul(H_block, W.T, out=WH)
+        WH.clamp_min_(self.eps)
+        numer, denom = pair[0, :b], pair[1, :b]
+        if beta == 1:
+            torch.log(WH, out=denom)
+            part = -torch.dot(V_block.reshape(-1), denom.reshape(-1))
+            torch.div(V_block, WH, out=numer)
+            return part
+        part = 0
+        if beta == 0:
+            torch.log(WH, out=denom)
+            part = denom.sum(dtype=torch.float64)
+        torch.pow(WH, beta - 1, out=denom)
+        torch.div(denom, WH, out=numer)
+        numer.mul_(V_block)
+        cross = torch.dot(denom.reshape(-1), V_block.reshape(-1))
+        if beta == 0:
+            return part + cross
+        power = torch.dot(denom.reshape(-1), WH.reshape(-1))
+        return power / beta - cross / (beta - 1)
+
+    def _blocked_h(self, H, W):
+        work, pair, negative, positive, _, _ = self._buffers(H.shape[1])
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        for start, stop in _row_blocks(H.shape[0], self.rows):
+            b = stop - start
+            total += self._block_powers(self.V[start:stop], H[start:stop], W, work, pair)
+            torch.matmul(pair[0, :b], W, out=negative[start:stop])
+            if self.beta != 1:
+                torch.matmul(pair[1, :b], W, out=positive[start:stop])
+        if self.beta == 1:
+            positive = W.sum(0, keepdim=True)
+            total += H.sum(0, dtype=torch.float64) @ W.sum(0, dtype=torch.float64)
+        return negative, positive, self.constant + total
+
+    def _blocked_w(self, H, W):
+        work, pair, _, _, negative, positive = self._buffers(H.shape[1])
+        negative.zero_()
+        positive.zero_()
+        for start, stop in _row_blocks(H.shape[0], self.rows):
+            b = stop - start
+            H_block = H[start:stop]
+            self._block_powers(self.V[start:stop], H_block, W, work, pair)
+            negative.addmm_(pair[0, :b].T, H_block)
+            if self.beta != 1:
+                positive.addmm_(pair[1, :b].T, H_block)
+        if self.beta == 1:
+            positive = H.sum(0, keepdim=True)
+        return negative, positive
+
+    # -- interface ----------------------------------------------------------------
+    def h_terms(self, H, W):
+        if self.beta == 2:
+            return self._gram_h(H, W)
+        return self._blocked_h(H, W)
+
+    def w_terms(self, H, W):
+        if self.beta == 2:
+            return self._gram_w(H, W)
+        return self._blocked_w(H, W)
+
+    def divergence(self, H, W):
+        return self.h_terms(H, W)[2]
+
+
+class AutogradStats:
+    r"""Statistics for any model whose reconstruction is linear in each factor.
+
+    The parts of the gradient are vector-Jacobian products of ``reconstruct``:
+    with :math:`\hat V = f(H, W)`,
+    :math:`\nabla^+_X = J_X^\top \hat V^{\beta-1}` and
+    :math:`\nabla^-_X = J_X^\top (V \hat V^{\beta-2})`, which is exact whenever
+    ``f`` combines its arguments with non-negative coefficients (products, sums,
+    convolutions, compositions of such models).
+    """
+
+    def __init__(self, V, beta, reconstruct):
+        self.V = V
+        self.beta = float(beta)
+        self.reconstruct = reconstruct
+        self.eps = torch.finfo(V.dtype).eps
+
+    def _parts(self, H, W, wrt_H):
+        with torch.enable_grad():
+            H_ = H.detach().requires_grad_(wrt_H)
+            W_ = W.detach().requires_grad_(not wrt_H)
+            prediction = self.reconstruct(H_, W_)
+            floored = prediction.detach().clamp_min(self.eps)
+            positive_out = floored.pow(self.beta - 1)
+            negative_out = positive_out / floored * self.V
+            wrt = H_ if wrt_H else W_
+            positive, = torch.autograd.grad(prediction, wrt, positive_out, retain_graph=True)
+            negative, = torch.autograd.grad(prediction, wrt, negative_out)
+        return negative, positive, prediction.detach()
+
+    def h_terms(self, H, W):
+        negative, positive, prediction = self._parts(H, W, True)
+        return negative, positive, metrics.beta_div(prediction, self.V, self.beta)
+
+    def w_terms(self, H, W):
+        negative, positive, _ = self._parts(H, W, False)
+        return negative, positive
+
+    def divergence(self, H, W):
+        with torch.no_grad():
+            return metrics.beta_div(self.reconstruct(H, W), self.V, self.beta)

@@ -1,0 +1,137 @@
+"""Argument checks shared by every public entry point.
+
+Each helper raises ``ValueError`` for a bad value and ``TypeError`` for a wrong
+type, naming the argument, the rule and what was given, so that messages read
+the same everywhere.  Checks run once at the entry point; inner loops trust
+their inputs.
+"""
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "ConvergenceWarning",
+    "check_positive_int",
+    "check_non_negative_number",
+    "check_real",
+    "check_fraction",
+    "check_open_fraction",
+    "check_target",
+    "check_non_negative_tensor",
+    "check_beta_with_zeros",
+]
+
+
+class ConvergenceWarning(UserWarning):
+    """Raised as a warning when ``max_iter`` ends a fit before ``tol`` was reached."""
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return repr(value)
+
+
+def check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer, got {_describe(value)}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def check_real(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_non_negative_number(value, name):
+    value = check_real(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+    return value
+
+
+def check_fraction(value, name):
+    """A number in the closed interval [0, 1]."""
+    value = check_real(value, name)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+    return value
+
+
+def check_open_fraction(value, name):
+    """A number in the open interval (0, 1)."""
+    value = check_real(value, name)
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {value}")
+    return value
+
+
+def _values(tensor):
+    return tensor._values() if tensor.layout == torch.sparse_coo else (
+        tensor.values() if tensor.layout in (torch.sparse_csr, torch.sparse_csc) else tensor
+    )
+
+
+def check_non_negative_tensor(tensor, name):
+    """Raise unless every (stored) entry is finite and non-negative."""
+    values = _values(tensor)
+    if values.numel() == 0:
+        return tensor
+    if values.is_floating_point() or values.is_complex():
+        if values.is_complex():
+            raise TypeError(f"{name} must be real, got dtype {values.dtype}")
+        if torch.isnan(values).any():
+            raise ValueError(
+                f"{name} contains NaN; non-negative factorisation needs finite, "
+                f"non-negative values (fill or drop the missing entries first)"
+            )
+        if torch.isinf(values).any():
+            raise ValueError(f"{name} contains infinite values; every entry must be finite")
+    if (values < 0).any():
+        raise ValueError(
+            f"{name} must be non-negative, but its smallest entry is {values.min().item():g}"
+        )
+    return tensor
+
+
+def check_target(V, name="V"):
+    """Validate a target tensor and return a floating-point view of it.
+
+    Integer tensors (counts) are converted to the default floating dtype; the
+    caller's tensor is never modified.
+    """
+    if not isinstance(V, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type(V).__name__}; "
+            f"convert arrays with torch.as_tensor"
+        )
+    if V.dtype == torch.bool or V.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {V.dtype}")
+    if not V.is_floating_point():
+        V = V.to(torch.get_default_dtype())
+    check_non_negative_tensor(V, name)
+    return V
+
+
+def check_beta_with_zeros(V, beta, name="V"):
+    """Multiplicative updates with beta <= 0 divide by the data: zeros break them."""
+    if beta > 0:
+        return
+    if V.layout != torch.strided:
+        raise ValueError(
+            f"beta={beta:g} cannot be used with a sparse {name}: its implicit zeros make "
+            f"the beta-divergence infinite; use beta > 0 or a dense {name} with no zeros"
+        )
+    if (V == 0).any():
+        raise ValueError(
+            f"beta={beta:g} needs a strictly positive {name}, but {name} has "
+            f"{int((V == 0).sum())} zero entries; add a small constant to {name} "
+            f"(e.g. V + 1e-6) or use beta > 0"
+        )

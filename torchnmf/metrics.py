@@ -1,0 +1,140 @@
+r"""Divergences and sparseness measures.
+
+Every divergence takes ``(input, target)`` like :mod:`torch.nn.functional`'s
+losses: ``input`` is the reconstruction :math:`\hat V`, ``target`` the data
+:math:`V`.  The beta-divergence, summed over all entries, is
+
+.. math::
+
+    D_\beta(V \,|\, \hat V) = \sum \begin{cases}
+        \frac{V^\beta + (\beta - 1)\hat V^\beta - \beta V \hat V^{\beta - 1}}
+             {\beta(\beta - 1)} & \beta \notin \{0, 1\} \\
+        V \log\frac{V}{\hat V} - V + \hat V & \beta = 1 \ \text{(Kullback-Leibler)} \\
+        \frac{V}{\hat V} - \log\frac{V}{\hat V} - 1 & \beta = 0 \ \text{(Itakura-Saito)}
+    \end{cases}
+
+``beta=2`` gives half the squared Euclidean distance.  Entries where the
+divergence has an exact limit use it (:math:`0 \log 0 = 0`); where it would be
+infinite (a zero in the reconstruction under a positive target for
+``beta <= 1``), the zero is floored to the dtype's machine epsilon, so the
+result is always finite, never NaN and never negative.
+"""
+import math
+
+import torch
+
+from ._validation import check_real
+
+__all__ = ["beta_div", "kl_div", "euclidean", "is_div", "sparseness"]
+
+
+def _check_pair(input, target):
+    for name, value in (("input", input), ("target", target)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if input.is_sparse or target.is_sparse:
+        target = target.to_dense() if target.is_sparse else target
+        input = input.to_dense() if input.is_sparse else input
+    if input.shape != target.shape:
+        try:
+            input, target = torch.broadcast_tensors(input, target)
+        except RuntimeError:
+            raise ValueError(
+                f"input and target must have broadcastable shapes, got "
+                f"{tuple(input.shape)} and {tuple(target.shape)}"
+            ) from None
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    return input.to(dtype), target.to(dtype)
+
+
+def beta_div(input, target, beta=2):
+    r"""The beta-divergence :math:`D_\beta(\text{target} \,|\, \text{input})`.
+
+    Args:
+        input (Tensor): the reconstruction, non-negative.
+        target (Tensor): the data, non-negative, of the same (or a broadcastable) shape.
+        beta (float): 2 is the squared Euclidean distance (halved), 1 the
+            generalised Kullback-Leibler divergence, 0 Itakura-Saito.
+
+    Returns:
+        Tensor: a single-element (0-dim) tensor, finite and non-negative.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.metrics import beta_div
+        >>> beta_div(torch.tensor([1., 2.]), torch.tensor([1., 4.]))
+        tensor(2.)
+    """
+    beta = check_real(beta, "beta")
+    input, target = _check_pair(input, target)
+    if beta == 2:
+        return ((input - target).pow(2).sum() / 2).clamp_min(0)
+    eps = torch.finfo(input.dtype).eps
+    if beta == 1:
+        input = input.clamp_min(eps)
+        terms = torch.xlogy(target, target) - target * input.log() - target + input
+        return terms.sum().clamp_min(0)
+    if beta == 0:
+        input = input.clamp_min(eps)
+        target = target.clamp_min(eps)
+        ratio = target / input
+        return (ratio - ratio.log() - 1).sum().clamp_min(0)
+    if beta < 1:
+        input = input.clamp_min(eps)
+    if beta < 0:
+        target = target.clamp_min(eps)
+    terms = (
+        target.pow(beta)
+        + (beta - 1) * input.pow(beta)
+        - beta * target * input.pow(beta - 1)
+    )
+    return (terms.sum() / (beta * (beta - 1))).clamp_min(0)
+
+
+def kl_div(input, target):
+    r"""Generalised Kullback-Leibler divergence, :func:`beta_div` with ``beta=1``."""
+    return beta_div(input, target, beta=1)
+
+
+def euclidean(input, target):
+    r"""Half the squared Euclidean distance, :func:`beta_div` with ``beta=2``."""
+    return beta_div(input, target, beta=2)
+
+
+def is_div(input, target):
+    r"""Itakura-Saito divergence, :func:`beta_div` with ``beta=0``."""
+    return beta_div(input, target, beta=0)
+
+
+def sparseness(x):
+    r"""Hoyer's sparseness of all entries of ``x``.
+
+    .. math::
+
+        \operatorname{sparseness}(x) = \frac{\sqrt{n} - \|x\|_1 / \|x\|_2}{\sqrt{n} - 1}
+
+    It is 1 when a single entry is non-zero and 0 when all entries are equal
+    (an all-zero tensor counts as all equal).
+
+    Returns:
+        Tensor: a single-element (0-dim) tensor in [0, 1].
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_sparse:
+        x = x.to_dense()
+    x = x if x.is_floating_point() else x.to(torch.get_default_dtype())
+    n = x.numel()
+    if n == 0:
+        raise ValueError("x must have at least one entry, got an empty tensor")
+    l2 = x.norm()
+    if n == 1:
+        return (l2 > 0).to(x.dtype)
+    if l2 == 0:
+        return x.new_zeros(())
+    root_n = math.sqrt(n)
+    value = (root_n - x.abs().sum() / l2) / (root_n - 1)
+    return value.clamp(0, 1)

@@ -1,0 +1,391 @@
+r"""Non-negative factorisation models: :class:`NMF` and its convolutional kin.
+
+Each model is an :class:`torch.nn.Module` holding the factors ``W`` (templates)
+and ``H`` (activations) as parameters, with the reconstruction as its forward
+map: :math:`V \approx H W^\top` for a matrix, a transposed convolution of ``H``
+with ``W`` for :class:`NMFD`, :class:`NMF2D` and :class:`NMF3D`.  ``fit``
+minimises the beta-divergence (see :mod:`torchnmf.metrics`) plus an
+elastic-net penalty,
+
+.. math::
+
+    D_\beta(V \,|\, \hat V) + \alpha \sum_{X \in \{W, H\}}
+    \Big(\rho \|X\|_1 + \frac{1 - \rho}{2} \|X\|_F^2\Big),
+
+with :math:`\rho` = ``l1_ratio``, over the trainable factors.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._components import (
+    check_vshape,
+    conv_factor_shapes,
+    default_rank,
+    factor_dtype_hint,
+    infer_rank,
+    kernel_tuple,
+    make_factor,
+)
+from ._loop import run_fit
+from ._solvers import FitProblem, get_solver
+from ._statistics import AutogradStats, DenseMatrixStats
+from ._updates import Penalty
+from ._validation import (
+    check_beta_with_zeros,
+    check_fraction,
+    check_non_negative_number,
+    check_positive_int,
+    check_real,
+    check_target,
+)
+
+__all__ = ["BaseComponent", "NMF", "NMFD", "NMF2D", "NMF3D"]
+
+
+class BaseComponent(nn.Module):
+    r"""Base class of the NMF models: factor parameters and fitting.
+
+    Args:
+        rank (int, optional): the number of components. Inferred from dimension 1
+            of ``W`` or ``H`` when either is given; all given ranks must agree.
+        W (tuple, Tensor or None): the templates: a shape (random non-negative
+            initialisation), a non-negative tensor (copied) or ``None`` (no parameter).
+        H (tuple, Tensor or None): the activations, likewise.
+        trainable_W (bool): whether ``fit`` and the trainers update ``W``.
+        trainable_H (bool): whether ``fit`` and the trainers update ``H``.
+
+    Attributes:
+        W (Parameter or None): the templates, ``(C, R, *kernel_size)``.
+        H (Parameter or None): the activations, ``(N, R, *)``.
+        rank (int): the number of components ``R``.
+        out_channels (int): ``C``, when ``W`` exists.
+        kernel_size (tuple): ``W.shape[2:]``, when ``W`` exists.
+        loss_history (list of float): after ``fit``, the objective after 0, 1, ...,
+            n_iter iterations.
+    """
+
+    def __init__(self, rank=None, W=None, H=None, trainable_W=True, trainable_H=True):
+        super().__init__()
+        for name, flag in (("trainable_W", trainable_W), ("trainable_H", trainable_H)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        dtype, device = factor_dtype_hint(W, H)
+        W = make_factor(W, "W", dtype, device)
+        H = make_factor(H, "H", dtype, device)
+        self.rank = infer_rank(rank, W=W, H=H)
+        self.W = None if W is None else nn.Parameter(W, requires_grad=trainable_W)
+        self.H = None if H is None else nn.Parameter(H, requires_grad=trainable_H)
+        self.loss_history = []
+
+    @property
+    def out_channels(self):
+        return None if self.W is None else self.W.shape[0]
+
+    @property
+    def kernel_size(self):
+        return None if self.W is None else tuple(self.W.shape[2:])
+
+    def extra_repr(self):
+        parts = [f"rank={self.rank}"]
+        if self.W is not None:
+            parts.append(f"out_channels={self.out_channels}")
+            if self.W.dim() > 2:
+                parts.append(f"kernel_size={self.kernel_size}")
+            parts.append(f"W={tuple(self.W.shape)}" + ("" if self.W.requires_grad else " (fixed)"))
+        if self.H is not None:
+            parts.append(f"H={tuple(self.H.shape)}" + ("" if self.H.requires_grad else " (fixed)"))
+        return ", ".join(parts)
+
+    @staticmethod
+    def reconstruct(H, W):
+        """The model's forward map from activations and templates."""
+        raise NotImplementedError
+
+    def forward(self, H=None, W=None):
+        r"""Reconstruct from the given factors, falling back to the module's own.
+
+        Args:
+            H (Tensor, optional): activations; default ``self.H``.
+            W (Tensor, optional): templates; default ``self.W``.
+        """
+        H = self.H if H is None else H
+        W = self.W if W is None else W
+        if H is None or W is None:
+            missing = "H" if H is None else "W"
+            raise ValueError(
+                f"{missing} is needed: the module has no {missing} parameter, so pass it "
+                f"to forward"
+            )
+        return self.reconstruct(H, W)
+
+    # -- fitting -------------------------------------------------------------
+    def _output_shape(self):
+        """The shape of the reconstruction from the module's own factors."""
+        H, W = self.H, self.W
+        spatial = [h + k - 1 for h, k in zip(H.shape[2:], W.shape[2:])]
+        return (H.shape[0], W.shape[0], *spatial)
+
+    def _statistics(self, V, beta):
+        """The statistics object for target ``V`` (the generic autograd route)."""
+        if V.layout != torch.strided:
+            raise NotImplementedError(
+                f"{type(self).__name__}.fit does not accept sparse targets yet; "
+                f"pass V.to_dense()"
+            )
+        return AutogradStats(V, beta, self.reconstruct)
+
+    def _check_fit_target(self, V):
+        if self.W is None or self.H is None:
+            missing = "W" if self.W is None else "H"
+            raise ValueError(
+                f"fit needs both factors, but this module has no {missing}; construct it "
+                f"with Vshape or give {missing}"
+            )
+        V = check_target(V, "V")
+        expected = tuple(self._output_shape())
+        if tuple(V.shape) != expected:
+            raise ValueError(
+                f"V must have the shape of the reconstruction {expected}, got "
+                f"{tuple(V.shape)}"
+            )
+        if V.device != self.W.device:
+            raise ValueError(
+                f"V is on {V.device} but the model is on {self.W.device}; move one of "
+                f"them (e.g. V.to(model.W.device))"
+            )
+        if V.dtype != self.W.dtype:
+            V = V.to(self.W.dtype)
+        return V
+
+    def _check_fit_options(self, beta, tol, max_iter, alpha, l1_ratio):
+        beta = check_real(beta, "beta")
+        tol = check_non_negative_number(tol, "tol")
+        max_iter = check_positive_int(max_iter, "max_iter")
+        alpha = check_non_negative_number(alpha, "alpha")
+        l1_ratio = check_fraction(l1_ratio, "l1_ratio")
+        return beta, tol, max_iter, alpha, l1_ratio
+
+    def fit(
+        self,
+        V,
+        beta=1,
+        tol=1e-4,
+        max_iter=200,
+        verbose=False,
+        alpha=0,
+        l1_ratio=0,
+        *,
+        solver="mu",
+        callback=None,
+    ):
+        r"""Fit the trainable factors to ``V`` by minimising the beta-divergence.
+
+        Multiplicative updates alternate between ``H`` and ``W`` with the
+        exponent that makes every update non-increasing (Févotte & Idier 2011,
+        doi:10.1162/NECO_a_00168).
+
+        Args:
+            V (Tensor): the non-negative target, of the reconstruction's shape.
+                Never modified.
+            beta (float): the divergence: 2 Euclidean, 1 Kullback-Leibler,
+                0 Itakura-Saito, any real in between or beyond.
+            tol (float): stop once the relative decrease of the objective falls
+                under ``tol``; 0 runs all ``max_iter`` iterations.
+            max_iter (int): the most iterations.
+            verbose (bool): show a progress bar with the current objective.
+            alpha (float): strength of the elastic-net penalty.
+            l1_ratio (float): the share of L1 in the penalty, in [0, 1].
+            solver (str, keyword-only): ``"mu"`` (multiplicative updates).
+            callback (callable, keyword-only): ``callback(n_iter, loss)`` after
+                every iteration; returning ``True`` stops the fit.
+
+        Returns:
+            int: the number of iterations run. The objective after each is in
+            :attr:`loss_history`.
+
+        Raises:
+            ValueError: for a negative, NaN or infinite ``V``, a ``V`` of the wrong
+                shape, ``beta <= 0`` with zeros in ``V``, or bad options.
+        """
+        beta, tol, max_iter, alpha, l1_ratio = self._check_fit_options(
+            beta, tol, max_iter, alpha, l1_ratio
+        )
+        solver_cls = get_solver(solver)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        V = self._check_fit_target(V)
+        check_beta_with_zeros(V, beta)
+        penalty = Penalty(alpha, l1_ratio)
+        problem = FitProblem(
+            stats=self._statistics(V, beta),
+            H=self.H.detach(),
+            W=self.W.detach(),
+            beta=beta,
+            update_H=self.H.requires_grad,
+            update_W=self.W.requires_grad,
+            penalty_H=penalty,
+            penalty_W=penalty,
+        )
+        solver = solver_cls(problem)
+        with torch.no_grad():
+            n_iter, history = run_fit(
+                solver.step,
+                problem.objective,
+                tol,
+                max_iter,
+                verbose=verbose,
+                callback=callback,
+                desc=type(self).__name__,
+            )
+        self.loss_history = history
+        return n_iter
+
+
+def _linear(H, W):
+    return F.linear(H, W)
+
+
+def _conv_transpose(H, W):
+    conv = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[W.dim()]
+    return conv(H, W.transpose(0, 1))
+
+
+class NMF(BaseComponent):
+    r"""Non-negative matrix factorisation :math:`V \approx H W^\top`.
+
+    Args:
+        Vshape (tuple, optional): ``(N, C)``, the target's shape; when given, the
+            shapes of ``W`` and ``H`` follow and ``rank`` defaults to ``C``.
+        rank (int, optional): the number of components ``R``.
+        **kwargs: ``W``, ``H``, ``trainable_W``, ``trainable_H`` as in
+            :class:`BaseComponent`.
+
+    Shape:
+        - W: :math:`(C, R)`
+        - H: :math:`(N, R)`
+        - Output: :math:`(N, C)`
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.nmf import NMF
+        >>> V = torch.rand(20, 30)
+        >>> model = NMF(V.shape, rank=5)
+        >>> model.W.shape, model.H.shape
+        (torch.Size([30, 5]), torch.Size([20, 5]))
+        >>> n_iter = model.fit(V, beta=2, max_iter=50, tol=0)
+        >>> model().shape
+        torch.Size([20, 30])
+    """
+
+    def __init__(self, Vshape=None, rank=None, **kwargs):
+        if Vshape is not None:
+            N, C = check_vshape(Vshape, 2, "NMF")
+            rank = default_rank(rank, Vshape, kwargs)
+            kwargs.setdefault("W", (C, rank))
+            kwargs.setdefault("H", (N, rank))
+        super().__init__(rank, **kwargs)
+
+    @staticmethod
+    def reconstruct(H, W):
+        return _linear(H, W)
+
+    def _output_shape(self):
+        return (self.H.shape[0], self.W.shape[0])
+
+    def _statistics(self, V, beta):
+        if V.layout != torch.strided:
+            return super()._statistics(V, beta)
+        return DenseMatrixStats(V, beta)
+
+
+class _ConvNMF(BaseComponent):
+    """Shared construction of the convolutional models."""
+
+    _dims = 1
+
+    def __init__(self, Vshape, rank, kernel, kwargs):
+        if Vshape is not None:
+            Vshape = check_vshape(Vshape, self._dims + 2, type(self).__name__)
+            rank = default_rank(rank, Vshape, kwargs)
+            W_shape, H_shape = conv_factor_shapes(Vshape, rank, kernel)
+            kwargs.setdefault("W", W_shape)
+            kwargs.setdefault("H", H_shape)
+        super().__init__(rank, **kwargs)
+        for name in ("W", "H"):
+            factor = getattr(self, name)
+            if factor is not None and factor.dim() != self._dims + 2:
+                raise ValueError(
+                    f"{type(self).__name__} needs a {self._dims + 2}-dimensional {name}, got "
+                    f"shape {tuple(factor.shape)}"
+                )
+
+    @staticmethod
+    def reconstruct(H, W):
+        return _conv_transpose(H, W)
+
+
+class NMFD(_ConvNMF):
+    r"""Non-negative matrix factor deconvolution along the last axis.
+
+    .. math::
+
+        V_{n,c,l} \approx \sum_r \sum_t W_{c,r,t} H_{n,r,l-t}
+
+    Args:
+        Vshape (tuple, optional): ``(N, C, L)``.
+        rank (int, optional): the number of components ``R``.
+        T (int): the length of each template.
+        **kwargs: as in :class:`BaseComponent`.
+
+    Shape:
+        - W: :math:`(C, R, T)`
+        - H: :math:`(N, R, L - T + 1)`
+        - Output: :math:`(N, C, L)`
+    """
+
+    _dims = 1
+
+    def __init__(self, Vshape=None, rank=None, T=1, **kwargs):
+        super().__init__(Vshape, rank, kernel_tuple(T, 1, "T"), kwargs)
+
+
+class NMF2D(_ConvNMF):
+    r"""Two-dimensional NMF deconvolution (shift-invariant along two axes).
+
+    Args:
+        Vshape (tuple, optional): ``(N, C, L, M)``.
+        rank (int, optional): the number of components ``R``.
+        kernel_size (int or tuple): ``(k1, k2)``, the template size.
+
+    Shape:
+        - W: :math:`(C, R, k_1, k_2)`
+        - H: :math:`(N, R, L - k_1 + 1, M - k_2 + 1)`
+        - Output: :math:`(N, C, L, M)`
+    """
+
+    _dims = 2
+
+    def __init__(self, Vshape=None, rank=None, kernel_size=1, **kwargs):
+        super().__init__(Vshape, rank, kernel_tuple(kernel_size, 2), kwargs)
+
+
+class NMF3D(_ConvNMF):
+    r"""Three-dimensional NMF deconvolution (shift-invariant along three axes).
+
+    Args:
+        Vshape (tuple, optional): ``(N, C, L, M, O)``.
+        rank (int, optional): the number of components ``R``.
+        kernel_size (int or tuple): ``(k1, k2, k3)``, the template size.
+
+    Shape:
+        - W: :math:`(C, R, k_1, k_2, k_3)`
+        - H: :math:`(N, R, L - k_1 + 1, M - k_2 + 1, O - k_3 + 1)`
+        - Output: :math:`(N, C, L, M, O)`
+    """
+
+    _dims = 3
+
+    def __init__(self, Vshape=None, rank=None, kernel_size=1, **kwargs):
+        super().__init__(Vshape, rank, kernel_tuple(kernel_size, 3), kwargs)
