@@ -1,0 +1,99 @@
+"""Shared helpers of the benchmarks: timing, peak memory, data and tables.
+
+Absolute times on shared machines are noisy; every section reports ratios
+measured in the same run.  Per-iteration times are taken as the difference
+between a long and a short run divided by the difference in iterations, so
+that fixed costs (validation, set-up, a final loss) cancel out for every
+implementation alike.
+"""
+import os
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+
+__all__ = ["low_rank_plus_noise", "per_iteration_ms", "PeakMemory", "markdown_table", "mib"]
+
+
+def low_rank_plus_noise(n, c, rank, seed=0, noise=0.1, dtype=torch.float32):
+    """A deterministic non-negative ``(n, c)`` matrix of rank ``rank`` plus uniform noise."""
+    g = torch.Generator().manual_seed(seed)
+    H = torch.rand(n, rank, generator=g, dtype=dtype)
+    W = torch.rand(c, rank, generator=g, dtype=dtype)
+    V = H @ W.T
+    V.add_(torch.rand(n, c, generator=g, dtype=dtype), alpha=noise * float(V.mean()))
+    return V
+
+
+def per_iteration_ms(run, short=4, long=16, repeats=3):
+    """Milliseconds per iteration of ``run(n_iter)``: (T(long) - T(short)) / (long - short), median."""
+    samples = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(short)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(short)
+            t1 = time.perf_counter()
+            run(long)
+            t2 = time.perf_counter()
+            samples.append(((t2 - t1) - (t1 - t0)) / (long - short) * 1e3)
+    return max(statistics.median(samples), 1e-6)
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakMemory:
+    """Extra peak resident memory (MiB) while the ``with`` block runs.
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs``) on entry and
+    reads it on exit; ``extra`` is ``None`` where that is not possible.
+    """
+
+    def __enter__(self):
+        self.extra = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.start = _status_kib("VmRSS")
+        except OSError:
+            self.start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.start is not None:
+            self.extra = max(_status_kib("VmHWM") - self.start, 0) / 1024
+        return False
+
+
+def mib(tensor_or_array):
+    nbytes = tensor_or_array.nbytes if hasattr(tensor_or_array, "nbytes") else (
+        tensor_or_array.numel() * tensor_or_array.element_size()
+    )
+    return nbytes / 2**20
+
+
+def markdown_table(headers, rows):
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def describe_machine():
+    return (
+        f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs"
+    )
