@@ -14,7 +14,10 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["low_rank_plus_noise", "per_iteration_ms", "PeakMemory", "markdown_table", "mib"]
+__all__ = [
+    "low_rank_plus_noise", "per_iteration_ms", "PeakMemory", "peak_in_subprocess",
+    "markdown_table", "mib",
+]
 
 
 def low_rank_plus_noise(n, c, rank, seed=0, noise=0.1, dtype=torch.float32):
@@ -72,6 +75,36 @@ class PeakMemory:
         if self.start is not None:
             self.extra = max(_status_kib("VmHWM") - self.start, 0) / 1024
         return False
+
+
+def peak_in_subprocess(module, function, *args):
+    """Extra peak memory (MiB) of ``module.function(*args)``, run in a fresh process.
+
+    The function builds its data, enters :class:`PeakMemory` around the work and
+    returns ``extra``.  A fresh process with glibc's mmap threshold pinned low
+    returns every large buffer to the system when freed, so the high-water mark
+    measures what the work itself keeps alive, not what earlier runs left cached.
+    Returns ``None`` when the measurement is not possible.
+    """
+    import json
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import json, sys; sys.path[:0] = [%r, %r]; import %s as m; "
+        "print(json.dumps(m.%s(*json.loads(sys.argv[1]))))"
+        % (here, os.path.dirname(here), module, function)
+    )
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(list(args))],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-2000:])
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def mib(tensor_or_array):

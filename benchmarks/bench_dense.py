@@ -4,7 +4,9 @@ import warnings
 import numpy as np
 import torch
 
-from _common import PeakMemory, low_rank_plus_noise, markdown_table, mib, per_iteration_ms
+from _common import (
+    PeakMemory, low_rank_plus_noise, markdown_table, mib, peak_in_subprocess, per_iteration_ms,
+)
 
 from torchnmf.nmf import NMF
 
@@ -54,13 +56,32 @@ def _floor(V, H0, W0, beta):
     return run
 
 
-def run(quick=False):
+def _problem(quick):
     n, c, rank = (800, 400, 16) if quick else (4000, 2000, 32)
     V = low_rank_plus_noise(n, c, rank, seed=0)
     g = torch.Generator().manual_seed(1)
     scale = float(V.mean() / rank) ** 0.5
     H0 = torch.rand(n, rank, generator=g) * scale
     W0 = torch.rand(c, rank, generator=g) * scale
+    return V, H0, W0
+
+
+def memory_probe(method, beta, quick):
+    """Extra peak MiB of 3 iterations of ``method`` (run in a fresh process)."""
+    V, H0, W0 = _problem(quick)
+    make = {"ours": _ours, "sklearn": _sklearn}[method]
+    run = make(V, H0, W0, beta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(1)  # warm-up: libraries' code pages and thread pools are not the method's memory
+        with PeakMemory() as mem:
+            run(3)
+    return mem.extra
+
+
+def run(quick=False):
+    V, H0, W0 = _problem(quick)
+    (n, c), rank = V.shape, H0.shape[1]
     try:
         import sklearn  # noqa: F401
         have_sklearn = True
@@ -71,20 +92,16 @@ def run(quick=False):
     for beta in BETAS:
         ours = per_iteration_ms(_ours(V, H0, W0, beta))
         floor = per_iteration_ms(_floor(V, H0, W0, beta))
-        with PeakMemory() as mem_ours:
-            _ours(V, H0, W0, beta)(3)
+        ours_mem = peak_in_subprocess("bench_dense", "memory_probe", "ours", beta, quick)
         sk = sk_mem = None
         if have_sklearn:
             sk = per_iteration_ms(_sklearn(V, H0, W0, beta))
-            with PeakMemory() as mem_sk, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                _sklearn(V, H0, W0, beta)(3)
-            sk_mem = mem_sk.extra
+            sk_mem = peak_in_subprocess("bench_dense", "memory_probe", "sklearn", beta, quick)
         rows.append([
             beta, ours, floor, ours / floor,
             sk if sk is not None else "n/a",
             sk / ours if sk is not None else "n/a",
-            mem_ours.extra if mem_ours.extra is not None else "n/a",
+            ours_mem if ours_mem is not None else "n/a",
             sk_mem if sk_mem is not None else "n/a",
         ])
     header = (

@@ -75,7 +75,9 @@ class DenseMatrixStats:
         """The part of the divergence that depends on V alone, summed blockwise."""
         beta, V = self.beta, self.V
         total = torch.zeros((), dtype=torch.float64, device=V.device)
-        for start, stop in _row_blocks(V.shape[0], self.rows):
+        # small blocks: the float64 temporaries stay a few hundred KiB
+        rows = max(1, (1 << 15) // max(V.shape[1], 1))
+        for start, stop in _row_blocks(V.shape[0], rows):
             block = V[start:stop]
             if beta == 2:
                 total += block.pow(2).sum(dtype=torch.float64) / 2

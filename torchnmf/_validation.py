@@ -84,20 +84,21 @@ def check_non_negative_tensor(tensor, name):
     values = _values(tensor)
     if values.numel() == 0:
         return tensor
-    if values.is_floating_point() or values.is_complex():
-        if values.is_complex():
-            raise TypeError(f"{name} must be real, got dtype {values.dtype}")
-        if torch.isnan(values).any():
-            raise ValueError(
-                f"{name} contains NaN; non-negative factorisation needs finite, "
-                f"non-negative values (fill or drop the missing entries first)"
-            )
-        if torch.isinf(values).any():
-            raise ValueError(f"{name} contains infinite values; every entry must be finite")
-    if (values < 0).any():
+    if values.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {values.dtype}")
+    # one reduction pass, no temporary of the tensor's size: NaN propagates
+    # through min and max, infinities show up as the extremes
+    smallest, largest = torch.aminmax(values)
+    smallest, largest = smallest.item(), largest.item()
+    if math.isnan(smallest) or math.isnan(largest):
         raise ValueError(
-            f"{name} must be non-negative, but its smallest entry is {values.min().item():g}"
+            f"{name} contains NaN; non-negative factorisation needs finite, "
+            f"non-negative values (fill or drop the missing entries first)"
         )
+    if smallest < 0:
+        raise ValueError(f"{name} must be non-negative, but its smallest entry is {smallest:g}")
+    if math.isinf(largest):
+        raise ValueError(f"{name} contains infinite values; every entry must be finite")
     return tensor
 
 
