@@ -1,27 +1,393 @@
-"""The ``torchnmf`` command line."""
+"""The ``torchnmf`` command line (also ``python -m torchnmf``).
+
+``torchnmf fit INPUT --rank R [options]`` factorises a matrix read from a file
+(see :mod:`torchnmf.io` for the formats), writes ``W``, ``H`` and the loss
+history to an ``.npz`` archive, optionally a figure (``--plot``) and, for
+``.wav`` input, one waveform per component.  ``torchnmf demo`` runs the demo
+(:mod:`torchnmf.demo`).
+
+A report goes to stdout, the progress bar and notes to stderr.  Exit status:
+0 on success, 1 when the input or an option's value cannot be used (one line
+on stderr, no traceback), 2 for a malformed command line, 130 when interrupted.
+"""
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
 __all__ = ["main"]
+
+_INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar")
+
+
+class CommandError(Exception):
+    """A failure to report to the user in one line."""
+
+
+def _init_module():
+    """:mod:`torchnmf.init` when it exists in this installation, else ``None``."""
+    try:
+        from . import init
+    except ImportError:
+        return None
+    return init
+
+
+def init_methods():
+    """The initialisations ``--init`` offers: all of :mod:`torchnmf.init`'s, else "random"."""
+    module = _init_module()
+    if module is None:
+        return ("random",)
+    methods = tuple(getattr(module, "METHODS", _INIT_METHODS))
+    return methods if "random" in methods else ("random", *methods)
+
+
+def solver_names():
+    """The solvers ``--solver`` offers: the registry's keys at run time."""
+    from ._solvers import SOLVERS
+
+    return tuple(sorted(SOLVERS))
+
+
+# -- argument types: argparse turns their ValueError into a usage error (status 2) -----
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive integer"
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(text)
+    return value
+
+
+_non_negative_float.__name__ = "non-negative number"
+
+
+def _finite_float(text):
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(text)
+    return value
+
+
+_finite_float.__name__ = "finite number"
 
 
 def _build_parser():
     parser = argparse.ArgumentParser(
         prog="torchnmf", description="Non-negative factorisations in PyTorch."
     )
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = commands.add_parser("demo", help="factorise a synthesised tune and report what was found")
+
+    fit = commands.add_parser(
+        "fit",
+        help="factorise a matrix read from a file",
+        description="Factorise INPUT (.npy, .npz dense or scipy sparse, .csv, .tsv, .mtx, "
+        ".wav) as V ~ H @ W.T (rows of V are samples, columns features; a .wav file "
+        "becomes its magnitude spectrogram, frames x frequency bins) and save W, H and "
+        "the loss history.",
+    )
+    fit.add_argument("input", metavar="INPUT", help="the data file")
+    fit.add_argument("-r", "--rank", type=_positive_int, required=True,
+                     help="the number of components")
+    fit.add_argument("--beta", type=_finite_float, default=1.0,
+                     help="the beta-divergence: 2 Euclidean, 1 Kullback-Leibler (default), "
+                     "0 Itakura-Saito")
+    solvers = solver_names()
+    fit.add_argument("--solver", choices=solvers, default="mu" if "mu" in solvers else solvers[0],
+                     help="the update rule (default %(default)s)")
+    fit.add_argument("--init", choices=init_methods(), default="random",
+                     help="the initialisation (default %(default)s, scaled to the data)")
+    fit.add_argument("--max-iter", type=_positive_int, default=200,
+                     help="the most iterations (default %(default)s)")
+    fit.add_argument("--tol", type=_non_negative_float, default=1e-4,
+                     help="stop when the relative decrease of the loss falls under this; "
+                     "0 runs all iterations (default %(default)s)")
+    fit.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    fit.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    fit.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                     help="floating type (default: that of the data; float32 for integers)")
+    fit.add_argument("--model", choices=("nmf", "nmfd"), default="nmf",
+                     help="nmf, or nmfd (convolutive along the rows: time for a spectrogram)")
+    fit.add_argument("--T", type=_positive_int, default=None,
+                     help="NMFD template length in rows/frames (default 8)")
+    fit.add_argument("-o", "--output", default=None,
+                     help="the .npz to write W, H and loss_history to "
+                     "(default: INPUT with suffix .nmf.npz)")
+    fit.add_argument("--plot", default=None, metavar="PNG",
+                     help="write a figure of the factorisation (needs matplotlib)")
+    fit.add_argument("--key", default=None,
+                     help="for a .npz holding several arrays, the one to factorise")
+    fit.add_argument("--n-fft", type=_positive_int, default=1024,
+                     help="STFT frame length for .wav input (default %(default)s)")
+    fit.add_argument("--hop", type=_positive_int, default=None,
+                     help="STFT hop for .wav input (default n_fft / 4)")
+    fit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    demo = commands.add_parser(
+        "demo", help="separate the instruments of a synthesised piece with NMFD"
+    )
+    demo.add_argument("--out", default="torchnmf-demo", metavar="DIR",
+                      help="where to write the figure and audio (default ./%(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--max-iter", type=_positive_int, default=None,
+                      help="NMFD iterations (default: the demo's own)")
+    demo.add_argument("--no-plot", action="store_true", help="skip the figure")
     return parser
 
 
+# -- fit -------------------------------------------------------------------------------
+def _device(name):
+    import torch
+
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        detail = " ".join(str(error).split())
+        raise CommandError(f"device {name!r} cannot be used here ({detail}); try --device cpu")
+    return device
+
+
+def _model_layout(V, model_name, note):
+    """The target in the model's layout: ``(N, C)`` for NMF, ``(1, C, N)`` for NMFD."""
+    import torch
+
+    if model_name == "nmf":
+        if V.dim() != 2:
+            raise CommandError(
+                f"--model nmf needs a matrix, but the data has shape {tuple(V.shape)}; "
+                f"use --model nmfd for (N, C, L) data"
+            )
+        return V
+    if V.layout != torch.strided:
+        note(f"NMFD needs a dense target: densified {' x '.join(map(str, V.shape))}")
+        V = V.to_dense()
+    return V.T.unsqueeze(0) if V.dim() == 2 else V
+
+
+def _parts_as_rows(part, model_name):
+    """A reconstruction in the model's layout back to the file's ``(N, C)`` rows."""
+    return part if model_name == "nmf" else part[0].T
+
+
+def _build_model(V, args, note):
+    import torch
+
+    from .nmf import NMF, NMFD
+
+    if args.model == "nmf":
+        if args.T is not None:
+            raise CommandError("--T applies to --model nmfd only")
+        model = NMF(V.shape, rank=args.rank)
+    else:
+        T = 8 if args.T is None else args.T
+        if T > V.shape[-1]:
+            raise CommandError(
+                f"--T {T} is longer than the data's {V.shape[-1]} rows/frames; choose a "
+                f"smaller --T"
+            )
+        model = NMFD(V.shape, rank=args.rank, T=T)
+    return model.to(device=V.device, dtype=V.dtype)
+
+
+def _scaled_random_(model, V, generator):
+    """Uniform random factors scaled so that the reconstruction's mean matches ``V``'s."""
+    import torch
+
+    with torch.no_grad():
+        for factor in (model.W, model.H):
+            factor.copy_(torch.rand(factor.shape, generator=generator, dtype=factor.dtype)
+                         .to(factor.device))
+        mean_target = _mean(V)
+        mean_approx = float(model().mean())
+        if mean_target > 0 and mean_approx > 0:
+            scale = (mean_target / mean_approx) ** 0.5
+            model.W.mul_(scale)
+            model.H.mul_(scale)
+
+
+def _mean(V):
+    import torch
+
+    if V.layout == torch.strided:
+        return float(V.mean())
+    values = V._values() if V.layout == torch.sparse_coo else V.values()
+    return float(values.sum()) / V.shape[0] / V.shape[1]
+
+
+def _initialise(model, V, method, seed, note):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    if _init_module() is not None and hasattr(model, "initialize_"):
+        try:
+            model.initialize_(V, method, generator=generator)
+            return
+        except NotImplementedError as error:
+            if method != "random" and V.layout != torch.strided:
+                note(f"{error}; initialising from the densified data instead")
+                model.initialize_(V.to_dense(), method, generator=generator)
+                return
+            if method != "random":
+                raise
+    elif method != "random":
+        raise CommandError(f"--init {method} needs torchnmf.init, which this installation lacks")
+    _scaled_random_(model, V, generator)
+
+
+def _fit(model, V, args, note):
+    import torch
+
+    options = dict(beta=args.beta, tol=args.tol, max_iter=args.max_iter,
+                   verbose=not args.quiet, solver=args.solver)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            n_iter = model.fit(V, **options)
+        except NotImplementedError as error:
+            if V.layout == torch.strided:
+                raise
+            # FALLBACK until sparse targets land in NMF.fit: fit the dense equivalent.
+            note(f"this version cannot fit sparse targets ({error}); fitting the densified "
+                 f"{' x '.join(map(str, V.shape))} matrix instead")
+            V = V.to_dense()
+            n_iter = model.fit(V, **options)
+    for warning in caught:
+        note(str(warning.message))
+    return n_iter, V
+
+
+def _figure_rows(model, V, model_name, limit=2000):
+    """Target and reconstruction to draw: at most ``limit`` rows of a matrix."""
+    import torch
+
+    with torch.no_grad():
+        if model_name == "nmf" and V.shape[0] > limit:
+            rows = torch.arange(limit, device=V.device)
+            target = V.index_select(0, rows)
+            return target, model.reconstruct(model.H[:limit], model.W), f" (first {limit} rows)"
+        return V, model(), ""
+
+
+def _write_plot(path, model, V, args, audio):
+    try:
+        from .plot import summary_figure
+    except ImportError as error:
+        raise CommandError(f"--plot needs matplotlib ({error}); pip install 'torchnmf[plot]'")
+    target, approx, subset = _figure_rows(model, V, args.model)
+    figure = summary_figure(
+        model.W, model.H, target, approx, model.loss_history, log=audio,
+        title=f"{Path(args.input).name}: {args.model.upper()} rank {args.rank}, "
+        f"beta {args.beta:g}{subset}",
+    )
+    figure.savefig(path, dpi=100)
+    return Path(path)
+
+
+def _write_audio(model, spectrogram, args, output):
+    import torch
+
+    from .io import write_wav
+
+    with torch.no_grad():
+        parts = torch.stack([
+            _parts_as_rows(model.reconstruct(model.H[:, r:r + 1], model.W[:, r:r + 1]),
+                           args.model)
+            for r in range(model.rank)
+        ])
+        waves = spectrogram.to_audio(parts)
+    stem = output.with_suffix("")
+    paths = []
+    for r, signal in enumerate(waves):
+        paths.append(write_wav(f"{stem}.component{r}.wav", signal, spectrogram.sample_rate))
+    return paths
+
+
+def run_fit(args, out=print, note=None):
+    """Carry out ``torchnmf fit`` for parsed ``args``; returns the exit status."""
+    import torch
+
+    from . import io
+
+    note = note or (lambda message: print(f"torchnmf: note: {message}", file=sys.stderr))
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    output = Path(args.output) if args.output else Path(args.input).with_suffix(".nmf.npz")
+    for path in (output, args.plot):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise CommandError(
+                f"cannot write {path}: the directory {Path(path).parent} does not exist"
+            )
+    device = _device(args.device)
+    target = io.load(args.input, key=args.key, n_fft=args.n_fft, hop=args.hop, dtype=dtype)
+    out(f"read {target.description}")
+    V = _model_layout(target.V, args.model, note).to(device)
+    torch.manual_seed(args.seed)
+    model = _build_model(V, args, note)
+    _initialise(model, V, args.init, args.seed, note)
+    kind = "NMF" if args.model == "nmf" else f"NMFD (T={model.W.shape[2]})"
+    out(f"{kind} rank {args.rank}, beta {args.beta:g}, solver {args.solver}, init {args.init}, "
+        f"{str(V.dtype).replace('torch.', '')} on {device}")
+    n_iter, V = _fit(model, V, args, note)
+    history = model.loss_history
+    out(f"fit: {n_iter} iterations, loss {history[0]:.6g} -> {history[-1]:.6g}")
+
+    extra = dict(n_iter=n_iter, rank=args.rank, beta=args.beta, model=args.model,
+                 solver=args.solver, init=args.init, seed=args.seed,
+                 input=str(Path(args.input).name))
+    if target.spectrogram is not None:
+        spec = target.spectrogram
+        extra.update(sample_rate=spec.sample_rate, n_fft=spec.n_fft, hop=spec.hop)
+    written = io.save_factors(output, model.W, model.H, history, **extra)
+    out(f"wrote W {tuple(model.W.shape)}, H {tuple(model.H.shape)} and the loss history "
+        f"({len(history)} values) to {written}")
+    if args.plot:
+        out(f"wrote the figure to {_write_plot(args.plot, model, V, args, target.spectrogram is not None)}")
+    if target.spectrogram is not None:
+        paths = _write_audio(model, target.spectrogram, args, written)
+        out(f"wrote {len(paths)} component waveforms (soft masks of the input): "
+            f"{', '.join(str(p) for p in paths)}")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------
+def _one_line(error):
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
 def main(argv=None):
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "demo":
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        if args.command == "fit":
+            return run_fit(args)
         from .demo import run_demo
 
-        run_demo(seed=args.seed)
+        run_demo(out_dir=args.out, seed=args.seed, max_iter=args.max_iter,
+                 plot=not args.no_plot)
         return 0
-    parser.print_help(sys.stderr)
-    return 2
+    except KeyboardInterrupt:
+        print("torchnmf: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, TypeError, OSError, ImportError, NotImplementedError,
+            FloatingPointError, RuntimeError) as error:
+        if args.debug:
+            raise
+        print(f"torchnmf: error: {_one_line(error)}", file=sys.stderr)
+        return 1

@@ -1,0 +1,216 @@
+"""Figures of a factorisation (matplotlib, imported only here).
+
+Each function draws on the Axes it is given (a new one from ``pyplot`` when
+none is) and returns them, so figures compose freely:
+
+- :func:`plot_templates`: the templates ``W``, ``(C, R)`` or ``(C, R, T)``;
+- :func:`plot_activations`: the activations ``H``, ``(N, R)`` or ``(N, R, L)``;
+- :func:`plot_reconstruction`: the target beside its reconstruction;
+- :func:`plot_loss`: the objective per iteration.
+
+:func:`summary_figure` puts all four on one :class:`matplotlib.figure.Figure`
+without touching ``pyplot`` (safe in scripts and servers).
+
+Everywhere, features (``C``, e.g. frequency) run up the vertical axis and
+samples or time (``N`` or ``L``) along the horizontal one.
+
+Examples::
+
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import torch
+    >>> from torchnmf.nmf import NMF
+    >>> from torchnmf.plot import summary_figure
+    >>> V = torch.rand(40, 30)
+    >>> model = NMF(V.shape, rank=3)
+    >>> _ = model.fit(V, max_iter=20)
+    >>> fig = summary_figure(model.W, model.H, V, model(), model.loss_history)
+    >>> len(fig.axes) >= 5
+    True
+"""
+import numpy as np
+
+try:
+    import matplotlib  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "torchnmf.plot needs matplotlib; install it with pip install 'torchnmf[plot]'"
+    ) from error
+from matplotlib.figure import Figure
+
+from .io import to_numpy
+
+__all__ = [
+    "plot_templates",
+    "plot_activations",
+    "plot_reconstruction",
+    "plot_loss",
+    "summary_figure",
+]
+
+
+def _axes(ax):
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    return plt.gca()
+
+
+def _scale(image, log):
+    """Magnitudes on a decibel scale (80 dB below the peak) when ``log``."""
+    if not log:
+        return image
+    peak = max(float(np.max(image)), np.finfo(np.float64).tiny)
+    return 20 * np.log10(np.maximum(image / peak, 1e-4))
+
+
+def _as_feature_by_time(target):
+    """A target as a ``(C, time)`` image: ``(N, C)`` is transposed, ``(1, C, L)`` squeezed."""
+    array = to_numpy(target)
+    if array.ndim == 2:
+        return array.T
+    if array.ndim == 3:
+        # (N, C, L): the samples of the batch one after the other along time
+        return np.concatenate(list(array), axis=1)
+    raise ValueError(f"target must be 2-D (N, C) or 3-D (N, C, L), got shape {array.shape}")
+
+
+def plot_templates(W, ax=None, *, log=False, cmap="magma"):
+    """Draw the templates: one column per component, one block per component for NMFD.
+
+    Args:
+        W (Tensor or array): ``(C, R)`` or ``(C, R, T)``.
+        ax (Axes, optional): where to draw.
+        log (bool): decibel scale (for magnitude spectra).
+        cmap (str): the colour map.
+
+    Returns:
+        Axes
+    """
+    ax = _axes(ax)
+    W = to_numpy(W)
+    if W.ndim == 2:
+        W = W[:, :, None]
+    if W.ndim != 3:
+        raise ValueError(f"W must be (C, R) or (C, R, T), got shape {W.shape}")
+    C, R, T = W.shape
+    image = _scale(W.reshape(C, R * T), log)
+    ax.imshow(image, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest",
+              extent=(-0.5, R - 0.5, -0.5, C - 0.5))
+    for r in range(1, R):
+        ax.axvline(r - 0.5, color="white", linewidth=1)
+    ax.set_xticks(range(R))
+    ax.set_xlabel("component" + (f" ({T} frames each)" if T > 1 else ""))
+    ax.set_ylabel("feature")
+    ax.set_title("templates W")
+    return ax
+
+
+def plot_activations(H, ax=None, *, labels=None):
+    """Draw the activations, one normalised curve per component, stacked.
+
+    Args:
+        H (Tensor or array): ``(N, R)`` or ``(N, R, L)`` (the batch is laid end to end).
+        ax (Axes, optional): where to draw.
+        labels (list of str, optional): a name per component.
+
+    Returns:
+        Axes
+    """
+    ax = _axes(ax)
+    H = to_numpy(H)
+    if H.ndim == 2:
+        curves = H.T
+    elif H.ndim == 3:
+        curves = np.concatenate(list(H), axis=1)
+    else:
+        raise ValueError(f"H must be (N, R) or (N, R, L), got shape {H.shape}")
+    R = curves.shape[0]
+    labels = [f"{r}" for r in range(R)] if labels is None else list(labels)
+    for r in range(R):
+        peak = curves[r].max()
+        curve = curves[r] / peak if peak > 0 else curves[r]
+        ax.plot(r + 0.9 * curve, linewidth=1)
+    ax.set_yticks(range(R))
+    ax.set_yticklabels(labels)
+    ax.set_ylim(-0.2, R)
+    ax.set_xlim(0, max(1, curves.shape[1] - 1))
+    ax.set_xlabel("sample / frame")
+    ax.set_ylabel("component")
+    ax.set_title("activations H")
+    return ax
+
+
+def plot_reconstruction(target, reconstruction, axes=None, *, log=False, cmap="magma"):
+    """Draw the target beside its reconstruction on a shared colour scale.
+
+    Args:
+        target, reconstruction (Tensor or array): ``(N, C)`` or ``(N, C, L)``.
+        axes (pair of Axes, optional): where to draw (default: two new ones side by side).
+        log (bool): decibel scale.
+
+    Returns:
+        (Axes, Axes)
+    """
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        _, axes = plt.subplots(1, 2, sharey=True)
+    ax_target, ax_approx = axes
+    target = _scale(_as_feature_by_time(target), log)
+    approx = _scale(_as_feature_by_time(reconstruction), log)
+    if target.shape != approx.shape:
+        raise ValueError(
+            f"target and reconstruction must have the same shape, got {target.shape} "
+            f"and {approx.shape}"
+        )
+    low, high = min(target.min(), approx.min()), max(target.max(), approx.max())
+    for ax, image, title in ((ax_target, target, "target"), (ax_approx, approx, "reconstruction")):
+        ax.imshow(image, aspect="auto", origin="lower", cmap=cmap, vmin=low, vmax=high,
+                  interpolation="nearest")
+        ax.set_title(title + (" (dB)" if log else ""))
+        ax.set_xlabel("sample / frame")
+    ax_target.set_ylabel("feature")
+    return ax_target, ax_approx
+
+
+def plot_loss(history, ax=None):
+    """Draw the objective per iteration (logarithmic when it stays positive).
+
+    Returns:
+        Axes
+    """
+    ax = _axes(ax)
+    history = np.asarray(history, dtype=np.float64)
+    ax.plot(np.arange(history.size), history, marker="." if history.size < 30 else None)
+    if history.size and np.all(history > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("objective")
+    ax.set_title("loss")
+    ax.grid(True, alpha=0.3)
+    return ax
+
+
+def summary_figure(W, H, target, reconstruction, history, *, log=False, labels=None,
+                   title=None, figsize=(13, 7)):
+    """One figure with templates, activations, target beside reconstruction, and loss.
+
+    Built on :class:`matplotlib.figure.Figure` directly, so no GUI backend is
+    needed; save it with ``fig.savefig(path)``.
+
+    Returns:
+        Figure
+    """
+    fig = Figure(figsize=figsize, layout="constrained")
+    grid = fig.add_gridspec(2, 3)
+    plot_templates(W, fig.add_subplot(grid[0, 0]), log=log)
+    plot_activations(H, fig.add_subplot(grid[0, 1:]), labels=labels)
+    ax_target = fig.add_subplot(grid[1, 0])
+    ax_approx = fig.add_subplot(grid[1, 1], sharey=ax_target)
+    plot_reconstruction(target, reconstruction, (ax_target, ax_approx), log=log)
+    plot_loss(history, fig.add_subplot(grid[1, 2]))
+    if title:
+        fig.suptitle(title)
+    return fig
