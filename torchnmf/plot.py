@@ -23,7 +23,7 @@ Examples::
     >>> from torchnmf.plot import summary_figure
     >>> V = torch.rand(40, 30)
     >>> model = NMF(V.shape, rank=3)
-    >>> _ = model.fit(V, max_iter=20)
+    >>> _ = model.fit(V, max_iter=20, tol=0)
     >>> fig = summary_figure(model.W, model.H, V, model(), model.loss_history)
     >>> len(fig.axes) >= 5
     True
