@@ -211,7 +211,8 @@ def _bad_inputs(directory):
         (["zeros.npy", "--beta", "-1"], "beta=-1 needs a strictly positive V"),
         (["ok.npy", "--T", "3"], "--T applies to --model nmfd only"),
         (["ok.npy", "--model", "nmfd", "--T", "9"], "--T 9 is longer than the data's 6 rows/frames"),
-        (["ok.npy", "-o", "nowhere/out.npz"], "cannot write nowhere/out.npz: the directory nowhere does not exist"),
+        (["ok.npy", "-o", "nowhere/out.npz"],
+         "cannot write nowhere/out.npz: the directory nowhere does not exist"),
         (["ok.npy", "--device", "nonsense"], "device 'nonsense' cannot be used here"),
     ],
 )
@@ -307,3 +308,36 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     assert run.returncode == 1
     assert run.stderr.startswith("torchnmf: error: neg.npy must be non-negative")
     assert "Traceback" not in run.stderr
+
+
+def test_the_init_module_is_used_through_initialize_(tmp_path, capsys, monkeypatch, matrix):
+    """The agreed interface: ``model.initialize_(V, method, generator=...)``."""
+    import types
+
+    import torchnmf
+    from torchnmf.nmf import NMF
+
+    calls = []
+
+    def initialize_(self, V, method, generator=None):
+        if V.layout != torch.strided and method != "random":
+            raise NotImplementedError("no sparse SVD")
+        calls.append((method, V.layout, isinstance(generator, torch.Generator)))
+        with torch.no_grad():
+            self.W.fill_(0.5)
+            self.H.fill_(0.5)
+        return self
+
+    fake = types.ModuleType("torchnmf.init")
+    fake.METHODS = ("random", "nndsvd")
+    monkeypatch.setitem(sys.modules, "torchnmf.init", fake)
+    monkeypatch.setattr(torchnmf, "init", fake, raising=False)
+    monkeypatch.setattr(NMF, "initialize_", initialize_, raising=False)
+    assert cli.init_methods() == ("random", "nndsvd")
+    np.save(tmp_path / "m.npy", matrix)
+    assert fit(capsys, tmp_path / "m.npy", "-r", 2, "--init", "nndsvd", "--max-iter", 1, "-q")[0] == 0
+    paths = write_formats(tmp_path, matrix)
+    status, _, err = fit(capsys, paths["mtx"], "-r", 2, "--init", "nndsvd", "--max-iter", 1, "-q")
+    assert status == 0
+    assert "initialising from the densified data instead" in err
+    assert calls == [("nndsvd", torch.strided, True), ("nndsvd", torch.strided, True)]

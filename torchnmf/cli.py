@@ -11,6 +11,7 @@ A report goes to stdout, the progress bar and notes to stderr.  Exit status:
 on stderr, no traceback), 2 for a malformed command line, 130 when interrupted.
 """
 import argparse
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -179,9 +180,7 @@ def _parts_as_rows(part, model_name):
     return part if model_name == "nmf" else part[0].T
 
 
-def _build_model(V, args, note):
-    import torch
-
+def _build_model(V, args):
     from .nmf import NMF, NMFD
 
     if args.model == "nmf":
@@ -326,12 +325,14 @@ def run_fit(args, out=print, note=None):
             raise CommandError(
                 f"cannot write {path}: the directory {Path(path).parent} does not exist"
             )
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise CommandError("--plot needs matplotlib; pip install 'torchnmf[plot]'")
     device = _device(args.device)
     target = io.load(args.input, key=args.key, n_fft=args.n_fft, hop=args.hop, dtype=dtype)
     out(f"read {target.description}")
     V = _model_layout(target.V, args.model, note).to(device)
     torch.manual_seed(args.seed)
-    model = _build_model(V, args, note)
+    model = _build_model(V, args)
     _initialise(model, V, args.init, args.seed, note)
     kind = "NMF" if args.model == "nmf" else f"NMFD (T={model.W.shape[2]})"
     out(f"{kind} rank {args.rank}, beta {args.beta:g}, solver {args.solver}, init {args.init}, "

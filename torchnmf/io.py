@@ -317,9 +317,18 @@ def read_npz(path, *, key=None):
     return _from_numpy(array, f"{path.name}[{key!r}]")
 
 
+def _import_scipy(what):
+    try:
+        import scipy.io
+        import scipy.sparse
+    except ImportError:
+        raise ImportError(f"reading {what} needs scipy; pip install 'torchnmf[io]'") from None
+    return scipy
+
+
 def _sparse_from_npz(arrays, name):
     """Rebuild a matrix saved by ``scipy.sparse.save_npz`` from its plain arrays."""
-    import scipy.sparse
+    scipy = _import_scipy("sparse .npz files")
 
     fmt = arrays["format"].item()
     fmt = fmt.decode("ascii") if isinstance(fmt, bytes) else str(fmt)
@@ -381,7 +390,7 @@ def read_text(path, delimiter=","):
 # -- Matrix Market -------------------------------------------------------------------
 def read_mtx(path):
     """A Matrix Market file: a sparse COO tensor (coordinate format) or a dense one (array)."""
-    import scipy.io
+    scipy = _import_scipy(".mtx files")
 
     path = Path(path)
     try:
