@@ -341,3 +341,17 @@ def test_the_init_module_is_used_through_initialize_(tmp_path, capsys, monkeypat
     assert status == 0
     assert "initialising from the densified data instead" in err
     assert calls == [("nndsvd", torch.strided, True), ("nndsvd", torch.strided, True)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_with_audio_and_figure(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    length = tone_wav(tmp_path / "tones.wav")
+    status, out, err = fit(capsys, tmp_path / "tones.wav", "-r", 2, "--model", "nmfd", "--device",
+                           "cuda", "--n-fft", 256, "--max-iter", 10, "--tol", 0, "-q",
+                           "--plot", tmp_path / "f.png")
+    assert status == 0, err
+    assert "on cuda" in out
+    with wave.open(str(tmp_path / "tones.nmf.component1.wav")) as handle:
+        assert handle.getnframes() == length
+    assert png_size(tmp_path / "f.png") == (1300, 700)
