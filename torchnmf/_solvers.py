@@ -10,7 +10,7 @@ import torch
 
 from ._updates import Penalty, mu_exponent, mu_update_
 
-__all__ = ["FitProblem", "MultiplicativeUpdates", "SOLVERS", "get_solver"]
+__all__ = ["FitProblem", "MultiplicativeUpdates", "SOLVERS", "get_solver", "require_features"]
 
 
 @dataclass
@@ -18,7 +18,9 @@ class FitProblem:
     """Everything a solver needs: the target's statistics and the factors.
 
     ``H`` and ``W`` are the tensors updated in place; ``update_H`` and
-    ``update_W`` say which of them may change.
+    ``update_W`` say which of them may change; ``fixed_H`` and ``fixed_W``
+    (int64 indices along dimension 1, or ``None``) name components that must
+    stay bit-identical while the others change.
     """
 
     stats: object
@@ -29,6 +31,8 @@ class FitProblem:
     update_W: bool = True
     penalty_H: Penalty = Penalty()
     penalty_W: Penalty = Penalty()
+    fixed_H: torch.Tensor = None
+    fixed_W: torch.Tensor = None
 
     def penalty(self):
         total = 0.0
@@ -43,7 +47,14 @@ class FitProblem:
 
 
 class MultiplicativeUpdates:
-    """Alternating multiplicative updates of H then W (Févotte & Idier, 2011)."""
+    """Alternating multiplicative updates of H then W (Févotte & Idier, 2011).
+
+    Works through any statistics object, so it serves dense, masked and
+    generic (autograd) targets alike, and honours fixed components.
+    """
+
+    # What this solver can do beyond a plain dense fit; see require_features.
+    features = frozenset({"mask", "fixed"})
 
     def __init__(self, problem):
         self.problem = problem
@@ -54,12 +65,12 @@ class MultiplicativeUpdates:
         if p.update_H:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)
             before = float(divergence) + p.penalty()
-            mu_update_(p.H, negative, positive, self.gamma, p.penalty_H)
+            mu_update_(p.H, negative, positive, self.gamma, p.penalty_H, p.fixed_H)
         else:
             before = p.objective()
         if p.update_W:
             negative, positive = p.stats.w_terms(p.H, p.W)
-            mu_update_(p.W, negative, positive, self.gamma, p.penalty_W)
+            mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
         return before
 
 
@@ -76,3 +87,18 @@ def get_solver(name):
         raise ValueError(
             f"solver must be one of {sorted(SOLVERS)}, got {name!r}"
         ) from None
+
+
+_FEATURE_NAMES = {"mask": "masked targets (mask= or missing='mask')", "fixed": "fixed components (fixed_W=, fixed_H=)"}
+
+
+def require_features(solver_cls, name, wanted):
+    """Raise ``NotImplementedError`` unless ``solver_cls`` declares every feature
+    in ``wanted`` in its ``features`` attribute (solvers without one support none)."""
+    supported = getattr(solver_cls, "features", frozenset())
+    for feature in wanted:
+        if feature not in supported:
+            raise NotImplementedError(
+                f"solver={name!r} does not support {_FEATURE_NAMES.get(feature, feature)} "
+                f"yet; use solver='mu'"
+            )

@@ -72,12 +72,14 @@ class Penalty:
         return positive
 
 
-def mu_update_(factor, negative, positive, gamma, penalty=Penalty()):
+def mu_update_(factor, negative, positive, gamma, penalty=Penalty(), fixed=None):
     """One multiplicative update of ``factor`` in place.
 
     ``negative`` and ``positive`` are the two parts of the gradient (``positive``
     may broadcast against ``factor``); ``positive`` is floored at the dtype's
-    machine epsilon.  ``negative`` is used as scratch space.
+    machine epsilon.  ``negative`` is used as scratch space.  ``fixed`` (int64
+    indices along dimension 1, the rank) names components whose ratio is set
+    to exactly one, so that they stay bit-identical.
     """
     eps = torch.finfo(factor.dtype).eps
     if penalty:
@@ -85,5 +87,7 @@ def mu_update_(factor, negative, positive, gamma, penalty=Penalty()):
     ratio = negative.div_(positive.clamp_min(eps))
     if gamma != 1:
         ratio.pow_(gamma)
+    if fixed is not None:
+        ratio.index_fill_(1, fixed, 1)
     factor.mul_(ratio)
     return factor

@@ -20,6 +20,10 @@ __all__ = [
     "check_target",
     "check_non_negative_tensor",
     "check_beta_with_zeros",
+    "check_choice",
+    "check_mask",
+    "check_observed_everywhere",
+    "check_components",
 ]
 
 
@@ -136,3 +140,104 @@ def check_beta_with_zeros(V, beta, name="V"):
             f"{int((V == 0).sum())} zero entries; add a small constant to {name} "
             f"(e.g. V + 1e-6) or use beta > 0"
         )
+
+
+def check_choice(value, name, choices):
+    """One of a few strings."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {list(choices)}, got {_describe(value)}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_mask(mask, shape, device, name="mask"):
+    """A dense boolean tensor of ``shape`` on ``device`` (True = observed)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a boolean torch.Tensor (True = observed), got "
+            f"{type(mask).__name__}; convert arrays with torch.as_tensor(..., dtype=torch.bool)"
+        )
+    if mask.layout != torch.strided:
+        raise NotImplementedError(
+            f"{name} must be a dense tensor for now, got layout {mask.layout}; pass "
+            f"{name}.to_dense()"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"{name} must be a boolean tensor (True = observed), got dtype {mask.dtype}; "
+            f"convert it with {name} != 0 or {name}.bool()"
+        )
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} must have the shape of V {tuple(shape)}, got {tuple(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but V is on {device}; move one of them")
+    return mask
+
+
+def check_observed_everywhere(mask, rows=True, columns=True, name="mask"):
+    """Every row (dimension 0) and column (dimension 1) needs an observed entry.
+
+    A row with no observed entry leaves its activations undetermined, a column
+    its template; multiplicative updates would silently drive them to zero.
+    """
+    for axis, wanted, label, remedy in (
+        (0, rows, "row", "drop the row"),
+        (1, columns, "column", "drop the column"),
+    ):
+        if not wanted:
+            continue
+        others = [d for d in range(mask.dim()) if d != axis]
+        seen = mask.any(dim=others[0], keepdim=True) if others else mask
+        for d in others[1:]:
+            seen = seen.any(dim=d, keepdim=True)
+        empty = torch.nonzero(~seen.reshape(-1)).reshape(-1)
+        if empty.numel():
+            listed = ", ".join(str(int(i)) for i in empty[:5])
+            more = "" if empty.numel() <= 5 else f" (and {empty.numel() - 5} more)"
+            raise ValueError(
+                f"{name} leaves {label} {listed}{more} of V with no observed entry; its "
+                f"factor cannot be estimated: {remedy} or observe at least one entry in it"
+            )
+    return mask
+
+
+def check_components(indices, rank, name):
+    """Component indices (a sequence of ints, or a boolean sequence of length
+    ``rank``) as a sorted, de-duplicated int64 tensor; ``None`` stays ``None``."""
+    if indices is None:
+        return None
+    if isinstance(indices, torch.Tensor):
+        values = indices.detach().cpu()
+        if values.dtype == torch.bool:
+            if values.shape != (rank,):
+                raise ValueError(
+                    f"{name} as a boolean mask must have length rank={rank}, got shape "
+                    f"{tuple(values.shape)}"
+                )
+            return torch.nonzero(values).reshape(-1)
+        if values.is_floating_point() or values.is_complex() or values.dim() > 1:
+            raise TypeError(f"{name} must hold component indices (ints), got {_describe(indices)}")
+        values = [int(v) for v in values.reshape(-1)]
+    else:
+        try:
+            values = list(indices)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be a sequence of component indices, got {_describe(indices)}"
+            ) from None
+        if values and all(isinstance(v, bool) for v in values):
+            if len(values) != rank:
+                raise ValueError(
+                    f"{name} as a boolean mask must have length rank={rank}, got {len(values)}"
+                )
+            return torch.tensor([i for i, v in enumerate(values) if v], dtype=torch.int64)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must hold component indices (ints), got {v!r}")
+    for v in values:
+        if not 0 <= v < rank:
+            raise ValueError(f"{name} holds component {v}, but indices must lie in [0, {rank})")
+    return torch.tensor(sorted(set(int(v) for v in values)), dtype=torch.int64)

@@ -28,16 +28,18 @@ from ._components import (
     make_factor,
 )
 from ._loop import run_fit
-from ._solvers import FitProblem, get_solver
+from ._masked import MaskedAutogradStats, MaskedMatrixStats, prepare_target
+from ._solvers import FitProblem, get_solver, require_features
 from ._statistics import AutogradStats, DenseMatrixStats
 from ._updates import Penalty
 from ._validation import (
     check_beta_with_zeros,
+    check_components,
     check_fraction,
     check_non_negative_number,
+    check_observed_everywhere,
     check_positive_int,
     check_real,
-    check_target,
 )
 
 __all__ = ["BaseComponent", "NMF", "NMFD", "NMF2D", "NMF3D"]
@@ -126,24 +128,29 @@ class BaseComponent(nn.Module):
         spatial = [h + k - 1 for h, k in zip(H.shape[2:], W.shape[2:])]
         return (H.shape[0], W.shape[0], *spatial)
 
-    def _statistics(self, V, beta):
+    def _statistics(self, V, beta, mask=None):
         """The statistics object for target ``V`` (the generic autograd route)."""
         if V.layout != torch.strided:
             raise NotImplementedError(
                 f"{type(self).__name__}.fit does not accept sparse targets yet; "
                 f"pass V.to_dense()"
             )
+        if mask is not None:
+            return MaskedAutogradStats(V, mask, beta, self.reconstruct)
         return AutogradStats(V, beta, self.reconstruct)
 
-    def _check_fit_target(self, V):
-        if self.W is None or self.H is None:
-            missing = "W" if self.W is None else "H"
-            raise ValueError(
-                f"fit needs both factors, but this module has no {missing}; construct it "
-                f"with Vshape or give {missing}"
-            )
-        V = check_target(V, "V")
-        expected = tuple(self._output_shape())
+    def _check_fit_target(self, V, mask=None, missing="error", expected=None, rows=True, columns=True):
+        """Validate ``V`` (and its mask) against the reconstruction's shape.
+
+        Returns ``(V, mask)``: ``V`` in the factors' dtype with zeros at the
+        unobserved entries, ``mask`` ``None`` when every entry is observed.
+        """
+        V, mask = prepare_target(V, mask, missing, "V")
+        if expected is None:
+            expected = self._output_shape()
+        elif callable(expected):
+            expected = expected(V)
+        expected = tuple(expected)
         if tuple(V.shape) != expected:
             raise ValueError(
                 f"V must have the shape of the reconstruction {expected}, got "
@@ -156,7 +163,18 @@ class BaseComponent(nn.Module):
             )
         if V.dtype != self.W.dtype:
             V = V.to(self.W.dtype)
-        return V
+        if mask is not None:
+            check_observed_everywhere(mask, rows=rows, columns=columns)
+        return V, mask
+
+    def _require_factors(self, names, action):
+        needed = "both factors" if len(names) == 2 else names[0]
+        for name in names:
+            if getattr(self, name) is None:
+                raise ValueError(
+                    f"{action} needs {needed}, but this module has no {name}; "
+                    f"construct it with Vshape or give {name}"
+                )
 
     def _check_fit_options(self, beta, tol, max_iter, alpha, l1_ratio):
         beta = check_real(beta, "beta")
@@ -165,6 +183,46 @@ class BaseComponent(nn.Module):
         alpha = check_non_negative_number(alpha, "alpha")
         l1_ratio = check_fraction(l1_ratio, "l1_ratio")
         return beta, tol, max_iter, alpha, l1_ratio
+
+    def _solve(self, V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
+               penalty_H, penalty_W, update_H=True, update_W=True, fixed_H=None, fixed_W=None):
+        """Build the problem for checked inputs and run the one fitting loop on it.
+
+        ``H`` and ``W`` are updated in place. Returns ``(n_iter, history)``.
+        """
+        solver_cls = get_solver(solver)
+        wanted = []
+        if mask is not None:
+            wanted.append("mask")
+        if (fixed_H is not None and update_H) or (fixed_W is not None and update_W):
+            wanted.append("fixed")
+        require_features(solver_cls, solver, wanted)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        check_beta_with_zeros(V if mask is None else V[mask], beta)
+        problem = FitProblem(
+            stats=self._statistics(V, beta, mask),
+            H=H,
+            W=W,
+            beta=beta,
+            update_H=update_H,
+            update_W=update_W,
+            penalty_H=penalty_H,
+            penalty_W=penalty_W,
+            fixed_H=None if fixed_H is None else fixed_H.to(H.device),
+            fixed_W=None if fixed_W is None else fixed_W.to(W.device),
+        )
+        solver = solver_cls(problem)
+        with torch.no_grad():
+            return run_fit(
+                solver.step,
+                problem.objective,
+                tol,
+                max_iter,
+                verbose=verbose,
+                callback=callback,
+                desc=type(self).__name__,
+            )
 
     def fit(
         self,
@@ -178,6 +236,12 @@ class BaseComponent(nn.Module):
         *,
         solver="mu",
         callback=None,
+        mask=None,
+        missing="error",
+        fixed_W=None,
+        fixed_H=None,
+        alpha_W=None,
+        alpha_H=None,
     ):
         r"""Fit the trainable factors to ``V`` by minimising the beta-divergence.
 
@@ -199,47 +263,153 @@ class BaseComponent(nn.Module):
             solver (str, keyword-only): ``"mu"`` (multiplicative updates).
             callback (callable, keyword-only): ``callback(n_iter, loss)`` after
                 every iteration; returning ``True`` stops the fit.
+            mask (Tensor, keyword-only): a boolean tensor of ``V``'s shape, True
+                where ``V`` is observed. The objective then sums over observed
+                entries only; values of ``V`` elsewhere are ignored (NaN
+                allowed). Every row and column needs an observed entry.
+            missing (str, keyword-only): ``"error"`` (default) rejects NaN in
+                ``V`` at observed entries; ``"mask"`` treats NaN entries as
+                missing, as if they were False in ``mask``.
+            fixed_W (sequence of int, keyword-only): components (columns along
+                dimension 1 of ``W``) that stay exactly as they are while the
+                others learn; a boolean sequence of length ``rank`` also works.
+            fixed_H (sequence of int, keyword-only): likewise for ``H``.
+            alpha_W (float, keyword-only): the penalty strength for ``W``,
+                overriding ``alpha``.
+            alpha_H (float, keyword-only): the penalty strength for ``H``,
+                overriding ``alpha``.
 
         Returns:
             int: the number of iterations run. The objective after each is in
             :attr:`loss_history`.
 
         Raises:
-            ValueError: for a negative, NaN or infinite ``V``, a ``V`` of the wrong
-                shape, ``beta <= 0`` with zeros in ``V``, or bad options.
+            ValueError: for a negative, infinite or (unless masked) NaN ``V``, a
+                ``V`` or ``mask`` of the wrong shape, a row or column with no
+                observed entry, ``beta <= 0`` with zeros in ``V``, or bad options.
+            TypeError: for a ``mask`` that is not a boolean tensor.
+            NotImplementedError: for a solver that does not support the masked
+                target or the fixed components asked for.
+
+        Examples::
+
+            >>> import torch
+            >>> from torchnmf.nmf import NMF
+            >>> V = torch.rand(20, 3) @ torch.rand(3, 15)
+            >>> observed = torch.rand(V.shape) > 0.2
+            >>> model = NMF(V.shape, rank=3)
+            >>> n_iter = model.fit(V, beta=2, mask=observed, fixed_W=[0])
         """
         beta, tol, max_iter, alpha, l1_ratio = self._check_fit_options(
             beta, tol, max_iter, alpha, l1_ratio
         )
-        solver_cls = get_solver(solver)
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        V = self._check_fit_target(V)
-        check_beta_with_zeros(V, beta)
-        penalty = Penalty(alpha, l1_ratio)
-        problem = FitProblem(
-            stats=self._statistics(V, beta),
-            H=self.H.detach(),
-            W=self.W.detach(),
-            beta=beta,
-            update_H=self.H.requires_grad,
-            update_W=self.W.requires_grad,
-            penalty_H=penalty,
-            penalty_W=penalty,
+        alpha_W = alpha if alpha_W is None else check_non_negative_number(alpha_W, "alpha_W")
+        alpha_H = alpha if alpha_H is None else check_non_negative_number(alpha_H, "alpha_H")
+        self._require_factors(("W", "H"), "fit")
+        fixed_W = check_components(fixed_W, self.rank, "fixed_W")
+        fixed_H = check_components(fixed_H, self.rank, "fixed_H")
+        update_H, update_W = self.H.requires_grad, self.W.requires_grad
+        V, mask = self._check_fit_target(V, mask, missing, rows=update_H, columns=update_W)
+        n_iter, history = self._solve(
+            V, mask, self.H.detach(), self.W.detach(), beta, tol, max_iter, verbose,
+            callback, solver, Penalty(alpha_H, l1_ratio), Penalty(alpha_W, l1_ratio),
+            update_H=update_H, update_W=update_W, fixed_H=fixed_H, fixed_W=fixed_W,
         )
-        solver = solver_cls(problem)
-        with torch.no_grad():
-            n_iter, history = run_fit(
-                solver.step,
-                problem.objective,
-                tol,
-                max_iter,
-                verbose=verbose,
-                callback=callback,
-                desc=type(self).__name__,
-            )
         self.loss_history = history
         return n_iter
+
+    def _activation_shape(self, V):
+        """The shape of ``H`` that explains a target ``V`` with this model's ``W``."""
+        W = self.W
+        if V.dim() != W.dim() or V.shape[1] != W.shape[0] or any(
+            size < k for size, k in zip(V.shape[2:], W.shape[2:])
+        ):
+            kernel = "" if W.dim() == 2 else f" and axes of at least {tuple(W.shape[2:])}"
+            raise ValueError(
+                f"V must be {W.dim()}-dimensional with {W.shape[0]} channels in dimension 1"
+                f"{kernel} to match W of shape {tuple(W.shape)}, got {tuple(V.shape)}"
+            )
+        spatial = [size - k + 1 for size, k in zip(V.shape[2:], W.shape[2:])]
+        return (V.shape[0], self.rank, *spatial)
+
+    def transform(
+        self,
+        V,
+        beta=1,
+        tol=1e-4,
+        max_iter=200,
+        verbose=False,
+        alpha=0,
+        l1_ratio=0,
+        *,
+        solver="mu",
+        callback=None,
+        mask=None,
+        missing="error",
+        H=None,
+        generator=None,
+    ):
+        r"""Activations for new data ``V`` with the templates ``W`` held fixed.
+
+        Solves the same problem as :meth:`fit` (same divergence, penalty,
+        solvers, masks and stopping rule) over ``H`` alone. The module is not
+        changed.
+
+        Args:
+            V (Tensor): the new target; for :class:`NMF` ``(N', C)``, for the
+                convolutional models ``(N', C, *spatial)``.
+            beta, tol, max_iter, verbose, alpha, l1_ratio, solver, callback,
+                mask, missing: as in :meth:`fit` (``alpha`` penalises ``H``).
+            H (Tensor, keyword-only): the starting activations; by default
+                uniform random values scaled so that the reconstruction's mean
+                matches the (observed) mean of ``V``.
+            generator (torch.Generator, keyword-only): the random source for the
+                default start.
+
+        Returns:
+            Tensor: the activations for ``V`` (a new tensor, not a parameter).
+
+        Examples::
+
+            >>> import torch
+            >>> from torchnmf.nmf import NMF
+            >>> model = NMF((20, 15), rank=3)
+            >>> n_iter = model.fit(torch.rand(20, 15), max_iter=20)
+            >>> model.transform(torch.rand(7, 15), max_iter=20).shape
+            torch.Size([7, 3])
+        """
+        beta, tol, max_iter, alpha, l1_ratio = self._check_fit_options(
+            beta, tol, max_iter, alpha, l1_ratio
+        )
+        self._require_factors(("W",), "transform")
+        W = self.W.detach()
+        V, mask = self._check_fit_target(
+            V, mask, missing, rows=True, columns=False,
+            expected=lambda V: self._output_shape_for(self._activation_shape(V)),
+        )
+        shape = self._activation_shape(V)
+        if H is None:
+            H = torch.rand(shape, dtype=W.dtype, device=W.device, generator=generator)
+            with torch.no_grad():
+                predicted = self.reconstruct(H, W)
+                if mask is None:
+                    scale = V.mean() / predicted.mean().clamp_min(torch.finfo(W.dtype).tiny)
+                else:
+                    scale = V[mask].mean() / predicted[mask].mean().clamp_min(torch.finfo(W.dtype).tiny)
+            H.mul_(scale.clamp_min(torch.finfo(W.dtype).eps))
+        else:
+            H = make_factor(H, "H", W.dtype, W.device).to(W.dtype)
+            if tuple(H.shape) != tuple(shape):
+                raise ValueError(f"H must have shape {tuple(shape)} for this V, got {tuple(H.shape)}")
+        self._solve(
+            V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
+            Penalty(alpha, l1_ratio), Penalty(), update_H=True, update_W=False,
+        )
+        return H
+
+    def _output_shape_for(self, H_shape):
+        spatial = [h + k - 1 for h, k in zip(H_shape[2:], self.W.shape[2:])]
+        return (H_shape[0], self.W.shape[0], *spatial)
 
 
 def _linear(H, W):
@@ -294,9 +464,11 @@ class NMF(BaseComponent):
     def _output_shape(self):
         return (self.H.shape[0], self.W.shape[0])
 
-    def _statistics(self, V, beta):
+    def _statistics(self, V, beta, mask=None):
         if V.layout != torch.strided:
-            return super()._statistics(V, beta)
+            return super()._statistics(V, beta, mask)
+        if mask is not None:
+            return MaskedMatrixStats(V, mask, beta)
         return DenseMatrixStats(V, beta)
 
 

@@ -1,0 +1,217 @@
+r"""Targets with missing entries: preparation and statistics.
+
+A boolean mask :math:`M` (True = observed) restricts the objective to the
+observed entries,
+
+.. math::
+
+    D_\beta^M(V \,|\, \hat V) = \sum_{(i, j):\, M_{ij}} d_\beta(V_{ij} \,|\, \hat V_{ij}),
+
+so the parts of the gradient become
+:math:`\nabla^+_H = (M \odot \hat V^{\beta-1}) W` and
+:math:`\nabla^-_H = (M \odot V \odot \hat V^{\beta-2}) W` (likewise for ``W``),
+and the multiplicative updates keep their monotonicity (the masked objective is
+a weighted beta-divergence with weights 0 and 1).  The statistics objects here
+have the interface of :mod:`torchnmf._statistics`, so every solver that works
+through that interface fits masked targets unchanged.
+
+Values of ``V`` at unobserved entries are never read: they are replaced by
+zeros once, when the target is prepared, and may hold anything (NaN included).
+"""
+import functools
+
+import torch
+
+from . import metrics
+from ._statistics import BLOCK_ELEMENTS, AutogradStats
+from ._validation import (
+    check_choice,
+    check_mask,
+    check_non_negative_tensor,
+    check_target,
+)
+
+__all__ = ["MISSING", "prepare_target", "MaskedMatrixStats", "MaskedAutogradStats"]
+
+# Accepted values of ``missing``: "error" rejects NaN, "mask" treats it as unobserved.
+MISSING = ("error", "mask")
+
+
+def prepare_target(V, mask=None, missing="error", name="V"):
+    """Validate ``V`` with an optional mask and return ``(V, mask)``.
+
+    Without a mask and with ``missing="error"`` this is :func:`check_target`
+    and the mask stays ``None``.  Otherwise NaN entries join the unobserved
+    ones when ``missing="mask"``, the observed entries must be finite and
+    non-negative, and the returned ``V`` is a new tensor holding zeros at the
+    unobserved entries (the caller's tensor is never modified).  A mask with
+    no unobserved entry left is returned as ``None`` (the plain dense path).
+    """
+    missing = check_choice(missing, "missing", MISSING)
+    if mask is None and missing == "error":
+        if isinstance(V, torch.Tensor) and V.layout == torch.strided and V.is_floating_point():
+            nan = torch.isnan(V)
+            if nan.any():
+                raise ValueError(
+                    f"{name} contains NaN ({int(nan.sum())} entries); pass missing='mask' to "
+                    f"treat NaN as missing values, or a mask that hides them"
+                )
+        return check_target(V, name), None
+    if not isinstance(V, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type(V).__name__}; "
+            f"convert arrays with torch.as_tensor"
+        )
+    if V.layout != torch.strided:
+        raise NotImplementedError(
+            f"missing values need a dense {name} for now, got layout {V.layout}; pass "
+            f"{name}.to_dense()"
+        )
+    if V.dtype == torch.bool or V.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {V.dtype}")
+    if not V.is_floating_point():
+        V = V.to(torch.get_default_dtype())
+    observed = torch.ones_like(V, dtype=torch.bool) if mask is None else check_mask(
+        mask, V.shape, V.device
+    )
+    nan = torch.isnan(V)
+    if missing == "mask":
+        observed = observed & ~nan
+    elif (nan & observed).any():
+        raise ValueError(
+            f"{name} contains NaN at {int((nan & observed).sum())} observed entries; pass "
+            f"missing='mask' to treat NaN as missing values, or hide them with the mask"
+        )
+    check_non_negative_tensor(V[observed], name)
+    if bool(observed.all()):
+        return V, None
+    return torch.where(observed, V, torch.zeros((), dtype=V.dtype, device=V.device)), observed
+
+
+def _observed_constant(V_observed, beta):
+    """The part of the masked divergence that depends on the observed data alone."""
+    V = V_observed.to(torch.float64)
+    if beta == 2:
+        return V.pow(2).sum() / 2
+    if beta == 1:
+        return (torch.xlogy(V, V) - V).sum()
+    if beta == 0:
+        return -(V.log().sum() + V.numel())
+    return V.pow(beta).sum() / (beta * (beta - 1))
+
+
+def _inner(a, b):
+    return (a * b).sum(dtype=torch.float64)
+
+
+class MaskedMatrixStats:
+    """Closed-form statistics for a dense ``(N, C)`` matrix with a mask.
+
+    No Gram shortcut exists once entries are missing (every row sees a
+    different subset of ``W``), so for every beta the reconstruction is formed
+    one row block at a time and only observed entries contribute.
+
+    Args:
+        V (Tensor): ``(N, C)``, zeros at the unobserved entries
+            (see :func:`prepare_target`).
+        mask (Tensor): ``(N, C)`` boolean, True = observed.
+        beta (float): the divergence.
+        block_elements (int, optional): elements of ``V`` per row block.
+    """
+
+    def __init__(self, V, mask, beta, block_elements=None):
+        self.V = V.contiguous()
+        self.weight = mask.to(V.dtype).contiguous()
+        self.beta = float(beta)
+        self.eps = torch.finfo(V.dtype).eps
+        N, C = self.V.shape
+        block_elements = block_elements or BLOCK_ELEMENTS
+        self.rows = max(1, min(N, block_elements // max(C, 1)))
+        self.constant = _observed_constant(self.V[mask], self.beta)
+
+    def _block(self, start, stop, H, W):
+        """``(M V WH^(beta-2), M WH^(beta-1), divergence minus constant)`` for rows start:stop."""
+        beta = self.beta
+        V, weight = self.V[start:stop], self.weight[start:stop]
+        WH = (H[start:stop] @ W.T).clamp_min_(self.eps)
+        if beta == 2:
+            positive_out = WH * weight
+            return V, positive_out, _inner(positive_out, WH) / 2 - _inner(V, WH)
+        if beta == 1:
+            return V / WH, weight, _inner(weight, WH) - _inner(V, WH.log())
+        if beta == 0:
+            positive_out = weight / WH
+            negative_out = V / WH.pow(2)
+            return negative_out, positive_out, _inner(weight, WH.log()) + _inner(V, positive_out)
+        power = WH.pow(beta - 1)
+        negative_out = V * power / WH
+        positive_out = power.mul_(weight)
+        part = _inner(positive_out, WH) / beta - _inner(negative_out, WH) / (beta - 1)
+        return negative_out, positive_out, part
+
+    def _blocks(self, n_rows):
+        for start in range(0, n_rows, self.rows):
+            yield start, min(start + self.rows, n_rows)
+
+    def h_terms(self, H, W):
+        negative = H.new_empty(H.shape)
+        positive = H.new_empty(H.shape)
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        for start, stop in self._blocks(H.shape[0]):
+            negative_out, positive_out, part = self._block(start, stop, H, W)
+            torch.matmul(negative_out, W, out=negative[start:stop])
+            torch.matmul(positive_out, W, out=positive[start:stop])
+            total += part
+        return negative, positive, self.constant + total
+
+    def w_terms(self, H, W):
+        negative = W.new_zeros(W.shape)
+        positive = W.new_zeros(W.shape)
+        for start, stop in self._blocks(H.shape[0]):
+            negative_out, positive_out, _ = self._block(start, stop, H, W)
+            H_block = H[start:stop]
+            negative.addmm_(negative_out.T, H_block)
+            positive.addmm_(positive_out.T, H_block)
+        return negative, positive
+
+    def divergence(self, H, W):
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        for start, stop in self._blocks(H.shape[0]):
+            total += self._block(start, stop, H, W)[2]
+        return self.constant + total
+
+
+def _masked_reconstruct(reconstruct, weight, H, W):
+    return reconstruct(H, W) * weight
+
+
+class MaskedAutogradStats(AutogradStats):
+    """Statistics for any model linear in each factor, with a mask.
+
+    The reconstruction is multiplied by the mask, so the vector-Jacobian
+    products of :class:`AutogradStats` only see observed entries; the
+    divergence sums over the observed entries alone.
+
+    Args:
+        V (Tensor): zeros at the unobserved entries (see :func:`prepare_target`).
+        mask (Tensor): boolean, V's shape, True = observed.
+        beta (float): the divergence.
+        reconstruct (callable): ``reconstruct(H, W)``, the model's forward map.
+    """
+
+    def __init__(self, V, mask, beta, reconstruct):
+        weight = mask.to(V.dtype)
+        super().__init__(V, beta, functools.partial(_masked_reconstruct, reconstruct, weight))
+        self.mask = mask
+        self.V_observed = V[mask]
+
+    def _observed_divergence(self, prediction):
+        return metrics.beta_div(prediction[self.mask], self.V_observed, self.beta)
+
+    def h_terms(self, H, W):
+        negative, positive, prediction = self._parts(H, W, True)
+        return negative, positive, self._observed_divergence(prediction)
+
+    def divergence(self, H, W):
+        with torch.no_grad():
+            return self._observed_divergence(self.reconstruct(H, W))
