@@ -1,0 +1,208 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+sklearn = pytest.importorskip("sklearn")
+scipy_sparse = pytest.importorskip("scipy.sparse")
+
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+from torchnmf import ConvergenceWarning  # noqa: E402
+from torchnmf.estimator import TorchNMF  # noqa: E402
+
+
+@pytest.mark.slow
+@parametrize_with_checks([TorchNMF(n_components=1, max_iter=500, random_state=0)])
+def test_sklearn_estimator_checks(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)
+
+
+def planted(generator, n=30, c=20, rank=3):
+    H = torch.rand(n, rank, generator=generator, dtype=torch.float64)
+    W = torch.rand(c, rank, generator=generator, dtype=torch.float64)
+    return (H @ W.T).numpy()
+
+
+def test_import_torchnmf_needs_no_sklearn_or_scipy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torchnmf, torchnmf.nmf, torchnmf.metrics; "
+        "bad = [m for m in ('sklearn', 'scipy') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fit_attributes_and_orientation(generator):
+    X = planted(generator)
+    est = TorchNMF(n_components=3, init="random", random_state=0, max_iter=2000, tol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        codes = est.fit_transform(X)
+    assert codes.shape == (30, 3) and est.components_.shape == (3, 20)
+    assert est.n_components_ == 3 and est.n_features_in_ == 20 and 0 < est.n_iter_ <= 2000
+    assert isinstance(codes, np.ndarray) and codes.dtype == np.float64
+    residual = np.linalg.norm(X - codes @ est.components_)
+    assert est.reconstruction_err_ == pytest.approx(residual, rel=1e-6)
+    assert residual / np.linalg.norm(X) < 1e-3
+    np.testing.assert_allclose(est.inverse_transform(codes), codes @ est.components_)
+    np.testing.assert_allclose(est.transform(X) @ est.components_, X, rtol=0, atol=1e-2 * X.max())
+    assert list(est.get_feature_names_out()) == ["torchnmf0", "torchnmf1", "torchnmf2"]
+
+
+@pytest.mark.parametrize("beta_loss,beta", [("frobenius", 2), ("kullback-leibler", 1), ("itakura-saito", 0), (1.5, 1.5)])
+def test_estimator_forwards_to_nmf_fit(beta_loss, beta, generator):
+    """The estimator is NMF.fit in sklearn's orientation, with sklearn's penalty scaling."""
+    from torchnmf.nmf import NMF
+
+    X = planted(generator) + 0.1
+    codes0 = torch.rand(30, 2, generator=generator, dtype=torch.float64).numpy()
+    comps0 = torch.rand(2, 20, generator=generator, dtype=torch.float64).numpy()
+    est = TorchNMF(n_components=2, init="custom", beta_loss=beta_loss, max_iter=15, tol=0,
+                   alpha_W=0.01, alpha_H=0.02, l1_ratio=0.3)
+    codes = est.fit_transform(X, W=codes0, H=comps0)
+    model = NMF(W=torch.from_numpy(comps0.T), H=torch.from_numpy(codes0))
+    n_iter = model.fit(torch.from_numpy(X), beta=beta, max_iter=15, tol=0, l1_ratio=0.3,
+                       alpha_H=0.01 * 20, alpha_W=0.02 * 30)
+    assert est.n_iter_ == n_iter == 15
+    np.testing.assert_array_equal(codes, model.H.detach().numpy())
+    np.testing.assert_array_equal(est.components_, model.W.detach().numpy().T)
+
+
+def test_numpy_scipy_sparse_and_torch_inputs_agree(generator):
+    X = planted(generator)
+    X[X < 0.5] = 0
+    kwargs = dict(n_components=3, init="random", random_state=3, max_iter=50, tol=0)
+    dense = TorchNMF(**kwargs).fit_transform(X)
+    for sparse in (scipy_sparse.csr_matrix(X), scipy_sparse.csc_array(X), scipy_sparse.coo_matrix(X)):
+        np.testing.assert_allclose(TorchNMF(**kwargs).fit_transform(sparse), dense, rtol=1e-10, atol=1e-12)
+    est = TorchNMF(**kwargs)
+    out = est.fit_transform(torch.from_numpy(X))
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_allclose(out.numpy(), dense, rtol=1e-10, atol=1e-12)
+    assert isinstance(est.transform(torch.from_numpy(X)), torch.Tensor)
+    assert isinstance(est.inverse_transform(out), torch.Tensor)
+    sparse_torch = torch.from_numpy(X).to_sparse()
+    np.testing.assert_allclose(TorchNMF(**kwargs).fit_transform(sparse_torch).numpy(), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_dtype_and_device_parameters(generator):
+    X = planted(generator)
+    est = TorchNMF(n_components=2, init="random", random_state=0, max_iter=20, tol=0)
+    assert est.fit_transform(X.astype(np.float32)).dtype == np.float32
+    assert est.components_.dtype == np.float32
+    est = TorchNMF(n_components=2, init="random", random_state=0, max_iter=20, tol=0, dtype="float32", device="cpu")
+    assert est.fit_transform(X).dtype == np.float32
+    est = TorchNMF(n_components=2, init="random", random_state=0, max_iter=20, tol=0, dtype=torch.float64)
+    assert est.fit_transform(torch.from_numpy(X).float()).dtype == torch.float64
+
+
+def test_transform_is_independent_of_the_batch(generator):
+    X = planted(generator)
+    est = TorchNMF(n_components=3, init="random", random_state=0, max_iter=100, tol=1e-6).fit(X)
+    full = est.transform(X)
+    np.testing.assert_allclose(est.transform(X[:7]), full[:7], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("init", ["nndsvd", "nndsvda", "nndsvdar", None])
+def test_svd_initialisations(init, generator):
+    pytest.importorskip("torchnmf.init")
+    X = planted(generator)
+    est = TorchNMF(n_components=3, init=init, random_state=0, max_iter=300, tol=1e-8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X)
+    assert est.reconstruction_err_ / np.linalg.norm(X) < 0.05
+
+
+def test_estimator_errors(generator):
+    X = planted(generator)
+    with pytest.raises(ValueError, match="beta_loss must be a real number or one of"):
+        TorchNMF(beta_loss="hinge").fit(X)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        TorchNMF(solver="cd").fit(X)
+    with pytest.raises(ValueError, match="init must be None or one of"):
+        TorchNMF(init="svd").fit(X)
+    with pytest.raises(ValueError, match="n_components must be a positive integer or None, got 0"):
+        TorchNMF(n_components=0).fit(X)
+    with pytest.raises(ValueError, match="alpha_H must be a non-negative number or 'same'"):
+        TorchNMF(alpha_H=-1).fit(X)
+    with pytest.raises(ValueError, match=r"l1_ratio must lie in \[0, 1\]"):
+        TorchNMF(l1_ratio=2).fit(X)
+    with pytest.raises(ValueError, match="init='custom' needs both W and H"):
+        TorchNMF(init="custom", n_components=2).fit(X)
+    with pytest.raises(ValueError, match=r"init='custom' needs W of shape \(30, 2\)"):
+        TorchNMF(init="custom", n_components=2).fit(X, W=np.ones((30, 3)), H=np.ones((2, 20)))
+    with pytest.raises(ValueError, match="Negative values in data passed to TorchNMF"):
+        TorchNMF().fit(-X)
+    with pytest.raises(ValueError, match="Negative values in data passed to TorchNMF"):
+        TorchNMF().fit(-torch.from_numpy(X))
+    with pytest.raises(ValueError, match="contains NaN"):
+        TorchNMF().fit(torch.full((3, 3), float("nan")))
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive V"):
+        TorchNMF(beta_loss="itakura-saito", init="random").fit(X * (X > 0.5))
+    with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+        TorchNMF(dtype="int32").fit(X)
+    est = TorchNMF(n_components=2, init="random", max_iter=5).fit(torch.from_numpy(X))
+    with pytest.raises(ValueError, match="X has 19 features, but TorchNMF is expecting 20 features"):
+        est.transform(torch.from_numpy(X[:, :19]))
+    with pytest.raises(ValueError, match="Expected a 2D tensor"):
+        est.transform(torch.from_numpy(X[0]))
+    with pytest.raises(ValueError, match=r"X must have shape \(n_samples, 2\)"):
+        est.inverse_transform(np.ones((3, 4)))
+
+
+CORPUS = {
+    "astronomy": [
+        "the telescope observed a distant galaxy full of stars",
+        "astronomers pointed the telescope at a bright star in the galaxy",
+        "a comet passed the planet while the telescope tracked the stars",
+        "the galaxy holds billions of stars and every star may host a planet",
+        "the space telescope found a planet orbiting a distant star",
+    ],
+    "cooking": [
+        "simmer the tomato sauce with garlic and olive oil in the pan",
+        "bake the bread in a hot oven and brush it with garlic butter",
+        "fry the onions and garlic in butter in a hot pan",
+        "bake the cake in the oven with butter sugar and flour",
+        "season the sauce in the pan with garlic salt and pepper",
+    ],
+    "football": [
+        "the striker scored a goal in the final minute of the match",
+        "the team won the match after the goalkeeper saved a penalty",
+        "the striker passed the ball and the team scored another goal",
+        "the coach praised the team after the match ended with a late goal",
+        "the referee gave a penalty and the striker scored the goal",
+    ],
+}
+
+
+def test_pipeline_after_tfidf_separates_topics():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_pipeline
+
+    documents = [doc for docs in CORPUS.values() for doc in docs]
+    labels = np.repeat(np.arange(3), 5)
+    pipeline = make_pipeline(
+        TfidfVectorizer(stop_words="english"),
+        TorchNMF(n_components=3, init="random", random_state=0, max_iter=1000, tol=1e-6),
+    )
+    codes = pipeline.fit_transform(documents)
+    assert codes.shape == (15, 3) and (codes >= 0).all()
+    topic = codes.argmax(axis=1)
+    # every true topic maps to a single, distinct component
+    assignment = [np.bincount(topic[labels == k], minlength=3).argmax() for k in range(3)]
+    assert sorted(assignment) == [0, 1, 2]
+    assert (topic == np.array(assignment)[labels]).mean() >= 14 / 15
+    new = pipeline.transform(["the team scored a late goal", "bake bread with garlic butter"])
+    assert new.argmax(axis=1).tolist() == [assignment[2], assignment[1]]
+    vocabulary = pipeline[0].get_feature_names_out()
+    components = pipeline[1].components_
+    top = {vocabulary[components[assignment[0]].argmax()]}
+    assert top <= {"galaxy", "telescope", "stars", "star", "orbit", "planet", "planets", "moon", "moons"}

@@ -1,0 +1,442 @@
+r"""A scikit-learn estimator over :class:`torchnmf.nmf.NMF`.
+
+Importing this module needs scikit-learn (``pip install torchnmf[sklearn]``);
+``import torchnmf`` alone never imports it.
+
+scikit-learn writes the data as ``X (n_samples, n_features) ≈ W H`` with the
+codes ``W`` first; torchnmf writes ``V (N, C) ≈ H W^T``.  So the estimator's
+codes (the output of :meth:`TorchNMF.transform`) are torchnmf's ``H`` and its
+``components_`` are torchnmf's ``W`` transposed.  Names follow scikit-learn in
+this module only.
+"""
+import math
+import numbers
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils.validation import check_is_fitted, check_non_negative, check_random_state
+
+from . import metrics
+from ._solvers import SOLVERS
+from .nmf import NMF
+
+try:  # scikit-learn >= 1.6
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:  # pragma: no cover - older scikit-learn
+    def _validate_data(estimator, X, **kwargs):
+        return estimator._validate_data(X, **kwargs)
+
+try:  # the initialisations module of torchnmf, when this installation has it
+    from . import init as _init_module
+except ImportError:  # pragma: no cover - depends on the build
+    _init_module = None
+
+__all__ = ["TorchNMF"]
+
+BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
+INITS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
+
+# TEMPORARY: until NMF.fit accepts sparse COO targets (the sparse-target issue),
+# scipy sparse input is densified here. Set to False once that support lands,
+# and the estimator passes torch sparse tensors straight to NMF.fit.
+_DENSIFY_SPARSE = True
+
+
+def _torch_dtype(spec):
+    """A torch floating dtype from a torch dtype, a numpy dtype or a name."""
+    if isinstance(spec, torch.dtype):
+        dtype = spec
+    else:
+        try:
+            name = np.dtype(spec).name
+        except TypeError:
+            raise TypeError(f"dtype must be a floating dtype or None, got {spec!r}") from None
+        dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}.get(name)
+    if dtype is None or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype (e.g. 'float32') or None, got {spec!r}")
+    return dtype
+
+
+class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    r"""Non-negative matrix factorisation with scikit-learn's interface.
+
+    Finds non-negative ``W`` (n_samples, n_components) and ``H``
+    (n_components, n_features) with ``X ≈ W H`` by minimising
+
+    .. math::
+
+        D_\beta(X \,|\, W H)
+        + \alpha_W\, n_\text{features} \Big(\rho \|W\|_1 + \tfrac{1-\rho}{2}\|W\|_F^2\Big)
+        + \alpha_H\, n_\text{samples} \Big(\rho \|H\|_1 + \tfrac{1-\rho}{2}\|H\|_F^2\Big),
+
+    with :math:`\rho` = ``l1_ratio``. The penalties scale with the other
+    dimension so that their weight against the data term does not depend on
+    the shape of ``X``. The fit runs on PyTorch (any ``device``) through
+    :meth:`torchnmf.nmf.NMF.fit`.
+
+    Parameters
+    ----------
+    n_components : int or None, default=None
+        Number of components; None keeps all features (with ``init='custom'``,
+        the number of components of the given factors).
+    init : {'random', 'nndsvd', 'nndsvda', 'nndsvdar', 'custom'} or None, default=None
+        Starting point. 'random': uniform values scaled to the data's mean.
+        The SVD-based starts need :mod:`torchnmf.init`. None: 'nndsvda' when it
+        is available and ``n_components <= min(n_samples, n_features)``, else
+        'random'. 'custom': ``W`` and ``H`` given to :meth:`fit`.
+    solver : str, default='mu'
+        A solver registered in torchnmf ('mu': multiplicative updates).
+    beta_loss : float or {'frobenius', 'kullback-leibler', 'itakura-saito'}, default='frobenius'
+        The beta-divergence: 2, 1 and 0 respectively. With ``beta_loss <= 0``,
+        ``X`` must be strictly positive.
+    tol : float, default=1e-4
+        Stop when the relative decrease of the objective falls under ``tol``.
+    max_iter : int, default=200
+        Most iterations of the fit, and the iterations :meth:`transform` runs.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the random start (also that of :meth:`transform`'s solver).
+    alpha_W : float, default=0.0
+        Penalty strength on ``W`` (the codes).
+    alpha_H : float or 'same', default='same'
+        Penalty strength on ``H`` (the components); 'same' uses ``alpha_W``.
+    l1_ratio : float, default=0.0
+        Share of L1 in both penalties, in [0, 1].
+    verbose : int, default=0
+        Show a progress bar during the fit when positive.
+    device : str, torch.device or None, default=None
+        Where to compute; None: the device of a torch input, else the CPU.
+    dtype : str, numpy or torch dtype, or None, default=None
+        Precision of the computation; None keeps float32 and float64 input as
+        it is and uses float64 otherwise.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        The factor ``H``.
+    n_components_ : int
+        Number of components.
+    reconstruction_err_ : float
+        :math:`\sqrt{2 D_\beta(X | WH)}` at the end of the fit (the Frobenius
+        norm of the residual for ``beta_loss='frobenius'``).
+    n_iter_ : int
+        Iterations run by the fit.
+    n_features_in_ : int
+        Number of features seen during the fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Feature names, when ``X`` had string column names.
+
+    Notes
+    -----
+    Inputs may be numpy arrays, scipy sparse matrices or torch tensors; the
+    outputs of :meth:`transform`, :meth:`fit_transform` and
+    :meth:`inverse_transform` are torch tensors for torch input and numpy
+    arrays otherwise. :meth:`transform` always runs ``max_iter`` iterations
+    from the same start for every sample, so the code of a sample does not
+    depend on the other samples of the batch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from torchnmf.estimator import TorchNMF
+    >>> X = np.random.default_rng(0).random((20, 8))
+    >>> model = TorchNMF(n_components=3, init="random", random_state=0, max_iter=50)
+    >>> codes = model.fit_transform(X)
+    >>> codes.shape, model.components_.shape
+    ((20, 3), (3, 8))
+    """
+
+    def __init__(
+        self,
+        n_components=None,
+        *,
+        init=None,
+        solver="mu",
+        beta_loss="frobenius",
+        tol=1e-4,
+        max_iter=200,
+        random_state=None,
+        alpha_W=0.0,
+        alpha_H="same",
+        l1_ratio=0.0,
+        verbose=0,
+        device=None,
+        dtype=None,
+    ):
+        self.n_components = n_components
+        self.init = init
+        self.solver = solver
+        self.beta_loss = beta_loss
+        self.tol = tol
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.alpha_W = alpha_W
+        self.alpha_H = alpha_H
+        self.l1_ratio = l1_ratio
+        self.verbose = verbose
+        self.device = device
+        self.dtype = dtype
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.input_tags.sparse = True
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    # -- parameters ------------------------------------------------------------------
+    def _beta(self):
+        loss = self.beta_loss
+        if isinstance(loss, str):
+            if loss not in BETA_LOSSES:
+                raise ValueError(
+                    f"beta_loss must be a real number or one of {sorted(BETA_LOSSES)}, got {loss!r}"
+                )
+            return BETA_LOSSES[loss]
+        if isinstance(loss, bool) or not isinstance(loss, numbers.Real) or not math.isfinite(loss):
+            raise ValueError(
+                f"beta_loss must be a real number or one of {sorted(BETA_LOSSES)}, got {loss!r}"
+            )
+        return float(loss)
+
+    def _alphas(self):
+        for name in ("alpha_W", "l1_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not self.l1_ratio <= 1:
+            raise ValueError(f"l1_ratio must lie in [0, 1], got {self.l1_ratio!r}")
+        alpha_H = self.alpha_W if (isinstance(self.alpha_H, str) and self.alpha_H == "same") else self.alpha_H
+        if isinstance(alpha_H, bool) or not isinstance(alpha_H, numbers.Real) or alpha_H < 0:
+            raise ValueError(f"alpha_H must be a non-negative number or 'same', got {self.alpha_H!r}")
+        return float(self.alpha_W), float(alpha_H)
+
+    def _check_params(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {self.solver!r}")
+        if self.init is not None and self.init not in INITS:
+            raise ValueError(f"init must be None or one of {list(INITS)}, got {self.init!r}")
+        if self.n_components is not None and (
+            isinstance(self.n_components, bool)
+            or not isinstance(self.n_components, numbers.Integral)
+            or self.n_components <= 0
+        ):
+            raise ValueError(
+                f"n_components must be a positive integer or None, got {self.n_components!r}"
+            )
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter <= 0:
+            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+        if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
+            raise ValueError(f"tol must be a non-negative number, got {self.tol!r}")
+        return self._beta(), self._alphas()
+
+    # -- data ----------------------------------------------------------------------------
+    def _device(self, X):
+        if self.device is not None:
+            return torch.device(self.device)
+        if isinstance(X, torch.Tensor):
+            return X.device
+        return torch.device("cpu")
+
+    def _compute_dtype(self, dtype):
+        if self.dtype is not None:
+            return _torch_dtype(self.dtype)
+        return dtype if dtype in (torch.float32, torch.float64) else torch.float64
+
+    def _to_torch(self, X, reset):
+        """Validate ``X`` and return it as a torch tensor (sparse COO for sparse input)."""
+        if isinstance(X, torch.Tensor):
+            if X.layout not in (torch.strided, torch.sparse_coo, torch.sparse_csr):
+                raise TypeError(f"X must be a dense, COO or CSR tensor, got layout {X.layout}")
+            if X.dim() != 2:
+                raise ValueError(
+                    f"Expected a 2D tensor, got {X.dim()}D with shape {tuple(X.shape)}; "
+                    f"reshape a single sample with X.reshape(1, -1)"
+                )
+            if X.shape[0] == 0 or X.shape[1] == 0:
+                raise ValueError(f"X has shape {tuple(X.shape)}; at least one sample and feature are needed")
+            if reset:
+                self.n_features_in_ = X.shape[1]
+                if hasattr(self, "feature_names_in_"):
+                    del self.feature_names_in_
+            elif X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input."
+                )
+            V = X.to_sparse_coo() if X.layout == torch.sparse_csr else X
+            dtype = self._compute_dtype(V.dtype)
+            V = V.to(device=self._device(X), dtype=dtype)
+            values = V._values() if V.is_sparse else V
+            if torch.isnan(values).any() or torch.isinf(values).any():
+                raise ValueError("Input X contains NaN or infinity.")
+            if (values < 0).any():
+                raise ValueError(f"Negative values in data passed to {type(self).__name__} (input X)")
+        else:
+            X = _validate_data(
+                self, X, reset=reset, accept_sparse=("csr", "csc", "coo"),
+                dtype=[np.float64, np.float32],
+            )
+            check_non_negative(X, f"{type(self).__name__} (input X)")
+            dtype = self._compute_dtype(torch.float32 if X.dtype == np.float32 else torch.float64)
+            device = self._device(X)
+            if hasattr(X, "tocoo"):  # scipy sparse
+                coo = X.tocoo()
+                indices = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+                values = torch.from_numpy(np.ascontiguousarray(coo.data))
+                V = torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=False)
+            else:
+                V = torch.from_numpy(np.array(X, copy=not X.flags.writeable))
+            V = V.to(device=device, dtype=dtype)
+        if V.is_sparse:
+            V = V.coalesce()
+            if _DENSIFY_SPARSE:  # TEMPORARY fallback, see _DENSIFY_SPARSE
+                V = V.to_dense()
+        return V
+
+    def _output(self, tensor, like):
+        if isinstance(like, torch.Tensor):
+            return tensor
+        return tensor.detach().cpu().numpy()
+
+    # -- initialisation ------------------------------------------------------------------
+    def _generator(self):
+        seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
+        return torch.Generator().manual_seed(int(seed))
+
+    def _start(self, V, rank, init, W_custom, H_custom, generator):
+        """Starting (W, H) in torchnmf's orientation: W (C, R), H (N, R)."""
+        N, C = V.shape
+        if init is None:
+            init = "nndsvda" if _init_module is not None and rank <= min(N, C) else "random"
+        if init == "custom":
+            if W_custom is None or H_custom is None:
+                raise ValueError("init='custom' needs both W and H given to fit")
+            H = torch.as_tensor(np.asarray(W_custom) if not isinstance(W_custom, torch.Tensor) else W_custom)
+            W = torch.as_tensor(np.asarray(H_custom) if not isinstance(H_custom, torch.Tensor) else H_custom).T
+            if tuple(H.shape) != (N, rank) or tuple(W.shape) != (C, rank):
+                raise ValueError(
+                    f"init='custom' needs W of shape {(N, rank)} and H of shape {(rank, C)}, "
+                    f"got {tuple(H.shape)} and {tuple(W.T.shape)}"
+                )
+            return W.to(V.device, V.dtype), H.to(V.device, V.dtype)
+        if init == "random":
+            mean = float(V.sum()) / (N * C)
+            scale = 2 * math.sqrt(max(mean, 0.0) / rank) or 1e-3
+            W = torch.rand(C, rank, generator=generator, dtype=V.dtype) * scale
+            H = torch.rand(N, rank, generator=generator, dtype=V.dtype) * scale
+            return W.to(V.device), H.to(V.device)
+        if _init_module is None:
+            raise NotImplementedError(
+                f"init={init!r} needs torchnmf.init, which this installation lacks; use "
+                f"init='random'"
+            )
+        W, H = _init_module.initialize(V, rank, method=init, generator=generator)
+        return W.to(V.device, V.dtype), H.to(V.device, V.dtype)
+
+    # -- fitting -------------------------------------------------------------------------
+    def _fit(self, X, W_custom, H_custom):
+        beta, (alpha_W, alpha_H) = self._check_params()
+        V = self._to_torch(X, reset=True)
+        N, C = V.shape
+        if self.n_components is not None:
+            rank = self.n_components
+        elif self.init == "custom" and H_custom is not None:
+            rank = np.shape(H_custom)[0]
+        else:
+            rank = C
+        generator = self._generator()
+        W, H = self._start(V, rank, self.init, W_custom, H_custom, generator)
+        model = NMF(W=W, H=H)
+        self.n_iter_ = model.fit(
+            V, beta=beta, tol=self.tol, max_iter=self.max_iter, verbose=bool(self.verbose),
+            l1_ratio=self.l1_ratio, solver=self.solver,
+            alpha_W=alpha_H * N, alpha_H=alpha_W * C,
+        )
+        with torch.no_grad():
+            divergence = metrics.beta_div(model(), V.to_dense() if V.is_sparse else V, beta)
+        self.reconstruction_err_ = math.sqrt(2 * max(float(divergence), 0.0))
+        W = model.W.detach()
+        self._templates = NMF(W=W, trainable_W=False)
+        self._mean_code = model.H.detach().mean(0)
+        self.components_ = W.T.cpu().numpy()
+        self.n_components_ = rank
+        return model.H.detach()
+
+    def fit(self, X, y=None, W=None, H=None):
+        """Learn the components of ``X``.
+
+        Parameters
+        ----------
+        X : array-like, sparse matrix or torch.Tensor of shape (n_samples, n_features)
+            Non-negative data.
+        y : Ignored
+        W : array-like of shape (n_samples, n_components), optional
+            Starting codes for ``init='custom'``.
+        H : array-like of shape (n_components, n_features), optional
+            Starting components for ``init='custom'``.
+
+        Returns
+        -------
+        self : TorchNMF
+        """
+        self._fit(X, W, H)
+        return self
+
+    def fit_transform(self, X, y=None, W=None, H=None):
+        """Learn the components of ``X`` and return its codes (the fitted ``W``).
+
+        Returns
+        -------
+        W : ndarray or torch.Tensor of shape (n_samples, n_components)
+        """
+        return self._output(self._fit(X, W, H), X)
+
+    def transform(self, X):
+        """The codes of ``X`` with the learned components held fixed.
+
+        Every sample starts from the mean code of the training data and takes
+        ``max_iter`` multiplicative updates of the same objective (with the
+        ``alpha_W`` penalty).
+
+        Returns
+        -------
+        W : ndarray or torch.Tensor of shape (n_samples, n_components)
+        """
+        check_is_fitted(self)
+        beta, (alpha_W, _) = self._check_params()
+        W = self._templates.W
+        V = self._to_torch(X, reset=False).to(W.device, W.dtype)
+        start = self._mean_code.expand(V.shape[0], -1).clone()
+        codes = self._templates.transform(
+            V, beta=beta, tol=0, max_iter=self.max_iter, alpha=alpha_W * V.shape[1],
+            l1_ratio=self.l1_ratio, solver=self.solver, H=start,
+        )
+        return self._output(codes, X)
+
+    def inverse_transform(self, X):
+        """Data from codes: ``X @ components_``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_components)
+
+        Returns
+        -------
+        ndarray or torch.Tensor of shape (n_samples, n_features)
+        """
+        check_is_fitted(self)
+        W = self._templates.W.detach()
+        if isinstance(X, torch.Tensor):
+            return X.to(W.device, W.dtype) @ W.T
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.n_components_:
+            raise ValueError(
+                f"X must have shape (n_samples, {self.n_components_}), got {X.shape}"
+            )
+        return X @ self.components_
+
+    @property
+    def _n_features_out(self):
+        return self.components_.shape[0]
