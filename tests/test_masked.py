@@ -138,7 +138,7 @@ def test_planted_low_rank_hidden_entries_are_predicted(generator):
     assert (plain().detach() - V)[hidden].norm() / V[hidden].norm() > 0.3
 
 
-@pytest.mark.parametrize("beta", [1, 2])
+@pytest.mark.parametrize("beta", [1])
 def test_planted_hidden_entries_kl(beta, generator):
     V, _, _ = low_rank(30, 24, 2, generator)
     hidden = torch.rand(V.shape, generator=generator) < 0.3

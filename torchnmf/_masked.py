@@ -101,7 +101,7 @@ def _observed_constant(V_observed, beta):
 
 
 def _inner(a, b):
-    return (a * b).sum(dtype=torch.float64)
+    return torch.dot(a.reshape(-1), b.reshape(-1)).to(torch.float64)
 
 
 class MaskedMatrixStats:
@@ -129,24 +129,35 @@ class MaskedMatrixStats:
         self.rows = max(1, min(N, block_elements // max(C, 1)))
         self.constant = _observed_constant(self.V[mask], self.beta)
 
-    def _block(self, start, stop, H, W):
-        """``(M V WH^(beta-2), M WH^(beta-1), divergence minus constant)`` for rows start:stop."""
+    def _block(self, start, stop, H, W, with_divergence=True):
+        """``(M V WH^(beta-2), M WH^(beta-1), divergence minus constant)`` for rows
+        start:stop; the last is ``None`` unless ``with_divergence``."""
         beta = self.beta
         V, weight = self.V[start:stop], self.weight[start:stop]
         WH = (H[start:stop] @ W.T).clamp_min_(self.eps)
+        part = None
         if beta == 2:
             positive_out = WH * weight
-            return V, positive_out, _inner(positive_out, WH) / 2 - _inner(V, WH)
+            if with_divergence:
+                part = _inner(positive_out, WH) / 2 - _inner(V, WH)
+            return V, positive_out, part
         if beta == 1:
-            return V / WH, weight, _inner(weight, WH) - _inner(V, WH.log())
+            if with_divergence:
+                part = _inner(weight, WH) - _inner(V, WH.log())
+            return V / WH, weight, part
         if beta == 0:
             positive_out = weight / WH
-            negative_out = V / WH.pow(2)
-            return negative_out, positive_out, _inner(weight, WH.log()) + _inner(V, positive_out)
+            negative_out = positive_out / WH
+            negative_out.mul_(V)
+            if with_divergence:
+                part = _inner(weight, WH.log_()) + _inner(V, positive_out)
+            return negative_out, positive_out, part
         power = WH.pow(beta - 1)
-        negative_out = V * power / WH
+        negative_out = power / WH
+        negative_out.mul_(V)
         positive_out = power.mul_(weight)
-        part = _inner(positive_out, WH) / beta - _inner(negative_out, WH) / (beta - 1)
+        if with_divergence:
+            part = _inner(positive_out, WH) / beta - _inner(negative_out, WH) / (beta - 1)
         return negative_out, positive_out, part
 
     def _blocks(self, n_rows):
@@ -168,7 +179,7 @@ class MaskedMatrixStats:
         negative = W.new_zeros(W.shape)
         positive = W.new_zeros(W.shape)
         for start, stop in self._blocks(H.shape[0]):
-            negative_out, positive_out, _ = self._block(start, stop, H, W)
+            negative_out, positive_out, _ = self._block(start, stop, H, W, with_divergence=False)
             H_block = H[start:stop]
             negative.addmm_(negative_out.T, H_block)
             positive.addmm_(positive_out.T, H_block)
