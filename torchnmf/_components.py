@@ -8,8 +8,9 @@ shapes that a target shape implies for each model family.
 import numbers
 
 import torch
+import torch.nn as nn
 
-from ._validation import check_non_negative_tensor, check_positive_int
+from ._validation import check_non_negative_tensor, check_positive_int, check_target
 
 __all__ = [
     "make_factor",
@@ -19,6 +20,8 @@ __all__ = [
     "conv_factor_shapes",
     "kernel_tuple",
     "default_rank",
+    "shapes_from_vshape",
+    "FactorModule",
 ]
 
 
@@ -151,3 +154,113 @@ def default_rank(rank, Vshape, factor_specs):
         if isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 2:
             return shape[1]
     return Vshape[1]
+
+
+def shapes_from_vshape(Vshape, rank, kernel, factor_specs, cls_name):
+    """Fill in the default shapes of W and H for a model built from ``Vshape``.
+
+    ``Vshape`` must have ``len(kernel) + 2`` dimensions; ``factor_specs`` (the
+    keyword arguments holding ``W`` and ``H``) gets the implied shapes where no
+    factor was given.  Returns the rank (see :func:`default_rank`).
+    """
+    Vshape = check_vshape(Vshape, len(kernel) + 2, cls_name)
+    rank = default_rank(rank, Vshape, factor_specs)
+    W_shape, H_shape = conv_factor_shapes(Vshape, rank, kernel)
+    factor_specs.setdefault("W", W_shape)
+    factor_specs.setdefault("H", H_shape)
+    return rank
+
+
+class FactorModule(nn.Module):
+    """The machinery every factor model shares: ``W`` and ``H`` parameters.
+
+    Builds the factors from their specifications (see :func:`make_factor`),
+    infers the rank, registers the parameters with their ``requires_grad``
+    flags, and checks fitting targets against the reconstruction's shape.
+    Subclasses define ``reconstruct``; ``_factor_ndim`` (when set) is the
+    number of dimensions every given factor must have.
+    """
+
+    _factor_ndim = None
+
+    def __init__(self, rank=None, W=None, H=None, trainable_W=True, trainable_H=True):
+        super().__init__()
+        for name, flag in (("trainable_W", trainable_W), ("trainable_H", trainable_H)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        dtype, device = factor_dtype_hint(W, H)
+        W = make_factor(W, "W", dtype, device)
+        H = make_factor(H, "H", dtype, device)
+        ndim = self._factor_ndim
+        for name, factor in (("W", W), ("H", H)):
+            if ndim is not None and factor is not None and factor.dim() != ndim:
+                raise ValueError(
+                    f"{type(self).__name__} needs a {ndim}-dimensional {name}, got "
+                    f"shape {tuple(factor.shape)}"
+                )
+        self.rank = infer_rank(rank, W=W, H=H)
+        self.W = None if W is None else nn.Parameter(W, requires_grad=trainable_W)
+        self.H = None if H is None else nn.Parameter(H, requires_grad=trainable_H)
+
+    @property
+    def out_channels(self):
+        return None if self.W is None else self.W.shape[0]
+
+    @property
+    def kernel_size(self):
+        return None if self.W is None else tuple(self.W.shape[2:])
+
+    def extra_repr(self):
+        parts = [f"rank={self.rank}"]
+        if self.W is not None:
+            parts.append(f"out_channels={self.out_channels}")
+            if self.W.dim() > 2:
+                parts.append(f"kernel_size={self.kernel_size}")
+        for name in ("W", "H", "Z"):
+            factor = getattr(self, name, None)
+            if isinstance(factor, torch.Tensor):
+                fixed = "" if factor.requires_grad else " (fixed)"
+                parts.append(f"{name}={tuple(factor.shape)}{fixed}")
+        return ", ".join(parts)
+
+    def _own_factors(self, H, W):
+        """``H`` and ``W``, falling back to the module's own; an error if one is missing."""
+        H = self.H if H is None else H
+        W = self.W if W is None else W
+        if H is None or W is None:
+            missing = "H" if H is None else "W"
+            raise ValueError(
+                f"{missing} is needed: the module has no {missing} parameter, so pass it "
+                f"to forward"
+            )
+        return H, W
+
+    def _output_shape(self):
+        """The shape of the reconstruction from the module's own factors."""
+        H, W = self.H, self.W
+        spatial = [h + k - 1 for h, k in zip(H.shape[2:], W.shape[2:])]
+        return (H.shape[0], W.shape[0], *spatial)
+
+    def _check_fit_target(self, V):
+        """Validate a fitting target against the module's factors; returns V in their dtype."""
+        if self.W is None or self.H is None:
+            missing = "W" if self.W is None else "H"
+            raise ValueError(
+                f"fit needs both factors, but this module has no {missing}; construct it "
+                f"with Vshape or give {missing}"
+            )
+        V = check_target(V, "V")
+        expected = tuple(self._output_shape())
+        if tuple(V.shape) != expected:
+            raise ValueError(
+                f"V must have the shape of the reconstruction {expected}, got "
+                f"{tuple(V.shape)}"
+            )
+        if V.device != self.W.device:
+            raise ValueError(
+                f"V is on {V.device} but the model is on {self.W.device}; move one of "
+                f"them (e.g. V.to(model.W.device))"
+            )
+        if V.dtype != self.W.dtype:
+            V = V.to(self.W.dtype)
+        return V

@@ -23,7 +23,7 @@ import torch
 
 from . import metrics
 
-__all__ = ["DenseMatrixStats", "AutogradStats", "BLOCK_ELEMENTS"]
+__all__ = ["DenseMatrixStats", "AutogradStats", "beta_gradient_parts", "BLOCK_ELEMENTS"]
 
 # Elements of V handled per block by the element-wise passes (4 MiB of float32):
 # large enough for efficient matrix products, small enough that the work buffers
@@ -202,12 +202,9 @@ class AutogradStats:
             H_ = H.detach().requires_grad_(wrt_H)
             W_ = W.detach().requires_grad_(not wrt_H)
             prediction = self.reconstruct(H_, W_)
-            floored = prediction.detach().clamp_min(self.eps)
-            positive_out = floored.pow(self.beta - 1)
-            negative_out = positive_out / floored * self.V
-            wrt = H_ if wrt_H else W_
-            positive, = torch.autograd.grad(prediction, wrt, positive_out, retain_graph=True)
-            negative, = torch.autograd.grad(prediction, wrt, negative_out)
+            (negative, positive), = beta_gradient_parts(
+                prediction, self.V, self.beta, [H_ if wrt_H else W_]
+            )
         return negative, positive, prediction.detach()
 
     def h_terms(self, H, W):
@@ -221,3 +218,43 @@ class AutogradStats:
     def divergence(self, H, W):
         with torch.no_grad():
             return metrics.beta_div(self.reconstruct(H, W), self.V, self.beta)
+
+
+def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False):
+    r"""The negative and positive parts of the gradient of the beta-divergence.
+
+    With :math:`\hat V` = ``prediction`` computed from ``inputs`` by autograd,
+    the gradient of :math:`D_\beta(V | \hat V)` with respect to an input
+    :math:`X` is :math:`J_X^\top(\hat V^{\beta-1}) - J_X^\top(V \hat V^{\beta-2})`;
+    this returns the two vector-Jacobian products separately.  Both are
+    non-negative whenever ``prediction`` combines non-negative inputs with
+    non-negative coefficients (products, sums, convolutions, chains of such
+    models), which is what makes multiplicative updates possible.
+    ``prediction`` is floored at the dtype's machine epsilon.
+
+    Args:
+        prediction (Tensor): :math:`\hat V`, attached to the autograd graph.
+        target (Tensor): :math:`V`, of the same shape.
+        beta (float): the divergence.
+        inputs (sequence of Tensor): the tensors to differentiate against.
+        retain_graph (bool): keep the graph for further differentiation.
+
+    Returns:
+        list of (negative, positive) pairs, one per input; an input that does
+        not reach ``prediction`` gets ``(None, None)``.
+    """
+    inputs = list(inputs)
+    floored = prediction.detach().clamp_min(torch.finfo(prediction.dtype).eps)
+    if beta == 1:
+        positive_out = torch.ones_like(floored)
+        negative_out = target / floored
+    else:
+        positive_out = floored.pow(beta - 1)
+        negative_out = positive_out / floored * target
+    positive = torch.autograd.grad(
+        prediction, inputs, positive_out, retain_graph=True, allow_unused=True
+    )
+    negative = torch.autograd.grad(
+        prediction, inputs, negative_out, retain_graph=retain_graph, allow_unused=True
+    )
+    return list(zip(negative, positive))

@@ -15,20 +15,11 @@ elastic-net penalty,
 with :math:`\rho` = ``l1_ratio``, over the trainable factors.
 """
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from ._components import (
-    check_vshape,
-    conv_factor_shapes,
-    default_rank,
-    factor_dtype_hint,
-    infer_rank,
-    kernel_tuple,
-    make_factor,
-)
+from ._components import FactorModule, kernel_tuple, make_factor, shapes_from_vshape
 from ._loop import run_fit
 from ._masked import MaskedAutogradStats, MaskedMatrixStats, prepare_target
+from ._reconstruct import conv_transpose, linear
 from ._solvers import FitProblem, get_solver, require_features
 from ._statistics import AutogradStats, DenseMatrixStats
 from ._updates import Penalty
@@ -45,7 +36,7 @@ from ._validation import (
 __all__ = ["BaseComponent", "NMF", "NMFD", "NMF2D", "NMF3D"]
 
 
-class BaseComponent(nn.Module):
+class BaseComponent(FactorModule):
     r"""Base class of the NMF models: factor parameters and fitting.
 
     Args:
@@ -68,36 +59,8 @@ class BaseComponent(nn.Module):
     """
 
     def __init__(self, rank=None, W=None, H=None, trainable_W=True, trainable_H=True):
-        super().__init__()
-        for name, flag in (("trainable_W", trainable_W), ("trainable_H", trainable_H)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-        dtype, device = factor_dtype_hint(W, H)
-        W = make_factor(W, "W", dtype, device)
-        H = make_factor(H, "H", dtype, device)
-        self.rank = infer_rank(rank, W=W, H=H)
-        self.W = None if W is None else nn.Parameter(W, requires_grad=trainable_W)
-        self.H = None if H is None else nn.Parameter(H, requires_grad=trainable_H)
+        super().__init__(rank, W, H, trainable_W, trainable_H)
         self.loss_history = []
-
-    @property
-    def out_channels(self):
-        return None if self.W is None else self.W.shape[0]
-
-    @property
-    def kernel_size(self):
-        return None if self.W is None else tuple(self.W.shape[2:])
-
-    def extra_repr(self):
-        parts = [f"rank={self.rank}"]
-        if self.W is not None:
-            parts.append(f"out_channels={self.out_channels}")
-            if self.W.dim() > 2:
-                parts.append(f"kernel_size={self.kernel_size}")
-            parts.append(f"W={tuple(self.W.shape)}" + ("" if self.W.requires_grad else " (fixed)"))
-        if self.H is not None:
-            parts.append(f"H={tuple(self.H.shape)}" + ("" if self.H.requires_grad else " (fixed)"))
-        return ", ".join(parts)
 
     @staticmethod
     def reconstruct(H, W):
@@ -111,23 +74,10 @@ class BaseComponent(nn.Module):
             H (Tensor, optional): activations; default ``self.H``.
             W (Tensor, optional): templates; default ``self.W``.
         """
-        H = self.H if H is None else H
-        W = self.W if W is None else W
-        if H is None or W is None:
-            missing = "H" if H is None else "W"
-            raise ValueError(
-                f"{missing} is needed: the module has no {missing} parameter, so pass it "
-                f"to forward"
-            )
+        H, W = self._own_factors(H, W)
         return self.reconstruct(H, W)
 
     # -- fitting -------------------------------------------------------------
-    def _output_shape(self):
-        """The shape of the reconstruction from the module's own factors."""
-        H, W = self.H, self.W
-        spatial = [h + k - 1 for h, k in zip(H.shape[2:], W.shape[2:])]
-        return (H.shape[0], W.shape[0], *spatial)
-
     def _statistics(self, V, beta, mask=None):
         """The statistics object for target ``V`` (the generic autograd route)."""
         if V.layout != torch.strided:
@@ -412,15 +362,6 @@ class BaseComponent(nn.Module):
         return (H_shape[0], self.W.shape[0], *spatial)
 
 
-def _linear(H, W):
-    return F.linear(H, W)
-
-
-def _conv_transpose(H, W):
-    conv = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[W.dim()]
-    return conv(H, W.transpose(0, 1))
-
-
 class NMF(BaseComponent):
     r"""Non-negative matrix factorisation :math:`V \approx H W^\top`.
 
@@ -451,15 +392,12 @@ class NMF(BaseComponent):
 
     def __init__(self, Vshape=None, rank=None, **kwargs):
         if Vshape is not None:
-            N, C = check_vshape(Vshape, 2, "NMF")
-            rank = default_rank(rank, Vshape, kwargs)
-            kwargs.setdefault("W", (C, rank))
-            kwargs.setdefault("H", (N, rank))
+            rank = shapes_from_vshape(Vshape, rank, (), kwargs, "NMF")
         super().__init__(rank, **kwargs)
 
     @staticmethod
     def reconstruct(H, W):
-        return _linear(H, W)
+        return linear(H, W)
 
     def _output_shape(self):
         return (self.H.shape[0], self.W.shape[0])
@@ -475,27 +413,14 @@ class NMF(BaseComponent):
 class _ConvNMF(BaseComponent):
     """Shared construction of the convolutional models."""
 
-    _dims = 1
-
     def __init__(self, Vshape, rank, kernel, kwargs):
         if Vshape is not None:
-            Vshape = check_vshape(Vshape, self._dims + 2, type(self).__name__)
-            rank = default_rank(rank, Vshape, kwargs)
-            W_shape, H_shape = conv_factor_shapes(Vshape, rank, kernel)
-            kwargs.setdefault("W", W_shape)
-            kwargs.setdefault("H", H_shape)
+            rank = shapes_from_vshape(Vshape, rank, kernel, kwargs, type(self).__name__)
         super().__init__(rank, **kwargs)
-        for name in ("W", "H"):
-            factor = getattr(self, name)
-            if factor is not None and factor.dim() != self._dims + 2:
-                raise ValueError(
-                    f"{type(self).__name__} needs a {self._dims + 2}-dimensional {name}, got "
-                    f"shape {tuple(factor.shape)}"
-                )
 
     @staticmethod
     def reconstruct(H, W):
-        return _conv_transpose(H, W)
+        return conv_transpose(H, W)
 
 
 class NMFD(_ConvNMF):
@@ -517,7 +442,7 @@ class NMFD(_ConvNMF):
         - Output: :math:`(N, C, L)`
     """
 
-    _dims = 1
+    _factor_ndim = 3
 
     def __init__(self, Vshape=None, rank=None, T=1, **kwargs):
         super().__init__(Vshape, rank, kernel_tuple(T, 1, "T"), kwargs)
@@ -537,7 +462,7 @@ class NMF2D(_ConvNMF):
         - Output: :math:`(N, C, L, M)`
     """
 
-    _dims = 2
+    _factor_ndim = 4
 
     def __init__(self, Vshape=None, rank=None, kernel_size=1, **kwargs):
         super().__init__(Vshape, rank, kernel_tuple(kernel_size, 2), kwargs)
@@ -557,7 +482,7 @@ class NMF3D(_ConvNMF):
         - Output: :math:`(N, C, L, M, O)`
     """
 
-    _dims = 3
+    _factor_ndim = 5
 
     def __init__(self, Vshape=None, rank=None, kernel_size=1, **kwargs):
         super().__init__(Vshape, rank, kernel_tuple(kernel_size, 3), kwargs)
