@@ -21,6 +21,7 @@ from ._loop import run_fit
 from ._masked import MaskedAutogradStats, MaskedMatrixStats, prepare_target
 from ._reconstruct import conv_transpose, linear
 from ._solvers import FitProblem, get_solver, require_features
+from ._sparseness import SparseProjectedGradient
 from ._statistics import AutogradStats, DenseMatrixStats
 from ._updates import Penalty
 from ._validation import (
@@ -29,6 +30,7 @@ from ._validation import (
     check_fraction,
     check_non_negative_number,
     check_observed_everywhere,
+    check_open_fraction,
     check_positive_int,
     check_real,
 )
@@ -360,6 +362,83 @@ class BaseComponent(FactorModule):
     def _output_shape_for(self, H_shape):
         spatial = [h + k - 1 for h, k in zip(H_shape[2:], self.W.shape[2:])]
         return (H_shape[0], self.W.shape[0], *spatial)
+
+    def sparse_fit(self, V, beta=2, max_iter=200, verbose=False, sW=None, sH=None, *, callback=None):
+        r"""Fit with Hoyer's sparseness constraints on the components of ``W`` and/or ``H``.
+
+        For a constrained factor, each iteration takes a gradient step of the
+        beta-divergence and projects every component (the slices along
+        dimension 1) onto the non-negative vectors of the target sparseness
+        (see :func:`torchnmf.metrics.sparseness`): ``W``'s components keep
+        their L2 norm, ``H``'s get unit L2 norm.  The step size is halved until
+        the divergence does not grow and lengthened by 1.2 after each accepted
+        step (Hoyer, JMLR 5, 2004).  An unconstrained trainable factor gets the
+        multiplicative update of :meth:`fit`.  The constrained factors are
+        projected once before the first iteration.
+
+        Args:
+            V (Tensor): the non-negative target, of the reconstruction's shape.
+            beta (float): the divergence (Hoyer's paper uses 2).
+            max_iter (int): the iterations to run.
+            verbose (bool): show a progress bar with the current objective.
+            sW (float, optional): target sparseness of each component of ``W``,
+                in (0, 1); ``None`` leaves ``W`` to multiplicative updates.
+            sH (float, optional): likewise for ``H``.
+            callback (callable, keyword-only): ``callback(n_iter, loss)``;
+                returning ``True`` stops the fit.
+
+        Returns:
+            int: the iterations run; the objective after each is in
+            :attr:`loss_history` and never increases.
+
+        Raises:
+            ValueError: ``sW``/``sH`` outside (0, 1), a constraint on a fixed
+                factor or on components of a single entry, or a bad ``V``.
+        """
+        beta = check_real(beta, "beta")
+        max_iter = check_positive_int(max_iter, "max_iter")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        self._require_factors(("W", "H"), "sparse_fit")
+        V, _ = self._check_fit_target(V)
+        targets = {}
+        for name, value in (("W", sW), ("H", sH)):
+            if value is None:
+                continue
+            targets[name] = check_open_fraction(value, f"s{name}")
+            factor = getattr(self, name)
+            if not factor.requires_grad:
+                raise ValueError(
+                    f"s{name} constrains {name}, but {name} is fixed (trainable_{name}=False); "
+                    f"drop s{name} or make {name} trainable"
+                )
+            if factor.numel() // self.rank < 2:
+                raise ValueError(
+                    f"s{name} needs components of at least 2 entries, but each component of "
+                    f"{name} has {factor.numel() // self.rank}"
+                )
+        check_beta_with_zeros(V, beta)
+        problem = FitProblem(
+            stats=self._statistics(V, beta),
+            H=self.H.detach(),
+            W=self.W.detach(),
+            beta=beta,
+            update_H=self.H.requires_grad,
+            update_W=self.W.requires_grad,
+        )
+        with torch.no_grad():
+            solver = SparseProjectedGradient(problem, targets.get("H"), targets.get("W"))
+            n_iter, history = run_fit(
+                solver.step,
+                problem.objective,
+                0,
+                max_iter,
+                verbose=verbose,
+                callback=callback,
+                desc=f"{type(self).__name__} (sparse)",
+            )
+        self.loss_history = history
+        return n_iter
 
 
 class NMF(BaseComponent):
