@@ -41,6 +41,12 @@ class Penalty:
     alpha: float = 0.0
     l1_ratio: float = 0.0
 
+    @classmethod
+    def from_weights(cls, l1=0.0, l2=0.0):
+        r"""The penalty :math:`\lambda_1 \|X\|_1 + \tfrac{\lambda_2}{2} \|X\|_F^2` by its two weights."""
+        total = l1 + l2
+        return cls(total, l1 / total if total else 0.0)
+
     @property
     def l1(self):
         return self.alpha * self.l1_ratio

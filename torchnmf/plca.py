@@ -1,0 +1,305 @@
+r"""Probabilistic latent component analysis: :class:`PLCA` and its shift-invariant kin.
+
+A PLCA model is a distribution over the entries of the target,
+
+.. math::
+
+    P(n, c) = \sum_z P(c \,|\, z)\, P(z)\, P(n \,|\, z)
+            = \big(H \operatorname{diag}(Z) W^\top\big)_{n,c},
+
+with every component of ``W`` and ``H`` (the slices along dimension 1) and
+the latent prior ``Z`` summing to one, so the reconstruction sums to one.
+:class:`SIPLCA`, :class:`SIPLCA2` and :class:`SIPLCA3` replace the product by
+the transposed convolution of :class:`~torchnmf.nmf.NMFD`,
+:class:`~torchnmf.nmf.NMF2D` and :class:`~torchnmf.nmf.NMF3D` (shift
+invariance along 1, 2 or 3 axes).  ``fit`` runs EM (see
+:mod:`torchnmf._em`) on :math:`V / \sum V`, optionally with Dirichlet priors.
+Construction, validation and the forward maps are those of :mod:`torchnmf.nmf`.
+"""
+import torch
+import torch.nn as nn
+
+from ._components import FactorModule, kernel_tuple, shapes_from_vshape
+from ._em import ExpectationMaximisation, normalise_components_
+from ._loop import run_fit
+from ._reconstruct import conv_transpose, linear
+from ._statistics import AutogradStats, DenseMatrixStats
+from ._validation import (
+    check_non_negative_number,
+    check_non_negative_tensor,
+    check_positive_int,
+    check_real,
+)
+
+__all__ = ["BaseComponent", "PLCA", "SIPLCA", "SIPLCA2", "SIPLCA3"]
+
+
+def _make_Z(Z, rank, dtype, device):
+    """The latent prior from its specification: None (uniform), a shape or a tensor."""
+    if Z is None:
+        return torch.full((rank,), 1.0 / rank, dtype=dtype, device=device)
+    if isinstance(Z, torch.Tensor):
+        if Z.dim() != 1:
+            raise ValueError(f"Z must be a 1-D tensor of length rank, got shape {tuple(Z.shape)}")
+        return Z.detach().to(dtype=dtype, device=device).clone()
+    if isinstance(Z, (tuple, list, torch.Size)):
+        if len(Z) != 1:
+            raise ValueError(f"Z must be 1-D, got shape {tuple(Z)}")
+        return torch.rand(tuple(Z), dtype=dtype, device=device)
+    raise TypeError(f"Z must be a tensor, a shape or None, got {type(Z).__name__}")
+
+
+def _check_alpha(alpha, name, factor):
+    """A Dirichlet concentration: a positive number or a positive tensor broadcastable to ``factor``."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.is_complex() or alpha.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got dtype {alpha.dtype}")
+        try:
+            torch.broadcast_shapes(alpha.shape, factor.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} must be broadcastable to the factor's shape {tuple(factor.shape)}, "
+                f"got shape {tuple(alpha.shape)}"
+            ) from None
+        if torch.broadcast_shapes(alpha.shape, factor.shape) != factor.shape:
+            raise ValueError(
+                f"{name} must broadcast to the factor's shape {tuple(factor.shape)} without "
+                f"growing it, got shape {tuple(alpha.shape)}"
+            )
+        alpha = alpha.to(dtype=factor.dtype, device=factor.device)
+        if not bool(torch.isfinite(alpha).all()) or bool((alpha <= 0).any()):
+            raise ValueError(f"{name} must be finite and positive everywhere")
+        return alpha
+    value = check_real(alpha, name)
+    if value <= 0:
+        raise ValueError(f"{name} must be positive (a Dirichlet concentration), got {value}")
+    return value
+
+
+class BaseComponent(FactorModule):
+    r"""Base class of the PLCA models: normalised factors, a latent prior and EM.
+
+    Args:
+        rank (int, optional): the number of latent components; inferred from
+            dimension 1 of ``W``/``H`` or the length of ``Z`` when given.
+        W (tuple, Tensor or None): :math:`P(c, \ldots | z)`, like the NMF
+            templates; normalised so that each component sums to one.
+        H (tuple, Tensor or None): :math:`P(n, \ldots | z)`; normalised likewise.
+        Z (Tensor, tuple or None): :math:`P(z)`, a 1-D tensor of length ``rank``
+            (normalised), a shape for a random one, or ``None`` for uniform.
+        trainable_W, trainable_H, trainable_Z (bool): which factors ``fit`` updates.
+
+    Attributes:
+        loss_history (list of float): after ``fit``, the objective (KL
+            divergence of the normalised target, plus the prior term) after 0,
+            1, ..., n_iter iterations.
+    """
+
+    def __init__(self, rank=None, W=None, H=None, Z=None, trainable_W=True, trainable_H=True,
+                 trainable_Z=True):
+        if not isinstance(trainable_Z, bool):
+            raise TypeError(f"trainable_Z must be a bool, got {type(trainable_Z).__name__}")
+        if rank is None and W is None and H is None and isinstance(Z, torch.Tensor) and Z.dim() == 1:
+            rank = Z.shape[0]
+        super().__init__(rank, W, H, trainable_W, trainable_H)
+        reference = self.W if self.W is not None else self.H
+        dtype = reference.dtype if reference is not None else (
+            Z.dtype if isinstance(Z, torch.Tensor) and Z.is_floating_point() else torch.get_default_dtype()
+        )
+        device = reference.device if reference is not None else torch.device("cpu")
+        Z = _make_Z(Z, self.rank, dtype, device)
+        if Z.shape[0] != self.rank:
+            raise ValueError(
+                f"inconsistent ranks: Z must have one entry per component, but rank is "
+                f"{self.rank} and Z has {Z.shape[0]}"
+            )
+        check_non_negative_tensor(Z, "Z")
+        self.Z = nn.Parameter(Z, requires_grad=trainable_Z)
+        with torch.no_grad():
+            for factor in (self.W, self.H, self.Z):
+                if factor is not None:
+                    normalise_components_(factor)
+        self.loss_history = []
+
+    _factor_map = None  # the NMF forward map of the model's dimensionality
+
+    @classmethod
+    def reconstruct(cls, H, W, Z):
+        """The distribution: the NMF forward map of ``H diag(Z)`` and ``W``."""
+        return cls._factor_map(H * Z.view((1, -1) + (1,) * (H.dim() - 2)), W)
+
+    def forward(self, H=None, W=None, Z=None, norm=None):
+        r"""The reconstruction from the given factors, falling back to the module's own.
+
+        Args:
+            H, W, Z (Tensor, optional): the factors; default the module's own.
+            norm (float or Tensor, optional): multiply the distribution by this
+                (e.g. ``V.sum()`` to compare with the target).
+
+        Returns:
+            Tensor: a distribution summing to one (times ``norm``).
+        """
+        H, W = self._own_factors(H, W)
+        Z = self.Z if Z is None else Z
+        output = self.reconstruct(H, W, Z)
+        return output if norm is None else output * norm
+
+    def _statistics(self, P):
+        """The beta = 1 statistics of the normalised target (the autograd route)."""
+        if P.layout != torch.strided:
+            raise NotImplementedError(
+                f"{type(self).__name__}.fit does not accept sparse targets yet; pass V.to_dense()"
+            )
+        return AutogradStats(P, 1, type(self)._factor_map)
+
+    def fit(self, V, tol=1e-4, max_iter=200, verbose=False, W_alpha=1, H_alpha=1, Z_alpha=1,
+            *, callback=None):
+        r"""Fit the trainable factors to ``V / V.sum()`` by expectation-maximisation.
+
+        Args:
+            V (Tensor): non-negative counts or intensities, of the
+                reconstruction's shape, with a positive sum. Never modified.
+            tol (float): stop once the relative decrease of the objective falls
+                under ``tol``; 0 runs all ``max_iter`` iterations.
+            max_iter (int): the most iterations.
+            verbose (bool): show a progress bar with the current objective.
+            W_alpha, H_alpha, Z_alpha (float or Tensor): Dirichlet
+                concentrations of the priors on each factor (1: no prior;
+                above 1 smooths, below 1 sparsifies); a tensor must broadcast
+                to the factor's shape.  They add ``alpha - 1`` to expected
+                counts that sum to one (the normalised target).
+            callback (callable, keyword-only): ``callback(n_iter, loss)``;
+                returning ``True`` stops the fit.
+
+        Returns:
+            (int, Tensor): the iterations run and ``V.sum()``, the factor that
+            turns the distribution back into the target's scale
+            (``model(norm=V.sum())``).
+
+        Raises:
+            ValueError: a negative, NaN or all-zero ``V``, a ``V`` of the wrong
+                shape, a non-positive ``alpha``, or bad options.
+        """
+        tol = check_non_negative_number(tol, "tol")
+        max_iter = check_positive_int(max_iter, "max_iter")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        V = self._check_fit_target(V)
+        total = V.sum()
+        if not total > 0:
+            raise ValueError("V must have a positive sum; PLCA fits V / V.sum(), got an all-zero V")
+        alphas = {
+            "W": _check_alpha(W_alpha, "W_alpha", self.W),
+            "H": _check_alpha(H_alpha, "H_alpha", self.H),
+            "Z": _check_alpha(Z_alpha, "Z_alpha", self.Z),
+        }
+        update = {name: getattr(self, name).requires_grad for name in ("W", "H", "Z")}
+        em = ExpectationMaximisation(
+            self._statistics(V / total), self.H.detach(), self.W.detach(), self.Z.detach(),
+            update, alphas,
+        )
+        with torch.no_grad():
+            n_iter, history = run_fit(
+                em.step, em.objective, tol, max_iter, verbose=verbose, callback=callback,
+                desc=type(self).__name__,
+            )
+        self.loss_history = history
+        return n_iter, total
+
+
+class PLCA(BaseComponent):
+    r"""Probabilistic latent component analysis, :math:`P = H \operatorname{diag}(Z) W^\top`.
+
+    Args:
+        Vshape (tuple, optional): ``(N, C)``; when given, the factors' shapes
+            follow and ``rank`` defaults to ``C``.
+        rank (int, optional): the number of latent components.
+        **kwargs: ``W``, ``H``, ``Z`` and the ``trainable_*`` flags of :class:`BaseComponent`.
+
+    Shape:
+        - W: :math:`(C, R)`, H: :math:`(N, R)`, Z: :math:`(R,)`
+        - Output: :math:`(N, C)`
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.plca import PLCA
+        >>> V = torch.rand(20, 12)
+        >>> model = PLCA(V.shape, rank=3)
+        >>> n_iter, norm = model.fit(V, max_iter=50)
+        >>> model(norm=norm).shape
+        torch.Size([20, 12])
+    """
+
+    _factor_map = staticmethod(linear)
+
+    def __init__(self, Vshape=None, rank=None, **kwargs):
+        if Vshape is not None:
+            rank = shapes_from_vshape(Vshape, rank, (), kwargs, "PLCA")
+        super().__init__(rank, **kwargs)
+
+    def _output_shape(self):
+        return (self.H.shape[0], self.W.shape[0])
+
+    def _statistics(self, P):
+        if P.layout != torch.strided:
+            return super()._statistics(P)
+        return DenseMatrixStats(P, 1)
+
+
+class _ShiftInvariantPLCA(BaseComponent):
+    """Shared construction of the shift-invariant models."""
+
+    _factor_map = staticmethod(conv_transpose)
+
+    def __init__(self, Vshape, rank, kernel, kwargs):
+        if Vshape is not None:
+            rank = shapes_from_vshape(Vshape, rank, kernel, kwargs, type(self).__name__)
+        super().__init__(rank, **kwargs)
+
+
+class SIPLCA(_ShiftInvariantPLCA):
+    r"""Shift-invariant PLCA along the last axis (the probabilistic :class:`~torchnmf.nmf.NMFD`).
+
+    Args:
+        Vshape (tuple, optional): ``(N, C, L)``.
+        rank (int, optional): the number of latent components.
+        T (int): the length of each template.
+
+    Shape:
+        - W: :math:`(C, R, T)`, H: :math:`(N, R, L - T + 1)`, Z: :math:`(R,)`
+        - Output: :math:`(N, C, L)`
+    """
+
+    _factor_ndim = 3
+
+    def __init__(self, Vshape=None, rank=None, T=1, **kwargs):
+        super().__init__(Vshape, rank, kernel_tuple(T, 1, "T"), kwargs)
+
+
+class SIPLCA2(_ShiftInvariantPLCA):
+    r"""Shift-invariant PLCA along two axes.
+
+    Shape:
+        - W: :math:`(C, R, k_1, k_2)`, H: :math:`(N, R, L - k_1 + 1, M - k_2 + 1)`
+        - Output: :math:`(N, C, L, M)`
+    """
+
+    _factor_ndim = 4
+
+    def __init__(self, Vshape=None, rank=None, kernel_size=1, **kwargs):
+        super().__init__(Vshape, rank, kernel_tuple(kernel_size, 2), kwargs)
+
+
+class SIPLCA3(_ShiftInvariantPLCA):
+    r"""Shift-invariant PLCA along three axes.
+
+    Shape:
+        - W: :math:`(C, R, k_1, k_2, k_3)`, H: :math:`(N, R, L - k_1 + 1, \ldots)`
+        - Output: :math:`(N, C, L, M, O)`
+    """
+
+    _factor_ndim = 5
+
+    def __init__(self, Vshape=None, rank=None, kernel_size=1, **kwargs):
+        super().__init__(Vshape, rank, kernel_tuple(kernel_size, 3), kwargs)

@@ -1,0 +1,325 @@
+r"""Trainers for any composition of non-negative models: :class:`BetaMu` and :class:`SparsityProj`.
+
+Both are :class:`torch.optim.Optimizer` subclasses, so they train whatever
+``model.parameters()`` yields: one :class:`~torchnmf.nmf.NMF`, an
+``nn.Sequential`` of them, an :class:`~torchnmf.nmf.NMFD` inside a larger
+module, a user's own module.
+
+:class:`BetaMu` takes multiplicative steps on the beta-divergence
+:math:`D_\beta(V \,|\, \hat V)` (see :mod:`torchnmf.metrics`) between the
+target and the prediction that the closure returns, plus the optional
+penalties
+
+.. math::
+
+    \lambda_1 \|X\|_1 + \frac{\lambda_2}{2} \|X\|_F^2
+    + \frac{\mu}{2} \sum_{r \ne s} \langle X_{:, r}, X_{:, s} \rangle
+
+for every parameter :math:`X`, where :math:`X_{:, r}` is component ``r`` (the
+slice along dimension 1, all other dimensions flattened): the last term, with
+:math:`\mu` = ``orthogonal``, is the total overlap between components, zero
+exactly when no two components share a non-zero entry.  Its gradient,
+:math:`\mu \sum_{s \ne r} X_{:, s}`, is non-negative, so it joins the positive
+part of the update; parameters of fewer than two dimensions are not penalised
+by it.
+
+Examples::
+
+    >>> import torch
+    >>> import torch.nn as nn
+    >>> from torchnmf.nmf import NMF
+    >>> from torchnmf.trainer import BetaMu
+    >>> V = torch.rand(30, 8)
+    >>> model = nn.Sequential(NMF((30, 4), rank=2), NMF(W=(8, 4)))
+    >>> trainer = BetaMu(model.parameters(), beta=1)
+    >>> for _ in range(10):
+    ...     def closure():
+    ...         trainer.zero_grad()
+    ...         return V, model(None)
+    ...     divergence = trainer.step(closure)
+"""
+import torch
+from torch.optim import Optimizer
+
+from . import metrics
+from ._sparseness import STEP_GROWTH, project_components_
+from ._statistics import beta_gradient_parts
+from ._updates import Penalty, mu_exponent, mu_update_
+from ._validation import (
+    check_beta_with_zeros,
+    check_non_negative_number,
+    check_open_fraction,
+    check_positive_int,
+    check_real,
+    check_target,
+)
+
+__all__ = ["BetaMu", "SparsityProj"]
+
+
+def _check_closure(closure, expects):
+    if closure is None or not callable(closure):
+        raise TypeError(
+            f"step needs a closure returning {expects}, got {type(closure).__name__}"
+        )
+
+
+def _trainable(group):
+    return [p for p in group["params"] if p.requires_grad]
+
+
+class BetaMu(Optimizer):
+    r"""Multiplicative beta-divergence updates of every parameter.
+
+    Each :meth:`step` evaluates ``closure() -> (target, prediction)``, splits
+    the gradient of :math:`D_\beta(\text{target} \,|\, \text{prediction})`
+    with respect to each parameter into its positive and negative parts (two
+    vector-Jacobian products, the same split that :meth:`NMF.fit
+    <torchnmf.nmf.BaseComponent.fit>` uses for convolutional models) and
+    updates every trainable parameter at once,
+
+    .. math::
+
+        X \leftarrow X \odot \left(\frac{\nabla^-_X}{\nabla^+_X + \lambda_1 + \lambda_2 X
+        + \mu (\textstyle\sum_s X_{:, s} - X)}\right)^{\gamma(\beta)}
+
+    with :math:`\gamma(\beta)` as in :mod:`torchnmf._updates`.  This is valid
+    whenever the prediction is built from the parameters by operations whose
+    gradients are non-negative combinations (products, sums, convolutions,
+    chained models).  Parameters stay non-negative; those with
+    ``requires_grad=False`` are left alone.
+
+    After a step, each trainable parameter's ``.grad`` holds the gradient of the
+    divergence alone (no penalty) at the point before the update; a parameter
+    that the prediction does not use keeps its ``.grad`` and is not updated.
+
+    Args:
+        params: the parameters, or parameter groups (dicts) with their own options.
+        beta (float): the divergence: 2 Euclidean, 1 Kullback-Leibler, 0 Itakura-Saito.
+        l1_reg (float): :math:`\lambda_1 \ge 0`.
+        l2_reg (float): :math:`\lambda_2 \ge 0`.
+        orthogonal (float): :math:`\mu \ge 0`, the weight of the overlap between
+            components (see the module's documentation).
+
+    Raises:
+        ValueError: for negative regularisation or a non-finite ``beta``;
+            during :meth:`step`, for a closure output of the wrong shape or a
+            negative target.
+        TypeError: for a closure output that is not ``(target, prediction)``.
+    """
+
+    def __init__(self, params, beta=1, l1_reg=0, l2_reg=0, orthogonal=0):
+        defaults = dict(beta=beta, l1_reg=l1_reg, l2_reg=l2_reg, orthogonal=orthogonal)
+        self._checked_target = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["beta"] = check_real(group["beta"], "beta")
+        for name in ("l1_reg", "l2_reg", "orthogonal"):
+            group[name] = check_non_negative_number(group[name], name)
+        for p in group["params"]:
+            if p.layout != torch.strided:
+                raise TypeError(f"BetaMu needs dense parameters, got one with layout {p.layout}")
+
+    # -- closure output -----------------------------------------------------------
+    def _check_output(self, output):
+        if not isinstance(output, (tuple, list)) or len(output) != 2:
+            raise TypeError(
+                f"the closure must return (target, prediction), got {type(output).__name__}"
+                + (f" of length {len(output)}" if isinstance(output, (tuple, list)) else "")
+            )
+        target, prediction = output
+        for name, value in (("target", target), ("prediction", prediction)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"the closure must return (target, prediction) as tensors, but {name} is "
+                    f"a {type(value).__name__}"
+                )
+        if prediction.grad_fn is None:
+            raise ValueError(
+                "the prediction the closure returns does not depend on any trainable "
+                "parameter; compute it from the model inside the closure, with gradients "
+                "enabled"
+            )
+        if target.shape != prediction.shape:
+            raise ValueError(
+                f"the closure's target and prediction must have the same shape, got "
+                f"{tuple(target.shape)} and {tuple(prediction.shape)}"
+            )
+        target = target.detach()
+        key = (target.data_ptr(), target._version, target.shape, target.stride(), target.dtype)
+        if key != self._checked_target:
+            check_target(target, "target")
+            for group in self.param_groups:
+                check_beta_with_zeros(target, group["beta"], "target")
+            self._checked_target = key
+        if target.dtype != prediction.dtype:
+            target = target.to(prediction.dtype)
+        return target, prediction
+
+    # -- the step -------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure):
+        """One multiplicative update of every trainable parameter.
+
+        Args:
+            closure (callable): re-evaluates the model and returns
+                ``(target, prediction)``.
+
+        Returns:
+            Tensor: the beta-divergence (of the first group's ``beta``) at the
+            point before the update.
+        """
+        _check_closure(closure, "(target, prediction)")
+        order = [(group, p) for group in self.param_groups for p in _trainable(group)]
+        gradients = []
+        before = None
+        for i, (group, p) in enumerate(order):
+            with torch.enable_grad():
+                target, prediction = self._check_output(closure())
+                if before is None:
+                    before = metrics.beta_div(prediction.detach(), target, self.param_groups[0]["beta"])
+                (negative, positive), = beta_gradient_parts(prediction, target, group["beta"], [p])
+            if negative is None:
+                continue
+            gradients.append((p, positive - negative))
+            if group["orthogonal"] and p.dim() >= 2:
+                positive = positive.add_(p.sum(1, keepdim=True) - p, alpha=group["orthogonal"])
+            penalty = Penalty.from_weights(group["l1_reg"], group["l2_reg"])
+            mu_update_(p, negative, positive, mu_exponent(group["beta"]), penalty)
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+        if before is None:  # nothing to train: still evaluate and check the closure once
+            with torch.enable_grad():
+                target, prediction = self._check_output(closure())
+            before = metrics.beta_div(prediction.detach(), target, self.param_groups[0]["beta"])
+        # The closure may clear gradients (zero_grad), so they are stored at the end.
+        for p, gradient in gradients:
+            p.grad = gradient
+        return before
+
+
+class SparsityProj(Optimizer):
+    r"""Hoyer's projected gradient step towards a target sparseness.
+
+    Each :meth:`step` differentiates ``closure() -> loss``, moves every
+    trainable parameter against its gradient and projects each of its
+    components (the slices along ``dim``, all other dimensions flattened) onto
+    the non-negative vectors with the component's L2 norm and Hoyer sparseness
+    ``sparsity`` (see :func:`torchnmf.metrics.sparseness`).  The step is
+    accepted when the loss does not grow; otherwise it is halved and retried,
+    up to ``max_iter`` times (the parameters stay as they were when every try
+    fails).  After an accepted step the next step size grows by 1.2 (Hoyer,
+    JMLR 5, 2004).  Step sizes start at :math:`\|X\| / \|\nabla X\|` per
+    parameter and live in the optimizer's state.
+
+    The closure returns the loss without calling ``backward``: the trainer
+    differentiates it itself (and stores the gradients in ``.grad``), then
+    calls it again under ``torch.no_grad()`` to test each trial step.
+
+    Args:
+        params: the parameters, or parameter groups.
+        sparsity (float): the target sparseness, in (0, 1).
+        dim (int): the dimension that indexes the components (1, the rank,
+            for the factors of every torchnmf model).
+        max_iter (int): the most step-size halvings per step.
+
+    Raises:
+        ValueError: ``sparsity`` outside (0, 1), a bad ``dim`` or ``max_iter``,
+            or a parameter whose components have fewer than 2 entries.
+    """
+
+    def __init__(self, params, sparsity, dim=1, max_iter=10):
+        defaults = dict(sparsity=sparsity, dim=dim, max_iter=max_iter)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["sparsity"] = check_open_fraction(group["sparsity"], "sparsity")
+        group["max_iter"] = check_positive_int(group["max_iter"], "max_iter")
+        dim = group["dim"]
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        for p in group["params"]:
+            if not -p.dim() <= dim < p.dim():
+                raise ValueError(
+                    f"dim must index a dimension of every parameter, got dim={dim} for a "
+                    f"parameter of shape {tuple(p.shape)}"
+                )
+            if p.numel() // max(p.shape[dim], 1) < 2:
+                raise ValueError(
+                    f"SparsityProj needs components of at least 2 entries, but a parameter of "
+                    f"shape {tuple(p.shape)} has {p.numel() // max(p.shape[dim], 1)} along "
+                    f"dim={dim}"
+                )
+
+    @staticmethod
+    def _loss(output):
+        if not isinstance(output, torch.Tensor) or output.numel() != 1:
+            raise TypeError(
+                f"the closure must return the loss as a single-element tensor, got "
+                f"{type(output).__name__}"
+                + (f" of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else "")
+            )
+        return output
+
+    @torch.no_grad()
+    def step(self, closure):
+        """One projected gradient step with step-size search per parameter group.
+
+        Args:
+            closure (callable): re-evaluates the model and returns the loss.
+
+        Returns:
+            Tensor: the loss before the step.
+        """
+        _check_closure(closure, "the loss")
+        with torch.enable_grad():
+            loss = self._loss(closure())
+        if loss.grad_fn is None:
+            raise ValueError(
+                "the loss the closure returns does not depend on any trainable parameter; "
+                "compute it from the model inside the closure, with gradients enabled "
+                "(and without calling backward)"
+            )
+        groups = [(group, _trainable(group)) for group in self.param_groups]
+        params = [p for _, ps in groups for p in ps]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        gradient = dict(zip(map(id, params), grads))
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g
+        before = loss.detach()
+        best = float(before)
+        for group, ps in groups:
+            ps = [p for p in ps if gradient[id(p)] is not None]
+            if ps:
+                best = self._search_(group, ps, gradient, closure, best)
+        return before
+
+    def _search_(self, group, params, gradient, closure, best):
+        """The step-size search of one group; returns the loss after it."""
+        start = [p.detach().clone() for p in params]
+        for p in params:
+            state = self.state[p]
+            if "step_size" not in state:
+                tiny = torch.finfo(p.dtype).tiny
+                state["step_size"] = float(p.norm()) / max(float(gradient[id(p)].norm()), tiny)
+        for _ in range(group["max_iter"]):
+            for p, p0 in zip(params, start):
+                trial = p0 - self.state[p]["step_size"] * gradient[id(p)]
+                p.copy_(project_components_(trial, group["sparsity"], dim=group["dim"]))
+            value = float(self._loss(closure()))
+            if value <= best:
+                for p in params:
+                    self.state[p]["step_size"] *= STEP_GROWTH
+                return value
+            for p in params:
+                self.state[p]["step_size"] /= 2
+        for p, p0 in zip(params, start):
+            p.copy_(p0)
+        return best
