@@ -27,7 +27,7 @@ __all__ = ["l1_for_sparseness", "sparse_projection", "project_components_", "Spa
 
 # A rejected step halves the step size; after this many halvings the factor is
 # left as it was for this iteration.
-MAX_HALVINGS = 30
+MAX_HALVINGS = 10
 # An accepted step lets the next one be this much longer (Hoyer's choice).
 STEP_GROWTH = 1.2
 

@@ -23,7 +23,13 @@ import torch
 
 from . import metrics
 
-__all__ = ["DenseMatrixStats", "AutogradStats", "beta_gradient_parts", "BLOCK_ELEMENTS"]
+__all__ = [
+    "DenseMatrixStats",
+    "AutogradStats",
+    "beta_gradient_parts",
+    "divergence_constant",
+    "BLOCK_ELEMENTS",
+]
 
 # Elements of V handled per block by the element-wise passes (4 MiB of float32):
 # large enough for efficient matrix products, small enough that the work buffers
@@ -78,15 +84,7 @@ class DenseMatrixStats:
         # small blocks: the float64 temporaries stay a few hundred KiB
         rows = max(1, (1 << 15) // max(V.shape[1], 1))
         for start, stop in _row_blocks(V.shape[0], rows):
-            block = V[start:stop]
-            if beta == 2:
-                total += block.pow(2).sum(dtype=torch.float64) / 2
-            elif beta == 1:
-                total += (torch.xlogy(block, block) - block).sum(dtype=torch.float64)
-            elif beta == 0:
-                total -= block.log().sum(dtype=torch.float64) + block.numel()
-            else:
-                total += block.pow(beta).sum(dtype=torch.float64) / (beta * (beta - 1))
+            total += divergence_constant(V[start:stop], beta)
         return total
 
     # -- beta = 2: Gram products --------------------------------------------------
@@ -202,7 +200,7 @@ class AutogradStats:
             H_ = H.detach().requires_grad_(wrt_H)
             W_ = W.detach().requires_grad_(not wrt_H)
             prediction = self.reconstruct(H_, W_)
-            (negative, positive), = beta_gradient_parts(
+            ((negative, positive),), _ = beta_gradient_parts(
                 prediction, self.V, self.beta, [H_ if wrt_H else W_]
             )
         return negative, positive, prediction.detach()
@@ -220,7 +218,24 @@ class AutogradStats:
             return metrics.beta_div(self.reconstruct(H, W), self.V, self.beta)
 
 
-def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False):
+def divergence_constant(V, beta):
+    """The part of :math:`D_\\beta(V | \\hat V)` that depends on ``V`` alone (float64)."""
+    if beta == 2:
+        return V.pow(2).sum(dtype=torch.float64) / 2
+    if beta == 1:
+        return (torch.xlogy(V, V) - V).sum(dtype=torch.float64)
+    if beta == 0:
+        return -(V.log().sum(dtype=torch.float64) + V.numel())
+    return V.pow(beta).sum(dtype=torch.float64) / (beta * (beta - 1))
+
+
+def _inner(a, b):
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.reshape(-1), b.reshape(-1)).double()
+    return (a * b).sum().double()
+
+
+def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False, constant=None):
     r"""The negative and positive parts of the gradient of the beta-divergence.
 
     With :math:`\hat V` = ``prediction`` computed from ``inputs`` by autograd,
@@ -238,23 +253,39 @@ def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False):
         beta (float): the divergence.
         inputs (sequence of Tensor): the tensors to differentiate against.
         retain_graph (bool): keep the graph for further differentiation.
+        constant (Tensor, optional): :func:`divergence_constant` of ``target``;
+            when given, the divergence is computed on the way from the powers
+            the parts need anyway.
 
     Returns:
-        list of (negative, positive) pairs, one per input; an input that does
-        not reach ``prediction`` gets ``(None, None)``.
+        (parts, divergence): ``parts`` holds one (negative, positive) pair per
+        input (``(None, None)`` for an input that does not reach
+        ``prediction``); ``divergence`` is a float64 0-dim tensor, or ``None``
+        without ``constant``.
     """
     inputs = list(inputs)
     floored = prediction.detach().clamp_min(torch.finfo(prediction.dtype).eps)
+    positive_out = torch.ones_like(floored) if beta == 1 else floored.pow(beta - 1)
+    divergence = None
+    if constant is not None:
+        if beta == 1:
+            variable = floored.sum().double() - _inner(target, floored.log())
+        elif beta == 0:
+            variable = _inner(positive_out, target) + floored.log().sum().double()
+        else:
+            variable = (
+                _inner(positive_out, floored) / beta - _inner(positive_out, target) / (beta - 1)
+            )
+        divergence = (constant + variable).clamp_min(0)
+    # V * prediction^(beta - 2), written over the floored copy (large temporaries are costly).
     if beta == 1:
-        positive_out = torch.ones_like(floored)
-        negative_out = target / floored
+        negative_out = torch.div(target, floored, out=floored)
     else:
-        positive_out = floored.pow(beta - 1)
-        negative_out = positive_out / floored * target
+        negative_out = torch.div(positive_out, floored, out=floored).mul_(target)
     positive = torch.autograd.grad(
         prediction, inputs, positive_out, retain_graph=True, allow_unused=True
     )
     negative = torch.autograd.grad(
         prediction, inputs, negative_out, retain_graph=retain_graph, allow_unused=True
     )
-    return list(zip(negative, positive))
+    return list(zip(negative, positive)), divergence

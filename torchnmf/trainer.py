@@ -43,7 +43,7 @@ from torch.optim import Optimizer
 
 from . import metrics
 from ._sparseness import STEP_GROWTH, project_components_
-from ._statistics import beta_gradient_parts
+from ._statistics import beta_gradient_parts, divergence_constant
 from ._updates import Penalty, mu_exponent, mu_update_
 from ._validation import (
     check_beta_with_zeros,
@@ -111,6 +111,7 @@ class BetaMu(Optimizer):
     def __init__(self, params, beta=1, l1_reg=0, l2_reg=0, orthogonal=0):
         defaults = dict(beta=beta, l1_reg=l1_reg, l2_reg=l2_reg, orthogonal=orthogonal)
         self._checked_target = None
+        self._constant = None
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -150,11 +151,14 @@ class BetaMu(Optimizer):
             )
         target = target.detach()
         key = (target.data_ptr(), target._version, target.shape, target.stride(), target.dtype)
-        if key != self._checked_target:
+        beta = self.param_groups[0]["beta"]
+        if key != self._checked_target or self._constant[0] != beta:
             check_target(target, "target")
             for group in self.param_groups:
                 check_beta_with_zeros(target, group["beta"], "target")
             self._checked_target = key
+            # The divergence's part that depends on the target alone, for the value step returns.
+            self._constant = (beta, divergence_constant(target.to(prediction.dtype), beta))
         if target.dtype != prediction.dtype:
             target = target.to(prediction.dtype)
         return target, prediction
@@ -179,9 +183,15 @@ class BetaMu(Optimizer):
         for i, (group, p) in enumerate(order):
             with torch.enable_grad():
                 target, prediction = self._check_output(closure())
+                first = i == 0 and group["beta"] == self._constant[0]
+                constant = self._constant[1] if first else None
+                ((negative, positive),), divergence = beta_gradient_parts(
+                    prediction, target, group["beta"], [p], constant=constant
+                )
+            if i == 0:
+                before = divergence.to(prediction.dtype) if divergence is not None else None
                 if before is None:
-                    before = metrics.beta_div(prediction.detach(), target, self.param_groups[0]["beta"])
-                (negative, positive), = beta_gradient_parts(prediction, target, group["beta"], [p])
+                    before = metrics.beta_div(prediction.detach(), target, self._constant[0])
             if negative is None:
                 continue
             gradients.append((p, positive - negative))
@@ -191,10 +201,10 @@ class BetaMu(Optimizer):
             mu_update_(p, negative, positive, mu_exponent(group["beta"]), penalty)
             state = self.state[p]
             state["step"] = state.get("step", 0) + 1
-        if before is None:  # nothing to train: still evaluate and check the closure once
+        if not order:  # nothing to train: still evaluate and check the closure once
             with torch.enable_grad():
                 target, prediction = self._check_output(closure())
-            before = metrics.beta_div(prediction.detach(), target, self.param_groups[0]["beta"])
+            before = metrics.beta_div(prediction.detach(), target, self._constant[0])
         # The closure may clear gradients (zero_grad), so they are stored at the end.
         for p, gradient in gradients:
             p.grad = gradient
