@@ -222,7 +222,8 @@ class SparsityProj(Optimizer):
     accepted when the loss does not grow; otherwise it is halved and retried,
     up to ``max_iter`` times (the parameters stay as they were when every try
     fails).  After an accepted step the next step size grows by 1.2 (Hoyer,
-    JMLR 5, 2004).  Step sizes start at :math:`\|X\| / \|\nabla X\|` per
+    JMLR 5, 2004).  As in the paper's initialisation, a parameter's first step
+    starts by projecting it, so that the search begins from a feasible point.  Step sizes start at :math:`\|X\| / \|\nabla X\|` per
     parameter and live in the optimizer's state.
 
     The closure returns the loss without calling ``backward``: the trainer
@@ -313,12 +314,15 @@ class SparsityProj(Optimizer):
 
     def _search_(self, group, params, gradient, closure, best):
         """The step-size search of one group; returns the loss after it."""
+        fresh = [p for p in params if "step_size" not in self.state[p]]
+        for p in fresh:
+            # Hoyer's initialisation: a parameter meets the constraint before its first step.
+            project_components_(p, group["sparsity"], dim=group["dim"])
+            tiny = torch.finfo(p.dtype).tiny
+            self.state[p]["step_size"] = float(p.norm()) / max(float(gradient[id(p)].norm()), tiny)
+        if fresh:
+            best = float(self._loss(closure()))
         start = [p.detach().clone() for p in params]
-        for p in params:
-            state = self.state[p]
-            if "step_size" not in state:
-                tiny = torch.finfo(p.dtype).tiny
-                state["step_size"] = float(p.norm()) / max(float(gradient[id(p)].norm()), tiny)
         for _ in range(group["max_iter"]):
             for p, p0 in zip(params, start):
                 trial = p0 - self.state[p]["step_size"] * gradient[id(p)]

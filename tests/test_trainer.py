@@ -1,0 +1,260 @@
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import assert_close
+
+from conftest import low_rank
+from torchnmf.metrics import beta_div, sparseness
+from torchnmf.nmf import NMF, NMFD
+from torchnmf.trainer import BetaMu, SparsityProj
+
+BETAS = [0, 0.5, 1, 1.5, 2, 3]
+
+
+def positive_target(generator, n=12, c=9, rank=3):
+    V, _, _ = low_rank(n, c, rank, generator, noise=0.3)
+    return V + 0.05
+
+
+def chain(n, c, dtype=torch.float64):
+    return nn.Sequential(NMF((n, 5), rank=2), NMF(W=(4, 5)), NMF(W=(c, 4))).to(dtype)
+
+
+class TwoPaths(nn.Module):
+    """A user's module: a sum of two factorisations sharing H."""
+
+    def __init__(self, n, c):
+        super().__init__()
+        self.H = nn.Parameter(torch.rand(n, 3, dtype=torch.float64))
+        self.A = nn.Parameter(torch.rand(c, 3, dtype=torch.float64))
+        self.B = nn.Parameter(torch.rand(c, 3, dtype=torch.float64))
+
+    def forward(self, _=None):
+        return self.H @ self.A.T + (self.H * 2) @ self.B.T
+
+
+@pytest.mark.slow
+def test_seed_deep_nmf_example_runs_and_reduces_the_divergence():
+    torch.manual_seed(0)
+    V = torch.rand(64, 1024)
+    model = nn.Sequential(NMF((1024, 10), rank=4), NMF(W=(24, 10)), NMF(W=(64, 24)))
+    start = beta_div(model(None), V.t(), 1)
+    trainer = BetaMu(model.parameters())
+    epochs = 200
+    for e in range(epochs):
+        def closure():
+            trainer.zero_grad()
+            return V.t(), model(None)
+        trainer.step(closure)
+    end = beta_div(model(None), V.t(), 1)
+    assert end < start / 100
+    assert all((p >= 0).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("make", ["single", "chain", "nmfd", "user"])
+def test_grad_matches_autograd(generator, beta, make):
+    if make == "nmfd":
+        V = torch.rand(2, 4, 10, generator=generator, dtype=torch.float64) + 0.05
+        model = nn.Sequential(NMFD(V.shape, rank=2, T=3).double())
+    else:
+        V = positive_target(generator)
+        model = {"single": lambda: NMF(V.shape, rank=3).double(), "chain": lambda: chain(12, 9),
+                 "user": lambda: TwoPaths(12, 9)}[make]()
+    params = list(model.parameters())
+    start = [p.detach().clone() for p in params]
+    trainer = BetaMu(params, beta=beta)
+
+    def closure():
+        trainer.zero_grad()
+        return V, model(None)
+
+    divergence = trainer.step(closure)
+    assert_close(divergence, beta_div(_eval(model, params, start), V, beta))
+    after = [p.detach().clone() for p in params]
+    # Parameter i is updated at the point where parameters < i already moved.
+    for i, p in enumerate(params):
+        with torch.no_grad():
+            for j, (q, a, s) in enumerate(zip(params, after, start)):
+                q.copy_(a if j < i else s)
+        loss = beta_div(model(None), V, beta)
+        expected, = torch.autograd.grad(loss, p)
+        with torch.no_grad():
+            for q, a in zip(params, after):
+                q.copy_(a)
+        assert_close(p.grad, expected, rtol=1e-9, atol=1e-11)
+        assert (p >= 0).all()
+
+
+def _eval(model, params, values):
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+        out = model(None)
+        for p, v in zip(params, saved):
+            p.copy_(v)
+    return out
+
+
+@pytest.mark.parametrize("beta", [0.5, 1, 2, 3])
+@pytest.mark.parametrize("alpha, l1_ratio", [(0, 0), (0.3, 0.5)])
+def test_same_iterates_as_fit(generator, beta, alpha, l1_ratio):
+    """Updating H then W, BetaMu takes exactly fit's multiplicative steps."""
+    V = positive_target(generator)
+    fitted = NMF(V.shape, rank=3).double()
+    trained = NMF(W=fitted.W.detach(), H=fitted.H.detach())
+    fitted.fit(V, beta=beta, max_iter=5, tol=0, alpha=alpha, l1_ratio=l1_ratio)
+    trainer = BetaMu([trained.H, trained.W], beta=beta, l1_reg=alpha * l1_ratio,
+                     l2_reg=alpha * (1 - l1_ratio))
+    for _ in range(5):
+        trainer.step(lambda: (V, trained()))
+    assert_close(trained.W, fitted.W)
+    assert_close(trained.H, fitted.H)
+
+
+def test_fixed_and_unused_parameters_are_left_alone(generator):
+    V = positive_target(generator)
+    W0 = torch.rand(9, 3, generator=generator, dtype=torch.float64)
+    model = NMF(V.shape, rank=3, W=W0, trainable_W=False).double()
+    unused = nn.Parameter(torch.rand(4, dtype=torch.float64))
+    trainer = BetaMu(list(model.parameters()) + [unused])
+    before = unused.detach().clone()
+    trainer.step(lambda: (V, model()))
+    assert torch.equal(model.W.detach(), W0) and model.W.grad is None
+    assert torch.equal(unused.detach(), before) and unused.grad is None
+    assert model.H.grad is not None
+
+
+def test_divergence_decreases_on_compositions(generator):
+    V = positive_target(generator, n=20, c=15)
+    for model in (chain(20, 15), TwoPaths(20, 15)):
+        trainer = BetaMu(model.parameters(), beta=1)
+        values = [float(trainer.step(lambda: (V, model(None)))) for _ in range(60)]
+        assert all(b <= a * (1 + 1e-9) for a, b in zip(values, values[1:]))
+        assert values[-1] < values[0] / 2
+
+
+def overlap(H):
+    unit = H / H.norm(dim=0)
+    gram = unit.T @ unit
+    return float(gram.sum() - gram.diagonal().sum())
+
+
+def test_orthogonal_penalty_reduces_overlap(generator):
+    V = positive_target(generator, n=30, c=12, rank=3)
+    torch.manual_seed(1)
+    plain = NMF(V.shape, rank=3).double()
+    ortho = NMF(W=plain.W.detach(), H=plain.H.detach())
+    results = {}
+    for name, model, weight in (("plain", plain, 0.0), ("ortho", ortho, 1.0)):
+        trainer = BetaMu([model.H, model.W], beta=2, orthogonal=weight)
+        values = []
+        for _ in range(200):
+            trainer.step(lambda: (V, model()))
+            H = model.H.detach()
+            penalty = weight / 2 * float(H.sum(1).pow(2).sum() - H.pow(2).sum())
+            W = model.W.detach()
+            penalty += weight / 2 * float(W.sum(1).pow(2).sum() - W.pow(2).sum())
+            values.append(float(beta_div(model(), V, 2)) + penalty)
+        results[name] = (overlap(model.H.detach()) + overlap(model.W.detach()), values)
+    assert results["ortho"][0] < 0.6 * results["plain"][0]
+    values = results["ortho"][1]  # divergence + penalty: non-increasing here
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(values, values[1:]))
+
+
+def test_state_dict_round_trip(generator):
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    trainer = BetaMu(model.parameters(), beta=1.5, l1_reg=0.1, orthogonal=0.2)
+    for _ in range(3):
+        trainer.step(lambda: (V, model()))
+    state = trainer.state_dict()
+    clone = NMF(W=model.W.detach(), H=model.H.detach())
+    restored = BetaMu(clone.parameters())
+    restored.load_state_dict(state)
+    assert restored.param_groups[0]["beta"] == 1.5 and restored.param_groups[0]["orthogonal"] == 0.2
+    assert restored.state[clone.W]["step"] == 3
+    trainer.step(lambda: (V, model()))
+    restored.step(lambda: (V, clone()))
+    assert_close(clone.W, model.W)
+    assert_close(clone.H, model.H)
+
+
+def test_betamu_errors(generator):
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    for name in ("l1_reg", "l2_reg", "orthogonal"):
+        with pytest.raises(ValueError, match=f"{name} must be non-negative, got -1.0"):
+            BetaMu(model.parameters(), **{name: -1})
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        BetaMu(model.parameters(), beta="kl")
+    trainer = BetaMu(model.parameters())
+    with pytest.raises(TypeError, match="step needs a closure returning \\(target, prediction\\)"):
+        trainer.step(None)
+    with pytest.raises(TypeError, match="must return \\(target, prediction\\), got Tensor"):
+        trainer.step(lambda: model())
+    with pytest.raises(TypeError, match="got tuple of length 3"):
+        trainer.step(lambda: (V, model(), V))
+    with pytest.raises(TypeError, match="target is a ndarray"):
+        trainer.step(lambda: (V.numpy(), model()))
+    with pytest.raises(ValueError, match="same shape, got \\(9, 12\\) and \\(12, 9\\)"):
+        trainer.step(lambda: (V.T, model()))
+    with pytest.raises(ValueError, match="does not depend on any trainable parameter"):
+        trainer.step(lambda: (V, model().detach()))
+    with pytest.raises(ValueError, match="target must be non-negative"):
+        trainer.step(lambda: (-V, model()))
+    with pytest.raises(ValueError, match="target contains NaN"):
+        trainer.step(lambda: (V.masked_fill(V > 0.5, float("nan")), model()))
+    zeros = V.clone()
+    zeros[0, 0] = 0
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive target"):
+        BetaMu(model.parameters(), beta=0).step(lambda: (zeros, model()))
+
+
+# -- SparsityProj ------------------------------------------------------------------
+def test_sparsity_proj_reaches_target_and_never_increases(generator):
+    V, _, _ = low_rank(30, 20, 3, generator, noise=0.1)
+    model = NMF(V.shape, rank=3).double()
+    mu = BetaMu([model.H], beta=2)
+    proj = SparsityProj([model.W], sparsity=0.6)
+    values = []
+    for _ in range(40):
+        mu.step(lambda: (V, model()))
+        values.append(float(proj.step(lambda: beta_div(model(), V, 2))))
+    for r in range(3):
+        assert abs(float(sparseness(model.W[:, r].detach())) - 0.6) < 1e-8
+    assert (model.W >= 0).all()
+    assert values[-1] < values[0]
+    # The projection step alone never increases the loss.
+    before = float(beta_div(model(), V, 2))
+    proj.step(lambda: beta_div(model(), V, 2))
+    assert float(beta_div(model(), V, 2)) <= before
+    assert model.W.grad is not None and "step_size" in proj.state[model.W]
+
+
+def test_sparsity_proj_along_another_dim(generator):
+    p = nn.Parameter(torch.rand(4, 10, generator=generator, dtype=torch.float64))
+    target = torch.rand(4, 10, generator=generator, dtype=torch.float64)
+    proj = SparsityProj([p], sparsity=0.5, dim=0)
+    proj.step(lambda: (p - target).pow(2).sum())
+    for row in p.detach():
+        assert abs(float(sparseness(row)) - 0.5) < 1e-8
+
+
+def test_sparsity_proj_errors(generator):
+    model = NMF((10, 6), rank=2)
+    for bad in (0, 1, 1.2):
+        with pytest.raises(ValueError, match="sparsity must lie strictly between 0 and 1"):
+            SparsityProj(model.parameters(), sparsity=bad)
+    with pytest.raises(ValueError, match="max_iter must be a positive integer, got 0"):
+        SparsityProj(model.parameters(), sparsity=0.5, max_iter=0)
+    with pytest.raises(ValueError, match="dim must index a dimension"):
+        SparsityProj(model.parameters(), sparsity=0.5, dim=2)
+    with pytest.raises(ValueError, match="components of at least 2 entries"):
+        SparsityProj([nn.Parameter(torch.rand(1, 3))], sparsity=0.5)
+    proj = SparsityProj(model.parameters(), sparsity=0.5)
+    with pytest.raises(TypeError, match="single-element tensor, got tuple"):
+        proj.step(lambda: (model(), model()))
+    with pytest.raises(ValueError, match="does not depend on any trainable parameter"):
+        proj.step(lambda: model().sum().detach())
