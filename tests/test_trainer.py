@@ -156,7 +156,7 @@ def test_orthogonal_penalty_reduces_overlap(generator):
             penalty = weight / 2 * float(H.sum(1).pow(2).sum() - H.pow(2).sum())
             W = model.W.detach()
             penalty += weight / 2 * float(W.sum(1).pow(2).sum() - W.pow(2).sum())
-            values.append(float(beta_div(model(), V, 2)) + penalty)
+            values.append(float(beta_div(model().detach(), V, 2)) + penalty)
         results[name] = (overlap(model.H.detach()) + overlap(model.W.detach()), values)
     assert results["ortho"][0] < 0.6 * results["plain"][0]
     values = results["ortho"][1]  # divergence + penalty: non-increasing here

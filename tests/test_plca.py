@@ -1,0 +1,192 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from conftest import low_rank
+from torchnmf.metrics import kl_div
+from torchnmf.nmf import NMF
+from torchnmf.plca import PLCA, SIPLCA, SIPLCA2, SIPLCA3, BaseComponent
+
+
+def sums_per_component(factor):
+    return factor.detach().sum([d for d in range(factor.dim()) if d != 1])
+
+
+# -- construction --------------------------------------------------------------
+@pytest.mark.parametrize("make, vshape", [
+    (lambda: PLCA((20, 7), rank=3), (20, 7)),
+    (lambda: SIPLCA((4, 6, 30), rank=2, T=5), (4, 6, 30)),
+    (lambda: SIPLCA2((2, 3, 10, 12), rank=4, kernel_size=(3, 2)), (2, 3, 10, 12)),
+    (lambda: SIPLCA3((1, 2, 6, 7, 8), rank=2, kernel_size=2), (1, 2, 6, 7, 8)),
+])
+def test_factors_are_normalised_and_the_output_is_a_distribution(make, vshape):
+    model = make()
+    for factor in (model.W, model.H):
+        assert_close(sums_per_component(factor), torch.ones(model.rank))
+    assert_close(model.Z.detach().sum(), torch.tensor(1.0))
+    assert_close(model.Z.detach(), torch.full((model.rank,), 1.0 / model.rank))
+    output = model()
+    assert output.shape == vshape
+    assert_close(output.detach().sum(), torch.tensor(1.0))
+    assert_close(model(norm=7.0).detach().sum(), torch.tensor(7.0))
+
+
+def test_forward_is_the_nmf_map_of_h_diag_z(generator):
+    W = torch.rand(5, 2, generator=generator, dtype=torch.float64)
+    H = torch.rand(8, 2, generator=generator, dtype=torch.float64)
+    Z = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    model = PLCA(W=W, H=H, Z=Z)
+    Wn, Hn = W / W.sum(0), H / H.sum(0)
+    assert_close(model().detach(), Hn @ torch.diag(Z) @ Wn.T)
+    assert W.sum() != 2  # the caller's tensor is not normalised in place
+    conv = SIPLCA(W=torch.rand(3, 2, 4, generator=generator, dtype=torch.float64),
+                  H=torch.rand(2, 2, 6, generator=generator, dtype=torch.float64))
+    expected = F.conv_transpose1d(conv.H * conv.Z.view(1, -1, 1), conv.W.transpose(0, 1))
+    assert_close(conv().detach(), expected.detach())
+
+
+def test_rank_from_z_and_trainable_flags():
+    model = PLCA(Z=torch.tensor([1.0, 3.0]), W=None)
+    assert model.rank == 2 and model.W is None and model.H is None
+    assert_close(model.Z.detach(), torch.tensor([0.25, 0.75]))
+    fixed = PLCA((6, 4), rank=2, trainable_Z=False, trainable_W=False)
+    assert not fixed.Z.requires_grad and not fixed.W.requires_grad and fixed.H.requires_grad
+    assert isinstance(fixed, BaseComponent) and "Z=(2,) (fixed)" in repr(fixed)
+
+
+# -- EM ---------------------------------------------------------------------------
+def naive_em_step(V, H, W, Z):
+    """One EM iteration with the posterior P(z | n, c) written out."""
+    P = V / V.sum()
+    joint = H[:, None, :] * W[None, :, :] * Z  # (N, C, R)
+    posterior = joint / joint.sum(2, keepdim=True)
+    counts = P[:, :, None] * posterior
+    Z_new = counts.sum((0, 1))
+    H_new = counts.sum(1) / Z_new
+    W_new = counts.sum(0) / Z_new
+    return H_new, W_new, Z_new / Z_new.sum()
+
+
+def test_one_iteration_matches_naive_em(generator):
+    V, _, _ = low_rank(10, 7, 3, generator, noise=0.2)
+    model = PLCA(V.shape, rank=3).double()
+    H, W, Z = (t.detach().clone() for t in (model.H, model.W, model.Z))
+    model.fit(V, max_iter=1, tol=0)
+    H_new, W_new, Z_new = naive_em_step(V, H, W, Z)
+    assert_close(model.H.detach(), H_new)
+    assert_close(model.W.detach(), W_new)
+    assert_close(model.Z.detach(), Z_new)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda s: PLCA(s, rank=3), (15, 10)),
+    (lambda s: SIPLCA(s, rank=2, T=3), (3, 5, 16)),
+    (lambda s: SIPLCA2(s, rank=2, kernel_size=2), (2, 3, 6, 5)),
+    (lambda s: SIPLCA3(s, rank=2, kernel_size=2), (1, 2, 4, 4, 3)),
+])
+def test_log_likelihood_never_decreases(generator, make, shape):
+    V = torch.rand(shape, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = make(shape).double()
+    n_iter, norm = model.fit(V, max_iter=40, tol=0)
+    assert n_iter == 40 and torch.equal(norm, V.sum())
+    history = torch.tensor(model.loss_history)  # KL(P | Q) = -log-likelihood / V.sum() + const
+    assert (history[1:] <= history[:-1] + 1e-13).all()
+    assert history[-1] < history[0]
+    for factor in (model.W, model.H):
+        assert (factor >= 0).all()
+        assert_close(sums_per_component(factor), torch.ones(model.rank, dtype=torch.float64))
+    assert_close(model.Z.detach().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_kl_matches_kl_nmf_of_the_same_rank(generator):
+    V, _, _ = low_rank(40, 25, 3, generator, noise=0.3)
+    torch.manual_seed(0)
+    nmf = NMF(V.shape, rank=3).double()
+    plca = PLCA(W=nmf.W.detach(), H=nmf.H.detach())
+    nmf.fit(V, beta=1, max_iter=300, tol=0)
+    _, norm = plca.fit(V, max_iter=300, tol=0)
+    ours = float(kl_div(plca(norm=norm).detach(), V))
+    reference = float(kl_div(nmf().detach(), V))
+    assert abs(ours - reference) <= 0.03 * reference
+
+
+def test_recovers_a_planted_distribution(generator):
+    W = torch.rand(12, 2, generator=generator, dtype=torch.float64)
+    H = torch.rand(20, 2, generator=generator, dtype=torch.float64)
+    V = 1000 * (H @ W.T)
+    torch.manual_seed(0)
+    model = PLCA(V.shape, rank=2).double()
+    _, norm = model.fit(V, max_iter=500, tol=0)
+    assert_close(model(norm=norm).detach(), V, rtol=1e-3, atol=1e-3)
+
+
+def test_shift_invariant_with_unit_kernel_equals_plca(generator):
+    V = torch.rand(9, 6, generator=generator, dtype=torch.float64)
+    flat = PLCA(V.shape, rank=2).double()
+    conv = SIPLCA(W=flat.W.detach()[:, :, None], H=flat.H.detach().T[None])
+    flat.fit(V, max_iter=10, tol=0)
+    conv.fit(V.T[None], max_iter=10, tol=0)
+    assert_close(conv.W.detach()[:, :, 0], flat.W.detach())
+    assert_close(conv.H.detach()[0].T, flat.H.detach())
+    assert_close(conv.Z.detach(), flat.Z.detach())
+
+
+def test_priors_and_fixed_factors(generator):
+    V = torch.rand(15, 10, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    start = PLCA(V.shape, rank=3).double()
+    plain = PLCA(W=start.W.detach(), H=start.H.detach())
+    sparse = PLCA(W=start.W.detach(), H=start.H.detach())
+    plain.fit(V, max_iter=100, tol=0)
+    sparse.fit(V, max_iter=100, tol=0, W_alpha=torch.full((1, 3), 0.98, dtype=torch.float64))
+    zeros = lambda m: int((m.W.detach() < 1e-12).sum())
+    assert zeros(sparse) > zeros(plain)
+    smooth = PLCA(W=start.W.detach(), H=start.H.detach())
+    smooth.fit(V, max_iter=100, tol=0, H_alpha=1.05, Z_alpha=2)
+    history = torch.tensor(smooth.loss_history)  # the MAP objective never increases
+    assert (history[1:] <= history[:-1] + 1e-12).all()
+    assert smooth.H.detach().std() < plain.H.detach().std()
+    fixed = PLCA(W=start.W.detach(), H=start.H.detach(), trainable_W=False, trainable_Z=False)
+    fixed.fit(V, max_iter=5, tol=0)
+    assert_close(fixed.W.detach(), start.W.detach())
+    assert_close(fixed.Z.detach(), start.Z.detach())
+
+
+# -- errors ------------------------------------------------------------------------
+def test_errors(generator):
+    with pytest.raises(ValueError, match="Z must be a 1-D tensor of length rank, got shape \\(2, 2\\)"):
+        PLCA((5, 4), rank=2, Z=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="inconsistent ranks: Z must have one entry per component"):
+        PLCA((5, 4), rank=2, Z=torch.ones(3))
+    with pytest.raises(ValueError, match="inconsistent ranks"):
+        PLCA(W=torch.rand(4, 2), H=torch.rand(5, 3))
+    with pytest.raises(ValueError, match="Z must be non-negative"):
+        PLCA((5, 4), rank=2, Z=torch.tensor([1.0, -1.0]))
+    with pytest.raises(TypeError, match="Z must be a tensor, a shape or None"):
+        PLCA((5, 4), rank=2, Z="uniform")
+    with pytest.raises(ValueError, match="PLCA expects a 2-dimensional Vshape"):
+        PLCA((5, 4, 3))
+    with pytest.raises(ValueError, match="SIPLCA needs a 3-dimensional W"):
+        SIPLCA(W=torch.rand(4, 2))
+    with pytest.raises(TypeError, match="trainable_Z must be a bool"):
+        PLCA((5, 4), trainable_Z=1)
+    model = PLCA((5, 4), rank=2)
+    V = torch.rand(5, 4, generator=generator)
+    with pytest.raises(ValueError, match="V must be non-negative"):
+        model.fit(-V)
+    with pytest.raises(ValueError, match="V contains NaN"):
+        model.fit(V.masked_fill(V > 0.5, float("nan")))
+    with pytest.raises(ValueError, match="V must have a positive sum"):
+        model.fit(torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="V must have the shape of the reconstruction"):
+        model.fit(torch.rand(4, 5))
+    with pytest.raises(ValueError, match="W_alpha must be positive \\(a Dirichlet concentration\\), got 0.0"):
+        model.fit(V, W_alpha=0)
+    with pytest.raises(ValueError, match="H_alpha must be broadcastable to the factor's shape"):
+        model.fit(V, H_alpha=torch.ones(3))
+    with pytest.raises(ValueError, match="Z_alpha must be finite and positive everywhere"):
+        model.fit(V, Z_alpha=torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="tol must be non-negative"):
+        model.fit(V, tol=-1)
