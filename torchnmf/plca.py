@@ -226,7 +226,7 @@ class PLCA(BaseComponent):
         >>> from torchnmf.plca import PLCA
         >>> V = torch.rand(20, 12)
         >>> model = PLCA(V.shape, rank=3)
-        >>> n_iter, norm = model.fit(V, max_iter=50)
+        >>> n_iter, norm = model.fit(V, max_iter=50, tol=0)
         >>> model(norm=norm).shape
         torch.Size([20, 12])
     """
