@@ -320,3 +320,17 @@ def test_cuda_matches_cpu(beta, generator):
     model.fit(V, beta=beta, max_iter=10, tol=0)
     gpu.fit(V.cuda(), beta=beta, max_iter=10, tol=0)
     assert_close(gpu.W.detach().cpu(), model.W.detach())
+
+
+@pytest.mark.parametrize("kernel,h_shape", [((4,), (2, 3, 7)), ((2, 3), (2, 3, 5, 4)), ((2, 1, 3), (1, 2, 3, 4, 2))])
+def test_unfolded_and_transposed_convolution_agree(kernel, h_shape, generator, monkeypatch):
+    from torchnmf import _reconstruct
+
+    W = torch.rand(5, h_shape[1], *kernel, generator=generator, dtype=torch.float64)
+    H = torch.rand(*h_shape, generator=generator, dtype=torch.float64)
+    fast = _reconstruct.conv_transpose(H, W)
+    monkeypatch.setattr(_reconstruct, "UNFOLD_LIMIT", 0)
+    reference = _reconstruct.conv_transpose(H, W)
+    assert_close(fast, reference)
+    direct = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(kernel)]
+    assert_close(reference, direct(H, W.transpose(0, 1)))

@@ -11,11 +11,18 @@ activations ``H (N, R, *)`` with the templates ``W (C, R, *kernel)``,
 so that every output entry is a non-negative combination of products of one
 entry of each factor.
 """
+import math
+
+import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "conv_transpose"]
+__all__ = ["linear", "conv_transpose", "UNFOLD_LIMIT"]
 
 _CONV_TRANSPOSE = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
+
+# Largest window tensor (elements) built by the unfolded route; beyond it the
+# transposed convolution is used, which needs no such copy.
+UNFOLD_LIMIT = 1 << 24
 
 
 def linear(H, W):
@@ -24,5 +31,29 @@ def linear(H, W):
 
 
 def conv_transpose(H, W):
-    """The full transposed convolution of ``H (N, R, *)`` with ``W (C, R, *kernel)``."""
+    """The full transposed convolution of ``H (N, R, *)`` with ``W (C, R, *kernel)``.
+
+    Computed as one matrix product over sliding windows of the zero-padded
+    activations while the window tensor stays under :data:`UNFOLD_LIMIT`
+    elements: on CPU this is several times faster than ``conv_transpose*d``
+    with the small channel counts of NMF, forward and backward alike.
+    """
+    kernel = W.shape[2:]
+    out = [size + k - 1 for size, k in zip(H.shape[2:], kernel)]
+    if H.shape[0] * H.shape[1] * math.prod(out) * math.prod(kernel) <= UNFOLD_LIMIT:
+        return _unfolded_conv_transpose(H, W)
     return _CONV_TRANSPOSE[W.dim()](H, W.transpose(0, 1))
+
+
+def _unfolded_conv_transpose(H, W):
+    kernel = W.shape[2:]
+    padding = []
+    for k in reversed(kernel):
+        padding += [k - 1, k - 1]
+    windows = F.pad(H, padding)
+    for axis, k in enumerate(kernel):
+        windows = windows.unfold(2 + axis, k, 1)  # (N, R, *out, *kernel)
+    spatial, taps = "lmo"[: len(kernel)], "tuv"[: len(kernel)]
+    equation = f"cr{taps},nr{spatial}{taps}->nc{spatial}"
+    flipped = W.flip(dims=tuple(range(2, W.dim())))
+    return torch.einsum(equation, flipped, windows)
