@@ -24,6 +24,7 @@ __all__ = [
     "check_mask",
     "check_observed_everywhere",
     "check_components",
+    "canonical_sparse",
 ]
 
 
@@ -110,7 +111,8 @@ def check_target(V, name="V"):
     """Validate a target tensor and return a floating-point view of it.
 
     Integer tensors (counts) are converted to the default floating dtype; the
-    caller's tensor is never modified.
+    caller's tensor is never modified.  A sparse target (COO, CSR or CSC) comes
+    back as a coalesced COO tensor (see :func:`canonical_sparse`).
     """
     if not isinstance(V, torch.Tensor):
         raise TypeError(
@@ -119,10 +121,49 @@ def check_target(V, name="V"):
         )
     if V.dtype == torch.bool or V.is_complex():
         raise TypeError(f"{name} must hold real numbers, got dtype {V.dtype}")
+    if V.layout != torch.strided:
+        _check_sparse_layout(V, name)
     if not V.is_floating_point():
         V = V.to(torch.get_default_dtype())
     check_non_negative_tensor(V, name)
+    if V.layout != torch.strided:
+        V = canonical_sparse(V)
     return V
+
+
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc)
+
+
+def _check_sparse_layout(V, name):
+    if V.layout not in _SPARSE_LAYOUTS:
+        raise TypeError(
+            f"{name} must be a dense tensor or a sparse COO, CSR or CSC tensor, got layout "
+            f"{V.layout}; convert it with {name}.to_sparse_csr()"
+        )
+    if V.dense_dim() != 0:
+        raise ValueError(
+            f"a sparse {name} must store single numbers, got {V.dense_dim()} dense "
+            f"dimension(s) (shape {tuple(V.shape)}); use a sparse tensor of the full shape"
+        )
+
+
+def canonical_sparse(V):
+    """A coalesced COO tensor equal to the sparse ``V`` (sorted, unique indices).
+
+    Duplicate entries are summed, as ``to_dense`` would.  ``V`` itself is never
+    modified: a new tensor is returned unless ``V`` is already canonical.
+    """
+    if V.layout == torch.sparse_coo:
+        return V if V.is_coalesced() else V.coalesce()
+    # CSR/CSC invariants are not checked by torch at construction: re-sort
+    # unless the flattened indices are strictly increasing.
+    coo = V.to_sparse_coo()
+    indices = coo._indices()
+    if indices.shape[1] > 1:
+        flat = indices[0] * V.shape[1] + indices[1]
+        if not bool((flat[1:] > flat[:-1]).all()):
+            return torch.sparse_coo_tensor(indices, coo._values(), V.shape).coalesce()
+    return torch.sparse_coo_tensor(indices, coo._values(), V.shape, is_coalesced=True)
 
 
 def check_beta_with_zeros(V, beta, name="V"):

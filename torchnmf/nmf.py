@@ -21,6 +21,7 @@ from ._loop import run_fit
 from ._masked import MaskedAutogradStats, MaskedMatrixStats, prepare_target
 from ._reconstruct import conv_transpose, linear
 from ._solvers import FitProblem, get_solver, require_features
+from ._sparse import SPARSE_LAYOUTS, SparseMatrixStats
 from ._sparseness import SparseProjectedGradient
 from ._statistics import AutogradStats, DenseMatrixStats
 from ._updates import Penalty
@@ -203,7 +204,9 @@ class BaseComponent(FactorModule):
 
         Args:
             V (Tensor): the non-negative target, of the reconstruction's shape.
-                Never modified.
+                Never modified.  For :class:`NMF` it may be a sparse COO, CSR
+                or CSC tensor: the fit then gives the dense fit's result without
+                forming the dense matrix (duplicate indices are summed).
             beta (float): the divergence: 2 Euclidean, 1 Kullback-Leibler,
                 0 Itakura-Saito, any real in between or beyond.
             tol (float): stop once the relative decrease of the objective falls
@@ -482,6 +485,8 @@ class NMF(BaseComponent):
         return (self.H.shape[0], self.W.shape[0])
 
     def _statistics(self, V, beta, mask=None):
+        if V.layout in SPARSE_LAYOUTS and mask is None:
+            return SparseMatrixStats(V, beta)
         if V.layout != torch.strided:
             return super()._statistics(V, beta, mask)
         if mask is not None:

@@ -1,0 +1,217 @@
+r"""Statistics for a sparse matrix target, without ever forming a dense ``(N, C)`` tensor.
+
+:class:`SparseMatrixStats` answers the same three questions as
+:class:`~torchnmf._statistics.DenseMatrixStats` (``h_terms``, ``w_terms``,
+``divergence``) and gives the same numbers, to float rounding, as the dense
+statistics of ``V.to_dense()``:
+
+- ``beta = 2``: sparse-dense products (:math:`V W`, :math:`V^\top H`) and Gram
+  matrices; the divergence is
+  :math:`\tfrac12\|V\|^2 - \langle V, H W^\top\rangle + \tfrac12\langle H^\top H, W^\top W\rangle`.
+- ``beta = 1``: the reconstruction only where ``V`` is stored (a sampled
+  dense-dense product) and column sums of the factors.
+- other ``beta > 0``: the negative part of the gradient lives on the stored
+  entries; the positive part, :math:`\hat V^{\beta-1} W`, needs the whole
+  reconstruction, which is formed a row block of bounded size at a time in work
+  buffers allocated once per fit.
+
+The ``W`` terms are the ``H`` terms of the transposed problem
+:math:`V^\top \approx W H^\top`, so both are computed by the same kernels on
+two compressed-row copies of ``V`` (``V`` and ``V^\top``), built once per fit.
+The kernels are plain functions so that other statistics (masked targets)
+can reuse them.
+"""
+import torch
+
+from ._statistics import BLOCK_ELEMENTS
+
+__all__ = [
+    "SparseMatrixStats",
+    "SPARSE_LAYOUTS",
+    "to_csr",
+    "transpose_csr",
+    "sampled_product_",
+    "sparse_dense_product_",
+    "blocked_power_product_",
+]
+
+SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc)
+
+
+# -- kernels -------------------------------------------------------------------------
+def to_csr(V):
+    """A compressed-row copy (or view) of a 2-D sparse ``V`` with sorted, unique indices."""
+    if V.layout == torch.sparse_csr:
+        return V
+    if V.layout == torch.sparse_coo:
+        return V.coalesce().to_sparse_csr()
+    return V.to_sparse_csr()
+
+
+def transpose_csr(V_csr):
+    r"""The compressed-row form of :math:`V^\top` (built in O(nnz), once per fit)."""
+    by_column = V_csr.to_sparse_csc()
+    N, C = V_csr.shape
+    return torch.sparse_csr_tensor(
+        by_column.ccol_indices(), by_column.row_indices(), by_column.values(), (C, N)
+    )
+
+
+def sampled_product_(out, pattern, A, B):
+    r"""Fill ``out``'s stored values with :math:`(A B^\top)_{ij}` at ``pattern``'s non-zeros.
+
+    ``out`` is a CSR tensor with ``pattern``'s structure (a clone, reused every
+    iteration); no ``(n, m)`` or ``(nnz, R)`` temporary is formed.  Returns the
+    values (1-D, one per stored entry).
+    """
+    torch.sparse.sampled_addmm(pattern, A, B.T, beta=0.0, alpha=1.0, out=out)
+    return out.values()
+
+
+def sparse_dense_product_(out, sparse, dense):
+    """``out = sparse @ dense`` for a CSR ``sparse``, into the preallocated ``out``."""
+    return torch.mm(sparse, dense, out=out)
+
+
+def blocked_power_product_(out, A, B, exponent, eps, rows, work, want_power_sum=True):
+    r"""``out = (A B^\top)^{exponent} B`` in row blocks, the reconstruction floored at ``eps``.
+
+    ``work`` is a flat buffer of at least ``2 * rows * B.shape[0]`` elements,
+    so the largest temporary is ``rows`` rows of the reconstruction.  Returns
+    :math:`\sum (A B^\top)^{exponent + 1}` over every entry (float64), or
+    ``None`` when ``want_power_sum`` is false.
+    """
+    n, m = A.shape[0], B.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=A.device) if want_power_sum else None
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        size = (stop - start) * m
+        recon = work[:size].view(stop - start, m)
+        power = work[size:2 * size].view(stop - start, m)
+        torch.matmul(A[start:stop], B.T, out=recon)
+        recon.clamp_min_(eps)
+        torch.pow(recon, exponent, out=power)
+        if want_power_sum:
+            total += torch.dot(power.reshape(-1), recon.reshape(-1)).to(torch.float64)
+        torch.matmul(power, B, out=out[start:stop])
+    return total
+
+
+# -- one orientation of V -----------------------------------------------------------------
+class _Orientation:
+    """``V`` (or ``V.T``) in compressed rows, with the buffers its terms need."""
+
+    def __init__(self, csr, block_elements):
+        self.csr = csr
+        self.values = csr.values()
+        n, m = csr.shape
+        self.rows = max(1, min(n, block_elements // max(m, 1)))
+        self.scratch_csr = None
+
+    def buffers(self, R, dtype_like):
+        """Per-fit buffers: a CSR sharing the indices with its own values, a spare value
+        vector and two ``(n, R)`` outputs."""
+        if self.scratch_csr is None or self.negative.shape[1] != R:
+            n = self.csr.shape[0]
+            self.scratch_csr = torch.sparse_csr_tensor(
+                self.csr.crow_indices(), self.csr.col_indices(), self.values.clone(),
+                self.csr.shape,
+            )
+            self.spare = torch.empty_like(self.values)
+            self.negative = dtype_like.new_empty(n, R)
+            self.positive = dtype_like.new_empty(n, R)
+        return self.scratch_csr, self.spare, self.negative, self.positive
+
+
+def _divergence_constant(values, beta):
+    """The part of the divergence that depends on V alone (implicit zeros add nothing)."""
+    if beta == 2:
+        return values.pow(2).sum(dtype=torch.float64) / 2
+    if beta == 1:
+        return (torch.xlogy(values, values) - values).sum(dtype=torch.float64)
+    return values.pow(beta).sum(dtype=torch.float64) / (beta * (beta - 1))
+
+
+class SparseMatrixStats:
+    """Closed-form statistics for a sparse ``(N, C)`` matrix (COO, CSR or CSC).
+
+    Gives the same numbers as :class:`~torchnmf._statistics.DenseMatrixStats` on
+    the dense equivalent.  The memory used beyond ``V``, its transposed copy and
+    the factors is a few vectors of length nnz, two ``(N, R)`` and two
+    ``(C, R)`` buffers and, for ``beta`` not in {1, 2}, one work buffer of
+    ``2 * block_elements`` elements (at least two rows of the reconstruction).
+    ``beta`` must be positive (the implicit zeros make ``beta <= 0`` infinite);
+    the entry point checks it.
+    """
+
+    def __init__(self, V, beta, block_elements=None):
+        block_elements = block_elements or BLOCK_ELEMENTS
+        self.beta = float(beta)
+        self.eps = torch.finfo(V.dtype).eps
+        csr = to_csr(V)
+        self.shape = tuple(csr.shape)
+        self.by_rows = _Orientation(csr, block_elements)
+        self.by_columns = _Orientation(transpose_csr(csr), block_elements)
+        self.constant = _divergence_constant(self.by_rows.values, self.beta)
+        self._work = None
+
+    def _work_buffer(self):
+        if self._work is None:
+            N, C = self.shape
+            size = max(self.by_rows.rows * C, self.by_columns.rows * N)
+            self._work = self.by_rows.values.new_empty(2 * size)
+        return self._work
+
+    # -- the terms for the rows factor A of one orientation, other factor B ------------
+    def _row_terms(self, side, A, B, want_divergence):
+        """Negative and positive gradient parts w.r.t. ``A`` of :math:`D(V_{side} | A B^\top)`.
+
+        Returns ``(negative, positive, divergence)``; ``divergence`` is ``None``
+        unless asked for.
+        """
+        beta, values = self.beta, side.values
+        sampled_csr, spare, negative, positive = side.buffers(A.shape[1], A)
+        divergence = None
+        if beta == 2:
+            sparse_dense_product_(negative, side.csr, B)
+            gram_B = B.T @ B
+            torch.matmul(A, gram_B, out=positive)
+            if want_divergence:
+                cross = (A * negative).sum(dtype=torch.float64)
+                quad = ((A.T @ A) * gram_B).sum(dtype=torch.float64)
+                divergence = self.constant - cross + quad / 2
+            return negative, positive, divergence
+
+        recon = sampled_product_(sampled_csr, side.csr, A, B)
+        recon.clamp_min_(self.eps)
+        if beta == 1:
+            if want_divergence:
+                torch.log(recon, out=spare)
+                total = A.sum(0, dtype=torch.float64) @ B.sum(0, dtype=torch.float64)
+                divergence = self.constant + total - torch.dot(values, spare).to(torch.float64)
+            torch.div(values, recon, out=recon)
+            sparse_dense_product_(negative, sampled_csr, B)
+            return negative, B.sum(0, keepdim=True), divergence
+
+        torch.pow(recon, beta - 1, out=spare)
+        cross = torch.dot(values, spare).to(torch.float64) if want_divergence else None
+        torch.div(spare, recon, out=recon)
+        recon.mul_(values)
+        sparse_dense_product_(negative, sampled_csr, B)
+        power = blocked_power_product_(
+            positive, A, B, beta - 1, self.eps, side.rows, self._work_buffer(), want_divergence
+        )
+        if want_divergence:
+            divergence = self.constant + power / beta - cross / (beta - 1)
+        return negative, positive, divergence
+
+    # -- interface ----------------------------------------------------------------------
+    def h_terms(self, H, W):
+        return self._row_terms(self.by_rows, H, W, want_divergence=True)
+
+    def w_terms(self, H, W):
+        negative, positive, _ = self._row_terms(self.by_columns, W, H, want_divergence=False)
+        return negative, positive
+
+    def divergence(self, H, W):
+        return self.h_terms(H, W)[2]
