@@ -21,6 +21,8 @@ two compressed-row copies of ``V`` (``V`` and ``V^\top``), built once per fit.
 The kernels are plain functions so that other statistics (masked targets)
 can reuse them.
 """
+import warnings
+
 import torch
 
 from ._statistics import BLOCK_ELEMENTS
@@ -43,9 +45,11 @@ def to_csr(V):
     """A compressed-row copy (or view) of a 2-D sparse ``V`` with sorted, unique indices."""
     if V.layout == torch.sparse_csr:
         return V
-    if V.layout == torch.sparse_coo:
-        return V.coalesce().to_sparse_csr()
-    return V.to_sparse_csr()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        if V.layout == torch.sparse_coo:
+            return V.coalesce().to_sparse_csr()
+        return V.to_sparse_csr()
 
 
 def transpose_csr(V_csr):
@@ -53,7 +57,8 @@ def transpose_csr(V_csr):
     by_column = V_csr.to_sparse_csc()
     N, C = V_csr.shape
     return torch.sparse_csr_tensor(
-        by_column.ccol_indices(), by_column.row_indices(), by_column.values(), (C, N)
+        by_column.ccol_indices(), by_column.row_indices(), by_column.values(), (C, N),
+        check_invariants=False,
     )
 
 
@@ -115,7 +120,7 @@ class _Orientation:
             n = self.csr.shape[0]
             self.scratch_csr = torch.sparse_csr_tensor(
                 self.csr.crow_indices(), self.csr.col_indices(), self.values.clone(),
-                self.csr.shape,
+                self.csr.shape, check_invariants=False,
             )
             self.spare = torch.empty_like(self.values)
             self.negative = dtype_like.new_empty(n, R)

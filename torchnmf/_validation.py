@@ -127,7 +127,7 @@ def check_target(V, name="V"):
         V = V.to(torch.get_default_dtype())
     check_non_negative_tensor(V, name)
     if V.layout != torch.strided:
-        V = canonical_sparse(V)
+        V = canonical_sparse(V, name)
     return V
 
 
@@ -147,23 +147,33 @@ def _check_sparse_layout(V, name):
         )
 
 
-def canonical_sparse(V):
+def canonical_sparse(V, name="V"):
     """A coalesced COO tensor equal to the sparse ``V`` (sorted, unique indices).
 
     Duplicate entries are summed, as ``to_dense`` would.  ``V`` itself is never
     modified: a new tensor is returned unless ``V`` is already canonical.
     """
+    coo = V if V.layout == torch.sparse_coo else V.to_sparse_coo()
+    indices = coo._indices()
+    shape = torch.tensor(V.shape[: V.sparse_dim()], device=indices.device).unsqueeze(1)
+    if indices.numel() and bool(((indices < 0) | (indices >= shape)).any()):
+        raise ValueError(
+            f"{name} has stored indices outside its shape {tuple(V.shape)}; rebuild it with "
+            f"valid indices (torch.sparse.check_sparse_tensor_invariants finds them)"
+        )
     if V.layout == torch.sparse_coo:
         return V if V.is_coalesced() else V.coalesce()
     # CSR/CSC invariants are not checked by torch at construction: re-sort
     # unless the flattened indices are strictly increasing.
-    coo = V.to_sparse_coo()
-    indices = coo._indices()
     if indices.shape[1] > 1:
         flat = indices[0] * V.shape[1] + indices[1]
         if not bool((flat[1:] > flat[:-1]).all()):
-            return torch.sparse_coo_tensor(indices, coo._values(), V.shape).coalesce()
-    return torch.sparse_coo_tensor(indices, coo._values(), V.shape, is_coalesced=True)
+            return torch.sparse_coo_tensor(
+                indices, coo._values(), V.shape, check_invariants=False
+            ).coalesce()
+    return torch.sparse_coo_tensor(
+        indices, coo._values(), V.shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def check_beta_with_zeros(V, beta, name="V"):

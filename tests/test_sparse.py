@@ -1,0 +1,268 @@
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import TOLERANCES
+from torchnmf import metrics
+from torchnmf._sparse import (
+    SparseMatrixStats,
+    blocked_power_product_,
+    sampled_product_,
+    to_csr,
+)
+from torchnmf._statistics import DenseMatrixStats
+from torchnmf.nmf import NMF, NMFD
+
+BETAS = (0.5, 1, 1.5, 2, 3)
+LAYOUTS = {
+    "coo": lambda V: V.to_sparse(),
+    "csr": lambda V: V.to_sparse_csr(),
+    "csc": lambda V: V.to_sparse_csc(),
+}
+
+
+def sparse_problem(generator, n=24, c=15, rank=3, density=0.3, dtype=torch.float64):
+    """A sparse non-negative (n, c) target (about ``density`` stored) and initial factors."""
+    mask = torch.rand(n, c, generator=generator) < density
+    V = (torch.rand(n, c, generator=generator, dtype=dtype) + 0.1) * mask
+    H0 = torch.rand(n, rank, generator=generator, dtype=dtype) + 0.1
+    W0 = torch.rand(c, rank, generator=generator, dtype=dtype) + 0.1
+    return V, H0, W0
+
+
+def fitted(V, H0, W0, **options):
+    model = NMF(W=W0, H=H0)
+    model.fit(V, tol=0, **options)
+    return model
+
+
+def assert_same_fit(sparse, dense, dtype=torch.float64):
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(sparse.H, dense.H, **tol)
+    torch.testing.assert_close(sparse.W, dense.W, **tol)
+    torch.testing.assert_close(
+        torch.tensor(sparse.loss_history, dtype=torch.float64),
+        torch.tensor(dense.loss_history, dtype=torch.float64),
+        **tol,
+    )
+
+
+# -- equivalence with the dense path ------------------------------------------------
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("alpha,l1_ratio", [(0, 0), (0.1, 0.5), (0.05, 1.0)])
+def test_sparse_fit_equals_dense_fit(beta, layout, alpha, l1_ratio, generator):
+    V, H0, W0 = sparse_problem(generator)
+    options = dict(beta=beta, max_iter=15, alpha=alpha, l1_ratio=l1_ratio)
+    dense = fitted(V, H0, W0, **options)
+    sparse = fitted(LAYOUTS[layout](V), H0, W0, **options)
+    assert_same_fit(sparse, dense)
+
+
+@pytest.mark.parametrize("beta", [1, 1.5])
+def test_csc_and_float32_follow_the_dense_fit(beta, generator):
+    V, H0, W0 = sparse_problem(generator)
+    dense = fitted(V, H0, W0, beta=beta, max_iter=10)
+    assert_same_fit(fitted(LAYOUTS["csc"](V), H0, W0, beta=beta, max_iter=10), dense)
+    V, H0, W0 = V.float(), H0.float(), W0.float()
+    dense = fitted(V, H0, W0, beta=beta, max_iter=10)
+    sparse = fitted(V.to_sparse(), H0, W0, beta=beta, max_iter=10)
+    assert sparse.W.dtype == torch.float32
+    assert_same_fit(sparse, dense, torch.float32)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("block_elements", [7, 40, 10**6])
+def test_statistics_equal_dense_statistics(beta, block_elements, generator):
+    """Every term, with blocks that do and do not divide the rows (and one block of all)."""
+    V, H, W = sparse_problem(generator, n=13, c=9)
+    sparse = SparseMatrixStats(V.to_sparse(), beta, block_elements=block_elements)
+    dense = DenseMatrixStats(V, beta)
+    tol = TOLERANCES[torch.float64]
+    for got, want in zip(sparse.h_terms(H, W), dense.h_terms(H, W)):
+        torch.testing.assert_close(got.expand_as(want), want, **tol)
+    for got, want in zip(sparse.w_terms(H, W), dense.w_terms(H, W)):
+        torch.testing.assert_close(got.expand_as(want), want, **tol)
+    naive = metrics.beta_div(H @ W.T, V, beta).to(torch.float64)
+    torch.testing.assert_close(sparse.divergence(H, W).to(torch.float64), naive, **tol)
+
+
+def test_objective_never_increases(generator):
+    V, _, _ = sparse_problem(generator, n=30, c=20)
+    for beta in BETAS:
+        torch.manual_seed(0)
+        model = NMF(V.shape, rank=4).double()
+        model.fit(V.to_sparse_csr(), beta=beta, max_iter=40, tol=0)
+        history = torch.tensor(model.loss_history)
+        assert (history[1:] <= history[:-1] * (1 + 1e-12)).all(), beta
+        assert (model.H >= 0).all() and (model.W >= 0).all()
+
+
+def test_recovers_planted_sparse_structure(generator):
+    """Block-diagonal counts: a rank-3 KL fit of the sparse matrix finds the blocks."""
+    n, c, rank = 30, 18, 3
+    H = torch.zeros(n, rank, dtype=torch.float64)
+    W = torch.zeros(c, rank, dtype=torch.float64)
+    for k in range(rank):
+        H[k * 10:(k + 1) * 10, k] = 1 + torch.rand(10, generator=generator, dtype=torch.float64)
+        W[k * 6:(k + 1) * 6, k] = 1 + torch.rand(6, generator=generator, dtype=torch.float64)
+    V = (H @ W.T).to_sparse()
+    torch.manual_seed(3)
+    model = NMF(V.shape, rank=rank).double()
+    model.fit(V, beta=1, max_iter=500, tol=0)
+    assert model.loss_history[-1] < 1e-3 * model.loss_history[0]
+    torch.testing.assert_close(model().detach(), H @ W.T, rtol=0, atol=0.05)
+
+
+# -- kernels against naive references -------------------------------------------------
+def test_sampled_product_matches_dense_product(generator):
+    V, H, W = sparse_problem(generator, n=11, c=7)
+    csr = to_csr(V.to_sparse())
+    out = torch.sparse_csr_tensor(
+        csr.crow_indices(), csr.col_indices(), csr.values().clone(), csr.shape,
+        check_invariants=False,
+    )
+    values = sampled_product_(out, csr, H, W)
+    rows, cols = V.nonzero(as_tuple=True)
+    torch.testing.assert_close(values, (H @ W.T)[rows, cols], **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("rows", [1, 4, 11])
+def test_blocked_power_product_matches_dense(rows, generator):
+    _, H, W = sparse_problem(generator, n=11, c=7)
+    H[0, :] = 0  # a zero row of the reconstruction is floored at eps
+    eps = torch.finfo(H.dtype).eps
+    out = torch.empty_like(H)
+    work = H.new_empty(2 * rows * 7)
+    total = blocked_power_product_(out, H, W, 0.5, eps, rows, work)
+    recon = (H @ W.T).clamp_min(eps)
+    torch.testing.assert_close(out, recon.pow(0.5) @ W, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(total, recon.pow(1.5).sum(), **TOLERANCES[torch.float64])
+
+
+# -- indices, caller's tensor ------------------------------------------------------------
+def test_uncoalesced_coo_is_summed_and_left_alone(generator):
+    _, H0, W0 = sparse_problem(generator, n=5, c=4, rank=2)
+    indices = torch.tensor([[3, 0, 3, 1, 0, 4], [2, 1, 2, 3, 1, 0]])  # unsorted, duplicates
+    values = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5, 0.25], dtype=torch.float64)
+    V = torch.sparse_coo_tensor(indices, values, (5, 4), check_invariants=False)
+    assert not V.is_coalesced()
+    before = (V._indices().clone(), V._values().clone())
+    dense = V.to_dense()
+    assert dense[3, 2] == 1.5 and dense[0, 1] == 3.5
+    for beta in (1, 1.5, 2):
+        assert_same_fit(
+            fitted(V, H0, W0, beta=beta, max_iter=8), fitted(dense, H0, W0, beta=beta, max_iter=8)
+        )
+    assert not V.is_coalesced()
+    assert torch.equal(V._indices(), before[0]) and torch.equal(V._values(), before[1])
+
+
+def test_unsorted_csr_is_sorted_on_a_copy(generator):
+    _, H0, W0 = sparse_problem(generator, n=3, c=4, rank=2)
+    crow = torch.tensor([0, 2, 3, 5])
+    col = torch.tensor([3, 0, 1, 2, 2])  # row 0 unsorted, row 2 has a duplicate
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    V = torch.sparse_csr_tensor(crow, col, values, (3, 4), check_invariants=False)
+    dense = torch.tensor([[2.0, 0, 0, 1], [0, 3, 0, 0], [0, 0, 9, 0]], dtype=torch.float64)
+    assert_same_fit(fitted(V, H0, W0, beta=1, max_iter=8), fitted(dense, H0, W0, beta=1, max_iter=8))
+    assert torch.equal(V.col_indices(), col) and torch.equal(V.values(), values)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_fit_never_modifies_v(layout, generator):
+    V, _, _ = sparse_problem(generator)
+    V = LAYOUTS[layout](V)
+    copy = V.clone()
+    for beta in (2, 1, 0.5):
+        NMF(V.shape, rank=2).double().fit(V, beta=beta, max_iter=3, tol=0)
+    torch.testing.assert_close(V.to_dense(), copy.to_dense(), rtol=0, atol=0)
+
+
+def test_integer_sparse_counts_are_accepted(generator):
+    counts = (torch.rand(8, 6, generator=generator) * 4).floor().to(torch.int64)
+    model = NMF(counts.shape, rank=2)
+    W0, H0 = model.W.detach().clone(), model.H.detach().clone()
+    model.fit(counts.to_sparse(), beta=1, max_iter=5, tol=0)
+    dense = fitted(counts.to(torch.get_default_dtype()), H0, W0, beta=1, max_iter=5)
+    assert_same_fit(model, dense, torch.get_default_dtype())
+
+
+# -- errors ---------------------------------------------------------------------------
+def test_sparse_errors(generator):
+    V, _, _ = sparse_problem(generator, n=6, c=5)
+    model = NMF((6, 5), rank=2).double()
+    with pytest.raises(ValueError, match="V must be non-negative, but its smallest entry is -"):
+        model.fit((-V).to_sparse())
+    bad = V.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="V contains NaN"):
+        model.fit(bad.to_sparse_csr())
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="V contains infinite values"):
+        model.fit(bad.to_sparse())
+    with pytest.raises(
+        ValueError, match=r"V must have the shape of the reconstruction \(6, 5\), got \(5, 6\)"
+    ):
+        model.fit(V.T.to_sparse())
+    with pytest.raises(ValueError, match=r"beta=0 cannot be used with a sparse V.*use beta > 0"):
+        model.fit(V.to_sparse(), beta=0)
+    with pytest.raises(ValueError, match="beta=-1 cannot be used with a sparse V"):
+        model.fit(V.to_sparse_csr(), beta=-1)
+    with pytest.raises(TypeError, match="V must be a dense tensor or a sparse COO, CSR or CSC"):
+        model.fit(V.to_sparse_bsr((2, 1)))
+    hybrid = V.unsqueeze(-1).to_sparse(2)
+    with pytest.raises(ValueError, match="a sparse V must store single numbers, got 1 dense"):
+        model.fit(hybrid)
+    outside = torch.sparse_coo_tensor(
+        torch.tensor([[0, 6], [1, 1]]), torch.ones(2, dtype=torch.float64), (6, 5),
+        check_invariants=False,
+    )
+    with pytest.raises(ValueError, match=r"V has stored indices outside its shape \(6, 5\)"):
+        model.fit(outside)
+    with pytest.raises(NotImplementedError, match="NMFD.fit does not accept sparse targets"):
+        NMFD((6, 5, 4), rank=2, T=2).fit(torch.rand(6, 5, 4).to_sparse())
+
+
+# -- never dense ---------------------------------------------------------------------------
+class DenseWatcher(TorchDispatchMode):
+    """Records the largest strided tensor any aten operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_no_dense_matrix_is_ever_built(beta, generator, monkeypatch):
+    n, c, rank, block = 40, 30, 3, 64
+    V, H0, W0 = sparse_problem(generator, n=n, c=c, rank=rank, density=0.1)
+    V = V.to_sparse()
+    watcher = DenseWatcher()
+    with watcher:  # the watcher sees a dense matrix when one is made
+        V.to_dense()
+    assert watcher.largest == n * c
+
+    monkeypatch.setattr(torch.Tensor, "to_dense", lambda *a, **k: pytest.fail("to_dense called"))
+    monkeypatch.setattr("torchnmf._statistics.BLOCK_ELEMENTS", block)
+    monkeypatch.setattr("torchnmf._sparse.BLOCK_ELEMENTS", block)
+    model = NMF(W=W0, H=H0)
+    watcher = DenseWatcher()
+    with watcher:
+        model.fit(V, beta=beta, max_iter=3, tol=0, alpha=0.1, l1_ratio=0.5)
+    # nothing larger than a factor, the stored indices or two reconstruction blocks
+    bound = max(n * rank, c * rank, 2 * V._nnz(), 2 * max(block, n, c))
+    assert watcher.largest <= bound < n * c
+
+    stats = SparseMatrixStats(V, beta, block_elements=block)
+    stats.h_terms(H0, W0)
+    stats.w_terms(H0, W0)
+    if beta not in (1, 2):
+        assert stats._work.numel() <= 2 * max(block, n, c)
