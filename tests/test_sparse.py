@@ -266,3 +266,13 @@ def test_no_dense_matrix_is_ever_built(beta, generator, monkeypatch):
     stats.w_terms(H0, W0)
     if beta not in (1, 2):
         assert stats._work.numel() <= 2 * max(block, n, c)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("beta", [1, 1.5, 2])
+def test_cuda_sparse_matches_cpu_dense(beta, generator):
+    V, H0, W0 = sparse_problem(generator)
+    dense = fitted(V, H0, W0, beta=beta, max_iter=10)
+    gpu = fitted(V.to_sparse_csr().cuda(), H0.cuda(), W0.cuda(), beta=beta, max_iter=10)
+    torch.testing.assert_close(gpu.W.detach().cpu(), dense.W.detach(), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(gpu.H.detach().cpu(), dense.H.detach(), rtol=1e-7, atol=1e-9)
