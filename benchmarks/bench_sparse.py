@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from _common import PeakMemory, markdown_table, per_iteration_ms
+from _common import PeakMemory, markdown_table, peak_in_subprocess, per_iteration_ms
 
 from torchnmf._statistics import BLOCK_ELEMENTS
 from torchnmf._sparse import sparse_dense_product, to_csr, transpose_csr
@@ -18,6 +18,7 @@ from torchnmf.nmf import NMF
 
 TITLE = "Sparse targets (issue 4)"
 BETAS = (2, 1, 1.5)
+DENSITY = 0.01
 
 
 def sparse_low_rank(n, c, rank, nnz, seed=0, dtype=torch.float32):
@@ -145,50 +146,63 @@ def _mib(nbytes):
     return nbytes / 2**20
 
 
-def run(quick=False):
+def _problem(quick):
     n, c, rank = (4000, 1000, 16) if quick else (20000, 5000, 32)
-    density = 0.01
-    V = sparse_low_rank(n, c, rank, int(n * c * density), seed=0)
+    V = sparse_low_rank(n, c, rank, int(n * c * DENSITY), seed=0)
     H0, W0 = initial_factors(V, rank)
+    return V, H0, W0
+
+
+def memory_probe(method, beta, quick):
+    """Extra peak MiB of 2 iterations of ``method`` (run in a fresh process)."""
+    V, H0, W0 = _problem(quick)
+    run = _ours(V, H0, W0, beta) if method == "ours" else _sklearn(_to_scipy(V), H0, W0, beta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(1)  # warm-up: libraries' code pages and thread pools are not the method's memory
+        with PeakMemory() as mem:
+            run(2)
+    return mem.extra
+
+
+def run(quick=False):
+    V, H0, W0 = _problem(quick)
+    (n, c), rank = V.shape, H0.shape[1]
     dense_mib = _mib(n * c * V.element_size())
     try:
+        import sklearn  # noqa: F401
         X = _to_scipy(V)
         have_sklearn = True
-        import sklearn  # noqa: F401
     except ImportError:
         have_sklearn = False
 
     rows = []
+    na = "n/a"
     for beta in BETAS:
         # beta=1.5 forms the whole reconstruction twice per iteration: fewer iterations
         counts = (4, 16, 3) if beta in (1, 2) else (1, 4, 1)
         ours = per_iteration_ms(_ours(V, H0, W0, beta), *counts)
         floor = per_iteration_ms(_floor(V, H0, W0, beta), *counts)
-        with PeakMemory() as mem_ours:
-            _ours(V, H0, W0, beta)(2)
+        ours_mem = peak_in_subprocess("bench_sparse", "memory_probe", "ours", beta, quick)
         sk = sk_mem = None
         if have_sklearn:
             sk = per_iteration_ms(_sklearn(X, H0, W0, beta), *counts)
-            with PeakMemory() as mem_sk, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                _sklearn(X, H0, W0, beta)(2)
-            sk_mem = mem_sk.extra
-        na = "n/a"
+            sk_mem = peak_in_subprocess("bench_sparse", "memory_probe", "sklearn", beta, quick)
         rows.append([
             beta, ours, floor, ours / floor,
             sk if sk is not None else na,
             sk / ours if sk is not None else na,
-            mem_ours.extra if mem_ours.extra is not None else na,
+            ours_mem if ours_mem is not None else na,
             sk_mem if sk_mem is not None else na,
         ])
     header = (
-        f"V: {n}x{c} float32, {V._nnz()} non-zeros ({density:.0%}), rank {rank}; the dense "
+        f"V: {n}x{c} float32, {V._nnz()} non-zeros ({DENSITY:.0%}), rank {rank}; the dense "
         f"matrix would take {dense_mib:.0f} MiB. Same initial factors for both; scikit-learn "
         f"gets the same matrix as scipy CSR. ms per iteration; extra peak resident memory "
-        f"over a 2-iteration fit (set-up included). Floor: the products one iteration "
-        f"cannot avoid, with our fastest kernels (beta=2: sparse-dense and Gram products; "
-        f"beta=1: sampled and sparse-dense products; beta=1.5: those plus the four dense "
-        f"block products of the positive term).\n\n"
+        f"of 2 iterations after a warm-up one, in a fresh process (set-up included). Floor: "
+        f"the products one iteration cannot avoid, with our fastest kernels (beta=2: "
+        f"sparse-dense and Gram products; beta=1: sampled and sparse-dense products; "
+        f"beta=1.5: those plus the four dense block products of the positive term).\n\n"
     )
     table = markdown_table(
         ["beta", "ours ms", "floor ms", "ours/floor", "sklearn mu ms", "sklearn/ours",

@@ -276,3 +276,13 @@ def test_cuda_sparse_matches_cpu_dense(beta, generator):
     gpu = fitted(V.to_sparse_csr().cuda(), H0.cuda(), W0.cuda(), beta=beta, max_iter=10)
     torch.testing.assert_close(gpu.W.detach().cpu(), dense.W.detach(), rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(gpu.H.detach().cpu(), dense.H.detach(), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_transform_of_sparse_data_equals_dense(layout, generator):
+    V, H0, W0 = sparse_problem(generator)
+    model = NMF(W=W0, H=H0)
+    starts = [torch.Generator().manual_seed(5) for _ in range(2)]
+    sparse = model.transform(LAYOUTS[layout](V), beta=1, max_iter=10, tol=0, generator=starts[0])
+    dense = model.transform(V, beta=1, max_iter=10, tol=0, generator=starts[1])
+    torch.testing.assert_close(sparse, dense, **TOLERANCES[torch.float64])

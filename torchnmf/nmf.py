@@ -81,6 +81,10 @@ class BaseComponent(FactorModule):
         return self.reconstruct(H, W)
 
     # -- fitting -------------------------------------------------------------
+    def _mean_reconstruction(self, H, W):
+        """The mean entry of ``reconstruct(H, W)``."""
+        return self.reconstruct(H, W).mean()
+
     def _statistics(self, V, beta, mask=None):
         """The statistics object for target ``V`` (the generic autograd route)."""
         if V.layout != torch.strided:
@@ -346,10 +350,12 @@ class BaseComponent(FactorModule):
         if H is None:
             H = torch.rand(shape, dtype=W.dtype, device=W.device, generator=generator)
             with torch.no_grad():
-                predicted = self.reconstruct(H, W)
                 if mask is None:
-                    scale = V.mean() / predicted.mean().clamp_min(torch.finfo(W.dtype).tiny)
+                    scale = _mean(V) / self._mean_reconstruction(H, W).clamp_min(
+                        torch.finfo(W.dtype).tiny
+                    )
                 else:
+                    predicted = self.reconstruct(H, W)
                     scale = V[mask].mean() / predicted[mask].mean().clamp_min(torch.finfo(W.dtype).tiny)
             H.mul_(scale.clamp_min(torch.finfo(W.dtype).eps))
         else:
@@ -484,6 +490,10 @@ class NMF(BaseComponent):
     def _output_shape(self):
         return (self.H.shape[0], self.W.shape[0])
 
+    def _mean_reconstruction(self, H, W):
+        # closed form: no (N, C) reconstruction, which a sparse V must never cause
+        return (H.sum(0) @ W.sum(0)) / (H.shape[0] * W.shape[0])
+
     def _statistics(self, V, beta, mask=None):
         if V.layout in SPARSE_LAYOUTS and mask is None:
             return SparseMatrixStats(V, beta)
@@ -570,3 +580,10 @@ class NMF3D(_ConvNMF):
 
     def __init__(self, Vshape=None, rank=None, kernel_size=1, **kwargs):
         super().__init__(Vshape, rank, kernel_tuple(kernel_size, 3), kwargs)
+
+
+def _mean(V):
+    """The mean entry of a dense or (coalesced COO) sparse ``V``."""
+    if V.layout == torch.sparse_coo:
+        return V._values().sum() / V.shape.numel()
+    return V.mean()
