@@ -37,10 +37,9 @@ __all__ = ["TorchNMF"]
 BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
 INITS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
 
-# TEMPORARY: until NMF.fit accepts sparse COO targets (the sparse-target issue),
-# scipy sparse input is densified here. Set to False once that support lands,
-# and the estimator passes torch sparse tensors straight to NMF.fit.
-_DENSIFY_SPARSE = True
+# NMF.fit accepts sparse targets (issue 4): scipy and torch sparse input reach it
+# as a coalesced COO tensor and is never densified.
+_DENSIFY_SPARSE = False
 
 
 def _torch_dtype(spec):
@@ -355,7 +354,10 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             alpha_W=alpha_H * N, alpha_H=alpha_W * C,
         )
         with torch.no_grad():
-            divergence = metrics.beta_div(model(), V.to_dense() if V.is_sparse else V, beta)
+            if V.is_sparse:  # the divergence without forming the dense reconstruction
+                divergence = model._statistics(V, beta).divergence(model.H, model.W)
+            else:
+                divergence = metrics.beta_div(model(), V, beta)
         self.reconstruction_err_ = math.sqrt(2 * max(float(divergence), 0.0))
         W = model.W.detach()
         self._templates = NMF(W=W, trainable_W=False)
