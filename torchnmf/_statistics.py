@@ -105,10 +105,11 @@ class DenseMatrixStats:
         return negative, positive
 
     # -- other beta: blockwise powers of the reconstruction -------------------------
-    def _block_powers(self, V_block, H_block, W, work, pair):
+    def _block_powers(self, V_block, H_block, W, work, pair, divergence=True):
         """Fill ``pair`` with (V * WH^(beta-2), WH^(beta-1)) for one row block.
 
-        Returns the block's contribution to the divergence (minus the constant).
+        Returns the block's contribution to the divergence (minus the constant);
+        at beta=1 with ``divergence=False`` the logarithm is skipped and 0 returned.
         """
         beta = self.beta
         b = V_block.shape[0]
@@ -117,8 +118,10 @@ class DenseMatrixStats:
         WH.clamp_min_(self.eps)
         numer, denom = pair[0, :b], pair[1, :b]
         if beta == 1:
-            torch.log(WH, out=denom)
-            part = -torch.dot(V_block.reshape(-1), denom.reshape(-1))
+            part = 0
+            if divergence:
+                torch.log(WH, out=denom)
+                part = -torch.dot(V_block.reshape(-1), denom.reshape(-1))
             torch.div(V_block, WH, out=numer)
             return part
         part = 0
@@ -155,7 +158,7 @@ class DenseMatrixStats:
         for start, stop in _row_blocks(H.shape[0], self.rows):
             b = stop - start
             H_block = H[start:stop]
-            self._block_powers(self.V[start:stop], H_block, W, work, pair)
+            self._block_powers(self.V[start:stop], H_block, W, work, pair, divergence=False)
             negative.addmm_(pair[0, :b].T, H_block)
             if self.beta != 1:
                 positive.addmm_(pair[1, :b].T, H_block)

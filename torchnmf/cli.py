@@ -316,6 +316,7 @@ def run_fit(args, out=print, note=None):
     import torch
 
     from . import io
+    from ._validation import check_beta_with_zeros
 
     note = note or (lambda message: print(f"torchnmf: note: {message}", file=sys.stderr))
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
@@ -333,6 +334,8 @@ def run_fit(args, out=print, note=None):
     V = _model_layout(target.V, args.model, note).to(device)
     torch.manual_seed(args.seed)
     model = _build_model(V, args)
+    # before initialising, so that data the fit refuses gets the fit's message
+    check_beta_with_zeros(V, args.beta)
     _initialise(model, V, args.init, args.seed, note)
     kind = "NMF" if args.model == "nmf" else f"NMFD (T={model.W.shape[2]})"
     out(f"{kind} rank {args.rank}, beta {args.beta:g}, solver {args.solver}, init {args.init}, "

@@ -17,6 +17,7 @@ with :math:`\rho` = ``l1_ratio``, over the trainable factors.
 import torch
 
 from ._components import FactorModule, kernel_tuple, make_factor, shapes_from_vshape
+from . import init as _init
 from ._loop import run_fit
 from ._masked import MaskedAutogradStats, MaskedMatrixStats, prepare_target
 from ._reconstruct import conv_transpose, linear
@@ -147,7 +148,7 @@ class BaseComponent(FactorModule):
 
         ``H`` and ``W`` are updated in place. Returns ``(n_iter, history)``.
         """
-        solver_cls = get_solver(solver)
+        solver_cls = get_solver(solver, beta)
         wanted = []
         if mask is not None:
             wanted.append("mask")
@@ -180,6 +181,46 @@ class BaseComponent(FactorModule):
                 callback=callback,
                 desc=type(self).__name__,
             )
+
+    def _initial_factors(self, V, method, generator):
+        """``(W, H)`` for :meth:`initialize_`; the convolutional models offer random only."""
+        if method != "random":
+            if method not in _init.METHODS:
+                raise ValueError(f"method must be one of {list(_init.METHODS)}, got {method!r}")
+            raise NotImplementedError(
+                f"{type(self).__name__}.initialize_ supports method='random' only; "
+                f"method={method!r} needs a matrix model (NMF)"
+            )
+        return _init.initialize_random(V, self.W.shape, self.H.shape, generator=generator)
+
+    def initialize_(self, V, method="nndsvda", *, generator=None):
+        r"""Re-initialise the trainable factors from the data ``V``, in place.
+
+        For :class:`NMF`, any method of :func:`torchnmf.init.initialize`
+        (NNDSVD and its variants, or random scaled to ``V``); the
+        convolutional models support ``method="random"`` (see
+        :func:`torchnmf.init.initialize_random`).  Fixed factors
+        (``trainable_W=False`` or ``trainable_H=False``) are left as they are.
+
+        Args:
+            V (Tensor): the target ``fit`` would get; never modified.
+            method (str): ``"random"``, ``"nndsvd"``, ``"nndsvda"`` or ``"nndsvdar"``.
+            generator (int, torch.Generator or None, keyword-only): seed or generator.
+
+        Returns:
+            the module itself, so that ``NMF(V.shape, rank=8).initialize_(V)`` chains.
+
+        Raises:
+            NotImplementedError: an SVD-based method on a convolutional model.
+        """
+        self._require_factors(("W", "H"), "initialize_")
+        V, _ = self._check_fit_target(V)
+        W, H = self._initial_factors(V, method, generator)
+        with torch.no_grad():
+            for parameter, value in ((self.W, W), (self.H, H)):
+                if parameter.requires_grad:
+                    parameter.copy_(value)
+        return self
 
     def fit(
         self,
@@ -219,7 +260,11 @@ class BaseComponent(FactorModule):
             verbose (bool): show a progress bar with the current objective.
             alpha (float): strength of the elastic-net penalty.
             l1_ratio (float): the share of L1 in the penalty, in [0, 1].
-            solver (str, keyword-only): ``"mu"`` (multiplicative updates).
+            solver (str, keyword-only): ``"mu"`` (multiplicative updates, any
+                beta), ``"hals"`` (accelerated HALS, beta=2, :class:`NMF` only)
+                or ``"mu_extrapolated"`` (multiplicative updates with
+                extrapolation, any beta; the fast road for beta=1). See
+                ``docs/solvers.md``.
             callback (callable, keyword-only): ``callback(n_iter, loss)`` after
                 every iteration; returning ``True`` stops the fit.
             mask (Tensor, keyword-only): a boolean tensor of ``V``'s shape, True
@@ -245,10 +290,12 @@ class BaseComponent(FactorModule):
         Raises:
             ValueError: for a negative, infinite or (unless masked) NaN ``V``, a
                 ``V`` or ``mask`` of the wrong shape, a row or column with no
-                observed entry, ``beta <= 0`` with zeros in ``V``, or bad options.
+                observed entry, ``beta <= 0`` with zeros in ``V``, bad options,
+                or a solver that does not support ``beta``.
             TypeError: for a ``mask`` that is not a boolean tensor.
             NotImplementedError: for a solver that does not support the masked
-                target or the fixed components asked for.
+                target or the fixed components asked for, or ``solver="hals"``
+                on a convolutional model.
 
         Examples::
 
@@ -502,6 +549,9 @@ class NMF(BaseComponent):
         if mask is not None:
             return MaskedMatrixStats(V, mask, beta)
         return DenseMatrixStats(V, beta)
+
+    def _initial_factors(self, V, method, generator):
+        return _init.initialize(V, self.rank, method, generator=generator)
 
 
 class _ConvNMF(BaseComponent):

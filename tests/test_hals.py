@@ -1,0 +1,203 @@
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import low_rank
+from torchnmf._hals import hals_update_, max_inner_sweeps
+from torchnmf._solvers import HALS, FitProblem, get_solver
+from torchnmf._statistics import DenseMatrixStats
+from torchnmf._updates import Penalty
+from torchnmf.init import initialize
+from torchnmf.metrics import euclidean
+from torchnmf.nmf import NMF, NMFD
+
+
+def subproblem(X, A, G, penalty):
+    """0.5 tr(X G X^T) - tr(X^T A) + penalty(X), the objective one HALS update minimises."""
+    return float(0.5 * (X @ G * X).sum() - (X * A).sum()) + penalty.value(X)
+
+
+def naive_sweep(X, A, G, penalty):
+    X = X.clone()
+    for k in range(X.shape[1]):
+        others = X @ G[:, k] - X[:, k] * G[k, k]
+        X[:, k] = ((A[:, k] - penalty.l1 - others) / (G[k, k] + penalty.l2)).clamp(min=0)
+    return X
+
+
+def random_subproblem(generator, m=15, r=4):
+    W = torch.rand(9, r, generator=generator, dtype=torch.float64)
+    V = torch.rand(m, 9, generator=generator, dtype=torch.float64)
+    X = torch.rand(m, r, generator=generator, dtype=torch.float64)
+    return X, V @ W, W.T @ W
+
+
+@pytest.mark.parametrize("penalty", [Penalty(), Penalty(0.3, 0.5), Penalty(0.2, 1.0), Penalty(0.5, 0.0)])
+def test_one_sweep_matches_naive_reference(penalty, generator):
+    X, A, G = random_subproblem(generator)
+    expected = naive_sweep(X, A, G, penalty)
+    hals_update_(X, A, G, penalty, max_sweeps=1)
+    assert_close(X, expected)
+
+
+def test_sweeps_never_increase_the_subproblem_and_converge(generator):
+    X, A, G = random_subproblem(generator)
+    penalty = Penalty(0.1, 0.3)
+    values = [subproblem(X, A, G, penalty)]
+    for _ in range(300):
+        hals_update_(X, A, G, penalty, max_sweeps=1)
+        values.append(subproblem(X, A, G, penalty))
+    diffs = torch.tensor(values).diff()
+    assert (diffs <= 1e-12 * abs(values[0])).all()
+    # the fixed point satisfies the KKT conditions: gradient >= 0, = 0 where X > 0
+    gradient = X @ G - A + penalty.l1 + penalty.l2 * X
+    assert (gradient > -1e-8).all()
+    assert_close(gradient[X > 1e-10], torch.zeros_like(gradient[X > 1e-10]), atol=1e-8, rtol=0)
+
+
+def test_inner_repetitions_stop_on_delta(generator):
+    X, A, G = random_subproblem(generator)
+    assert hals_update_(X.clone(), A, G, Penalty(), max_sweeps=50, delta=0.5) < 50
+    assert hals_update_(X.clone(), A, G, Penalty(), max_sweeps=7, delta=0.0) == 7
+
+
+def test_max_inner_sweeps():
+    # rho = (M K R + K R^2) / (R (M R + overhead))
+    assert max_inner_sweeps(100, 50, 5, alpha=0.5) == 1 + int(0.5 * (100 * 50 * 5 + 50 * 25) / (5 * 500))
+    assert max_inner_sweeps(100, 50, 5, alpha=0) == 1
+    assert max_inner_sweeps(100, 50, 5, 0.5, overhead=10**6) == 1
+
+
+def test_floor_keeps_columns_alive(generator):
+    X, A, G = random_subproblem(generator)
+    A[:, 0] = -1.0  # column 0 would be all zero
+    hals_update_(X, A, G, Penalty(), floor=1e-12)
+    assert (X[:, 0] == 1e-12).all()
+
+
+@pytest.mark.parametrize("alpha, l1_ratio", [(0, 0), (0.2, 0.5), (1.0, 1.0)])
+def test_fit_objective_never_increases(alpha, l1_ratio, generator):
+    V, _, _ = low_rank(30, 20, 3, generator, noise=0.2)
+    model = NMF(V.shape, rank=4).double().initialize_(V, "random", generator=0)
+    model.fit(V, beta=2, tol=0, max_iter=60, solver="hals", alpha=alpha, l1_ratio=l1_ratio)
+    history = torch.tensor(model.loss_history, dtype=torch.float64)
+    assert (history.diff() <= 1e-10 * history[0]).all()
+    assert (model.W >= 0).all() and (model.H >= 0).all()
+
+
+def test_reaches_near_zero_loss_on_exactly_low_rank(generator):
+    V, _, _ = low_rank(40, 25, 3, generator)
+    model = NMF(V.shape, rank=3).double().initialize_(V, "nndsvda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(V, beta=2, tol=0, max_iter=300, solver="hals")
+    with torch.no_grad():
+        loss = float(euclidean(model(), V))
+    assert loss < 1e-10 * float(V.pow(2).sum())
+
+
+def test_beats_mu_in_the_same_iterations(generator):
+    V, _, _ = low_rank(40, 25, 4, generator, noise=0.3)
+    W0, H0 = initialize(V, 4, "nndsvda")
+    losses = {}
+    for solver in ("mu", "hals"):
+        model = NMF(W=W0, H=H0)
+        model.fit(V, beta=2, tol=0, max_iter=30, solver=solver)
+        losses[solver] = model.loss_history[-1]
+    assert losses["hals"] < losses["mu"]
+
+
+def test_penalised_fit_matches_long_mu_run(generator):
+    V, _, _ = low_rank(12, 8, 2, generator, noise=0.1)
+    W0, H0 = initialize(V, 2, "nndsvda")
+    results = []
+    for solver, iters in (("hals", 200), ("mu", 1500)):
+        model = NMF(W=W0, H=H0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(V, beta=2, tol=0, max_iter=iters, solver=solver, alpha=0.5, l1_ratio=0.5)
+        results.append(model.loss_history[-1])
+    assert_close(results[0], results[1], rtol=1e-3, atol=0)
+    assert results[0] <= results[1] * (1 + 1e-9)
+
+
+def test_fixed_factor_untouched_and_reproducible(generator):
+    V, _, _ = low_rank(20, 12, 2, generator, noise=0.1)
+    W0, H0 = initialize(V, 2, "nndsvda")
+    model = NMF(W=W0, H=H0, trainable_W=False)
+    model.fit(V, beta=2, tol=0, max_iter=20, solver="hals")
+    assert torch.equal(model.W.detach(), W0)
+    again = NMF(W=W0, H=H0, trainable_W=False)
+    again.fit(V, beta=2, tol=0, max_iter=20, solver="hals")
+    assert torch.equal(model.H, again.H)
+
+
+class SparseGramStats:
+    """Beta=2 statistics from a sparse COO V, written only with sparse products."""
+
+    def __init__(self, V):
+        self.V = V
+        self.constant = 0.5 * float(V._values().pow(2).sum())
+
+    def h_terms(self, H, W):
+        negative = self.V @ W
+        gram_W = W.T @ W
+        divergence = self.constant - float((H * negative).sum()) + 0.5 * float(((H.T @ H) * gram_W).sum())
+        return negative, H @ gram_W, divergence
+
+    def w_terms(self, H, W):
+        return self.V.mT @ H, W @ (H.T @ H)
+
+    def divergence(self, H, W):
+        return self.h_terms(H, W)[2]
+
+
+def test_hals_uses_only_the_statistics_interface(generator):
+    V, _, _ = low_rank(20, 12, 3, generator)
+    V = V * (torch.rand(V.shape, generator=generator, dtype=V.dtype) < 0.6)
+    W0, H0 = initialize(V, 3, "nndsvda")
+    results = []
+    for stats in (DenseMatrixStats(V, 2), SparseGramStats(V.to_sparse())):
+        problem = FitProblem(stats=stats, H=H0.clone(), W=W0.clone(), beta=2)
+        solver = HALS(problem)
+        history = [solver.step() for _ in range(15)]
+        results.append((problem.H, problem.W, history))
+    assert_close(results[0][0], results[1][0])
+    assert_close(results[0][1], results[1][1])
+    assert_close(results[0][2], results[1][2])
+
+
+def test_errors(generator):
+    V, _, _ = low_rank(12, 9, 2, generator)
+    model = NMF(V.shape, rank=2).double()
+    with pytest.raises(ValueError, match=r"solver='hals' supports beta=2 only, got beta=1; use solver='mu'"):
+        model.fit(V, beta=1, solver="hals")
+    with pytest.raises(ValueError, match=r"solver must be one of \['hals', 'mu', 'mu_extrapolated'\], got 'cd'"):
+        model.fit(V, solver="cd")
+    with pytest.raises(TypeError, match="solver must be a string, got int"):
+        model.fit(V, solver=1)
+    with pytest.raises(ValueError, match="supports beta=2 only, got beta=0.5"):
+        get_solver("hals", 0.5)
+    conv = NMFD((2, 3, 10), rank=2, T=3)
+    with pytest.raises(NotImplementedError, match="solver='hals' supports the matrix model NMF only"):
+        conv.fit(torch.rand(2, 3, 10), beta=2, solver="hals")
+
+
+def test_fixed_components_stay_bit_identical(generator):
+    V, _, _ = low_rank(20, 12, 3, generator, noise=0.1)
+    W0, H0 = initialize(V, 3, "nndsvda")
+    model = NMF(W=W0, H=H0)
+    model.fit(V, beta=2, tol=0, max_iter=15, solver="hals", fixed_W=[1])
+    assert torch.equal(model.W[:, 1].detach(), W0[:, 1])
+    assert not torch.equal(model.W[:, 0].detach(), W0[:, 0])
+    history = torch.tensor(model.loss_history, dtype=torch.float64)
+    assert (history.diff() <= 1e-10 * history[0]).all()
+
+
+def test_masked_target_is_refused(generator):
+    V, _, _ = low_rank(12, 9, 2, generator)
+    observed = torch.rand(V.shape, generator=generator) > 0.2
+    with pytest.raises(NotImplementedError, match="solver='hals' does not support masked targets"):
+        NMF(V.shape, rank=2).double().fit(V, beta=2, mask=observed, solver="hals")

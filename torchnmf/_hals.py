@@ -1,0 +1,109 @@
+r"""Hierarchical alternating least squares (HALS) for the Euclidean objective.
+
+With the other factor fixed, the objective in one factor :math:`X` (``H`` with
+``A = V W`` and ``G = W^T W``; ``W`` with ``A = V^T H`` and ``G = H^T H``) is
+
+.. math::
+
+    \tfrac12 \operatorname{tr}(X G X^\top) - \operatorname{tr}(X^\top A)
+    + \lambda_1 \textstyle\sum X + \tfrac{\lambda_2}{2} \|X\|_F^2,
+
+and its exact minimiser in column :math:`k`, the others fixed, is
+
+.. math::
+
+    x_k \leftarrow \max\Big(0,\;
+        \frac{a_k - \lambda_1 - \sum_{j \ne k} G_{jk} x_j}{G_{kk} + \lambda_2}\Big)
+
+(Cichocki & Phan 2009, doi:10.1587/transfun.E92.A.708).  A sweep updates every
+column in turn, so the objective never increases.  Because ``A`` and ``G`` are
+computed once per factor update and a sweep costs only :math:`O(MR^2)` against
+:math:`O(NCR)` for ``A``, several sweeps are run on the same ``A`` and ``G``
+(Gillis & Glineur 2012, doi:10.1162/NECO_a_00256): at most
+:math:`1 + \lfloor \alpha \rho \rfloor`, with :math:`\rho` the cost of ``A``
+and ``G`` over the cost of a sweep, and only while a sweep still changes the
+factor by more than :math:`\delta` times what the first sweep changed.
+
+Entries are kept above a tiny positive floor rather than zero: once a whole
+column of one factor is zero, the matching column of the other factor has
+nothing to fit and the component would be lost for good (Gillis & Glineur
+2012 make the same choice).  The coordinate minimiser over
+:math:`[\text{floor}, \infty)` is the clamp above, so the objective still
+never increases.
+"""
+import torch
+
+__all__ = ["hals_update_", "max_inner_sweeps"]
+
+
+def max_inner_sweeps(rows, other_rows, rank, alpha, overhead=0, slowdown=1):
+    """Gillis & Glineur's bound ``1 + floor(alpha * rho)`` on the sweeps per update.
+
+    ``rows`` is the updated factor's row count ``M``; ``other_rows`` the other
+    factor's, ``K``.  ``rho`` compares the cost of the products that build
+    ``A`` and ``G`` (``M K R + K R^2`` multiply-adds, matrix-matrix) with one
+    sweep: ``R`` matrix-vector products of ``M R`` multiply-adds, each
+    ``slowdown`` times dearer per multiply-add than a matrix-matrix product
+    (they are bound by memory, not arithmetic), plus ``overhead``
+    multiply-adds' worth of fixed cost per column (what dominates a sweep
+    over small factors).
+    """
+    statistics = rows * other_rows * rank + other_rows * rank**2
+    sweep = rank * (rows * rank * slowdown + overhead)
+    return 1 + int(alpha * statistics / sweep)
+
+
+def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floor=0.0,
+                 fixed=None):
+    """HALS sweeps over the columns of ``factor`` (``(M, R)``), in place.
+
+    Args:
+        factor (Tensor): ``(M, R)``, updated in place.
+        numerator (Tensor): ``A`` above, ``(M, R)``; not modified.
+        gram (Tensor): ``G`` above, ``(R, R)``.
+        penalty (Penalty): the elastic-net penalty on ``factor``.
+        max_sweeps (int): the most sweeps over the columns.
+        delta (float): stop once a sweep changes ``factor`` (Frobenius norm)
+            by at most ``delta`` times the first sweep's change.
+        floor (float): the smallest value an entry may take.  A small positive
+            floor keeps a column from becoming exactly zero, from where HALS
+            (like multiplicative updates) could never bring it back.
+        fixed (Tensor, optional): int64 indices of columns left exactly as they are.
+
+    Returns:
+        int: the sweeps run.
+    """
+    eps = torch.finfo(factor.dtype).eps
+    # Work on the transpose so that each column is a contiguous row, and divide
+    # row k of the problem by G_kk + l2 once, so that a column update is one
+    # matrix-vector product and one clamp:
+    #   x_k = max(0, (a_k - l1) / d_k - sum_{j != k} (G_kj / d_k) x_j).
+    denominators = (gram.diagonal() + penalty.l2).clamp_min(eps).unsqueeze(1)
+    columns = factor.T.contiguous()
+    targets = numerator.T - penalty.l1 if penalty.l1 else numerator.T.clone()
+    targets.div_(denominators)
+    coupling = gram / denominators
+    coupling.diagonal().zero_()
+    skip = set() if fixed is None else set(fixed.tolist())
+    free = [k for k in range(columns.shape[0]) if k not in skip]
+    rows = [columns[k] for k in free]
+    target_rows = [targets[k] for k in free]
+    coupling_rows = [coupling[k] for k in free]
+    all_rows = columns.T
+    scratch = columns.new_empty(columns.shape[1])
+    first_change = None
+    sweeps = 0
+    for sweeps in range(1, max_sweeps + 1):
+        previous = columns.clone() if max_sweeps > 1 else None
+        for row, target, weights in zip(rows, target_rows, coupling_rows):
+            torch.addmv(target, all_rows, weights, alpha=-1, out=scratch)
+            torch.clamp_min(scratch, floor, out=row)
+        if previous is None:
+            break
+        change = float(torch.linalg.vector_norm(previous.sub_(columns)))
+        if first_change is None:
+            first_change = change
+        if change <= delta * first_change:
+            break
+    factor.copy_(columns.T)
+    return sweeps

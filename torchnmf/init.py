@@ -1,0 +1,247 @@
+r"""Initial factors computed from the data.
+
+:func:`initialize` returns ``(W, H)`` for a target :math:`V \approx H W^\top`
+of shape ``(N, C)``:
+
+- ``"random"``: uniform entries scaled so that the reconstruction's mean equals
+  ``V``'s mean (each entry in :math:`[0, 2\sqrt{\bar V / R}]`);
+- ``"nndsvd"``: non-negative double singular value decomposition (Boutsidis &
+  Gallopoulos 2008, doi:10.1016/j.patcog.2007.09.010): each of the ``R``
+  leading singular triplets contributes the dominant non-negative part of its
+  rank-one term.  Many entries are exactly zero, which suits ``"hals"`` and
+  sparse solutions; multiplicative updates can never move a zero, so prefer
+  ``"nndsvda"`` for them;
+- ``"nndsvda"``: NNDSVD with the zeros filled with the mean of ``V``;
+- ``"nndsvdar"``: NNDSVD with the zeros filled with uniform random values in
+  :math:`[0, \bar V / 100]`.
+
+Whatever the method, no component is left all zero: a component that NNDSVD
+cannot fill (the data has lower rank than ``R``, or ``R`` exceeds ``min(N, C)``)
+gets the random initialisation instead, because a zero column of ``W`` or ``H``
+stays zero forever under multiplicative updates and HALS alike.
+
+The singular vectors come from an exact SVD for small matrices and from a
+randomised range finder (Halko, Martinsson & Tropp 2011,
+doi:10.1137/090771806) otherwise; the latter touches ``V`` only through
+products ``V @ X`` and ``V.mT @ X``, so sparse COO and CSR targets are never
+densified.  Everything random draws from ``generator``, so a seed reproduces
+the factors exactly.
+"""
+import math
+import numbers
+
+import torch
+
+from ._validation import check_positive_int, check_target
+
+__all__ = ["initialize", "initialize_random", "METHODS"]
+
+METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar")
+
+# Below this many rows or columns an exact SVD is cheap; above it the randomised
+# range finder is used (its cost grows with R, not with min(N, C)).
+_EXACT_SVD_MAX = 512
+_OVERSAMPLE = 10
+_POWER_ITERATIONS = 4
+
+
+def _make_generator(generator, device):
+    """A ``torch.Generator`` (or ``None`` for the global one) from a seed or generator."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, bool) or not isinstance(generator, numbers.Integral):
+        raise TypeError(
+            f"generator must be an int seed, a torch.Generator or None, got "
+            f"{type(generator).__name__}"
+        )
+    return torch.Generator(device=device).manual_seed(int(generator))
+
+
+def _rand(shape, like, generator):
+    """Uniform [0, 1) numbers with ``like``'s dtype and device, drawn from ``generator``."""
+    device = like.device if generator is None else generator.device
+    out = torch.rand(shape, dtype=like.dtype, device=device, generator=generator)
+    return out.to(like.device)
+
+
+def _mean(V):
+    """The mean of every entry of ``V`` (implicit zeros included), as a float."""
+    if V.layout == torch.strided:
+        total = V.sum(dtype=torch.float64)
+    elif V.layout == torch.sparse_coo:
+        total = V._values().sum(dtype=torch.float64)
+    else:
+        total = V.values().sum(dtype=torch.float64)
+    return float(total) / max(math.prod(V.shape), 1)
+
+
+def _svd(V, k, generator):
+    """The ``k`` leading singular triplets ``(U, S, Vh_T)`` with ``V ~ U diag(S) Vh_T.T``."""
+    N, C = V.shape
+    if V.layout == torch.strided and min(N, C) <= _EXACT_SVD_MAX:
+        U, S, Vh = torch.linalg.svd(V, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k].mT
+    # randomised range finder with power iterations, QR after every product
+    width = min(k + _OVERSAMPLE, N, C)
+    probe = torch.randn(C, width, dtype=V.dtype, generator=generator,
+                        device=V.device if generator is None else generator.device)
+    Q = torch.linalg.qr(V @ probe.to(V.device)).Q
+    for _ in range(_POWER_ITERATIONS):
+        Q = torch.linalg.qr(V.mT @ Q).Q
+        Q = torch.linalg.qr(V @ Q).Q
+    small = (V.mT @ Q).mT  # (width, C) = Q.T @ V
+    U_small, S, Vh = torch.linalg.svd(small, full_matrices=False)
+    return (Q @ U_small)[:, :k], S[:k], Vh[:k].mT
+
+
+def _nndsvd(V, rank, generator):
+    """Basic NNDSVD factors; ``dead`` marks the components it could not fill."""
+    N, C = V.shape
+    k = min(rank, N, C)
+    U, S, Vt = _svd(V, k, generator)
+    H = U.new_zeros(N, rank)
+    W = U.new_zeros(C, rank)
+    # The leading singular vectors of a non-negative matrix have one sign.
+    H[:, 0] = S[0].sqrt() * U[:, 0].abs()
+    W[:, 0] = S[0].sqrt() * Vt[:, 0].abs()
+    x, y = U[:, 1:k], Vt[:, 1:k]
+    xp, xn = x.clamp_min(0), (-x).clamp_min(0)
+    yp, yn = y.clamp_min(0), (-y).clamp_min(0)
+    xp_norm, xn_norm = xp.norm(dim=0), xn.norm(dim=0)
+    yp_norm, yn_norm = yp.norm(dim=0), yn.norm(dim=0)
+    positive_mass = xp_norm * yp_norm
+    negative_mass = xn_norm * yn_norm
+    use_positive = positive_mass >= negative_mass
+    tiny = torch.finfo(V.dtype).tiny
+    u = torch.where(use_positive, xp / xp_norm.clamp_min(tiny), xn / xn_norm.clamp_min(tiny))
+    v = torch.where(use_positive, yp / yp_norm.clamp_min(tiny), yn / yn_norm.clamp_min(tiny))
+    sigma = torch.where(use_positive, positive_mass, negative_mass)
+    scale = (S[1:k] * sigma).sqrt()
+    H[:, 1:k] = u * scale
+    W[:, 1:k] = v * scale
+    # A component is dead when either factor's column is zero or its singular
+    # value is numerically zero (V has lower rank than requested).
+    threshold = S[0] * max(N, C) * torch.finfo(V.dtype).eps
+    singular = torch.zeros(rank, dtype=torch.bool, device=V.device)
+    singular[:k] = S <= threshold
+    singular[k:] = True
+    dead = singular | (H.amax(0) <= 0) | (W.amax(0) <= 0)
+    return W, H, dead
+
+
+def _scaled_rand(W_shape, H_shape, mean, like, generator):
+    # uniform on [0, 2s]: each of the `terms` products averages s^2
+    terms = W_shape[1] * math.prod(W_shape[2:])
+    scale = 2 * (mean / terms) ** 0.5
+    W = _rand(W_shape, like, generator) * scale
+    H = _rand(H_shape, like, generator) * scale
+    return W, H
+
+
+def _random(V, rank, mean, generator):
+    return _scaled_rand((V.shape[1], rank), (V.shape[0], rank), mean, V, generator)
+
+
+def initialize_random(V, W_shape, H_shape, *, generator=None):
+    r"""Uniform random factors of any model whose reconstruction has ``V``'s mean.
+
+    Each output entry of the models sums ``R * prod(kernel_size)`` products of
+    one ``W`` and one ``H`` entry; drawing both uniformly on :math:`[0, 2s]`
+    with :math:`s = \sqrt{\bar V / (R \prod k)}` makes their mean equal to
+    the mean of ``V``.
+
+    Args:
+        V (Tensor): the non-negative target, any shape, dense or sparse.
+        W_shape (tuple): ``(C, R, *kernel_size)``.
+        H_shape (tuple): ``(N, R, *)``.
+        generator (int, torch.Generator or None, keyword-only): as in :func:`initialize`.
+
+    Returns:
+        (W, H) with ``V``'s floating dtype and device.
+    """
+    V = check_target(V, "V")
+    generator = _make_generator(generator, V.device)
+    mean = _positive_mean(V)
+    with torch.no_grad():
+        return _scaled_rand(tuple(W_shape), tuple(H_shape), mean, V, generator)
+
+
+def _positive_mean(V):
+    mean = _mean(V)
+    if not mean > 0:
+        raise ValueError(
+            "V must have at least one positive entry to initialise factors from it, "
+            "got an all-zero V"
+        )
+    return mean
+
+
+def _check_method(method):
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {type(method).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    return method
+
+
+def initialize(V, rank, method="nndsvda", *, generator=None):
+    r"""Initial non-negative factors ``(W, H)`` for :math:`V \approx H W^\top`.
+
+    Args:
+        V (Tensor): the non-negative ``(N, C)`` target, dense or sparse (COO or
+            CSR). Never modified.
+        rank (int): the number of components ``R``.
+        method (str): ``"random"``, ``"nndsvd"``, ``"nndsvda"`` (default) or
+            ``"nndsvdar"``; see :mod:`torchnmf.init`.
+        generator (int, torch.Generator or None, keyword-only): the source of
+            randomness (the random method, the fill of ``"nndsvdar"``, the
+            randomised SVD of large matrices): a seed, a generator, or
+            ``None`` for torch's global generator.
+
+    Returns:
+        (W, H): ``W`` of shape ``(C, R)`` and ``H`` of shape ``(N, R)``, with
+        ``V``'s dtype (floating; integer counts become the default dtype) and
+        device. Every entry is non-negative and no column is all zero.
+
+    Raises:
+        TypeError: ``V`` is not a tensor, ``method`` not a string, or
+            ``generator`` of the wrong type.
+        ValueError: ``V`` is not a non-negative matrix, has no positive entry,
+            or ``rank`` / ``method`` is not valid.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.init import initialize
+        >>> V = torch.rand(30, 20)
+        >>> W, H = initialize(V, 4, generator=0)
+        >>> W.shape, H.shape
+        (torch.Size([20, 4]), torch.Size([30, 4]))
+        >>> bool((W >= 0).all() and (H >= 0).all())
+        True
+    """
+    V = check_target(V, "V")
+    if V.dim() != 2:
+        raise ValueError(
+            f"V must be a matrix (2 dimensions) to initialise from, got shape {tuple(V.shape)}"
+        )
+    rank = check_positive_int(rank, "rank")
+    method = _check_method(method)
+    generator = _make_generator(generator, V.device)
+    mean = _positive_mean(V)
+    with torch.no_grad():
+        if method == "random":
+            return _random(V, rank, mean, generator)
+        W, H, dead = _nndsvd(V, rank, generator)
+        if method == "nndsvda":
+            W[W == 0] = mean
+            H[H == 0] = mean
+        elif method == "nndsvdar":
+            fill = mean / 100
+            W = torch.where(W == 0, _rand(W.shape, W, generator) * fill, W)
+            H = torch.where(H == 0, _rand(H.shape, H, generator) * fill, H)
+        if dead.any():
+            W_random, H_random = _random(V, rank, mean, generator)
+            W[:, dead] = W_random[:, dead]
+            H[:, dead] = H_random[:, dead]
+    return W, H
