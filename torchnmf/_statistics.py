@@ -108,8 +108,8 @@ class DenseMatrixStats:
     def _block_powers(self, V_block, H_block, W, work, pair, divergence=True):
         """Fill ``pair`` with (V * WH^(beta-2), WH^(beta-1)) for one row block.
 
-        Returns the block's contribution to the divergence (minus the constant);
-        at beta=1 with ``divergence=False`` the logarithm is skipped and 0 returned.
+        Returns the block's contribution to the divergence (minus the constant),
+        or 0 with ``divergence=False`` (the W pass), which skips its passes.
         """
         beta = self.beta
         b = V_block.shape[0]
@@ -117,20 +117,21 @@ class DenseMatrixStats:
         torch.matmul(H_block, W.T, out=WH)
         WH.clamp_min_(self.eps)
         numer, denom = pair[0, :b], pair[1, :b]
+        part = 0
         if beta == 1:
-            part = 0
             if divergence:
                 torch.log(WH, out=denom)
                 part = -torch.dot(V_block.reshape(-1), denom.reshape(-1))
             torch.div(V_block, WH, out=numer)
             return part
-        part = 0
-        if beta == 0:
+        if beta == 0 and divergence:
             torch.log(WH, out=denom)
             part = denom.sum(dtype=torch.float64)
         torch.pow(WH, beta - 1, out=denom)
         torch.div(denom, WH, out=numer)
         numer.mul_(V_block)
+        if not divergence:
+            return part
         cross = torch.dot(denom.reshape(-1), V_block.reshape(-1))
         if beta == 0:
             return part + cross
