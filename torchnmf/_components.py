@@ -249,8 +249,12 @@ class FactorModule(nn.Module):
                 f"fit needs both factors, but this module has no {missing}; construct it "
                 f"with Vshape or give {missing}"
             )
-        V = check_target(V, "V")
-        expected = tuple(self._output_shape())
+        return self._conform_target(check_target(V, "V"))
+
+    def _conform_target(self, V, expected=None):
+        """Check a validated target's shape (default: the reconstruction's) and
+        device against the factors; returns it in the factors' dtype."""
+        expected = tuple(self._output_shape() if expected is None else expected)
         if tuple(V.shape) != expected:
             raise ValueError(
                 f"V must have the shape of the reconstruction {expected}, got "

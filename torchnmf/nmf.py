@@ -104,23 +104,9 @@ class BaseComponent(FactorModule):
         unobserved entries, ``mask`` ``None`` when every entry is observed.
         """
         V, mask = prepare_target(V, mask, missing, "V")
-        if expected is None:
-            expected = self._output_shape()
-        elif callable(expected):
+        if callable(expected):
             expected = expected(V)
-        expected = tuple(expected)
-        if tuple(V.shape) != expected:
-            raise ValueError(
-                f"V must have the shape of the reconstruction {expected}, got "
-                f"{tuple(V.shape)}"
-            )
-        if V.device != self.W.device:
-            raise ValueError(
-                f"V is on {V.device} but the model is on {self.W.device}; move one of "
-                f"them (e.g. V.to(model.W.device))"
-            )
-        if V.dtype != self.W.dtype:
-            V = V.to(self.W.dtype)
+        V = self._conform_target(V, expected)
         if mask is not None:
             check_observed_everywhere(mask, rows=rows, columns=columns)
         return V, mask
