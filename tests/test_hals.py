@@ -201,3 +201,20 @@ def test_masked_target_is_refused(generator):
     observed = torch.rand(V.shape, generator=generator) > 0.2
     with pytest.raises(NotImplementedError, match="solver='hals' does not support masked targets"):
         NMF(V.shape, rank=2).double().fit(V, beta=2, mask=observed, solver="hals")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_and_torch_sweeps_agree(dtype):
+    from torchnmf._hals import _numpy_sweep, _torch_sweep
+
+    g = torch.Generator().manual_seed(3)
+    columns = torch.rand(5, 40, generator=g, dtype=dtype)
+    targets = torch.rand(40, 5, generator=g, dtype=dtype).T  # strided, as in hals_update_
+    coupling = torch.rand(5, 5, generator=g, dtype=dtype) * 0.3
+    coupling.diagonal().zero_()
+    a, b = columns.clone(), columns.clone()
+    _torch_sweep(a, targets, coupling, [0, 2, 3, 4], 1e-3)
+    _numpy_sweep(b, targets, coupling, [0, 2, 3, 4], 1e-3)
+    torch.testing.assert_close(a, b)
+    assert torch.equal(a[1], columns[1])  # a column left out stays as it was
+    assert not torch.equal(a, columns)

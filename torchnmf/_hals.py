@@ -31,9 +31,37 @@ nothing to fit and the component would be lost for good (Gillis & Glineur
 :math:`[\text{floor}, \infty)` is the clamp above, so the objective still
 never increases.
 """
+import numpy as np
 import torch
 
 __all__ = ["hals_update_", "max_inner_sweeps"]
+
+
+def _torch_sweep(columns, targets, coupling, free, floor):
+    """One pass over the free columns (rows of ``columns``), in place."""
+    all_rows = columns.T
+    scratch = columns.new_empty(columns.shape[1])
+    for k in free:
+        torch.addmv(targets[k], all_rows, coupling[k], alpha=-1, out=scratch)
+        torch.clamp_min(scratch, floor, out=columns[k])
+
+
+def _numpy_sweep(columns, targets, coupling, free, floor):
+    """:func:`_torch_sweep` on shared-memory NumPy views, for CPU tensors.
+
+    A sweep is ``R`` small matrix-vector products in sequence, so per-call
+    overhead dominates it on small factors; NumPy's is about half of torch's
+    (one sweep over a 640x16 factor: 146 us against 328 us).
+    """
+    all_columns = columns.numpy()
+    all_rows = all_columns.T
+    target_rows = targets.numpy()
+    weights = coupling.numpy()
+    scratch = np.empty(all_columns.shape[1], dtype=all_columns.dtype)
+    for k in free:
+        np.dot(all_rows, weights[k], out=scratch)
+        np.subtract(target_rows[k], scratch, out=scratch)
+        np.maximum(scratch, floor, out=all_columns[k])
 
 
 def max_inner_sweeps(rows, other_rows, rank, alpha, overhead=0, slowdown=1):
@@ -86,18 +114,13 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
     coupling.diagonal().zero_()
     skip = set() if fixed is None else set(fixed.tolist())
     free = [k for k in range(columns.shape[0]) if k not in skip]
-    rows = [columns[k] for k in free]
-    target_rows = [targets[k] for k in free]
-    coupling_rows = [coupling[k] for k in free]
-    all_rows = columns.T
-    scratch = columns.new_empty(columns.shape[1])
+    on_numpy = columns.device.type == "cpu" and columns.dtype in (torch.float32, torch.float64)
+    sweep = _numpy_sweep if on_numpy else _torch_sweep
     first_change = None
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
         previous = columns.clone() if max_sweeps > 1 else None
-        for row, target, weights in zip(rows, target_rows, coupling_rows):
-            torch.addmv(target, all_rows, weights, alpha=-1, out=scratch)
-            torch.clamp_min(scratch, floor, out=row)
+        sweep(columns, targets, coupling, free, floor)
         if previous is None:
             break
         change = float(torch.linalg.vector_norm(previous.sub_(columns)))
