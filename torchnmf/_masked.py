@@ -49,7 +49,8 @@ def prepare_target(V, mask=None, missing="error", name="V"):
     """
     missing = check_choice(missing, "missing", MISSING)
     if mask is None and missing == "error":
-        if isinstance(V, torch.Tensor) and V.layout == torch.strided and V.is_floating_point():
+        if (isinstance(V, torch.Tensor) and V.layout == torch.strided and V.is_floating_point()
+                and torch.isnan(V.sum())):  # one reduction, no V-sized temporary
             nan = torch.isnan(V)
             if nan.any():
                 raise ValueError(
