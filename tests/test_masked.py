@@ -191,8 +191,6 @@ def test_mask_errors(generator):
         model.fit(V, mask=mask.float())
     with pytest.raises(TypeError, match="mask must be a boolean torch.Tensor"):
         model.fit(V, mask=mask.numpy())
-    with pytest.raises(NotImplementedError, match="mask must be a dense tensor"):
-        model.fit(V, mask=mask.to_sparse())
     empty_row = mask.clone()
     empty_row[3] = False
     with pytest.raises(ValueError, match="mask leaves row 3 of V with no observed entry"):
@@ -226,8 +224,19 @@ def test_mask_errors(generator):
     zeros[0, 0] = 0
     with pytest.raises(ValueError, match="beta=0 needs a strictly positive V"):
         model.fit(zeros, beta=0, mask=mask)
-    with pytest.raises(NotImplementedError, match="missing values need a dense V"):
-        model.fit(V.to_sparse(), mask=mask)
+    with pytest.raises(ValueError, match="beta=0 cannot be used with a sparse V"):
+        model.fit(V.to_sparse(), beta=0, mask=mask)
+    with pytest.raises(ValueError, match=r"mask must have the shape of V \(6, 5\), got \(5, 6\)"):
+        model.fit(V.to_sparse(), mask=mask.T)
+    with pytest.raises(ValueError, match="mask leaves row 3 of V with no observed entry"):
+        model.fit(V.to_sparse_csr(), mask=empty_row)
+    sparse_nan = V.clone()
+    sparse_nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="V contains NaN at 1 observed entries; pass missing='mask'"):
+        model.fit(sparse_nan.to_sparse(), mask=mask)
+    negative[0, 0] = -1
+    with pytest.raises(ValueError, match="V must be non-negative"):
+        model.fit(negative.to_sparse(), mask=mask)
 
 
 def _nan_diag(V):
@@ -263,3 +272,62 @@ def test_prepare_target_returns_none_for_a_full_mask(generator):
     assert mask is None and torch.equal(out, V)
     out, mask = prepare_target(V, None, "mask")
     assert mask is None
+
+
+# -- sparse targets with a mask --------------------------------------------------------
+def _sparse_masked_problem(generator):
+    V, mask = masked_problem(generator)
+    V = V * (torch.rand(V.shape, generator=generator, dtype=V.dtype) < 0.6)  # real zeros
+    return V, mask
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr", "csc"])
+@pytest.mark.parametrize("beta", [0.5, 1, 2])
+def test_masked_sparse_equals_masked_dense(beta, layout, generator):
+    V, mask = _sparse_masked_problem(generator)
+    sparse = {"coo": V.to_sparse, "csr": V.to_sparse_csr, "csc": V.to_sparse_csc}[layout]()
+    sparse_before, mask_before = sparse.clone(), mask.clone()
+    dense_model = NMF(V.shape, rank=3).double()
+    sparse_model = NMF(H=dense_model.H.detach().clone(), W=dense_model.W.detach().clone())
+    dense_model.fit(V, beta=beta, max_iter=15, tol=0, mask=mask)
+    sparse_model.fit(sparse, beta=beta, max_iter=15, tol=0, mask=mask)
+    assert_close(sparse_model.H, dense_model.H, rtol=1e-10, atol=1e-12)
+    assert_close(sparse_model.W, dense_model.W, rtol=1e-10, atol=1e-12)
+    assert_close(torch.tensor(sparse_model.loss_history), torch.tensor(dense_model.loss_history),
+                 rtol=1e-10, atol=1e-10)
+    assert dense_model.loss_history[-1] < dense_model.loss_history[0]
+    assert torch.equal(sparse.to_dense(), sparse_before.to_dense())  # the caller's tensors
+    assert torch.equal(mask, mask_before)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1, 2])
+def test_masked_sparse_statistics_in_row_blocks(beta, generator):
+    V, mask = _sparse_masked_problem(generator)
+    V = torch.where(mask, V, 0)
+    H = torch.rand(V.shape[0], 3, generator=generator, dtype=V.dtype)
+    W = torch.rand(V.shape[1], 3, generator=generator, dtype=V.dtype)
+    dense = MaskedMatrixStats(V, mask, beta)
+    blocked = MaskedMatrixStats(V.to_sparse_csr(), mask, beta, block_elements=35)
+    assert blocked.rows == 3 and blocked.source.buffer.shape == (3, V.shape[1])
+    for got, expected in zip(blocked.h_terms(H, W), dense.h_terms(H, W)):
+        assert_close(got, expected)
+    for got, expected in zip(blocked.w_terms(H, W), dense.w_terms(H, W)):
+        assert_close(got, expected)
+    assert_close(blocked.divergence(H, W), naive_masked_divergence(V, mask, H, W, beta))
+
+
+def test_sparse_nan_and_sparse_mask(generator):
+    V, mask = _sparse_masked_problem(generator)
+    with_nan = V.clone()
+    with_nan[~mask] = float("nan")
+    sparse_nan = with_nan.to_sparse()
+    before = sparse_nan.clone()
+    start = NMF(V.shape, rank=3).double()
+    reference = NMF(H=start.H.detach().clone(), W=start.W.detach().clone())
+    reference.fit(V, beta=1, max_iter=8, tol=0, mask=mask)
+    for V_in, kw in ((sparse_nan, dict(missing="mask")), (V.to_sparse_csr(), dict(mask=mask.to_sparse()))):
+        model = NMF(H=start.H.detach().clone(), W=start.W.detach().clone())
+        model.fit(V_in, beta=1, max_iter=8, tol=0, **kw)
+        assert_close(model.W, reference.W)
+        assert_close(model.H, reference.H)
+    assert torch.equal(sparse_nan.values().isnan(), before.values().isnan())

@@ -23,8 +23,10 @@ import functools
 import torch
 
 from . import metrics
+from ._sparse import SPARSE_LAYOUTS, to_csr
 from ._statistics import BLOCK_ELEMENTS, AutogradStats
 from ._validation import (
+    canonical_sparse,
     check_choice,
     check_mask,
     check_non_negative_tensor,
@@ -63,13 +65,10 @@ def prepare_target(V, mask=None, missing="error", name="V"):
             f"{name} must be a torch.Tensor, got {type(V).__name__}; "
             f"convert arrays with torch.as_tensor"
         )
-    if V.layout != torch.strided:
-        raise NotImplementedError(
-            f"missing values need a dense {name} for now, got layout {V.layout}; pass "
-            f"{name}.to_dense()"
-        )
     if V.dtype == torch.bool or V.is_complex():
         raise TypeError(f"{name} must hold real numbers, got dtype {V.dtype}")
+    if V.layout != torch.strided:
+        return _prepare_sparse(V, mask, missing, name)
     if not V.is_floating_point():
         V = V.to(torch.get_default_dtype())
     observed = torch.ones_like(V, dtype=torch.bool) if mask is None else check_mask(
@@ -89,6 +88,39 @@ def prepare_target(V, mask=None, missing="error", name="V"):
     return torch.where(observed, V, torch.zeros((), dtype=V.dtype, device=V.device)), observed
 
 
+def _prepare_sparse(V, mask, missing, name):
+    """:func:`prepare_target` for a sparse ``V``: a coalesced COO tensor holding
+    zeros at its unobserved stored entries, and the dense mask (or ``None``)."""
+    if V.layout not in SPARSE_LAYOUTS or V.dense_dim() != 0:
+        return check_target(V, name), None  # its errors name the problem
+    if not V.is_floating_point():
+        V = V.to(torch.get_default_dtype())
+    V = canonical_sparse(V, name)
+    observed = torch.ones(V.shape, dtype=torch.bool, device=V.device) if mask is None else (
+        check_mask(mask, V.shape, V.device)
+    )
+    indices, values = V.indices(), V.values()
+    nan = torch.isnan(values)
+    at_stored = observed[indices[0], indices[1]]
+    if missing == "mask":
+        if nan.any():
+            observed = observed.clone()  # never the caller's mask
+            observed[indices[0, nan], indices[1, nan]] = False
+            at_stored = at_stored & ~nan
+    elif (nan & at_stored).any():
+        raise ValueError(
+            f"{name} contains NaN at {int((nan & at_stored).sum())} observed entries; pass "
+            f"missing='mask' to treat NaN as missing values, or hide them with the mask"
+        )
+    check_non_negative_tensor(values[at_stored], name)
+    if bool(observed.all()):
+        return V, None
+    values = torch.where(at_stored, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return torch.sparse_coo_tensor(
+        indices, values, V.shape, is_coalesced=True, check_invariants=False
+    ), observed
+
+
 def _observed_constant(V_observed, beta):
     """The part of the masked divergence that depends on the observed data alone."""
     V = V_observed.to(torch.float64)
@@ -105,36 +137,94 @@ def _inner(a, b):
     return torch.dot(a.reshape(-1), b.reshape(-1)).to(torch.float64)
 
 
+class _DenseRows:
+    """Row blocks of a dense ``V``: slices, no copy."""
+
+    def __init__(self, V, rows):
+        self.V = V.contiguous()
+
+    def __call__(self, start, stop):
+        return self.V[start:stop]
+
+    def observed_values(self, mask):
+        return self.V[mask]
+
+    def dense(self):
+        return self.V
+
+
+class _SparseRows:
+    """Row blocks of a sparse ``V``, densified one block at a time into a buffer
+    of ``rows`` rows allocated once (the whole ``(N, C)`` is never formed)."""
+
+    def __init__(self, V, rows):
+        csr = to_csr(V)
+        self.crow_indices = csr.crow_indices().tolist()
+        self.col_indices = csr.col_indices()
+        self.values = csr.values()
+        counts = csr.crow_indices().diff()
+        self.row_indices = torch.repeat_interleave(
+            torch.arange(csr.shape[0], device=V.device), counts
+        )
+        self.buffer = self.values.new_zeros(rows, csr.shape[1])
+
+    def __call__(self, start, stop):
+        low, high = self.crow_indices[start], self.crow_indices[stop]
+        block = self.buffer[:stop - start]
+        block.zero_()
+        block[self.row_indices[low:high] - start, self.col_indices[low:high]] = self.values[low:high]
+        return block
+
+    def observed_values(self, mask):
+        return self.values  # zeros at the unobserved stored entries add nothing
+
+    def dense(self):
+        raise NotImplementedError(
+            "this solver needs a dense V with a mask; pass V.to_dense() or use solver='mu'"
+        )
+
+
 class MaskedMatrixStats:
-    """Closed-form statistics for a dense ``(N, C)`` matrix with a mask.
+    """Closed-form statistics for a dense or sparse ``(N, C)`` matrix with a mask.
 
     No Gram shortcut exists once entries are missing (every row sees a
     different subset of ``W``), so for every beta the reconstruction is formed
-    one row block at a time and only observed entries contribute.
+    one row block at a time and only observed entries contribute.  A sparse
+    ``V`` is densified one row block at a time (see :class:`_SparseRows`);
+    the rest of the arithmetic is shared.
 
     Args:
-        V (Tensor): ``(N, C)``, zeros at the unobserved entries
-            (see :func:`prepare_target`).
-        mask (Tensor): ``(N, C)`` boolean, True = observed.
+        V (Tensor): ``(N, C)``, dense or sparse (COO, CSR, CSC), zeros at the
+            unobserved entries (see :func:`prepare_target`).  A sparse ``V``
+            needs ``beta > 0`` (its implicit observed zeros).
+        mask (Tensor): ``(N, C)`` dense boolean, True = observed.
         beta (float): the divergence.
         block_elements (int, optional): elements of ``V`` per row block.
     """
 
     def __init__(self, V, mask, beta, block_elements=None):
-        self.V = V.contiguous()
-        self.weight = mask.to(V.dtype).contiguous()
+        self.mask = mask.contiguous()
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
-        N, C = self.V.shape
+        self.dtype = V.dtype
+        N, C = V.shape
         block_elements = block_elements or BLOCK_ELEMENTS
         self.rows = max(1, min(N, block_elements // max(C, 1)))
-        self.constant = _observed_constant(self.V[mask], self.beta)
+        source = _DenseRows if V.layout == torch.strided else _SparseRows
+        self.source = source(V, self.rows)
+        self.constant = _observed_constant(self.source.observed_values(self.mask), self.beta)
+
+    def observed_target(self):
+        """``(V, weight)``: the dense target (zeros where hidden) and the mask in
+        ``V``'s dtype, for solvers that work on the masked residual (masked HALS)."""
+        V = self.source.dense()
+        return V, self.mask.to(self.dtype)
 
     def _block(self, start, stop, H, W, with_divergence=True):
         """``(M V WH^(beta-2), M WH^(beta-1), divergence minus constant)`` for rows
         start:stop; the last is ``None`` unless ``with_divergence``."""
         beta = self.beta
-        V, weight = self.V[start:stop], self.weight[start:stop]
+        V, weight = self.source(start, stop), self.mask[start:stop].to(self.dtype)
         WH = (H[start:stop] @ W.T).clamp_min_(self.eps)
         part = None
         if beta == 2:

@@ -209,11 +209,6 @@ def check_mask(mask, shape, device, name="mask"):
             f"{name} must be a boolean torch.Tensor (True = observed), got "
             f"{type(mask).__name__}; convert arrays with torch.as_tensor(..., dtype=torch.bool)"
         )
-    if mask.layout != torch.strided:
-        raise NotImplementedError(
-            f"{name} must be a dense tensor for now, got layout {mask.layout}; pass "
-            f"{name}.to_dense()"
-        )
     if mask.dtype != torch.bool:
         raise TypeError(
             f"{name} must be a boolean tensor (True = observed), got dtype {mask.dtype}; "
@@ -225,6 +220,14 @@ def check_mask(mask, shape, device, name="mask"):
         )
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but V is on {device}; move one of them")
+    if mask.layout != torch.strided:
+        if mask.layout not in _SPARSE_LAYOUTS:
+            raise TypeError(
+                f"{name} must be a dense or sparse (COO, CSR, CSC) boolean tensor, got "
+                f"layout {mask.layout}"
+            )
+        # stored True entries are observed, the rest hidden; a boolean (N, C) is cheap
+        mask = mask.to_dense()
     return mask
 
 

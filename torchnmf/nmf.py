@@ -143,7 +143,7 @@ class BaseComponent(FactorModule):
         require_features(solver_cls, solver, wanted)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        check_beta_with_zeros(V if mask is None else V[mask], beta)
+        check_beta_with_zeros(V if mask is None or V.layout != torch.strided else V[mask], beta)
         problem = FitProblem(
             stats=self._statistics(V, beta, mask),
             H=H,
@@ -389,7 +389,10 @@ class BaseComponent(FactorModule):
                     )
                 else:
                     predicted = self.reconstruct(H, W)
-                    scale = V[mask].mean() / predicted[mask].mean().clamp_min(torch.finfo(W.dtype).tiny)
+                    # a prepared sparse V stores zeros at its hidden entries
+                    observed = V.values() if V.layout == torch.sparse_coo else V[mask]
+                    mean = observed.sum() / mask.sum()
+                    scale = mean / predicted[mask].mean().clamp_min(torch.finfo(W.dtype).tiny)
             H.mul_(scale.clamp_min(torch.finfo(W.dtype).eps))
         else:
             H = make_factor(H, "H", W.dtype, W.device).to(W.dtype)
@@ -528,12 +531,12 @@ class NMF(BaseComponent):
         return (H.sum(0) @ W.sum(0)) / (H.shape[0] * W.shape[0])
 
     def _statistics(self, V, beta, mask=None):
-        if V.layout in SPARSE_LAYOUTS and mask is None:
+        if mask is not None and (V.layout == torch.strided or V.layout in SPARSE_LAYOUTS):
+            return MaskedMatrixStats(V, mask, beta)
+        if V.layout in SPARSE_LAYOUTS:
             return SparseMatrixStats(V, beta)
         if V.layout != torch.strided:
             return super()._statistics(V, beta, mask)
-        if mask is not None:
-            return MaskedMatrixStats(V, mask, beta)
         return DenseMatrixStats(V, beta)
 
     def _initial_factors(self, V, method, generator):
