@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import low_rank
-from torchnmf._hals import hals_update_, max_inner_sweeps
+from torchnmf._hals import hals_update_, masked_hals_update_, max_inner_sweeps
 from torchnmf._solvers import HALS, FitProblem, get_solver
 from torchnmf._statistics import DenseMatrixStats
 from torchnmf._updates import Penalty
@@ -196,11 +196,91 @@ def test_fixed_components_stay_bit_identical(generator):
     assert (history.diff() <= 1e-10 * history[0]).all()
 
 
-def test_masked_target_is_refused(generator):
-    V, _, _ = low_rank(12, 9, 2, generator)
-    observed = torch.rand(V.shape, generator=generator) > 0.2
-    with pytest.raises(NotImplementedError, match="solver='hals' does not support masked targets"):
-        NMF(V.shape, rank=2).double().fit(V, beta=2, mask=observed, solver="hals")
+# -- masked targets: weighted HALS ----------------------------------------------------
+def masked_problem(generator, n=16, c=11, rank=3, hidden=0.3, noise=0.1):
+    V, _, _ = low_rank(n, c, rank, generator, noise=noise)
+    mask = torch.rand(n, c, generator=generator) > hidden
+    mask[:, 0] = True
+    mask[0, :] = True
+    return V, mask
+
+
+def masked_objective(V, mask, H, W):
+    return 0.5 * float(((V - H @ W.T)[mask] ** 2).sum())
+
+
+def naive_masked_sweep(X, Y, V, mask, penalty, floor):
+    """Column by column, entry by entry, the exact minimiser from the full residual."""
+    X = X.clone()
+    M = mask.to(V.dtype)
+    for k in range(X.shape[1]):
+        for i in range(X.shape[0]):
+            others = X[i] @ Y.T - X[i, k] * Y[:, k]
+            numerator = (M[i] * (V[i] - others) * Y[:, k]).sum() - penalty.l1
+            denominator = (M[i] * Y[:, k] ** 2).sum() + penalty.l2
+            X[i, k] = max(float(numerator / denominator), floor)
+    return X
+
+
+@pytest.mark.parametrize("penalty", [Penalty(), Penalty(0.2, 0.5)])
+def test_masked_sweep_matches_naive_reference(penalty, generator):
+    V, mask = masked_problem(generator, n=7, c=6, rank=2, hidden=0.4)
+    X = torch.rand(7, 3, generator=generator, dtype=V.dtype)
+    Y = torch.rand(6, 3, generator=generator, dtype=V.dtype)
+    expected = naive_masked_sweep(X, Y, V, mask, penalty, 1e-12)
+    masked_hals_update_(X, Y, torch.where(mask, V, 0), mask.to(V.dtype), penalty, 1e-12)
+    assert_close(X, expected)
+    expected_t = naive_masked_sweep(Y, X, V.T, mask.T, penalty, 1e-12)
+    masked_hals_update_(Y, X, torch.where(mask, V, 0).T, mask.T.to(V.dtype), penalty, 1e-12)
+    assert_close(Y, expected_t)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+def test_masked_hals_never_increases_the_masked_objective(alpha, generator):
+    V, mask = masked_problem(generator)
+    hidden = V.clone()
+    hidden[~mask] = 1e3  # never read
+    model = NMF(V.shape, rank=3).double()
+    H0, W0 = model.H.detach().clone(), model.W.detach().clone()
+    model.fit(hidden, beta=2, mask=mask, tol=0, max_iter=30, solver="hals", alpha=alpha)
+    history = torch.tensor(model.loss_history, dtype=torch.float64)
+    assert (history.diff() <= 1e-10 * history[0]).all()
+    assert history[-1] < 0.2 * history[0]
+    if alpha == 0:  # the objective counts observed entries only (hidden ones are huge)
+        final = masked_objective(V, mask, model.H.detach(), model.W.detach())
+        assert final <= model.loss_history[-1] * (1 + 1e-10)
+        assert final > 0.5 * model.loss_history[-1]
+    # the same start with MU reaches a worse masked objective in the same iterations
+    mu = NMF(H=H0, W=W0)
+    mu.fit(V, beta=2, mask=mask, tol=0, max_iter=30, alpha=alpha)
+    assert model.loss_history[-1] < mu.loss_history[-1]
+
+
+def test_masked_hals_recovers_hidden_entries(generator):
+    V, mask = masked_problem(generator, n=30, c=20, rank=3, hidden=0.3, noise=0.0)
+    W0, H0 = initialize(torch.where(mask, V, V[mask].mean()), 3, "nndsvda")
+    model = NMF(W=W0, H=H0)
+    model.fit(V, beta=2, mask=mask, tol=0, max_iter=300, solver="hals")
+    predicted = model().detach()
+    error = torch.linalg.vector_norm((predicted - V)[~mask]) / torch.linalg.vector_norm(V[~mask])
+    assert error < 1e-3
+
+
+def test_masked_hals_fixed_components_stay_bit_identical(generator):
+    V, mask = masked_problem(generator)
+    W0, H0 = initialize(torch.where(mask, V, 0), 3, "nndsvda")
+    model = NMF(W=W0, H=H0)
+    model.fit(V, beta=2, mask=mask, tol=0, max_iter=15, solver="hals", fixed_W=[1])
+    assert torch.equal(model.W[:, 1].detach(), W0[:, 1])
+    assert not torch.equal(model.W[:, 0].detach(), W0[:, 0])
+    history = torch.tensor(model.loss_history, dtype=torch.float64)
+    assert (history.diff() <= 1e-10 * history[0]).all()
+
+
+def test_masked_hals_needs_a_dense_target(generator):
+    V, mask = masked_problem(generator, n=8, c=6)
+    with pytest.raises(NotImplementedError, match="solver='hals' with a mask needs a dense V"):
+        NMF(V.shape, rank=2).double().fit(V.to_sparse(), beta=2, mask=mask, solver="hals")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

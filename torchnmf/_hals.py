@@ -30,11 +30,17 @@ nothing to fit and the component would be lost for good (Gillis & Glineur
 2012 make the same choice).  The coordinate minimiser over
 :math:`[\text{floor}, \infty)` is the clamp above, so the objective still
 never increases.
+
+With a mask :math:`M` (weighted HALS, masked targets) no ``A`` and ``G``
+summarise the data; :func:`masked_hals_update_` keeps the masked residual
+:math:`R = M \odot (V - X Y^\top)` instead and minimises exactly in each
+column, :math:`x_k \leftarrow \max(\text{floor}, (R y_k + x_k \odot M y_k^2
+- \lambda_1) / (M y_k^2 + \lambda_2))`, then updates ``R`` by the rank-one change.
 """
 import numpy as np
 import torch
 
-__all__ = ["hals_update_", "max_inner_sweeps"]
+__all__ = ["hals_update_", "masked_hals_update_", "max_inner_sweeps"]
 
 
 def _torch_sweep(columns, targets, coupling, free, floor):
@@ -130,3 +136,36 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
             break
     factor.copy_(columns.T)
     return sweeps
+
+
+def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None):
+    r"""One weighted HALS sweep over the columns of ``factor`` (``(M, R)``), in place.
+
+    Minimises :math:`\tfrac12 \| M \odot (V - X Y^\top) \|^2` plus the
+    elastic-net penalty exactly in one column of :math:`X` at a time, the
+    others fixed, so the masked objective never increases.
+
+    Args:
+        factor (Tensor): :math:`X`, ``(M, R)``, updated in place.
+        other (Tensor): :math:`Y`, ``(K, R)``.
+        V (Tensor): ``(M, K)``, zeros at the unobserved entries.
+        weight (Tensor): ``(M, K)``, the mask in ``V``'s dtype (1 = observed).
+        penalty (Penalty): the elastic-net penalty on ``factor``.
+        floor (float): the smallest value an entry may take.
+        fixed (Tensor, optional): int64 indices of columns left exactly as they are.
+    """
+    eps = torch.finfo(factor.dtype).eps
+    residual = torch.addmm(V, factor, other.T, alpha=-1).mul_(weight)
+    skip = set() if fixed is None else set(fixed.tolist())
+    for k in range(factor.shape[1]):
+        if k in skip:
+            continue
+        column, y = factor[:, k], other[:, k]
+        curvature = weight @ (y * y)
+        updated = torch.addcmul(residual @ y, column, curvature)
+        if penalty.l1:
+            updated.sub_(penalty.l1)
+        updated.div_(curvature.add_(penalty.l2).clamp_min_(eps)).clamp_min_(floor)
+        change = updated - column
+        residual.sub_(torch.outer(change, y).mul_(weight))
+        column.copy_(updated)

@@ -180,7 +180,8 @@ class _SparseRows:
 
     def dense(self):
         raise NotImplementedError(
-            "this solver needs a dense V with a mask; pass V.to_dense() or use solver='mu'"
+            "solver='hals' with a mask needs a dense V, got a sparse one; pass "
+            "V.to_dense() or use solver='mu'"
         )
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ._extrapolation import ExtrapolationWeight, extrapolate_geometric_, extrapolate_linear_
-from ._hals import hals_update_, max_inner_sweeps
+from ._hals import hals_update_, masked_hals_update_, max_inner_sweeps
 from ._updates import Penalty, mu_exponent, mu_update_
 
 __all__ = [
@@ -166,13 +166,15 @@ class HALS(_AlternatingSolver):
     small Gram matrix once, then runs up to ``1 + alpha * rho`` HALS sweeps on
     them while a sweep still changes the factor by more than ``delta`` times
     the first sweep did (see :mod:`torchnmf._hals`); on top, the factors are
-    extrapolated along their last step with restarts.
+    extrapolated along their last step with restarts.  With a mask (dense
+    ``V``), weighted HALS sweeps on the masked residual replace them.
     """
 
     name = "hals"
     betas = "beta=2 only"
-    # HALS needs V's Gram structure, so masked targets are not for it
-    features = frozenset({"fixed"})
+    # masked targets (dense V): weighted HALS on the masked residual, one sweep
+    # per factor update, from the statistics object's ``observed_target()``
+    features = frozenset({"mask", "fixed"})
     alpha = 0.5
     delta = 0.1
     overhead = 20000
@@ -203,6 +205,21 @@ class HALS(_AlternatingSolver):
         }
         if self.extrapolation:
             self._extrapolate_ = self._extrapolate_linear_
+        observed_target = getattr(problem.stats, "observed_target", None)
+        if observed_target is not None:  # a masked target, chosen once per fit
+            self.observed_V, self.observed_weight = observed_target()
+            self._update_H = self._masked_update_H
+            self._update_W = self._masked_update_W
+
+    def _masked_update_H(self, terms):
+        p = self.problem
+        masked_hals_update_(p.H, p.W, self.observed_V, self.observed_weight, p.penalty_H,
+                            self.floor[id(p.H)], p.fixed_H)
+
+    def _masked_update_W(self):
+        p = self.problem
+        masked_hals_update_(p.W, p.H, self.observed_V.T, self.observed_weight.T, p.penalty_W,
+                            self.floor[id(p.W)], p.fixed_W)
 
     def _extrapolate_linear_(self, factor, previous, weight):
         extrapolate_linear_(factor, previous, weight, self.floor[id(factor)])
