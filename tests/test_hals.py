@@ -277,10 +277,20 @@ def test_masked_hals_fixed_components_stay_bit_identical(generator):
     assert (history.diff() <= 1e-10 * history[0]).all()
 
 
-def test_masked_hals_needs_a_dense_target(generator):
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_masked_hals_sparse_equals_dense(layout, generator):
     V, mask = masked_problem(generator, n=8, c=6)
-    with pytest.raises(NotImplementedError, match="solver='hals' with a mask needs a dense V"):
-        NMF(V.shape, rank=2).double().fit(V.to_sparse(), beta=2, mask=mask, solver="hals")
+    V = V * (torch.rand(V.shape, generator=generator, dtype=V.dtype) > 0.4)  # real zeros
+    sparse = V.to_sparse() if layout == "coo" else V.to_sparse_csr()
+    copy = sparse.clone()
+    dense_model = NMF(V.shape, rank=2).double()
+    sparse_model = NMF(W=dense_model.W.detach(), H=dense_model.H.detach())
+    dense_model.fit(V, beta=2, mask=mask, solver="hals", tol=0, max_iter=15, alpha=0.01)
+    sparse_model.fit(sparse, beta=2, mask=mask, solver="hals", tol=0, max_iter=15, alpha=0.01)
+    assert_close(sparse_model.W.detach(), dense_model.W.detach())
+    assert_close(sparse_model.H.detach(), dense_model.H.detach())
+    assert sparse_model.loss_history == pytest.approx(dense_model.loss_history, rel=1e-10)
+    assert torch.equal(sparse.to_dense(), copy.to_dense())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -138,6 +138,17 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
     return sweeps
 
 
+def _masked_residual(V, factor, other):
+    """``V - X Y^T`` for a dense ``V`` or a sparse COO one (its stored entries are
+    added into the dense residual, which the masked sweep needs anyway)."""
+    if V.layout == torch.strided:
+        return torch.addmm(V, factor, other.T, alpha=-1)
+    residual = torch.mm(factor, other.T).neg_()
+    rows, columns = V._indices()
+    residual.index_put_((rows, columns), V._values(), accumulate=True)
+    return residual
+
+
 def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None):
     r"""One weighted HALS sweep over the columns of ``factor`` (``(M, R)``), in place.
 
@@ -148,14 +159,14 @@ def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None
     Args:
         factor (Tensor): :math:`X`, ``(M, R)``, updated in place.
         other (Tensor): :math:`Y`, ``(K, R)``.
-        V (Tensor): ``(M, K)``, zeros at the unobserved entries.
+        V (Tensor): ``(M, K)``, zeros at the unobserved entries; dense or sparse COO.
         weight (Tensor): ``(M, K)``, the mask in ``V``'s dtype (1 = observed).
         penalty (Penalty): the elastic-net penalty on ``factor``.
         floor (float): the smallest value an entry may take.
         fixed (Tensor, optional): int64 indices of columns left exactly as they are.
     """
     eps = torch.finfo(factor.dtype).eps
-    residual = torch.addmm(V, factor, other.T, alpha=-1).mul_(weight)
+    residual = _masked_residual(V, factor, other).mul_(weight)
     skip = set() if fixed is None else set(fixed.tolist())
     for k in range(factor.shape[1]):
         if k in skip:

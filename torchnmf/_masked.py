@@ -167,6 +167,7 @@ class _SparseRows:
             torch.arange(csr.shape[0], device=V.device), counts
         )
         self.buffer = self.values.new_zeros(rows, csr.shape[1])
+        self.coo = V if V.layout == torch.sparse_coo else V.to_sparse_coo()
 
     def __call__(self, start, stop):
         low, high = self.crow_indices[start], self.crow_indices[stop]
@@ -179,10 +180,9 @@ class _SparseRows:
         return self.values  # zeros at the unobserved stored entries add nothing
 
     def dense(self):
-        raise NotImplementedError(
-            "solver='hals' with a mask needs a dense V, got a sparse one; pass "
-            "V.to_dense() or use solver='mu'"
-        )
+        """``V`` itself as a sparse COO tensor: its consumer (masked HALS) adds the
+        stored entries into a residual it forms anyway, never a dense copy of V."""
+        return self.coo
 
 
 class MaskedMatrixStats:
@@ -216,8 +216,9 @@ class MaskedMatrixStats:
         self.constant = _observed_constant(self.source.observed_values(self.mask), self.beta)
 
     def observed_target(self):
-        """``(V, weight)``: the dense target (zeros where hidden) and the mask in
-        ``V``'s dtype, for solvers that work on the masked residual (masked HALS)."""
+        """``(V, weight)``: the target (zeros where hidden; dense, or sparse COO for a
+        sparse target) and the mask in ``V``'s dtype, for solvers that work on the
+        masked residual (masked HALS)."""
         V = self.source.dense()
         return V, self.mask.to(self.dtype)
 
