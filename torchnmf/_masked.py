@@ -30,6 +30,7 @@ from ._validation import (
     check_choice,
     check_mask,
     check_non_negative_tensor,
+    check_real_tensor,
     check_target,
 )
 
@@ -60,13 +61,7 @@ def prepare_target(V, mask=None, missing="error", name="V"):
                     f"treat NaN as missing values, or a mask that hides them"
                 )
         return check_target(V, name), None
-    if not isinstance(V, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor, got {type(V).__name__}; "
-            f"convert arrays with torch.as_tensor"
-        )
-    if V.dtype == torch.bool or V.is_complex():
-        raise TypeError(f"{name} must hold real numbers, got dtype {V.dtype}")
+    check_real_tensor(V, name)
     if V.layout != torch.strided:
         return _prepare_sparse(V, mask, missing, name)
     if not V.is_floating_point():

@@ -17,6 +17,7 @@ __all__ = [
     "check_real",
     "check_fraction",
     "check_open_fraction",
+    "check_real_tensor",
     "check_target",
     "check_non_negative_tensor",
     "check_beta_with_zeros",
@@ -107,13 +108,8 @@ def check_non_negative_tensor(tensor, name):
     return tensor
 
 
-def check_target(V, name="V"):
-    """Validate a target tensor and return a floating-point view of it.
-
-    Integer tensors (counts) are converted to the default floating dtype; the
-    caller's tensor is never modified.  A sparse target (COO, CSR or CSC) comes
-    back as a coalesced COO tensor (see :func:`canonical_sparse`).
-    """
+def check_real_tensor(V, name):
+    """Raise unless ``V`` is a torch tensor of real (not boolean, not complex) numbers."""
     if not isinstance(V, torch.Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor, got {type(V).__name__}; "
@@ -121,6 +117,17 @@ def check_target(V, name="V"):
         )
     if V.dtype == torch.bool or V.is_complex():
         raise TypeError(f"{name} must hold real numbers, got dtype {V.dtype}")
+    return V
+
+
+def check_target(V, name="V"):
+    """Validate a target tensor and return a floating-point view of it.
+
+    Integer tensors (counts) are converted to the default floating dtype; the
+    caller's tensor is never modified.  A sparse target (COO, CSR or CSC) comes
+    back as a coalesced COO tensor (see :func:`canonical_sparse`).
+    """
+    check_real_tensor(V, name)
     if V.layout != torch.strided:
         _check_sparse_layout(V, name)
     if not V.is_floating_point():
