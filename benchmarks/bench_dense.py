@@ -1,7 +1,6 @@
 """Dense NMF.fit per iteration against scikit-learn's MU and the matrix-product floor."""
 import warnings
 
-import numpy as np
 import torch
 
 from _common import (
