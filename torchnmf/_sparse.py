@@ -105,9 +105,11 @@ def blocked_power_product_(out, A, B, exponent, eps, rows, work, want_power_sum=
         torch.matmul(A[start:stop], B.T, out=recon)
         recon.clamp_min_(eps)
         torch.pow(recon, exponent, out=power)
-        if want_power_sum:
-            total += torch.dot(power.reshape(-1), recon.reshape(-1)).to(torch.float64)
         torch.matmul(power, B, out=out[start:stop])
+    if want_power_sum:
+        # sum(P * (A B^T)) = sum((P B) * A): an (n, R) pass instead of an (n, m) one
+        # (it differs from flooring inside the sum only where A B^T < eps)
+        total += (out * A).sum(dtype=torch.float64)
     return total
 
 

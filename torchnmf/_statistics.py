@@ -135,8 +135,8 @@ class DenseMatrixStats:
         cross = torch.dot(denom.reshape(-1), V_block.reshape(-1))
         if beta == 0:
             return part + cross
-        power = torch.dot(denom.reshape(-1), WH.reshape(-1))
-        return power / beta - cross / (beta - 1)
+        # the sum of WH^beta is added by the caller from the positive term
+        return -cross / (beta - 1)
 
     def _blocked_h(self, H, W):
         work, pair, negative, positive, _, _ = self._buffers(H.shape[1])
@@ -150,6 +150,10 @@ class DenseMatrixStats:
         if self.beta == 1:
             positive = W.sum(0, keepdim=True)
             total += H.sum(0, dtype=torch.float64) @ W.sum(0, dtype=torch.float64)
+        elif self.beta != 0:
+            # sum(WH^beta) = sum(WH^(beta-1) * (H W^T)) = sum((WH^(beta-1) W) * H):
+            # an (N, R) pass over the positive term instead of an (N, C) one
+            total += (positive * H).sum(dtype=torch.float64) / self.beta
         return negative, positive, self.constant + total
 
     def _blocked_w(self, H, W):
