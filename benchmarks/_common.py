@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "low_rank_plus_noise", "per_iteration_ms", "PeakMemory", "peak_in_subprocess",
+    "low_rank_plus_noise", "per_iteration_ms", "PeakMemory", "peak_of_runs", "peak_in_subprocess",
     "markdown_table", "mib",
 ]
 
@@ -75,6 +75,20 @@ class PeakMemory:
         if self.start is not None:
             self.extra = max(_status_kib("VmHWM") - self.start, 0) / 1024
         return False
+
+
+def peak_of_runs(run, n_iter):
+    """Extra peak MiB of ``run(n_iter)`` after a one-iteration warm-up.
+
+    The warm-up keeps libraries' code pages and thread pools out of the figure:
+    they are not the method's memory.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(1)
+        with PeakMemory() as mem:
+            run(n_iter)
+    return mem.extra
 
 
 def peak_in_subprocess(module, function, *args):

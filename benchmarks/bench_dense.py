@@ -1,10 +1,9 @@
 """Dense NMF.fit per iteration against scikit-learn's MU and the matrix-product floor."""
-import warnings
 
 import torch
 
 from _common import (
-    PeakMemory, low_rank_plus_noise, markdown_table, mib, peak_in_subprocess, per_iteration_ms,
+    low_rank_plus_noise, peak_of_runs, markdown_table, mib, peak_in_subprocess, per_iteration_ms,
 )
 
 from torchnmf.nmf import NMF
@@ -69,13 +68,7 @@ def memory_probe(method, beta, quick):
     """Extra peak MiB of 3 iterations of ``method`` (run in a fresh process)."""
     V, H0, W0 = _problem(quick)
     make = {"ours": _ours, "sklearn": _sklearn}[method]
-    run = make(V, H0, W0, beta)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run(1)  # warm-up: libraries' code pages and thread pools are not the method's memory
-        with PeakMemory() as mem:
-            run(3)
-    return mem.extra
+    return peak_of_runs(make(V, H0, W0, beta), 3)
 
 
 def run(quick=False):

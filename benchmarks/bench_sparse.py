@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from _common import PeakMemory, markdown_table, peak_in_subprocess, per_iteration_ms
+from _common import PeakMemory, markdown_table, peak_in_subprocess, peak_of_runs, per_iteration_ms
 
 from torchnmf._statistics import BLOCK_ELEMENTS
 from torchnmf._sparse import sparse_dense_product, to_csr, transpose_csr
@@ -157,12 +157,7 @@ def memory_probe(method, beta, quick):
     """Extra peak MiB of 2 iterations of ``method`` (run in a fresh process)."""
     V, H0, W0 = _problem(quick)
     run = _ours(V, H0, W0, beta) if method == "ours" else _sklearn(_to_scipy(V), H0, W0, beta)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run(1)  # warm-up: libraries' code pages and thread pools are not the method's memory
-        with PeakMemory() as mem:
-            run(2)
-    return mem.extra
+    return peak_of_runs(run, 2)
 
 
 def run(quick=False):
