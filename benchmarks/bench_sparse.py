@@ -5,6 +5,7 @@ with 10,000,000 non-zeros, rank 32, beta=1, 20 iterations) is opt-in:
 ``python benchmarks/bench_sparse.py --scale``.
 """
 import argparse
+import statistics
 import time
 import warnings
 
@@ -12,8 +13,7 @@ import torch
 
 from _common import PeakMemory, markdown_table, peak_in_subprocess, peak_of_runs, per_iteration_ms
 
-from torchnmf._statistics import BLOCK_ELEMENTS
-from torchnmf._sparse import sparse_dense_product, to_csr, transpose_csr
+from torchnmf._sparse import SPARSE_BLOCK_ELEMENTS, sparse_dense_product, to_csr, transpose_csr
 from torchnmf.nmf import NMF
 
 TITLE = "Sparse targets (issue 4)"
@@ -85,7 +85,8 @@ def _floor(V, H0, W0, beta):
     by_rows = to_csr(V)
     by_columns = transpose_csr(by_rows)
     arrays = [(m.crow_indices(), m.col_indices(), m.values()) for m in (by_rows, by_columns)]
-    rows = (max(1, BLOCK_ELEMENTS // V.shape[1]), max(1, BLOCK_ELEMENTS // V.shape[0]))
+    rows = (max(1, SPARSE_BLOCK_ELEMENTS // V.shape[1]),
+            max(1, SPARSE_BLOCK_ELEMENTS // V.shape[0]))
     blocks = [H0.new_empty(r, m) for r, m in zip(rows, (V.shape[1], V.shape[0]))]
 
     def side(k, A, B):
@@ -175,13 +176,21 @@ def run(quick=False):
     na = "n/a"
     for beta in BETAS:
         # beta=1.5 forms the whole reconstruction twice per iteration: fewer iterations
-        counts = (4, 16, 3) if beta in (1, 2) else (1, 4, 1)
-        ours = per_iteration_ms(_ours(V, H0, W0, beta), *counts)
-        floor = per_iteration_ms(_floor(V, H0, W0, beta), *counts)
-        ours_mem = peak_in_subprocess("bench_sparse", "memory_probe", "ours", beta, quick)
-        sk = sk_mem = None
+        # per sample, so the three methods are timed in turn over rounds and each gets
+        # the median of its rounds (load changes then hit all of them alike)
+        counts, rounds = ((4, 16, 3), 1) if beta in (1, 2) else ((1, 4, 1), 3)
+        methods = {"ours": _ours(V, H0, W0, beta), "floor": _floor(V, H0, W0, beta)}
         if have_sklearn:
-            sk = per_iteration_ms(_sklearn(X, H0, W0, beta), *counts)
+            methods["sklearn"] = _sklearn(X, H0, W0, beta)
+        samples = {name: [] for name in methods}
+        for _ in range(rounds):
+            for name, method in methods.items():
+                samples[name].append(per_iteration_ms(method, *counts))
+        ms = {name: statistics.median(values) for name, values in samples.items()}
+        ours, floor, sk = ms["ours"], ms["floor"], ms.get("sklearn")
+        ours_mem = peak_in_subprocess("bench_sparse", "memory_probe", "ours", beta, quick)
+        sk_mem = None
+        if have_sklearn:
             sk_mem = peak_in_subprocess("bench_sparse", "memory_probe", "sklearn", beta, quick)
         rows.append([
             beta, ours, floor, ours / floor,
