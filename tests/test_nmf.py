@@ -213,6 +213,26 @@ def test_closed_form_and_autograd_paths_agree(beta, generator):
     assert_close(pos_a.expand_as(pos_b), pos_b)
 
 
+@pytest.mark.parametrize("beta", BETAS)
+def test_divergence_from_either_side(beta, generator):
+    """w_terms(divergence=True) gives h_terms' divergence; h_terms(divergence=False) skips it."""
+    V = positive_problem(generator)
+    model = NMF(V.shape, rank=3).double()
+    H, W = model.H.detach(), model.W.detach()
+    dense = DenseMatrixStats(V, beta, block_elements=40)
+    neg_h, pos_h, div_h = (t.clone() for t in dense.h_terms(H, W))
+    neg_w, pos_w = (t.clone() for t in dense.w_terms(H, W))
+    *terms_w, div_w = dense.w_terms(H, W, divergence=True)
+    assert float(div_w) == pytest.approx(float(div_h), rel=1e-10)
+    assert float(div_h) == pytest.approx(float(beta_div(H @ W.T, V, beta)), rel=1e-10)
+    for got, want in zip(terms_w, (neg_w, pos_w)):
+        assert_close(got, want)
+    *terms_h, nothing = dense.h_terms(H, W, divergence=False)
+    assert nothing is None
+    for got, want in zip(terms_h, (neg_h, pos_h)):
+        assert_close(got, want)
+
+
 @pytest.mark.parametrize("beta", [0.5, 1, 2])
 def test_nmfd_with_t1_equals_nmf(beta, generator):
     V = positive_problem(generator)

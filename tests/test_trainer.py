@@ -113,6 +113,90 @@ def test_same_iterates_as_fit(generator, beta, alpha, l1_ratio):
     assert_close(trained.H, fitted.H)
 
 
+def _counting_generic_route(monkeypatch):
+    """Count the generic route's vector-Jacobian splits inside the trainer."""
+    import torchnmf.trainer as trainer_module
+
+    calls = []
+    original = trainer_module.beta_gradient_parts
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "beta_gradient_parts", counted)
+    return calls
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("penalties", [{}, dict(l1_reg=0.1, l2_reg=0.2, orthogonal=0.05)])
+@pytest.mark.parametrize("order", ["W, H", "H, W", "H only"])
+def test_single_nmf_takes_the_closed_form_route(monkeypatch, generator, beta, penalties, order):
+    """On one NMF's own output, BetaMu uses fit's statistics: no vector-Jacobian
+    products, and the same parameters, gradients and divergences as the generic route
+    (which the same prediction times one takes)."""
+    V = positive_target(generator)
+    start = NMF(V.shape, rank=3).double()
+    calls = _counting_generic_route(monkeypatch)
+    results = []
+    for route in ("closed form", "generic"):
+        model = NMF(W=start.W.detach(), H=start.H.detach())
+        params = {"W, H": [model.W, model.H], "H, W": [model.H, model.W],
+                  "H only": [model.H]}[order]
+        trainer = BetaMu(params, beta=beta, **penalties)
+        divergences = []
+        for _ in range(4):
+            def closure():
+                trainer.zero_grad()
+                out = model()
+                return V, (out if route == "closed form" else out * 1)
+            divergences.append(trainer.step(closure))
+        results.append((torch.stack(divergences), [p.detach().clone() for p in params],
+                        [p.grad for p in params]))
+        if route == "closed form":
+            assert calls == []
+    assert len(calls) == 4 * len(params)
+    (div_a, params_a, grads_a), (div_b, params_b, grads_b) = results
+    assert_close(div_a, div_b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(params_a + grads_a, params_b + grads_b):
+        assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert all((p >= 0).all() for p in params_a)
+
+
+def test_closed_form_route_only_for_the_unmodified_reconstruction(monkeypatch, generator):
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    calls = _counting_generic_route(monkeypatch)
+    trainer = BetaMu(model.parameters(), beta=2)
+
+    def edited():
+        out = model()
+        return V, out.add_(0.0)  # modified after the forward: no longer the recorded tensor
+
+    trainer.step(edited)
+    assert len(calls) == 2
+    # a chain's last layer is an NMF, but its H is another layer's output, not a parameter
+    net = chain(12, 9)
+    BetaMu(net.parameters(), beta=2).step(lambda: (V, net(None)))
+    assert len(calls) == 2 + 4
+
+
+def test_provenance_records_follow_versions():
+    from torchnmf._provenance import _RECORDS, matrix_factors_of
+
+    model = NMF((5, 4), rank=2)
+    out = model()
+    assert matrix_factors_of(out) == (model.H, model.W)
+    assert matrix_factors_of(out * 1) is None
+    with torch.no_grad():
+        assert matrix_factors_of(model()) is None  # not recorded without gradients
+        model.H.mul_(2)
+    assert matrix_factors_of(out) is None
+    key = id(out)
+    del out
+    assert key not in _RECORDS
+
+
 def test_fixed_and_unused_parameters_are_left_alone(generator):
     V = positive_target(generator)
     W0 = torch.rand(9, 3, generator=generator, dtype=torch.float64)
@@ -206,6 +290,8 @@ def test_betamu_errors(generator):
         trainer.step(lambda: (-V, model()))
     with pytest.raises(ValueError, match="target contains NaN"):
         trainer.step(lambda: (V.masked_fill(V > 0.5, float("nan")), model()))
+    with pytest.raises(TypeError, match="BetaMu needs a dense target, got layout torch.sparse_coo"):
+        trainer.step(lambda: (V.to_sparse(), model()))
     zeros = V.clone()
     zeros[0, 0] = 0
     with pytest.raises(ValueError, match="beta=0 needs a strictly positive target"):

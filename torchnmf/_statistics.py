@@ -6,7 +6,10 @@ questions about the current factors:
 - ``h_terms(H, W)``: the negative and positive parts of the gradient of
   :math:`D_\beta(V | \hat V)` with respect to ``H``, and the divergence at the
   current point (computed on the way, almost for free);
-- ``w_terms(H, W)``: the same parts with respect to ``W``;
+- ``w_terms(H, W)``: the same parts with respect to ``W`` (the matrix
+  statistics also take ``divergence=True``, which adds the divergence, and
+  ``h_terms(..., divergence=False)`` skips it, for callers that update ``W``
+  first);
 - ``divergence(H, W)``: the divergence alone.
 
 The solvers never look at ``V`` themselves, so dense, sparse and masked
@@ -88,21 +91,28 @@ class DenseMatrixStats:
         return total
 
     # -- beta = 2: Gram products --------------------------------------------------
-    def _gram_h(self, H, W):
+    def _gram_divergence(self, factor, negative, gram_H, gram_W):
+        """The divergence from one side's negative term (``V W`` or ``V^T H``) and the Grams."""
+        cross = (factor * negative).sum(dtype=torch.float64)
+        quad = (gram_H * gram_W).sum(dtype=torch.float64)
+        return self.constant - cross + quad / 2
+
+    def _gram_h(self, H, W, divergence=True):
         _, _, negative, positive, _, _ = self._buffers(H.shape[1])
         torch.matmul(self.V, W, out=negative)
         gram_W = W.T @ W
         torch.matmul(H, gram_W, out=positive)
-        cross = (H * negative).sum(dtype=torch.float64)
-        quad = ((H.T @ H) * gram_W).sum(dtype=torch.float64)
-        divergence = self.constant - cross + quad / 2
-        return negative, positive, divergence
+        value = self._gram_divergence(H, negative, H.T @ H, gram_W) if divergence else None
+        return negative, positive, value
 
-    def _gram_w(self, H, W):
+    def _gram_w(self, H, W, divergence=False):
         _, _, _, _, negative, positive = self._buffers(H.shape[1])
         torch.matmul(self.V.T, H, out=negative)
-        torch.matmul(W, H.T @ H, out=positive)
-        return negative, positive
+        gram_H = H.T @ H
+        torch.matmul(W, gram_H, out=positive)
+        if not divergence:
+            return negative, positive
+        return negative, positive, self._gram_divergence(W, negative, gram_H, W.T @ W)
 
     # -- other beta: blockwise powers of the reconstruction -------------------------
     def _block_powers(self, V_block, H_block, W, work, pair, divergence=True):
@@ -138,49 +148,64 @@ class DenseMatrixStats:
         # the sum of WH^beta is added by the caller from the positive term
         return -cross / (beta - 1)
 
-    def _blocked_h(self, H, W):
+    def _power_sum_divergence(self, total, positive, factor, H, W):
+        """The divergence: ``total`` (the blocks' parts), the constant, and the sum of
+        WH^beta taken from ``positive``, the positive term of ``factor`` (H or W)."""
+        if self.beta == 1:
+            total += H.sum(0, dtype=torch.float64) @ W.sum(0, dtype=torch.float64)
+        elif self.beta != 0:
+            # sum(WH^beta) = sum(WH^(beta-1) * (H W^T)) = sum((WH^(beta-1) W) * H):
+            # an (N, R) or (C, R) pass over the positive term instead of an (N, C) one
+            total += (positive * factor).sum(dtype=torch.float64) / self.beta
+        return self.constant + total
+
+    def _blocked_h(self, H, W, divergence=True):
         work, pair, negative, positive, _, _ = self._buffers(H.shape[1])
         total = torch.zeros((), dtype=torch.float64, device=H.device)
         for start, stop in _row_blocks(H.shape[0], self.rows):
             b = stop - start
-            total += self._block_powers(self.V[start:stop], H[start:stop], W, work, pair)
+            total += self._block_powers(
+                self.V[start:stop], H[start:stop], W, work, pair, divergence
+            )
             torch.matmul(pair[0, :b], W, out=negative[start:stop])
             if self.beta != 1:
                 torch.matmul(pair[1, :b], W, out=positive[start:stop])
         if self.beta == 1:
             positive = W.sum(0, keepdim=True)
-            total += H.sum(0, dtype=torch.float64) @ W.sum(0, dtype=torch.float64)
-        elif self.beta != 0:
-            # sum(WH^beta) = sum(WH^(beta-1) * (H W^T)) = sum((WH^(beta-1) W) * H):
-            # an (N, R) pass over the positive term instead of an (N, C) one
-            total += (positive * H).sum(dtype=torch.float64) / self.beta
-        return negative, positive, self.constant + total
+        if not divergence:
+            return negative, positive, None
+        return negative, positive, self._power_sum_divergence(total, positive, H, H, W)
 
-    def _blocked_w(self, H, W):
+    def _blocked_w(self, H, W, divergence=False):
         work, pair, _, _, negative, positive = self._buffers(H.shape[1])
         negative.zero_()
         positive.zero_()
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
         for start, stop in _row_blocks(H.shape[0], self.rows):
             b = stop - start
             H_block = H[start:stop]
-            self._block_powers(self.V[start:stop], H_block, W, work, pair, divergence=False)
+            total += self._block_powers(self.V[start:stop], H_block, W, work, pair, divergence)
             negative.addmm_(pair[0, :b].T, H_block)
             if self.beta != 1:
                 positive.addmm_(pair[1, :b].T, H_block)
         if self.beta == 1:
             positive = H.sum(0, keepdim=True)
-        return negative, positive
+        if not divergence:
+            return negative, positive
+        return negative, positive, self._power_sum_divergence(total, positive, W, H, W)
 
     # -- interface ----------------------------------------------------------------
-    def h_terms(self, H, W):
+    def h_terms(self, H, W, divergence=True):
+        """The ``H`` terms and the divergence at (H, W) (``None`` with ``divergence=False``)."""
         if self.beta == 2:
-            return self._gram_h(H, W)
-        return self._blocked_h(H, W)
+            return self._gram_h(H, W, divergence)
+        return self._blocked_h(H, W, divergence)
 
-    def w_terms(self, H, W):
+    def w_terms(self, H, W, divergence=False):
+        """The ``W`` terms; with ``divergence=True`` also the divergence at (H, W)."""
         if self.beta == 2:
-            return self._gram_w(H, W)
-        return self._blocked_w(H, W)
+            return self._gram_w(H, W, divergence)
+        return self._blocked_w(H, W, divergence)
 
     def divergence(self, H, W):
         return self.h_terms(H, W)[2]

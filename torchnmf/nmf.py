@@ -20,6 +20,7 @@ from ._components import FactorModule, kernel_tuple, make_factor, shapes_from_vs
 from . import init as _init
 from ._loop import run_fit
 from ._masked import MaskedAutogradStats, MaskedMatrixStats, prepare_target
+from ._provenance import record_matrix_reconstruction
 from ._reconstruct import conv_transpose, linear
 from ._solvers import FitProblem, get_solver, require_features
 from ._sparse import SPARSE_LAYOUTS, SparseMatrixStats
@@ -522,6 +523,13 @@ class NMF(BaseComponent):
     @staticmethod
     def reconstruct(H, W):
         return linear(H, W)
+
+    def forward(self, H=None, W=None):
+        output = super().forward(H, W)
+        if H is None and W is None and torch.is_grad_enabled():
+            # lets BetaMu recognise its prediction and use Gram products (see _provenance)
+            record_matrix_reconstruction(output, self.H, self.W)
+        return output
 
     def _output_shape(self):
         return (self.H.shape[0], self.W.shape[0])

@@ -42,8 +42,9 @@ import torch
 from torch.optim import Optimizer
 
 from . import metrics
+from ._provenance import matrix_factors_of
 from ._sparseness import STEP_GROWTH, project_components_
-from ._statistics import beta_gradient_parts, divergence_constant
+from ._statistics import DenseMatrixStats, beta_gradient_parts, divergence_constant
 from ._updates import Penalty, mu_exponent, mu_update_
 from ._validation import (
     check_beta_with_zeros,
@@ -76,7 +77,9 @@ class BetaMu(Optimizer):
     with respect to each parameter into its positive and negative parts (two
     vector-Jacobian products, the same split that :meth:`NMF.fit
     <torchnmf.nmf.BaseComponent.fit>` uses for convolutional models) and
-    updates every trainable parameter at once,
+    updates the trainable parameters one after another (in parameter-group
+    order; the closure is evaluated again before each, so every update sees the
+    ones before it),
 
     .. math::
 
@@ -88,6 +91,15 @@ class BetaMu(Optimizer):
     gradients are non-negative combinations (products, sums, convolutions,
     chained models).  Parameters stay non-negative; those with
     ``requires_grad=False`` are left alone.
+
+    When the prediction is a single :class:`~torchnmf.nmf.NMF`'s own output
+    (``model()``, unmodified) and the trained parameters are its ``H`` and/or
+    ``W``, the step takes :meth:`NMF.fit <torchnmf.nmf.BaseComponent.fit>`'s
+    closed-form statistics instead (Gram products at beta=2, blockwise
+    reconstruction otherwise) and evaluates the closure once: the same updates,
+    gradients and returned divergence, at a fraction of the cost.  Any other
+    prediction (a chain, a convolutional model, a user's module, ``model() * 1``)
+    takes the generic route.
 
     After a step, each trainable parameter's ``.grad`` holds the gradient of the
     divergence alone (no penalty) at the point before the update; a parameter
@@ -138,6 +150,12 @@ class BetaMu(Optimizer):
                     f"the closure must return (target, prediction) as tensors, but {name} is "
                     f"a {type(value).__name__}"
                 )
+            if value.layout != torch.strided:
+                raise TypeError(
+                    f"BetaMu needs a dense {name}, got layout {value.layout}; pass "
+                    f"{name}.to_dense(), or fit a single model with a sparse target by "
+                    f"NMF.fit, which never densifies it"
+                )
         if prediction.grad_fn is None:
             raise ValueError(
                 "the prediction the closure returns does not depend on any trainable "
@@ -178,11 +196,18 @@ class BetaMu(Optimizer):
         """
         _check_closure(closure, "(target, prediction)")
         order = [(group, p) for group in self.param_groups for p in _trainable(group)]
+        with torch.enable_grad():
+            output = self._check_output(closure())
+        factors = self._matrix_route(output[1], order)
+        if factors is not None:
+            return self._matrix_step(*output, *factors, order)
         gradients = []
         before = None
         for i, (group, p) in enumerate(order):
             with torch.enable_grad():
-                target, prediction = self._check_output(closure())
+                if i > 0:
+                    output = self._check_output(closure())
+                target, prediction = output
                 first = i == 0 and group["beta"] == self._constant[0]
                 constant = self._constant[1] if first else None
                 ((negative, positive),), divergence = beta_gradient_parts(
@@ -201,11 +226,65 @@ class BetaMu(Optimizer):
             mu_update_(p, negative, positive, mu_exponent(group["beta"]), penalty)
             state = self.state[p]
             state["step"] = state.get("step", 0) + 1
-        if not order:  # nothing to train: still evaluate and check the closure once
-            with torch.enable_grad():
-                target, prediction = self._check_output(closure())
+        if not order:  # nothing to train: the closure was still evaluated and checked
+            target, prediction = output
             before = metrics.beta_div(prediction.detach(), target, self._constant[0])
         # The closure may clear gradients (zero_grad), so they are stored at the end.
+        for p, gradient in gradients:
+            p.grad = gradient
+        return before
+
+    # -- the closed-form route for one NMF's own reconstruction ----------------------
+    @staticmethod
+    def _matrix_route(prediction, order):
+        """``(H, W)`` when the step can use :meth:`NMF.fit`'s closed-form statistics.
+
+        That is when the prediction is exactly an :class:`~torchnmf.nmf.NMF`'s
+        own :math:`H W^\top` (see :mod:`torchnmf._provenance`), every trainable
+        parameter is one of those two factors and all share one ``beta``.
+        """
+        factors = matrix_factors_of(prediction)
+        if factors is None or not order:
+            return None
+        H, W = factors
+        if any(p is not H and p is not W for _, p in order):
+            return None
+        if len({group["beta"] for group, _ in order}) != 1:
+            return None
+        return factors
+
+    def _matrix_stats(self, target, beta):
+        """The dense matrix statistics of the target, built once per target and beta."""
+        key = (self._checked_target, beta)
+        cached = getattr(self, "_cached_stats", None)
+        if cached is None or cached[0] != key:
+            self._cached_stats = cached = (key, DenseMatrixStats(target, beta))
+        return cached[1]
+
+    def _matrix_step(self, target, prediction, H, W, order):
+        """The step for one NMF: the same parts of the gradient, one parameter after
+        the other in the same order, from Gram products (beta=2) or blockwise
+        powers of :math:`H W^\top` instead of vector-Jacobian products; the
+        closure is evaluated once."""
+        stats = self._matrix_stats(target.detach(), order[0][0]["beta"])
+        gradients = []
+        before = None
+        for i, (group, p) in enumerate(order):
+            if p is H:
+                negative, positive, divergence = stats.h_terms(H, W, divergence=i == 0)
+            elif i == 0:
+                negative, positive, divergence = stats.w_terms(H, W, divergence=True)
+            else:
+                negative, positive = stats.w_terms(H, W)
+            if i == 0:
+                before = divergence.clamp_min(0).to(prediction.dtype)
+            gradients.append((p, (positive - negative).to(p.dtype)))
+            if group["orthogonal"] and p.dim() >= 2:
+                positive = positive + group["orthogonal"] * (p.sum(1, keepdim=True) - p)
+            penalty = Penalty.from_weights(group["l1_reg"], group["l2_reg"])
+            mu_update_(p, negative, positive, mu_exponent(group["beta"]), penalty)
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
         for p, gradient in gradients:
             p.grad = gradient
         return before
