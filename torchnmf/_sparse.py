@@ -26,6 +26,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ._statistics import gram_divergence
+
 
 __all__ = [
     "SparseMatrixStats",
@@ -202,12 +204,9 @@ class SparseMatrixStats:
         divergence = None
         if beta == 2:
             negative = side.product(values, B)
-            gram_B = B.T @ B
-            torch.matmul(A, gram_B, out=positive)
+            torch.matmul(A, B.T @ B, out=positive)
             if want_divergence:
-                cross = (A * negative).sum(dtype=torch.float64)
-                quad = ((A.T @ A) * gram_B).sum(dtype=torch.float64)
-                divergence = self.constant - cross + quad / 2
+                divergence = gram_divergence(self.constant, A, negative, positive)
             return negative, positive, divergence
 
         recon = sampled_product_(sampled_csr, side.csr, A, B)
