@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 torch.set_num_threads(1)
 
@@ -20,3 +21,18 @@ def low_rank(n, c, rank, generator, dtype=torch.float64, noise=0.0):
 
 
 TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-12)}
+
+
+class DenseWatcher(TorchDispatchMode):
+    """Records the largest strided tensor any aten operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+                self.largest = max(self.largest, value.numel())
+        return out

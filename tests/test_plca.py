@@ -190,3 +190,50 @@ def test_errors(generator):
         model.fit(V, Z_alpha=torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="tol must be non-negative"):
         model.fit(V, tol=-1)
+
+
+# -- sparse targets ------------------------------------------------------------------
+def _sparse_counts(generator, n=30, c=20, density=0.25):
+    keep = torch.rand(n, c, generator=generator) < density
+    return torch.randint(1, 6, (n, c), generator=generator).double() * keep
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr", "csc"])
+@pytest.mark.parametrize("priors", [{}, dict(W_alpha=1.2, H_alpha=torch.full((1, 3), 1.1,
+                                                                              dtype=torch.float64))])
+def test_sparse_target_gives_the_dense_fit(generator, layout, priors):
+    V = _sparse_counts(generator)
+    start = PLCA(V.shape, rank=3).double()
+    dense = PLCA(W=start.W.detach(), H=start.H.detach())
+    sparse = PLCA(W=start.W.detach(), H=start.H.detach())
+    convert = {"coo": V.to_sparse, "csr": V.to_sparse_csr, "csc": V.to_sparse_csc}[layout]
+    target = convert()
+    n_dense, norm_dense = dense.fit(V, max_iter=25, tol=0, **priors)
+    n_sparse, norm_sparse = sparse.fit(target, max_iter=25, tol=0, **priors)
+    assert n_dense == n_sparse == 25
+    assert_close(norm_sparse, norm_dense)
+    assert_close(torch.tensor(sparse.loss_history), torch.tensor(dense.loss_history),
+                 rtol=1e-10, atol=1e-12)
+    for name in ("W", "H", "Z"):
+        assert_close(getattr(sparse, name), getattr(dense, name), rtol=1e-9, atol=1e-12)
+    assert sparse.loss_history[-1] < sparse.loss_history[0]
+
+
+def test_sparse_target_is_never_densified(generator, monkeypatch):
+    from conftest import DenseWatcher
+
+    n, c, rank = 40, 30, 3
+    V = _sparse_counts(generator, n, c, density=0.1).to_sparse_csr()
+    model = PLCA((n, c), rank=rank).double()
+    monkeypatch.setattr(torch.Tensor, "to_dense", lambda *a, **k: pytest.fail("to_dense called"))
+    watcher = DenseWatcher()
+    with watcher:
+        model.fit(V, max_iter=3, tol=0)
+    assert watcher.largest < n * c
+
+
+def test_shift_invariant_models_refuse_sparse_targets():
+    model = SIPLCA((3, 4, 10), rank=2, T=3)
+    V = torch.rand(3, 4, 10).to_sparse()
+    with pytest.raises(NotImplementedError, match="SIPLCA.fit does not accept sparse targets"):
+        model.fit(V, max_iter=2)

@@ -1,8 +1,7 @@
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import TOLERANCES
+from conftest import TOLERANCES, DenseWatcher
 from torchnmf import metrics
 from torchnmf._sparse import (
     SparseMatrixStats,
@@ -228,21 +227,6 @@ def test_sparse_errors(generator):
 
 
 # -- never dense ---------------------------------------------------------------------------
-class DenseWatcher(TorchDispatchMode):
-    """Records the largest strided tensor any aten operation produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(value, torch.Tensor) and value.layout == torch.strided:
-                self.largest = max(self.largest, value.numel())
-        return out
-
-
 @pytest.mark.parametrize("beta", BETAS)
 def test_no_dense_matrix_is_ever_built(beta, generator, monkeypatch):
     n, c, rank, block = 40, 30, 3, 64

@@ -23,6 +23,7 @@ from ._components import FactorModule, kernel_tuple, shapes_from_vshape
 from ._em import ExpectationMaximisation, normalise_components_
 from ._loop import run_fit
 from ._reconstruct import conv_transpose, linear
+from ._sparse import SPARSE_LAYOUTS, SparseMatrixStats
 from ._statistics import AutogradStats, DenseMatrixStats
 from ._validation import (
     check_non_negative_number,
@@ -159,6 +160,8 @@ class BaseComponent(FactorModule):
         Args:
             V (Tensor): non-negative counts or intensities, of the
                 reconstruction's shape, with a positive sum. Never modified.
+                :class:`PLCA` also takes a sparse COO, CSR or CSC matrix and
+                never densifies it (the shift-invariant models need a dense ``V``).
             tol (float): stop once the relative decrease of the objective falls
                 under ``tol``; 0 runs all ``max_iter`` iterations.
             max_iter (int): the most iterations.
@@ -242,6 +245,10 @@ class PLCA(BaseComponent):
         return (self.H.shape[0], self.W.shape[0])
 
     def _statistics(self, P):
+        if P.layout in SPARSE_LAYOUTS:
+            # counts as a sparse matrix (documents x terms, cells x genes): the
+            # reconstruction only at the stored entries, never a dense (N, C) tensor
+            return SparseMatrixStats(P, 1)
         if P.layout != torch.strided:
             return super()._statistics(P)
         return DenseMatrixStats(P, 1)
