@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from conftest import low_rank
 from torchnmf._sparseness import l1_for_sparseness, sparse_projection
-from torchnmf.metrics import sparseness
+from torchnmf.metrics import beta_div, sparseness
 from torchnmf.nmf import NMF, NMFD
 
 
@@ -94,6 +94,39 @@ def test_sparse_fit_reaches_targets_and_never_increases(generator, beta, sW, sH)
                 assert abs(float(sparseness(factor[:, r])) - target) < 1e-8
     if sH is not None:
         assert_close(model.H.detach().norm(dim=0), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("beta", [2, 1])
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_sparse_fit_with_missing_values(generator, beta, layout):
+    """Hidden entries are never read: garbage there (NaN with missing="mask", or huge
+    values under an explicit mask) gives the fit of the zero-filled target; the
+    history is the naive masked divergence and never increases."""
+    V, _, _ = low_rank(30, 20, 4, generator, noise=0.1)
+    observed = torch.rand(V.shape, generator=generator) > 0.3
+    start = NMF(V.shape, rank=4).double()
+    clean = V * observed
+    garbage = V.masked_fill(~observed, 1e3)
+    with_nan = V.masked_fill(~observed, float("nan"))
+    models = []
+    for target, options in ((clean, dict(mask=observed)), (garbage, dict(mask=observed)),
+                            (with_nan, dict(missing="mask"))):
+        if layout == "sparse" and not torch.isnan(target).any():
+            target = target.to_sparse_csr()
+        model = NMF(W=start.W.detach(), H=start.H.detach())
+        model.sparse_fit(target, beta=beta, max_iter=12, sW=0.5, sH=0.4, **options)
+        models.append(model)
+    for other in models[1:]:
+        assert_close(other.W, models[0].W)
+        assert_close(other.H, models[0].H)
+    model = models[0]
+    history = torch.tensor(model.loss_history)
+    assert (history[1:] <= history[:-1] * (1 + 1e-12)).all() and history[-1] < history[0]
+    reconstruction = model().detach()
+    naive = beta_div(reconstruction[observed], V[observed], beta)
+    assert float(naive) == pytest.approx(model.loss_history[-1], rel=1e-9)
+    for r in range(4):
+        assert abs(float(sparseness(model.W.detach()[:, r])) - 0.5) < 1e-8
 
 
 def test_sparse_fit_recovers_planted_sparse_templates(generator):

@@ -98,6 +98,11 @@ class BaseComponent(FactorModule):
             return MaskedAutogradStats(V, mask, beta, self.reconstruct)
         return AutogradStats(V, beta, self.reconstruct)
 
+    @staticmethod
+    def _check_beta(V, mask, beta):
+        """beta <= 0 needs positive observed entries (and no implicit sparse zeros)."""
+        check_beta_with_zeros(V if mask is None or V.layout != torch.strided else V[mask], beta)
+
     def _check_fit_target(self, V, mask=None, missing="error", expected=None, rows=True, columns=True):
         """Validate ``V`` (and its mask) against the reconstruction's shape.
 
@@ -144,7 +149,7 @@ class BaseComponent(FactorModule):
         require_features(solver_cls, solver, wanted)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        check_beta_with_zeros(V if mask is None or V.layout != torch.strided else V[mask], beta)
+        self._check_beta(V, mask, beta)
         problem = FitProblem(
             stats=self._statistics(V, beta, mask),
             H=H,
@@ -409,7 +414,8 @@ class BaseComponent(FactorModule):
         spatial = [h + k - 1 for h, k in zip(H_shape[2:], self.W.shape[2:])]
         return (H_shape[0], self.W.shape[0], *spatial)
 
-    def sparse_fit(self, V, beta=2, max_iter=200, verbose=False, sW=None, sH=None, *, callback=None):
+    def sparse_fit(self, V, beta=2, max_iter=200, verbose=False, sW=None, sH=None, *,
+                   callback=None, mask=None, missing="error"):
         r"""Fit with Hoyer's sparseness constraints on the components of ``W`` and/or ``H``.
 
         For a constrained factor, each iteration takes a gradient step of the
@@ -432,6 +438,11 @@ class BaseComponent(FactorModule):
             sH (float, optional): likewise for ``H``.
             callback (callable, keyword-only): ``callback(n_iter, loss)``;
                 returning ``True`` stops the fit.
+            mask (Tensor, keyword-only): True where ``V`` is observed, as in
+                :meth:`fit`: the divergence and its gradients count observed
+                entries only.
+            missing (str, keyword-only): ``"mask"`` treats NaN in ``V`` as
+                missing, as in :meth:`fit`.
 
         Returns:
             int: the iterations run; the objective after each is in
@@ -446,7 +457,7 @@ class BaseComponent(FactorModule):
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         self._require_factors(("W", "H"), "sparse_fit")
-        V, _ = self._check_fit_target(V)
+        V, mask = self._check_fit_target(V, mask, missing)
         targets = {}
         for name, value in (("W", sW), ("H", sH)):
             if value is None:
@@ -463,9 +474,9 @@ class BaseComponent(FactorModule):
                     f"s{name} needs components of at least 2 entries, but each component of "
                     f"{name} has {factor.numel() // self.rank}"
                 )
-        check_beta_with_zeros(V, beta)
+        self._check_beta(V, mask, beta)
         problem = FitProblem(
-            stats=self._statistics(V, beta),
+            stats=self._statistics(V, beta, mask),
             H=self.H.detach(),
             W=self.W.detach(),
             beta=beta,
