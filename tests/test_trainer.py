@@ -265,6 +265,32 @@ def test_state_dict_round_trip(generator):
     assert_close(clone.H, model.H)
 
 
+@pytest.mark.parametrize("route", ["closed form", "generic"])
+def test_copied_and_pickled_trainers_keep_stepping(generator, route):
+    import copy
+    import pickle
+
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    trainer = BetaMu(model.parameters(), beta=2)
+
+    def closure():
+        out = model()
+        return V, out if route == "closed form" else out * 1
+
+    first = trainer.step(closure)
+    for clone in (copy.deepcopy(trainer), pickle.loads(pickle.dumps(trainer))):
+        assert clone.state_dict()["state"] == trainer.state_dict()["state"]
+        assert clone._cached_stats is None
+    # a deep copy owns copies of the parameters: step a copy of the model with it
+    twin = copy.deepcopy((model, trainer))
+    twin_model, twin_trainer = twin
+    after = twin_trainer.step(lambda: (V, twin_model() if route == "closed form"
+                                       else twin_model() * 1))
+    assert after < first
+    assert_close(after, trainer.step(closure))
+
+
 def test_betamu_errors(generator):
     V = positive_target(generator)
     model = NMF(V.shape, rank=3).double()

@@ -122,9 +122,19 @@ class BetaMu(Optimizer):
 
     def __init__(self, params, beta=1, l1_reg=0, l2_reg=0, orthogonal=0):
         defaults = dict(beta=beta, l1_reg=l1_reg, l2_reg=l2_reg, orthogonal=orthogonal)
+        self._forget_target()
+        super().__init__(params, defaults)
+
+    def _forget_target(self):
+        """Drop what is cached about the last target (its check, constant and statistics)."""
         self._checked_target = None
         self._constant = None
-        super().__init__(params, defaults)
+        self._cached_stats = None
+
+    def __setstate__(self, state):
+        # pickling and deepcopy keep only defaults, state and groups: the caches restart
+        super().__setstate__(state)
+        self._forget_target()
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -256,7 +266,7 @@ class BetaMu(Optimizer):
     def _matrix_stats(self, target, beta):
         """The dense matrix statistics of the target, built once per target and beta."""
         key = (self._checked_target, beta)
-        cached = getattr(self, "_cached_stats", None)
+        cached = self._cached_stats
         if cached is None or cached[0] != key:
             self._cached_stats = cached = (key, DenseMatrixStats(target, beta))
         return cached[1]
