@@ -192,6 +192,17 @@ class BetaMu(Optimizer):
         return target, prediction
 
     # -- the step -------------------------------------------------------------------
+    def _update_(self, group, p, negative, positive):
+        """The multiplicative update of ``p`` from its gradient parts, with the
+        group's penalties (``negative`` is used as scratch space)."""
+        if group["orthogonal"] and p.dim() >= 2:
+            # out of place: ``positive`` may broadcast (beta=1 closed form)
+            positive = positive + group["orthogonal"] * (p.sum(1, keepdim=True) - p)
+        penalty = Penalty.from_weights(group["l1_reg"], group["l2_reg"])
+        mu_update_(p, negative, positive, mu_exponent(group["beta"]), penalty)
+        state = self.state[p]
+        state["step"] = state.get("step", 0) + 1
+
     @torch.no_grad()
     def step(self, closure):
         """One multiplicative update of every trainable parameter.
@@ -230,12 +241,7 @@ class BetaMu(Optimizer):
             if negative is None:
                 continue
             gradients.append((p, positive - negative))
-            if group["orthogonal"] and p.dim() >= 2:
-                positive = positive.add_(p.sum(1, keepdim=True) - p, alpha=group["orthogonal"])
-            penalty = Penalty.from_weights(group["l1_reg"], group["l2_reg"])
-            mu_update_(p, negative, positive, mu_exponent(group["beta"]), penalty)
-            state = self.state[p]
-            state["step"] = state.get("step", 0) + 1
+            self._update_(group, p, negative, positive)
         if not order:  # nothing to train: the closure was still evaluated and checked
             target, prediction = output
             before = metrics.beta_div(prediction.detach(), target, self._constant[0])
@@ -288,13 +294,8 @@ class BetaMu(Optimizer):
                 negative, positive = stats.w_terms(H, W)
             if i == 0:
                 before = divergence.clamp_min(0).to(prediction.dtype)
-            gradients.append((p, (positive - negative).to(p.dtype)))
-            if group["orthogonal"] and p.dim() >= 2:
-                positive = positive + group["orthogonal"] * (p.sum(1, keepdim=True) - p)
-            penalty = Penalty.from_weights(group["l1_reg"], group["l2_reg"])
-            mu_update_(p, negative, positive, mu_exponent(group["beta"]), penalty)
-            state = self.state[p]
-            state["step"] = state.get("step", 0) + 1
+            gradients.append((p, positive - negative))
+            self._update_(group, p, negative, positive)
         for p, gradient in gradients:
             p.grad = gradient
         return before
