@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "low_rank_plus_noise", "per_iteration_ms", "PeakMemory", "peak_of_runs", "peak_in_subprocess",
-    "markdown_table", "mib",
+    "markdown_table", "mib", "sklearn_mu",
 ]
 
 
@@ -144,3 +144,19 @@ def describe_machine():
         f"torch {torch.__version__}, numpy {np.__version__}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs"
     )
+
+
+def sklearn_mu(X, H0, W0, beta):
+    """``run(n_iter)``: scikit-learn's MU solver on ``X`` (numpy or scipy sparse) from
+    torchnmf's initial factors (sklearn's orientation: ``X ~ H0 @ W0.T``)."""
+    from sklearn.decomposition import NMF as SkNMF
+
+    W_init, H_init = H0.numpy().copy(), W0.T.numpy().copy()
+
+    def run(n_iter):
+        est = SkNMF(
+            n_components=H0.shape[1], solver="mu", beta_loss=beta, init="custom",
+            max_iter=n_iter, tol=0,
+        )
+        est.fit_transform(X, W=W_init.copy(), H=H_init.copy())
+    return run

@@ -4,6 +4,7 @@ import torch
 
 from _common import (
     low_rank_plus_noise, peak_of_runs, markdown_table, mib, peak_in_subprocess, per_iteration_ms,
+    sklearn_mu,
 )
 
 from torchnmf.nmf import NMF
@@ -20,19 +21,7 @@ def _ours(V, H0, W0, beta):
 
 
 def _sklearn(V, H0, W0, beta):
-    from sklearn.decomposition import NMF as SkNMF
-
-    X = V.numpy()
-    W_init = H0.numpy().copy()
-    H_init = W0.T.numpy().copy()
-
-    def run(n_iter):
-        est = SkNMF(
-            n_components=H0.shape[1], solver="mu", beta_loss=beta, init="custom",
-            max_iter=n_iter, tol=0,
-        )
-        est.fit_transform(X, W=W_init.copy(), H=H_init.copy())
-    return run
+    return sklearn_mu(V.numpy(), H0, W0, beta)
 
 
 def _floor(V, H0, W0, beta):

@@ -11,7 +11,9 @@ import warnings
 
 import torch
 
-from _common import PeakMemory, markdown_table, peak_in_subprocess, peak_of_runs, per_iteration_ms
+from _common import (
+    PeakMemory, markdown_table, peak_in_subprocess, peak_of_runs, per_iteration_ms, sklearn_mu,
+)
 
 from torchnmf._sparse import SPARSE_BLOCK_ELEMENTS, sparse_dense_product, to_csr, transpose_csr
 from torchnmf.nmf import NMF
@@ -59,20 +61,6 @@ def _to_scipy(V):
 
     indices, values = V._indices().numpy(), V._values().numpy()
     return scipy.sparse.csr_matrix((values, (indices[0], indices[1])), shape=tuple(V.shape))
-
-
-def _sklearn(X, H0, W0, beta):
-    from sklearn.decomposition import NMF as SkNMF
-
-    W_init, H_init = H0.numpy().copy(), W0.T.numpy().copy()
-
-    def run(n_iter):
-        est = SkNMF(
-            n_components=H0.shape[1], solver="mu", beta_loss=beta, init="custom",
-            max_iter=n_iter, tol=0,
-        )
-        est.fit_transform(X, W=W_init.copy(), H=H_init.copy())
-    return run
 
 
 def _floor(V, H0, W0, beta):
@@ -157,7 +145,7 @@ def _problem(quick):
 def memory_probe(method, beta, quick):
     """Extra peak MiB of 2 iterations of ``method`` (run in a fresh process)."""
     V, H0, W0 = _problem(quick)
-    run = _ours(V, H0, W0, beta) if method == "ours" else _sklearn(_to_scipy(V), H0, W0, beta)
+    run = _ours(V, H0, W0, beta) if method == "ours" else sklearn_mu(_to_scipy(V), H0, W0, beta)
     return peak_of_runs(run, 2)
 
 
@@ -181,7 +169,7 @@ def run(quick=False):
         counts, rounds = ((4, 16, 3), 1) if beta in (1, 2) else ((1, 4, 1), 3)
         methods = {"ours": _ours(V, H0, W0, beta), "floor": _floor(V, H0, W0, beta)}
         if have_sklearn:
-            methods["sklearn"] = _sklearn(X, H0, W0, beta)
+            methods["sklearn"] = sklearn_mu(X, H0, W0, beta)
         samples = {name: [] for name in methods}
         for _ in range(rounds):
             for name, method in methods.items():
