@@ -73,14 +73,18 @@ def prepare_target(V, mask=None, missing="error", name="V"):
     if missing == "mask":
         observed = observed & ~nan
     elif (nan & observed).any():
-        raise ValueError(
-            f"{name} contains NaN at {int((nan & observed).sum())} observed entries; pass "
-            f"missing='mask' to treat NaN as missing values, or hide them with the mask"
-        )
+        _refuse_observed_nan(name, nan & observed)
     check_non_negative_tensor(V[observed], name)
     if bool(observed.all()):
         return V, None
     return torch.where(observed, V, torch.zeros((), dtype=V.dtype, device=V.device)), observed
+
+
+def _refuse_observed_nan(name, observed_nan):
+    raise ValueError(
+        f"{name} contains NaN at {int(observed_nan.sum())} observed entries; pass "
+        f"missing='mask' to treat NaN as missing values, or hide them with the mask"
+    )
 
 
 def _prepare_sparse(V, mask, missing, name):
@@ -103,10 +107,7 @@ def _prepare_sparse(V, mask, missing, name):
             observed[indices[0, nan], indices[1, nan]] = False
             at_stored = at_stored & ~nan
     elif (nan & at_stored).any():
-        raise ValueError(
-            f"{name} contains NaN at {int((nan & at_stored).sum())} observed entries; pass "
-            f"missing='mask' to treat NaN as missing values, or hide them with the mask"
-        )
+        _refuse_observed_nan(name, nan & at_stored)
     check_non_negative_tensor(values[at_stored], name)
     if bool(observed.all()):
         return V, None

@@ -155,7 +155,7 @@ class DenseMatrixStats:
 
     def _blocked_h(self, H, W, divergence=True):
         work, pair, negative, positive, _, _ = self._buffers(H.shape[1])
-        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        total = 0  # the blocks' parts are float64 tensors, and 0 without divergence
         for start, stop in _row_blocks(H.shape[0], self.rows):
             b = stop - start
             total += self._block_powers(
@@ -174,7 +174,7 @@ class DenseMatrixStats:
         work, pair, _, _, negative, positive = self._buffers(H.shape[1])
         negative.zero_()
         positive.zero_()
-        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        total = 0  # as in _blocked_h: no tensor work in the W pass of a fit
         for start, stop in _row_blocks(H.shape[0], self.rows):
             b = stop - start
             H_block = H[start:stop]

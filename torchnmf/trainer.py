@@ -282,7 +282,7 @@ class BetaMu(Optimizer):
         the other in the same order, from Gram products (beta=2) or blockwise
         powers of :math:`H W^\top` instead of vector-Jacobian products; the
         closure is evaluated once."""
-        stats = self._matrix_stats(target.detach(), order[0][0]["beta"])
+        stats = self._matrix_stats(target, order[0][0]["beta"])
         gradients = []
         before = None
         for i, (group, p) in enumerate(order):
