@@ -15,7 +15,7 @@ from _common import (
     PeakMemory, markdown_table, peak_in_subprocess, peak_of_runs, per_iteration_ms, sklearn_mu,
 )
 
-from torchnmf._sparse import SPARSE_BLOCK_ELEMENTS, sparse_dense_product, to_csr, transpose_csr
+from torchnmf.targets.sparse import SPARSE_BLOCK_ELEMENTS, sparse_dense_product, to_csr, transpose_csr
 from torchnmf.nmf import NMF
 
 TITLE = "Sparse targets (issue 4)"

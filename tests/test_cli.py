@@ -260,9 +260,9 @@ def test_help_and_no_command(capsys):
 
 
 def test_solver_choices_follow_the_registry(monkeypatch, tmp_path, capsys, matrix):
-    from torchnmf import _solvers
+    from torchnmf.solvers import mu, registry
 
-    monkeypatch.setitem(_solvers.SOLVERS, "copy_of_mu", _solvers.SOLVERS["mu"])
+    monkeypatch.setitem(registry.SOLVERS, "copy_of_mu", registry.SOLVERS["mu"])
     assert "copy_of_mu" in cli.solver_names()
     np.save(tmp_path / "m.npy", matrix)
     status, out, err = fit(capsys, tmp_path / "m.npy", "-r", 2, "--solver", "copy_of_mu",

@@ -6,7 +6,8 @@ import torch
 from torch.testing import assert_close
 
 from conftest import low_rank
-from torchnmf._extrapolation import ExtrapolationWeight, extrapolate_geometric_, extrapolate_linear_
+from torchnmf.solvers.alternating import ExtrapolationWeight
+from torchnmf.solvers.extrapolation import extrapolate_geometric_, extrapolate_linear_
 from torchnmf.init import initialize
 from torchnmf.metrics import kl_div
 from torchnmf.nmf import NMF, NMFD

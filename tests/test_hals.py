@@ -5,10 +5,12 @@ import torch
 from torch.testing import assert_close
 
 from conftest import low_rank
-from torchnmf._hals import hals_update_, masked_hals_update_, max_inner_sweeps
-from torchnmf._solvers import HALS, FitProblem, get_solver
-from torchnmf._statistics import DenseMatrixStats
-from torchnmf._updates import Penalty
+from torchnmf.solvers.hals import hals_update_, masked_hals_update_, max_inner_sweeps
+from torchnmf.solvers.hals import HALS
+from torchnmf.solvers.problem import FitProblem
+from torchnmf.solvers.registry import get_solver
+from torchnmf.targets.dense import DenseMatrixStats
+from torchnmf.solvers.penalty import Penalty
 from torchnmf.init import initialize
 from torchnmf.metrics import euclidean
 from torchnmf.nmf import NMF, NMFD
@@ -295,7 +297,7 @@ def test_masked_hals_sparse_equals_dense(layout, generator):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_numpy_and_torch_sweeps_agree(dtype):
-    from torchnmf._hals import _numpy_sweep, _torch_sweep
+    from torchnmf.solvers.hals import _numpy_sweep, _torch_sweep
 
     g = torch.Generator().manual_seed(3)
     columns = torch.rand(5, 40, generator=g, dtype=dtype)

@@ -3,9 +3,10 @@ import torch
 from torch.testing import assert_close
 
 from conftest import low_rank
-from torchnmf import _solvers
-from torchnmf._masked import MaskedAutogradStats, MaskedMatrixStats, prepare_target
-from torchnmf._statistics import DenseMatrixStats
+from torchnmf.solvers import mu, registry
+from torchnmf.targets.masked import MaskedAutogradStats, MaskedMatrixStats
+from torchnmf.targets.prepare import prepare_target
+from torchnmf.targets.dense import DenseMatrixStats
 from torchnmf.metrics import beta_div
 from torchnmf.nmf import NMF, NMF2D, NMFD
 
@@ -254,10 +255,10 @@ def test_fixed_rows_or_columns_may_be_unobserved(generator):
 
 
 def test_solver_without_mask_support_is_refused(generator, monkeypatch):
-    class Plain(_solvers.MultiplicativeUpdates):
+    class Plain(mu.MultiplicativeUpdates):
         features = frozenset()
 
-    monkeypatch.setitem(_solvers.SOLVERS, "plain", Plain)
+    monkeypatch.setitem(registry.SOLVERS, "plain", Plain)
     V, mask = masked_problem(generator, n=6, c=5)
     model = NMF(V.shape, rank=2).double()
     with pytest.raises(NotImplementedError, match="solver='plain' does not support masked targets"):

@@ -7,7 +7,8 @@ from torch.testing import assert_close
 
 from conftest import low_rank
 from torchnmf import ConvergenceWarning
-from torchnmf._statistics import AutogradStats, DenseMatrixStats
+from torchnmf.targets.autograd import AutogradStats
+from torchnmf.targets.dense import DenseMatrixStats
 from torchnmf.metrics import beta_div
 from torchnmf.nmf import NMF, NMF2D, NMF3D, NMFD, BaseComponent
 
@@ -344,13 +345,13 @@ def test_cuda_matches_cpu(beta, generator):
 
 @pytest.mark.parametrize("kernel,h_shape", [((4,), (2, 3, 7)), ((2, 3), (2, 3, 5, 4)), ((2, 1, 3), (1, 2, 3, 4, 2))])
 def test_unfolded_and_transposed_convolution_agree(kernel, h_shape, generator, monkeypatch):
-    from torchnmf import _reconstruct
+    from torchnmf.models import forward
 
     W = torch.rand(5, h_shape[1], *kernel, generator=generator, dtype=torch.float64)
     H = torch.rand(*h_shape, generator=generator, dtype=torch.float64)
-    fast = _reconstruct.conv_transpose(H, W)
-    monkeypatch.setattr(_reconstruct, "UNFOLD_LIMIT", 0)
-    reference = _reconstruct.conv_transpose(H, W)
+    fast = forward.conv_transpose(H, W)
+    monkeypatch.setattr(forward, "UNFOLD_LIMIT", 0)
+    reference = forward.conv_transpose(H, W)
     assert_close(fast, reference)
     direct = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(kernel)]
     assert_close(reference, direct(H, W.transpose(0, 1)))

@@ -3,13 +3,13 @@ import torch
 
 from conftest import TOLERANCES, DenseWatcher
 from torchnmf import metrics
-from torchnmf._sparse import (
+from torchnmf.targets.sparse import (
     SparseMatrixStats,
     blocked_power_product_,
     sampled_product_,
     to_csr,
 )
-from torchnmf._statistics import DenseMatrixStats
+from torchnmf.targets.dense import DenseMatrixStats
 from torchnmf.nmf import NMF, NMFD
 
 BETAS = (0.5, 1, 1.5, 2, 3)
@@ -238,8 +238,8 @@ def test_no_dense_matrix_is_ever_built(beta, generator, monkeypatch):
     assert watcher.largest == n * c
 
     monkeypatch.setattr(torch.Tensor, "to_dense", lambda *a, **k: pytest.fail("to_dense called"))
-    monkeypatch.setattr("torchnmf._statistics.BLOCK_ELEMENTS", block)
-    monkeypatch.setattr("torchnmf._sparse.SPARSE_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr("torchnmf.targets.dense.BLOCK_ELEMENTS", block)
+    monkeypatch.setattr("torchnmf.targets.sparse.SPARSE_BLOCK_ELEMENTS", block)
     model = NMF(W=W0, H=H0)
     watcher = DenseWatcher()
     with watcher:

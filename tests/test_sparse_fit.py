@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import low_rank
-from torchnmf._sparseness import l1_for_sparseness, sparse_projection
+from torchnmf.solvers.sparseness import l1_for_sparseness, sparse_projection
 from torchnmf.metrics import beta_div, sparseness
 from torchnmf.nmf import NMF, NMFD
 

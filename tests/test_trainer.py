@@ -182,7 +182,7 @@ def test_closed_form_route_only_for_the_unmodified_reconstruction(monkeypatch, g
 
 
 def test_provenance_records_follow_versions():
-    from torchnmf._provenance import _RECORDS, matrix_factors_of
+    from torchnmf.models.provenance import _RECORDS, matrix_factors_of
 
     model = NMF((5, 4), rank=2)
     out = model()

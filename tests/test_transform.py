@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import low_rank
-from torchnmf import _solvers
+from torchnmf.solvers import mu, registry
 from torchnmf.metrics import beta_div
 from torchnmf.nmf import NMF, NMF2D, NMFD
 
@@ -167,15 +167,15 @@ def test_fixed_components_errors(generator):
     with pytest.raises(ValueError, match="fixed_H as a boolean mask must have length rank=3, got 2"):
         model.fit(V, fixed_H=[True, False])
 
-    class Plain(_solvers.MultiplicativeUpdates):
+    class Plain(mu.MultiplicativeUpdates):
         features = frozenset()
 
-    _solvers.SOLVERS["plain-test"] = Plain
+    registry.SOLVERS["plain-test"] = Plain
     try:
         with pytest.raises(NotImplementedError, match="does not support fixed components"):
             model.fit(V, fixed_W=[0], solver="plain-test")
     finally:
-        del _solvers.SOLVERS["plain-test"]
+        del registry.SOLVERS["plain-test"]
 
 
 # -- per-factor penalties ------------------------------------------------------------

@@ -18,34 +18,20 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-_INIT_METHODS = ("random", "nndsvd", "nndsvda", "nndsvdar")
-
-
 class CommandError(Exception):
     """A failure to report to the user in one line."""
 
 
-def _init_module():
-    """:mod:`torchnmf.init` when it exists in this installation, else ``None``."""
-    try:
-        from . import init
-    except ImportError:
-        return None
-    return init
-
-
 def init_methods():
-    """The initialisations ``--init`` offers: all of :mod:`torchnmf.init`'s, else "random"."""
-    module = _init_module()
-    if module is None:
-        return ("random",)
-    methods = tuple(getattr(module, "METHODS", _INIT_METHODS))
-    return methods if "random" in methods else ("random", *methods)
+    """The initialisations ``--init`` offers: those of :mod:`torchnmf.init`."""
+    from .init import METHODS
+
+    return METHODS
 
 
 def solver_names():
     """The solvers ``--solver`` offers: the registry's keys at run time."""
-    from ._solvers import SOLVERS
+    from .solvers.registry import SOLVERS
 
     return tuple(sorted(SOLVERS))
 
@@ -227,7 +213,7 @@ def _initialise(model, V, method, seed, note):
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    if _init_module() is not None and hasattr(model, "initialize_"):
+    if hasattr(model, "initialize_"):
         try:
             model.initialize_(V, method, generator=generator)
             return

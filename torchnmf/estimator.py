@@ -8,6 +8,9 @@ codes ``W`` first; torchnmf writes ``V (N, C) ≈ H W^T``.  So the estimator's
 codes (the output of :meth:`TorchNMF.transform`) are torchnmf's ``H`` and its
 ``components_`` are torchnmf's ``W`` transposed.  Names follow scikit-learn in
 this module only.
+
+One class; its length is scikit-learn's parameter documentation and the
+conversions between the two libraries' conventions.
 """
 import math
 import numbers
@@ -18,19 +21,15 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.validation import check_is_fitted, check_non_negative, check_random_state
 
 from . import metrics
-from ._solvers import SOLVERS
+from . import init as _init
 from .nmf import NMF
+from .solvers.registry import SOLVERS
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
 except ImportError:  # pragma: no cover - older scikit-learn
     def _validate_data(estimator, X, **kwargs):
         return estimator._validate_data(X, **kwargs)
-
-try:  # the initialisations module of torchnmf, when this installation has it
-    from . import init as _init_module
-except ImportError:  # pragma: no cover - depends on the build
-    _init_module = None
 
 __all__ = ["TorchNMF"]
 
@@ -308,7 +307,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         """Starting (W, H) in torchnmf's orientation: W (C, R), H (N, R)."""
         N, C = V.shape
         if init is None:
-            init = "nndsvda" if _init_module is not None and rank <= min(N, C) else "random"
+            init = "nndsvda" if rank <= min(N, C) else "random"
         if init == "custom":
             if W_custom is None or H_custom is None:
                 raise ValueError("init='custom' needs both W and H given to fit")
@@ -326,12 +325,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             W = torch.rand(C, rank, generator=generator, dtype=V.dtype) * scale
             H = torch.rand(N, rank, generator=generator, dtype=V.dtype) * scale
             return W.to(V.device), H.to(V.device)
-        if _init_module is None:
-            raise NotImplementedError(
-                f"init={init!r} needs torchnmf.init, which this installation lacks; use "
-                f"init='random'"
-            )
-        W, H = _init_module.initialize(V, rank, method=init, generator=generator)
+        W, H = _init.initialize(V, rank, method=init, generator=generator)
         return W.to(V.device, V.dtype), H.to(V.device, V.dtype)
 
     # -- fitting -------------------------------------------------------------------------

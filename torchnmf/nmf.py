@@ -13,30 +13,30 @@ elastic-net penalty,
     \Big(\rho \|X\|_1 + \frac{1 - \rho}{2} \|X\|_F^2\Big),
 
 with :math:`\rho` = ``l1_ratio``, over the trainable factors.
+
+Half of this module is the public documentation of the models and their three
+fitting entry points; the machinery behind them is in
+:mod:`torchnmf.models.fitting`, :mod:`torchnmf.targets` and :mod:`torchnmf.solvers`.
 """
 import torch
 
-from ._components import FactorModule, kernel_tuple, make_factor, shapes_from_vshape
 from . import init as _init
-from ._loop import run_fit
-from ._masked import MaskedAutogradStats, MaskedMatrixStats, prepare_target
-from ._provenance import record_matrix_reconstruction
-from ._reconstruct import conv_transpose, linear
-from ._solvers import FitProblem, get_solver, require_features
-from ._sparse import SPARSE_LAYOUTS, SparseMatrixStats
-from ._sparseness import SparseProjectedGradient
-from ._statistics import AutogradStats, DenseMatrixStats
-from ._updates import Penalty
-from ._validation import (
-    check_beta_with_zeros,
-    check_components,
-    check_fraction,
-    check_non_negative_number,
-    check_observed_everywhere,
-    check_open_fraction,
-    check_positive_int,
-    check_real,
+from ._validation import check_components, check_non_negative_number, check_open_fraction
+from .models.factors import FactorModule, kernel_tuple, make_factor, shapes_from_vshape
+from .models.fitting import (
+    check_callback,
+    check_fit_options,
+    make_problem,
+    prepare_fit_target,
+    require_factors,
+    run_problem,
+    solve,
 )
+from .models.forward import conv_transpose, linear
+from .models.provenance import record_matrix_reconstruction
+from .solvers.penalty import Penalty
+from .solvers.sparseness import SparseProjectedGradient
+from .targets import statistics
 
 __all__ = ["BaseComponent", "NMF", "NMFD", "NMF2D", "NMF3D"]
 
@@ -82,97 +82,19 @@ class BaseComponent(FactorModule):
         H, W = self._own_factors(H, W)
         return self.reconstruct(H, W)
 
-    # -- fitting -------------------------------------------------------------
+    # -- fitting (the shared steps are in torchnmf.models.fitting) -----------
+    # True for a matrix model, whose statistics have closed forms for every
+    # target kind; the others take the autograd route of their forward map.
+    _closed_form = False
+
     def _mean_reconstruction(self, H, W):
         """The mean entry of ``reconstruct(H, W)``."""
         return self.reconstruct(H, W).mean()
 
     def _statistics(self, V, beta, mask=None):
-        """The statistics object for target ``V`` (the generic autograd route)."""
-        if V.layout != torch.strided:
-            raise NotImplementedError(
-                f"{type(self).__name__}.fit does not accept sparse targets yet; "
-                f"pass V.to_dense()"
-            )
-        if mask is not None:
-            return MaskedAutogradStats(V, mask, beta, self.reconstruct)
-        return AutogradStats(V, beta, self.reconstruct)
-
-    @staticmethod
-    def _check_beta(V, mask, beta):
-        """beta <= 0 needs positive observed entries (and no implicit sparse zeros)."""
-        check_beta_with_zeros(V if mask is None or V.layout != torch.strided else V[mask], beta)
-
-    def _check_fit_target(self, V, mask=None, missing="error", expected=None, rows=True, columns=True):
-        """Validate ``V`` (and its mask) against the reconstruction's shape.
-
-        Returns ``(V, mask)``: ``V`` in the factors' dtype with zeros at the
-        unobserved entries, ``mask`` ``None`` when every entry is observed.
-        """
-        V, mask = prepare_target(V, mask, missing, "V")
-        if callable(expected):
-            expected = expected(V)
-        V = self._conform_target(V, expected)
-        if mask is not None:
-            check_observed_everywhere(mask, rows=rows, columns=columns)
-        return V, mask
-
-    def _require_factors(self, names, action):
-        needed = "both factors" if len(names) == 2 else names[0]
-        for name in names:
-            if getattr(self, name) is None:
-                raise ValueError(
-                    f"{action} needs {needed}, but this module has no {name}; "
-                    f"construct it with Vshape or give {name}"
-                )
-
-    def _check_fit_options(self, beta, tol, max_iter, alpha, l1_ratio):
-        beta = check_real(beta, "beta")
-        tol = check_non_negative_number(tol, "tol")
-        max_iter = check_positive_int(max_iter, "max_iter")
-        alpha = check_non_negative_number(alpha, "alpha")
-        l1_ratio = check_fraction(l1_ratio, "l1_ratio")
-        return beta, tol, max_iter, alpha, l1_ratio
-
-    def _solve(self, V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
-               penalty_H, penalty_W, update_H=True, update_W=True, fixed_H=None, fixed_W=None):
-        """Build the problem for checked inputs and run the one fitting loop on it.
-
-        ``H`` and ``W`` are updated in place. Returns ``(n_iter, history)``.
-        """
-        solver_cls = get_solver(solver, beta)
-        wanted = []
-        if mask is not None:
-            wanted.append("mask")
-        if (fixed_H is not None and update_H) or (fixed_W is not None and update_W):
-            wanted.append("fixed")
-        require_features(solver_cls, solver, wanted)
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        self._check_beta(V, mask, beta)
-        problem = FitProblem(
-            stats=self._statistics(V, beta, mask),
-            H=H,
-            W=W,
-            beta=beta,
-            update_H=update_H,
-            update_W=update_W,
-            penalty_H=penalty_H,
-            penalty_W=penalty_W,
-            fixed_H=None if fixed_H is None else fixed_H.to(H.device),
-            fixed_W=None if fixed_W is None else fixed_W.to(W.device),
-        )
-        solver = solver_cls(problem)
-        with torch.no_grad():
-            return run_fit(
-                solver.step,
-                problem.objective,
-                tol,
-                max_iter,
-                verbose=verbose,
-                callback=callback,
-                desc=type(self).__name__,
-            )
+        """The statistics object of the target kind of ``V`` (see :mod:`torchnmf.targets`)."""
+        reconstruct = None if self._closed_form else self.reconstruct
+        return statistics(V, beta, mask, reconstruct, name=f"{type(self).__name__}.fit")
 
     def _initial_factors(self, V, method, generator):
         """``(W, H)`` for :meth:`initialize_`; the convolutional models offer random only."""
@@ -205,8 +127,8 @@ class BaseComponent(FactorModule):
         Raises:
             NotImplementedError: an SVD-based method on a convolutional model.
         """
-        self._require_factors(("W", "H"), "initialize_")
-        V, _ = self._check_fit_target(V)
+        require_factors(self, ("W", "H"), "initialize_")
+        V, _ = prepare_fit_target(self, V)
         W, H = self._initial_factors(V, method, generator)
         with torch.no_grad():
             for parameter, value in ((self.W, W), (self.H, H)):
@@ -298,18 +220,16 @@ class BaseComponent(FactorModule):
             >>> model = NMF(V.shape, rank=3)
             >>> n_iter = model.fit(V, beta=2, mask=observed, fixed_W=[0])
         """
-        beta, tol, max_iter, alpha, l1_ratio = self._check_fit_options(
-            beta, tol, max_iter, alpha, l1_ratio
-        )
+        beta, tol, max_iter, alpha, l1_ratio = check_fit_options(beta, tol, max_iter, alpha, l1_ratio)
         alpha_W = alpha if alpha_W is None else check_non_negative_number(alpha_W, "alpha_W")
         alpha_H = alpha if alpha_H is None else check_non_negative_number(alpha_H, "alpha_H")
-        self._require_factors(("W", "H"), "fit")
+        require_factors(self, ("W", "H"), "fit")
         fixed_W = check_components(fixed_W, self.rank, "fixed_W")
         fixed_H = check_components(fixed_H, self.rank, "fixed_H")
         update_H, update_W = self.H.requires_grad, self.W.requires_grad
-        V, mask = self._check_fit_target(V, mask, missing, rows=update_H, columns=update_W)
-        n_iter, history = self._solve(
-            V, mask, self.H.detach(), self.W.detach(), beta, tol, max_iter, verbose,
+        V, mask = prepare_fit_target(self, V, mask, missing, rows=update_H, columns=update_W)
+        n_iter, history = solve(
+            self, V, mask, self.H.detach(), self.W.detach(), beta, tol, max_iter, verbose,
             callback, solver, Penalty(alpha_H, l1_ratio), Penalty(alpha_W, l1_ratio),
             update_H=update_H, update_W=update_W, fixed_H=fixed_H, fixed_W=fixed_W,
         )
@@ -376,39 +296,41 @@ class BaseComponent(FactorModule):
             >>> model.transform(torch.rand(7, 15), max_iter=20).shape
             torch.Size([7, 3])
         """
-        beta, tol, max_iter, alpha, l1_ratio = self._check_fit_options(
-            beta, tol, max_iter, alpha, l1_ratio
-        )
-        self._require_factors(("W",), "transform")
+        beta, tol, max_iter, alpha, l1_ratio = check_fit_options(beta, tol, max_iter, alpha, l1_ratio)
+        require_factors(self, ("W",), "transform")
         W = self.W.detach()
-        V, mask = self._check_fit_target(
-            V, mask, missing, rows=True, columns=False,
+        V, mask = prepare_fit_target(
+            self, V, mask, missing, rows=True, columns=False,
             expected=lambda V: self._output_shape_for(self._activation_shape(V)),
         )
         shape = self._activation_shape(V)
         if H is None:
-            H = torch.rand(shape, dtype=W.dtype, device=W.device, generator=generator)
-            with torch.no_grad():
-                if mask is None:
-                    scale = _mean(V) / self._mean_reconstruction(H, W).clamp_min(
-                        torch.finfo(W.dtype).tiny
-                    )
-                else:
-                    predicted = self.reconstruct(H, W)
-                    # a prepared sparse V stores zeros at its hidden entries
-                    observed = V.values() if V.layout == torch.sparse_coo else V[mask]
-                    mean = observed.sum() / mask.sum()
-                    scale = mean / predicted[mask].mean().clamp_min(torch.finfo(W.dtype).tiny)
-            H.mul_(scale.clamp_min(torch.finfo(W.dtype).eps))
+            H = self._default_activations(V, mask, W, shape, generator)
         else:
             H = make_factor(H, "H", W.dtype, W.device).to(W.dtype)
             if tuple(H.shape) != tuple(shape):
                 raise ValueError(f"H must have shape {tuple(shape)} for this V, got {tuple(H.shape)}")
-        self._solve(
-            V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
+        solve(
+            self, V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
             Penalty(alpha, l1_ratio), Penalty(), update_H=True, update_W=False,
         )
         return H
+
+    @torch.no_grad()
+    def _default_activations(self, V, mask, W, shape, generator):
+        """Uniform random activations scaled so that the reconstruction's mean
+        matches the (observed) mean of ``V``."""
+        H = torch.rand(shape, dtype=W.dtype, device=W.device, generator=generator)
+        tiny = torch.finfo(W.dtype).tiny
+        if mask is None:
+            scale = _mean(V) / self._mean_reconstruction(H, W).clamp_min(tiny)
+        else:
+            predicted = self.reconstruct(H, W)
+            # a prepared sparse V stores zeros at its hidden entries
+            observed = V.values() if V.layout == torch.sparse_coo else V[mask]
+            mean = observed.sum() / mask.sum()
+            scale = mean / predicted[mask].mean().clamp_min(tiny)
+        return H.mul_(scale.clamp_min(torch.finfo(W.dtype).eps))
 
     def _output_shape_for(self, H_shape):
         spatial = [h + k - 1 for h, k in zip(H_shape[2:], self.W.shape[2:])]
@@ -452,12 +374,10 @@ class BaseComponent(FactorModule):
             ValueError: ``sW``/``sH`` outside (0, 1), a constraint on a fixed
                 factor or on components of a single entry, or a bad ``V``.
         """
-        beta = check_real(beta, "beta")
-        max_iter = check_positive_int(max_iter, "max_iter")
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        self._require_factors(("W", "H"), "sparse_fit")
-        V, mask = self._check_fit_target(V, mask, missing)
+        beta, _, max_iter, _, _ = check_fit_options(beta, 0, max_iter)
+        check_callback(callback)
+        require_factors(self, ("W", "H"), "sparse_fit")
+        V, mask = prepare_fit_target(self, V, mask, missing)
         targets = {}
         for name, value in (("W", sW), ("H", sH)):
             if value is None:
@@ -474,26 +394,15 @@ class BaseComponent(FactorModule):
                     f"s{name} needs components of at least 2 entries, but each component of "
                     f"{name} has {factor.numel() // self.rank}"
                 )
-        self._check_beta(V, mask, beta)
-        problem = FitProblem(
-            stats=self._statistics(V, beta, mask),
-            H=self.H.detach(),
-            W=self.W.detach(),
-            beta=beta,
-            update_H=self.H.requires_grad,
-            update_W=self.W.requires_grad,
+        problem = make_problem(
+            self, V, mask, self.H.detach(), self.W.detach(), beta,
+            update_H=self.H.requires_grad, update_W=self.W.requires_grad,
         )
-        with torch.no_grad():
-            solver = SparseProjectedGradient(problem, targets.get("H"), targets.get("W"))
-            n_iter, history = run_fit(
-                solver.step,
-                problem.objective,
-                0,
-                max_iter,
-                verbose=verbose,
-                callback=callback,
-                desc=f"{type(self).__name__} (sparse)",
-            )
+        n_iter, history = run_problem(
+            problem,
+            lambda problem: SparseProjectedGradient(problem, targets.get("H"), targets.get("W")),
+            0, max_iter, verbose, callback, f"{type(self).__name__} (sparse)",
+        )
         self.loss_history = history
         return n_iter
 
@@ -531,6 +440,8 @@ class NMF(BaseComponent):
             rank = shapes_from_vshape(Vshape, rank, (), kwargs, "NMF")
         super().__init__(rank, **kwargs)
 
+    _closed_form = True
+
     @staticmethod
     def reconstruct(H, W):
         return linear(H, W)
@@ -538,7 +449,7 @@ class NMF(BaseComponent):
     def forward(self, H=None, W=None):
         output = super().forward(H, W)
         if H is None and W is None and torch.is_grad_enabled():
-            # lets BetaMu recognise its prediction and use Gram products (see _provenance)
+            # lets BetaMu recognise its prediction and use Gram products (see torchnmf.models.provenance)
             record_matrix_reconstruction(output, self.H, self.W)
         return output
 
@@ -548,15 +459,6 @@ class NMF(BaseComponent):
     def _mean_reconstruction(self, H, W):
         # closed form: no (N, C) reconstruction, which a sparse V must never cause
         return (H.sum(0) @ W.sum(0)) / (H.shape[0] * W.shape[0])
-
-    def _statistics(self, V, beta, mask=None):
-        if mask is not None and (V.layout == torch.strided or V.layout in SPARSE_LAYOUTS):
-            return MaskedMatrixStats(V, mask, beta)
-        if V.layout in SPARSE_LAYOUTS:
-            return SparseMatrixStats(V, beta)
-        if V.layout != torch.strided:
-            return super()._statistics(V, beta, mask)
-        return DenseMatrixStats(V, beta)
 
     def _initial_factors(self, V, method, generator):
         return _init.initialize(V, self.rank, method, generator=generator)

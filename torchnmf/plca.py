@@ -13,18 +13,18 @@ the latent prior ``Z`` summing to one, so the reconstruction sums to one.
 the transposed convolution of :class:`~torchnmf.nmf.NMFD`,
 :class:`~torchnmf.nmf.NMF2D` and :class:`~torchnmf.nmf.NMF3D` (shift
 invariance along 1, 2 or 3 axes).  ``fit`` runs EM (see
-:mod:`torchnmf._em`) on :math:`V / \sum V`, optionally with Dirichlet priors.
+:mod:`torchnmf.solvers.em`) on :math:`V / \sum V`, optionally with Dirichlet priors.
 Construction, validation and the forward maps are those of :mod:`torchnmf.nmf`.
 """
 import torch
 import torch.nn as nn
 
-from ._components import FactorModule, kernel_tuple, shapes_from_vshape
-from ._em import ExpectationMaximisation, normalise_components_
-from ._loop import run_fit
-from ._reconstruct import conv_transpose, linear
-from ._sparse import SPARSE_LAYOUTS, SparseMatrixStats
-from ._statistics import AutogradStats, DenseMatrixStats
+from .models.factors import FactorModule, kernel_tuple, shapes_from_vshape
+from .models.fitting import check_callback
+from .models.forward import conv_transpose, linear
+from .solvers.em import ExpectationMaximisation, normalise_components_
+from .solvers.loop import run_fit
+from .targets import statistics
 from ._validation import (
     check_non_negative_number,
     check_non_negative_tensor,
@@ -145,13 +145,13 @@ class BaseComponent(FactorModule):
         output = self.reconstruct(H, W, Z)
         return output if norm is None else output * norm
 
+    # True for the matrix model, whose statistics have closed forms (dense and sparse)
+    _closed_form = False
+
     def _statistics(self, P):
-        """The beta = 1 statistics of the normalised target (the autograd route)."""
-        if P.layout != torch.strided:
-            raise NotImplementedError(
-                f"{type(self).__name__}.fit does not accept sparse targets yet; pass V.to_dense()"
-            )
-        return AutogradStats(P, 1, type(self)._factor_map)
+        """The beta = 1 statistics of the normalised target (see :mod:`torchnmf.targets`)."""
+        reconstruct = None if self._closed_form else type(self)._factor_map
+        return statistics(P, 1, None, reconstruct, name=f"{type(self).__name__}.fit")
 
     def fit(self, V, tol=1e-4, max_iter=200, verbose=False, W_alpha=1, H_alpha=1, Z_alpha=1,
             *, callback=None):
@@ -185,8 +185,7 @@ class BaseComponent(FactorModule):
         """
         tol = check_non_negative_number(tol, "tol")
         max_iter = check_positive_int(max_iter, "max_iter")
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        check_callback(callback)
         V = self._check_fit_target(V)
         total = V.sum()
         if not total > 0:
@@ -235,6 +234,7 @@ class PLCA(BaseComponent):
     """
 
     _factor_map = staticmethod(linear)
+    _closed_form = True
 
     def __init__(self, Vshape=None, rank=None, **kwargs):
         if Vshape is not None:
@@ -243,16 +243,6 @@ class PLCA(BaseComponent):
 
     def _output_shape(self):
         return (self.H.shape[0], self.W.shape[0])
-
-    def _statistics(self, P):
-        if P.layout in SPARSE_LAYOUTS:
-            # counts as a sparse matrix (documents x terms, cells x genes): the
-            # reconstruction only at the stored entries, never a dense (N, C) tensor
-            return SparseMatrixStats(P, 1)
-        if P.layout != torch.strided:
-            return super()._statistics(P)
-        return DenseMatrixStats(P, 1)
-
 
 class _ShiftInvariantPLCA(BaseComponent):
     """Shared construction of the shift-invariant models."""

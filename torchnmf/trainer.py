@@ -37,15 +37,20 @@ Examples::
     ...         trainer.zero_grad()
     ...         return V, model(None)
     ...     divergence = trainer.step(closure)
+
+The two trainers share this module (past 400 lines, half of it documentation)
+because they share the closure protocol and the parameter-group checks.
 """
 import torch
 from torch.optim import Optimizer
 
 from . import metrics
-from ._provenance import matrix_factors_of
-from ._sparseness import STEP_GROWTH, project_components_
-from ._statistics import DenseMatrixStats, beta_gradient_parts, divergence_constant
-from ._updates import Penalty, mu_exponent, mu_update_
+from .models.provenance import matrix_factors_of
+from .solvers.mu import mu_exponent, mu_update_
+from .solvers.penalty import Penalty
+from .solvers.sparseness import STEP_GROWTH, project_components_
+from .targets.autograd import beta_gradient_parts
+from .targets.dense import DenseMatrixStats, divergence_constant
 from ._validation import (
     check_beta_with_zeros,
     check_non_negative_number,
@@ -86,7 +91,7 @@ class BetaMu(Optimizer):
         X \leftarrow X \odot \left(\frac{\nabla^-_X}{\nabla^+_X + \lambda_1 + \lambda_2 X
         + \mu (\textstyle\sum_s X_{:, s} - X)}\right)^{\gamma(\beta)}
 
-    with :math:`\gamma(\beta)` as in :mod:`torchnmf._updates`.  This is valid
+    with :math:`\gamma(\beta)` as in :mod:`torchnmf.solvers.mu`.  This is valid
     whenever the prediction is built from the parameters by operations whose
     gradients are non-negative combinations (products, sums, convolutions,
     chained models).  Parameters stay non-negative; those with
@@ -256,7 +261,7 @@ class BetaMu(Optimizer):
         """``(H, W)`` when the step can use :meth:`NMF.fit`'s closed-form statistics.
 
         That is when the prediction is exactly an :class:`~torchnmf.nmf.NMF`'s
-        own :math:`H W^\top` (see :mod:`torchnmf._provenance`), every trainable
+        own :math:`H W^\top` (see :mod:`torchnmf.models.provenance`), every trainable
         parameter is one of those two factors and all share one ``beta``.
         """
         factors = matrix_factors_of(prediction)

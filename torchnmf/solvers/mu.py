@@ -1,4 +1,4 @@
-r"""The mathematics of multiplicative updates and of elastic-net penalties.
+r"""Multiplicative updates: their mathematics and the ``"mu"`` solver.
 
 For the beta-divergence the gradient with respect to a factor splits into a
 positive and a negative part, :math:`\nabla = \nabla^+ - \nabla^-`, and the
@@ -15,11 +15,11 @@ multiplicative update is
 the exponent that makes each update non-increasing (Févotte & Idier, 2011,
 doi:10.1162/NECO_a_00168).
 """
-from dataclasses import dataclass
-
 import torch
 
-__all__ = ["mu_exponent", "Penalty", "mu_update_"]
+from .penalty import Penalty
+
+__all__ = ["mu_exponent", "mu_update_", "MultiplicativeUpdates"]
 
 
 def mu_exponent(beta):
@@ -29,53 +29,6 @@ def mu_exponent(beta):
     if beta > 2:
         return 1.0 / (beta - 1.0)
     return 1.0
-
-
-@dataclass(frozen=True)
-class Penalty:
-    r"""Elastic-net penalty :math:`\alpha(\rho\|X\|_1 + \tfrac{1-\rho}{2}\|X\|_F^2)`.
-
-    ``alpha`` is the strength and ``l1_ratio`` (:math:`\rho`) the share of L1.
-    """
-
-    alpha: float = 0.0
-    l1_ratio: float = 0.0
-
-    @classmethod
-    def from_weights(cls, l1=0.0, l2=0.0):
-        r"""The penalty :math:`\lambda_1 \|X\|_1 + \tfrac{\lambda_2}{2} \|X\|_F^2` by its two weights."""
-        total = l1 + l2
-        return cls(total, l1 / total if total else 0.0)
-
-    @property
-    def l1(self):
-        return self.alpha * self.l1_ratio
-
-    @property
-    def l2(self):
-        return self.alpha * (1.0 - self.l1_ratio)
-
-    def __bool__(self):
-        return self.alpha > 0
-
-    def value(self, factor):
-        """The penalty's value at ``factor`` (a Python float)."""
-        if not self:
-            return 0.0
-        total = 0.0
-        if self.l1:
-            total += self.l1 * float(factor.sum(dtype=torch.float64))
-        if self.l2:
-            total += 0.5 * self.l2 * float(factor.pow(2).sum(dtype=torch.float64))
-        return total
-
-    def add_gradient_(self, positive, factor):
-        """Add the penalty's gradient at ``factor`` to the positive part, in place."""
-        if self.l1:
-            positive.add_(self.l1)
-        if self.l2:
-            positive.add_(factor, alpha=self.l2)
-        return positive
 
 
 def mu_update_(factor, negative, positive, gamma, penalty=Penalty(), fixed=None):
@@ -97,3 +50,31 @@ def mu_update_(factor, negative, positive, gamma, penalty=Penalty(), fixed=None)
         ratio.index_fill_(1, fixed, 1)
     factor.mul_(ratio)
     return factor
+
+
+class MultiplicativeUpdates:
+    """Alternating multiplicative updates of H then W (Févotte & Idier, 2011).
+
+    Works through any statistics object, so it serves dense, masked and
+    generic (autograd) targets alike, and honours fixed components.
+    """
+
+    # What this solver can do beyond a plain dense fit; see require_features.
+    features = frozenset({"mask", "fixed"})
+
+    def __init__(self, problem):
+        self.problem = problem
+        self.gamma = mu_exponent(problem.beta)
+
+    def step(self):
+        p = self.problem
+        if p.update_H:
+            negative, positive, divergence = p.stats.h_terms(p.H, p.W)
+            before = float(divergence) + p.penalty()
+            mu_update_(p.H, negative, positive, self.gamma, p.penalty_H, p.fixed_H)
+        else:
+            before = p.objective()
+        if p.update_W:
+            negative, positive = p.stats.w_terms(p.H, p.W)
+            mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
+        return before

@@ -1,7 +1,7 @@
 r"""Statistics for a sparse matrix target, without ever forming a dense ``(N, C)`` tensor.
 
 :class:`SparseMatrixStats` answers the same three questions as
-:class:`~torchnmf._statistics.DenseMatrixStats` (``h_terms``, ``w_terms``,
+:class:`~torchnmf.targets.dense.DenseMatrixStats` (``h_terms``, ``w_terms``,
 ``divergence``) and gives the same numbers, to float rounding, as the dense
 statistics of ``V.to_dense()``:
 
@@ -26,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._statistics import gram_divergence
+from .dense import gram_divergence
 
 
 __all__ = [
@@ -165,7 +165,7 @@ def _divergence_constant(values, beta):
 class SparseMatrixStats:
     """Closed-form statistics for a sparse ``(N, C)`` matrix (COO, CSR or CSC).
 
-    Gives the same numbers as :class:`~torchnmf._statistics.DenseMatrixStats` on
+    Gives the same numbers as :class:`~torchnmf.targets.dense.DenseMatrixStats` on
     the dense equivalent.  The memory used beyond ``V``, its transposed copy and
     the factors is a few vectors of length nnz, ``(N, R)`` and ``(C, R)``
     buffers and, for ``beta`` not in {1, 2}, one work buffer of

@@ -10,7 +10,7 @@ import numbers
 import torch
 import torch.nn as nn
 
-from ._validation import check_non_negative_tensor, check_positive_int, check_target
+from .._validation import check_non_negative_tensor, check_positive_int, check_target
 
 __all__ = [
     "make_factor",

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._updates import mu_exponent, mu_update_
+from .mu import mu_exponent, mu_update_
 
 __all__ = ["l1_for_sparseness", "sparse_projection", "project_components_", "SparseProjectedGradient"]
 

@@ -21,35 +21,16 @@ last update started from, the extrapolation is undone, the ceiling drops to
 the weight that failed and the weight shrinks by ``decay``.  The objective at
 the starting point of each update therefore never increases.
 """
-from dataclasses import dataclass
-
 import torch
 
-__all__ = ["ExtrapolationWeight", "extrapolate_geometric_", "extrapolate_linear_"]
+from .alternating import AlternatingSolver
+from .mu import mu_exponent, mu_update_
+
+__all__ = ["extrapolate_geometric_", "extrapolate_linear_", "ExtrapolatedMU"]
 
 # Bound on the per-entry ratio X / X_prev so that an entry that was nearly zero
 # cannot explode in one extrapolation (a rejected step would undo it anyway).
 _MAX_RATIO = 1e4
-
-
-@dataclass
-class ExtrapolationWeight:
-    """The weight :math:`\\omega` and its restart rule."""
-
-    weight: float = 1.0
-    ceiling: float = 1.0
-    growth: float = 1.1
-    ceiling_growth: float = 1.05
-    decay: float = 1.5
-    max_weight: float = 1.0
-
-    def accept(self):
-        self.weight = min(self.ceiling, self.growth * self.weight)
-        self.ceiling = min(self.max_weight, self.ceiling_growth * self.ceiling)
-
-    def reject(self):
-        self.ceiling = self.weight
-        self.weight = self.weight / self.decay
 
 
 def extrapolate_linear_(factor, previous, weight, floor=0.0):
@@ -64,3 +45,31 @@ def extrapolate_geometric_(factor, previous, weight):
     ratio = factor / previous.clamp_min(tiny)
     ratio.clamp_(max=_MAX_RATIO).pow_(weight)
     return factor.mul_(ratio)
+
+
+class ExtrapolatedMU(AlternatingSolver):
+    """Multiplicative updates with log-space extrapolation and restarts.
+
+    Every iteration first moves the factors further along their last step in
+    log space (see the functions above), keeps the move only if the
+    objective there is no higher than where the previous iteration started,
+    and then runs one multiplicative update of ``H`` and ``W``.  Any beta;
+    chosen for beta=1 by measurement (``docs/solvers.md``).
+    """
+
+    name = "mu_extrapolated"
+    features = frozenset({"mask", "fixed"})
+
+    def __init__(self, problem):
+        super().__init__(problem)
+        self.gamma = mu_exponent(problem.beta)
+        self._extrapolate_ = extrapolate_geometric_
+
+    def _update_H(self, terms):
+        p = self.problem
+        mu_update_(p.H, *terms, self.gamma, p.penalty_H, p.fixed_H)
+
+    def _update_W(self):
+        p = self.problem
+        negative, positive = p.stats.w_terms(p.H, p.W)
+        mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)

@@ -6,9 +6,11 @@ free while computing their statistics), and an ``objective()`` that evaluates
 the current point.  The loop owns everything else.
 """
 import math
+import os
+import sys
 import warnings
 
-from ._validation import ConvergenceWarning
+from .._validation import ConvergenceWarning
 
 __all__ = ["run_fit", "relative_decrease"]
 
@@ -74,6 +76,18 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
             f"the fit stopped after max_iter={max_iter} iterations before the relative "
             f"decrease of the objective fell under tol={tol:g}; raise max_iter or tol",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=_caller_level(),
         )
     return n_iter, history
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _caller_level():
+    """The ``stacklevel`` of the first frame outside torchnmf (the user's call)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
+        frame = frame.f_back
+        level += 1
+    return level

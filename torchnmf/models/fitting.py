@@ -1,0 +1,130 @@
+"""How a fit request becomes a problem for a solver, written once.
+
+``fit``, ``transform`` and ``sparse_fit`` of every model go through the same
+three steps: check the options (:func:`check_fit_options`), prepare the target
+against the model (:func:`prepare_fit_target`: mask, NaN, shape, device,
+dtype), then build a :class:`~torchnmf.solvers.problem.FitProblem` on the
+target kind's statistics object (:func:`make_problem`) and run a solver on it
+in the one loop (:func:`run_problem`).  :func:`solve` chains the last two for
+the registered solvers.  Each entry point adds only what is its own (which
+factors move, the start of ``transform``, the sparseness targets).
+"""
+import torch
+
+from .._validation import (
+    check_beta_with_zeros,
+    check_fraction,
+    check_non_negative_number,
+    check_observed_everywhere,
+    check_positive_int,
+    check_real,
+)
+from ..solvers.loop import run_fit
+from ..solvers.penalty import Penalty
+from ..solvers.problem import FitProblem
+from ..solvers.registry import get_solver, require_features
+from ..targets.prepare import prepare_target
+
+__all__ = [
+    "check_fit_options",
+    "check_callback",
+    "require_factors",
+    "prepare_fit_target",
+    "make_problem",
+    "run_problem",
+    "solve",
+]
+
+
+def check_fit_options(beta, tol, max_iter, alpha=0, l1_ratio=0):
+    """The checked ``(beta, tol, max_iter, alpha, l1_ratio)`` of a fit request."""
+    return (
+        check_real(beta, "beta"),
+        check_non_negative_number(tol, "tol"),
+        check_positive_int(max_iter, "max_iter"),
+        check_non_negative_number(alpha, "alpha"),
+        check_fraction(l1_ratio, "l1_ratio"),
+    )
+
+
+def check_callback(callback):
+    """A ``TypeError`` unless ``callback`` is ``None`` or callable."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+    return callback
+
+
+def require_factors(model, names, action):
+    """A ``ValueError`` unless ``model`` has every factor in ``names``."""
+    needed = "both factors" if len(names) == 2 else names[0]
+    for name in names:
+        if getattr(model, name) is None:
+            raise ValueError(
+                f"{action} needs {needed}, but this module has no {name}; "
+                f"construct it with Vshape or give {name}"
+            )
+
+
+def prepare_fit_target(model, V, mask=None, missing="error", expected=None, rows=True, columns=True):
+    """Validate ``V`` (and its mask) against ``model``'s reconstruction.
+
+    ``expected`` is the shape ``V`` must have (default the reconstruction's),
+    or a function of the checked ``V`` giving it.  ``rows`` and ``columns``
+    ask that every row and column has an observed entry (the factor along that
+    axis is learnt).  Returns ``(V, mask)``: ``V`` in the factors' dtype with
+    zeros at the unobserved entries, ``mask`` ``None`` when all are observed.
+    """
+    V, mask = prepare_target(V, mask, missing, "V")
+    if callable(expected):
+        expected = expected(V)
+    V = model._conform_target(V, expected)
+    if mask is not None:
+        check_observed_everywhere(mask, rows=rows, columns=columns)
+    return V, mask
+
+
+def make_problem(model, V, mask, H, W, beta, **options):
+    """The :class:`FitProblem` for a prepared target, on ``model``'s statistics.
+
+    ``beta <= 0`` needs positive observed entries, which is checked here, once.
+    ``options`` are the remaining fields of :class:`FitProblem`.
+    """
+    check_beta_with_zeros(V if mask is None or V.layout != torch.strided else V[mask], beta)
+    for name in ("fixed_H", "fixed_W"):
+        if options.get(name) is not None:
+            options[name] = options[name].to((H if name == "fixed_H" else W).device)
+    return FitProblem(stats=model._statistics(V, beta, mask), H=H, W=W, beta=beta, **options)
+
+
+def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=None, desc="fit"):
+    """Build the solver on ``problem`` and run the one loop; ``(n_iter, history)``."""
+    with torch.no_grad():
+        solver = make_solver(problem)
+        return run_fit(
+            solver.step, problem.objective, tol, max_iter,
+            verbose=verbose, callback=callback, desc=desc,
+        )
+
+
+def solve(model, V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
+          penalty_H=Penalty(), penalty_W=Penalty(), update_H=True, update_W=True,
+          fixed_H=None, fixed_W=None):
+    """Fit ``H`` and/or ``W`` in place with the registered ``solver``.
+
+    Checks that the solver supports ``beta`` and the features asked for (a
+    mask, fixed components that would otherwise move) before any work.
+    Returns ``(n_iter, history)``.
+    """
+    solver_cls = get_solver(solver, beta)
+    wanted = []
+    if mask is not None:
+        wanted.append("mask")
+    if (fixed_H is not None and update_H) or (fixed_W is not None and update_W):
+        wanted.append("fixed")
+    require_features(solver_cls, solver, wanted)
+    check_callback(callback)
+    problem = make_problem(
+        model, V, mask, H, W, beta, update_H=update_H, update_W=update_W,
+        penalty_H=penalty_H, penalty_W=penalty_W, fixed_H=fixed_H, fixed_W=fixed_W,
+    )
+    return run_problem(problem, solver_cls, tol, max_iter, verbose, callback, type(model).__name__)

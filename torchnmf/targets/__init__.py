@@ -1,0 +1,57 @@
+r"""Target kinds: what the data gives a fitting step.
+
+A *statistics object* wraps one target ``V`` and one ``beta`` and answers
+three questions about the current factors:
+
+- ``h_terms(H, W)``: the negative and positive parts of the gradient of
+  :math:`D_\beta(V | \hat V)` with respect to ``H``, and the divergence at the
+  current point (computed on the way, almost for free);
+- ``w_terms(H, W)``: the same parts with respect to ``W`` (the matrix kinds
+  also take ``divergence=True``, which adds the divergence, and
+  ``h_terms(..., divergence=False)`` skips it, for callers that update ``W``
+  first);
+- ``divergence(H, W)``: the divergence alone.
+
+Solvers never look at ``V`` themselves, so the kinds differ only by the object
+:func:`statistics` chooses once per fit.  Every statistic is a sum over row
+blocks of ``V`` (the ``W`` terms and the divergence) or a row-wise function of
+them (the ``H`` terms); a kind that wraps another (streamed from disk, summed
+across processes) relies on exactly that.
+
+Members: :mod:`~torchnmf.targets.dense` (closed forms for a dense matrix),
+:mod:`~torchnmf.targets.sparse` (COO/CSR/CSC matrices, never densified),
+:mod:`~torchnmf.targets.masked` (missing entries, dense or sparse),
+:mod:`~torchnmf.targets.autograd` (any model, by vector-Jacobian products),
+and :mod:`~torchnmf.targets.prepare` (validation of ``V`` and its mask at the
+entry point).  A new kind provides the three methods above with the same
+shapes and dtypes, and joins :func:`statistics`.
+"""
+import torch
+
+from .autograd import AutogradStats
+from .dense import DenseMatrixStats
+from .masked import MaskedAutogradStats, MaskedMatrixStats
+from .sparse import SPARSE_LAYOUTS, SparseMatrixStats
+
+__all__ = ["statistics"]
+
+
+def statistics(V, beta, mask=None, reconstruct=None, name="fit"):
+    r"""The statistics object for a prepared target ``V`` (see :mod:`.prepare`).
+
+    ``reconstruct=None`` means the matrix model :math:`\hat V = H W^\top`, which
+    has closed forms for dense, sparse and masked targets; any other forward map
+    takes the autograd route, which needs a dense ``V``.  ``name`` names the
+    caller in the error for a sparse target on that route.
+    """
+    if V.layout != torch.strided and (reconstruct is not None or V.layout not in SPARSE_LAYOUTS):
+        raise NotImplementedError(f"{name} does not accept sparse targets yet; pass V.to_dense()")
+    if reconstruct is None:
+        if mask is not None:
+            return MaskedMatrixStats(V, mask, beta)
+        if V.layout in SPARSE_LAYOUTS:
+            return SparseMatrixStats(V, beta)
+        return DenseMatrixStats(V, beta)
+    if mask is not None:
+        return MaskedAutogradStats(V, mask, beta, reconstruct)
+    return AutogradStats(V, beta, reconstruct)
