@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .models.factors import FactorModule, kernel_tuple, shapes_from_vshape
-from .models.fitting import check_callback
+from .models.fitting import check_callback, prepare_fit_target, require_factors
 from .models.forward import conv_transpose, linear
 from .solvers.em import ExpectationMaximisation, normalise_components_
 from .solvers.loop import run_fit
@@ -186,7 +186,8 @@ class BaseComponent(FactorModule):
         tol = check_non_negative_number(tol, "tol")
         max_iter = check_positive_int(max_iter, "max_iter")
         check_callback(callback)
-        V = self._check_fit_target(V)
+        require_factors(self, ("W", "H"), "fit")
+        V, _ = prepare_fit_target(self, V)
         total = V.sum()
         if not total > 0:
             raise ValueError("V must have a positive sum; PLCA fits V / V.sum(), got an all-zero V")

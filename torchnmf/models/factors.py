@@ -10,7 +10,7 @@ import numbers
 import torch
 import torch.nn as nn
 
-from .._validation import check_non_negative_tensor, check_positive_int, check_target
+from .._validation import check_non_negative_tensor, check_positive_int
 
 __all__ = [
     "make_factor",
@@ -240,16 +240,6 @@ class FactorModule(nn.Module):
         H, W = self.H, self.W
         spatial = [h + k - 1 for h, k in zip(H.shape[2:], W.shape[2:])]
         return (H.shape[0], W.shape[0], *spatial)
-
-    def _check_fit_target(self, V):
-        """Validate a fitting target against the module's factors; returns V in their dtype."""
-        if self.W is None or self.H is None:
-            missing = "W" if self.W is None else "H"
-            raise ValueError(
-                f"fit needs both factors, but this module has no {missing}; construct it "
-                f"with Vshape or give {missing}"
-            )
-        return self._conform_target(check_target(V, "V"))
 
     def _conform_target(self, V, expected=None):
         """Check a validated target's shape (default: the reconstruction's) and
