@@ -1,5 +1,4 @@
 """The command line, run in-process: every input format, outputs, exit codes, errors."""
-import importlib.util
 import struct
 import subprocess
 import sys
@@ -15,7 +14,6 @@ from torchnmf.cli import main
 scipy_sparse = pytest.importorskip("scipy.sparse")
 scipy_io = pytest.importorskip("scipy.io")
 
-HAS_INIT = importlib.util.find_spec("torchnmf.init") is not None
 
 
 @pytest.fixture
@@ -281,14 +279,12 @@ def test_random_init_is_scaled_to_the_data(tmp_path, capsys, matrix):
     assert 0.5 < approx.mean() / (1000 * matrix).mean() < 2
 
 
-def test_init_choices_without_the_init_module():
-    if HAS_INIT:
-        assert set(cli.init_methods()) >= {"random", "nndsvd", "nndsvda", "nndsvdar"}
-    else:
-        assert cli.init_methods() == ("random",)
+def test_init_choices_are_those_of_the_init_module():
+    from torchnmf import init
+
+    assert cli.init_methods() == init.METHODS
 
 
-@pytest.mark.skipif(not HAS_INIT, reason="torchnmf.init is not in this branch yet")
 @pytest.mark.parametrize("method", ["nndsvd", "nndsvda", "nndsvdar"])
 def test_data_driven_init(tmp_path, capsys, matrix, method):
     np.save(tmp_path / "m.npy", matrix)
@@ -300,6 +296,13 @@ def test_data_driven_init(tmp_path, capsys, matrix, method):
         assert np.all(saved["W"] >= 0) and np.all(saved["H"] >= 0)
 
 
+def test_data_driven_init_of_a_sparse_file(tmp_path, capsys, matrix):
+    paths = write_formats(tmp_path, matrix)
+    status, out, err = fit(capsys, paths["mtx"], "-r", 2, "--init", "nndsvd", "--max-iter", 1, "-q")
+    assert status == 0, err
+    assert "init nndsvd" in out
+
+
 @pytest.mark.slow
 def test_python_dash_m_runs_the_cli(tmp_path):
     np.save(tmp_path / "neg.npy", -np.ones((2, 2)))
@@ -308,39 +311,6 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     assert run.returncode == 1
     assert run.stderr.startswith("torchnmf: error: neg.npy must be non-negative")
     assert "Traceback" not in run.stderr
-
-
-def test_the_init_module_is_used_through_initialize_(tmp_path, capsys, monkeypatch, matrix):
-    """The agreed interface: ``model.initialize_(V, method, generator=...)``."""
-    import types
-
-    import torchnmf
-    from torchnmf.nmf import NMF
-
-    calls = []
-
-    def initialize_(self, V, method, generator=None):
-        if V.layout != torch.strided and method != "random":
-            raise NotImplementedError("no sparse SVD")
-        calls.append((method, V.layout, isinstance(generator, torch.Generator)))
-        with torch.no_grad():
-            self.W.fill_(0.5)
-            self.H.fill_(0.5)
-        return self
-
-    fake = types.ModuleType("torchnmf.init")
-    fake.METHODS = ("random", "nndsvd")
-    monkeypatch.setitem(sys.modules, "torchnmf.init", fake)
-    monkeypatch.setattr(torchnmf, "init", fake, raising=False)
-    monkeypatch.setattr(NMF, "initialize_", initialize_, raising=False)
-    assert cli.init_methods() == ("random", "nndsvd")
-    np.save(tmp_path / "m.npy", matrix)
-    assert fit(capsys, tmp_path / "m.npy", "-r", 2, "--init", "nndsvd", "--max-iter", 1, "-q")[0] == 0
-    paths = write_formats(tmp_path, matrix)
-    status, _, err = fit(capsys, paths["mtx"], "-r", 2, "--init", "nndsvd", "--max-iter", 1, "-q")
-    assert status == 0
-    assert "initialising from the densified data instead" in err
-    assert calls == [("nndsvd", torch.strided, True), ("nndsvd", torch.strided, True)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -184,49 +184,10 @@ def _build_model(V, args):
     return model.to(device=V.device, dtype=V.dtype)
 
 
-def _scaled_random_(model, V, generator):
-    """Uniform random factors scaled so that the reconstruction's mean matches ``V``'s."""
+def _initialise(model, V, method, seed):
     import torch
 
-    with torch.no_grad():
-        for factor in (model.W, model.H):
-            factor.copy_(torch.rand(factor.shape, generator=generator, dtype=factor.dtype)
-                         .to(factor.device))
-        mean_target = _mean(V)
-        mean_approx = float(model().mean())
-        if mean_target > 0 and mean_approx > 0:
-            scale = (mean_target / mean_approx) ** 0.5
-            model.W.mul_(scale)
-            model.H.mul_(scale)
-
-
-def _mean(V):
-    import torch
-
-    if V.layout == torch.strided:
-        return float(V.mean())
-    values = V._values() if V.layout == torch.sparse_coo else V.values()
-    return float(values.sum()) / V.shape[0] / V.shape[1]
-
-
-def _initialise(model, V, method, seed, note):
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    if hasattr(model, "initialize_"):
-        try:
-            model.initialize_(V, method, generator=generator)
-            return
-        except NotImplementedError as error:
-            if method != "random" and V.layout != torch.strided:
-                note(f"{error}; initialising from the densified data instead")
-                model.initialize_(V.to_dense(), method, generator=generator)
-                return
-            if method != "random":
-                raise
-    elif method != "random":
-        raise CommandError(f"--init {method} needs torchnmf.init, which this installation lacks")
-    _scaled_random_(model, V, generator)
+    model.initialize_(V, method, generator=torch.Generator().manual_seed(seed))
 
 
 def _fit(model, V, args, note):
@@ -322,7 +283,7 @@ def run_fit(args, out=print, note=None):
     model = _build_model(V, args)
     # before initialising, so that data the fit refuses gets the fit's message
     check_beta_with_zeros(V, args.beta)
-    _initialise(model, V, args.init, args.seed, note)
+    _initialise(model, V, args.init, args.seed)
     kind = "NMF" if args.model == "nmf" else f"NMFD (T={model.W.shape[2]})"
     out(f"{kind} rank {args.rank}, beta {args.beta:g}, solver {args.solver}, init {args.init}, "
         f"{str(V.dtype).replace('torch.', '')} on {device}")

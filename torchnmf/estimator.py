@@ -36,9 +36,6 @@ __all__ = ["TorchNMF"]
 BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
 INITS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
 
-# NMF.fit accepts sparse targets (issue 4): scipy and torch sparse input reach it
-# as a coalesced COO tensor and is never densified.
-_DENSIFY_SPARSE = False
 
 
 def _torch_dtype(spec):
@@ -288,9 +285,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
                 V = torch.from_numpy(np.array(X, copy=not X.flags.writeable))
             V = V.to(device=device, dtype=dtype)
         if V.is_sparse:
-            V = V.coalesce()
-            if _DENSIFY_SPARSE:  # TEMPORARY fallback, see _DENSIFY_SPARSE
-                V = V.to_dense()
+            V = V.coalesce()  # NMF.fit takes it as it is, never densified
         return V
 
     def _output(self, tensor, like):
