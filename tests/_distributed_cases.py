@@ -137,3 +137,24 @@ def reference_transform(kind="dense", fit=None, seed=3):
         fit["mask"] = mask
     net = NMF(W=W0)
     return net.transform(as_kind(V, kind), generator=torch.Generator().manual_seed(seed), **fit).numpy()
+
+
+def init_case(rank, world, method="nndsvda", kind="dense", N=24, C=10, R=3, seed=5):
+    """This rank's ``(W, H rows)`` of a distributed initialisation."""
+    import torch.distributed as dist
+
+    from torchnmf.init import initialize
+
+    V, _, _, _ = problem(kind, N=N, C=C, R=R)
+    edges = split(N, world)
+    W, H = initialize(as_kind(V[edges[rank]:edges[rank + 1]], kind), R + 1, method,
+                      generator=seed, process_group=dist.group.WORLD, timeout=30)
+    return W.numpy(), H.numpy()
+
+
+def reference_init(method="nndsvda", kind="dense", N=24, C=10, R=3, seed=5):
+    from torchnmf.init import initialize
+
+    V, _, _, _ = problem(kind, N=N, C=C, R=R)
+    W, H = initialize(as_kind(V, kind), R + 1, method, generator=seed)
+    return W.numpy(), H.numpy()

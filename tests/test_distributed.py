@@ -123,3 +123,17 @@ def test_process_group_needs_torch_distributed():
 def test_timeout_is_checked():
     with pytest.raises(ValueError, match="timeout must be a positive finite number of seconds, got 0"):
         NMF((4, 3), rank=2).fit(torch.rand(4, 3), timeout=0)
+
+
+@pytest.mark.parametrize("method", ["random", "nndsvd", "nndsvda", "nndsvdar"])
+@pytest.mark.parametrize("kind,size", [
+    ("dense", dict(N=24, C=10)),          # exact SVD: all-reduced Gram matrix
+    ("sparse", dict(N=24, C=10)),         # randomised range finder, Cholesky QR
+    ("dense", dict(N=600, C=520, R=5)),   # randomised range finder on a dense V
+])
+def test_initialisation_equals_one_process(pool, method, kind, size):
+    results = pool.run(cases.init_case, method=method, kind=kind, **size)
+    W, H = cases.reference_init(method, kind, **size)
+    for result in results:
+        np.testing.assert_allclose(result[0], W, **TOL)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), H, **TOL)

@@ -105,8 +105,13 @@ class BaseComponent(FactorModule):
         reconstruct = None if self._closed_form else self.reconstruct
         return statistics(V, beta, mask, reconstruct, name=f"{type(self).__name__}.fit")
 
-    def _initial_factors(self, V, method, generator):
+    def _initial_factors(self, V, method, generator, process_group=None, timeout=None):
         """``(W, H)`` for :meth:`initialize_`; the convolutional models offer random only."""
+        if process_group is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}.initialize_ does not take process_group yet; "
+                f"initialise a matrix model (NMF) across processes"
+            )
         if method != "random":
             if method not in _init.METHODS:
                 raise ValueError(f"method must be one of {list(_init.METHODS)}, got {method!r}")
@@ -116,7 +121,7 @@ class BaseComponent(FactorModule):
             )
         return _init.initialize_random(V, self.W.shape, self.H.shape, generator=generator)
 
-    def initialize_(self, V, method="nndsvda", *, generator=None):
+    def initialize_(self, V, method="nndsvda", *, generator=None, process_group=None, timeout=None):
         r"""Re-initialise the trainable factors from the data ``V``, in place.
 
         For :class:`NMF`, any method of :func:`torchnmf.init.initialize`
@@ -129,6 +134,10 @@ class BaseComponent(FactorModule):
             V (Tensor): the target ``fit`` would get; never modified.
             method (str): ``"random"``, ``"nndsvd"``, ``"nndsvda"`` or ``"nndsvdar"``.
             generator (int, torch.Generator or None, keyword-only): seed or generator.
+            process_group, timeout (keyword-only): for :class:`NMF`, initialise
+                across processes, each with its rows of ``V`` and of ``H``, as
+                the single process would on the stacked matrix (see
+                :func:`torchnmf.init.initialize`).
 
         Returns:
             the module itself, so that ``NMF(V.shape, rank=8).initialize_(V)`` chains.
@@ -138,7 +147,7 @@ class BaseComponent(FactorModule):
         """
         require_factors(self, ("W", "H"), "initialize_")
         V, _ = prepare_fit_target(self, V)
-        W, H = self._initial_factors(V, method, generator)
+        W, H = self._initial_factors(V, method, generator, process_group, timeout)
         with torch.no_grad():
             for parameter, value in ((self.W, W), (self.H, H)):
                 if parameter.requires_grad:
@@ -561,8 +570,9 @@ class NMF(BaseComponent):
         # closed form: no (N, C) reconstruction, which a sparse V must never cause
         return (H.sum(0) @ W.sum(0)) / (H.shape[0] * W.shape[0])
 
-    def _initial_factors(self, V, method, generator):
-        return _init.initialize(V, self.rank, method, generator=generator)
+    def _initial_factors(self, V, method, generator, process_group=None, timeout=None):
+        return _init.initialize(V, self.rank, method, generator=generator,
+                                process_group=process_group, timeout=timeout)
 
 
 class _ConvNMF(BaseComponent):
