@@ -158,3 +158,49 @@ def reference_init(method="nndsvda", kind="dense", N=24, C=10, R=3, seed=5):
     V, _, _, _ = problem(kind, N=N, C=C, R=R)
     W, H = initialize(as_kind(V, kind), R + 1, method, generator=seed)
     return W.numpy(), H.numpy()
+
+
+def checkpoint_case(rank, world, path, fit, resume=None, checkpoint=None):
+    """A distributed fit that saves and/or resumes; ``(n_iter, history, W, H rows)``."""
+    import torch.distributed as dist
+
+    from torchnmf.nmf import NMF
+
+    V, _, W0, H0 = problem()
+    edges = split(V.shape[0], world)
+    start, stop = edges[rank], edges[rank + 1]
+    net = NMF(W=W0 if resume is None else W0 * 5, H=H0[start:stop])
+    n_iter = net.fit(V[start:stop], process_group=dist.group.WORLD, timeout=30,
+                     checkpoint=checkpoint, checkpoint_every=5, resume=resume, **fit)
+    return n_iter, list(net.loss_history), net.W.detach().numpy().copy(), net.H.detach().numpy().copy()
+
+
+def fault_case(rank, world, mode, path, timeout=2.0):
+    """Rank 1 dies (or hangs) at iteration 6; rank 0 reports how it ended."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from torchnmf.nmf import NMF
+    from torchnmf.targets.distributed import DistributedTimeoutError
+
+    V, _, W0, H0 = problem(N=60, C=20)
+    edges = split(V.shape[0], world)
+    start, stop = edges[rank], edges[rank + 1]
+    last = [time.monotonic()]
+
+    def callback(n_iter, loss):
+        if rank == 1 and n_iter == 6:
+            if mode == "die":
+                os._exit(3)
+            time.sleep(120)
+        last[0] = time.monotonic()
+
+    net = NMF(W=W0, H=H0[start:stop])
+    try:
+        net.fit(V[start:stop], beta=1, max_iter=1000, tol=0, process_group=dist.group.WORLD,
+                timeout=timeout, callback=callback, checkpoint=path, checkpoint_every=2)
+    except DistributedTimeoutError as error:
+        return str(error), time.monotonic() - last[0]
+    return "finished", 0.0

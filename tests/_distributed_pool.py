@@ -84,14 +84,14 @@ class Pool:
             raise CaseFailed(f"ranks {failing} failed; {errors[0][2]}\n{errors[0][3]}")
         return [answers[r][2] for r in ranks]
 
-    def close(self):
+    def close(self, grace=10):
         for q in self.tasks:
             try:
                 q.put(None)
             except Exception:
                 pass
         for p in self.processes:
-            p.join(timeout=10)
+            p.join(timeout=grace)
             if p.is_alive():
                 p.kill()
                 p.join()

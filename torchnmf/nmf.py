@@ -32,6 +32,7 @@ from .models.distributed import (
     row_offset,
 )
 from .models.fitting import (
+    make_checkpointing,
     check_callback,
     check_target_for_beta,
     check_fit_options,
@@ -174,6 +175,9 @@ class BaseComponent(FactorModule):
         alpha_H=None,
         process_group=None,
         timeout=None,
+        checkpoint=None,
+        checkpoint_every=10,
+        resume=None,
     ):
         r"""Fit the trainable factors to ``V`` by minimising the beta-divergence.
 
@@ -227,6 +231,15 @@ class BaseComponent(FactorModule):
             timeout (float, keyword-only): with ``process_group``, the seconds
                 a process waits for the others at any exchange before it fails
                 (default 300).
+            checkpoint (str or path, keyword-only): save the factors, the
+                solver's state and the history there every
+                ``checkpoint_every`` iterations (atomically: a crash leaves the
+                last checkpoint whole).  With ``process_group`` each process
+                writes ``<checkpoint>.rank<r>`` with its rows of ``H``.
+            checkpoint_every (int, keyword-only): iterations between checkpoints.
+            resume (str or path, keyword-only): continue the fit saved there
+                (same settings); the result equals the uninterrupted fit's, and
+                ``max_iter`` counts the iterations already run.
 
         Returns:
             int: the number of iterations run. The objective after each is in
@@ -267,26 +280,29 @@ class BaseComponent(FactorModule):
             )
             if distributed:
                 check_target_for_beta(V, mask, beta)
-        except (ValueError, TypeError, NotImplementedError) as error:
+            checkpointing = make_checkpointing(checkpoint, checkpoint_every, resume, process_group)
+        except (ValueError, TypeError, NotImplementedError, OSError) as error:
             if not distributed:
                 raise
             join(process_group, timeout, None, failure=error)
+        settings = fit_settings(
+            self, solver=solver, beta=beta, tol=tol, max_iter=max_iter, alpha_W=alpha_W,
+            alpha_H=alpha_H, l1_ratio=l1_ratio, fixed_W=fixed_W, fixed_H=fixed_H,
+            update_H=update_H, update_W=update_W,
+        )
         reduction = None
         if distributed:
-            settings = fit_settings(
-                self, solver=solver, beta=beta, tol=tol, max_iter=max_iter, alpha_W=alpha_W,
-                alpha_H=alpha_H, l1_ratio=l1_ratio, fixed_W=fixed_W, fixed_H=fixed_H,
-                update_H=update_H, update_W=update_W,
-            )
             reduction = join(process_group, timeout, settings, rows=self.H.shape[0])
             mask = agree_on_mask(reduction, V, mask, columns=update_W)
             with torch.no_grad():
                 reduction.broadcast_(self.W.detach(), what="broadcast of W from rank 0")
+        if checkpointing is not None:
+            checkpointing.attach({**settings, "rows": int(self.H.shape[0])}, reduction)
         n_iter, history = solve(
             self, V, mask, self.H.detach(), self.W.detach(), beta, tol, max_iter, verbose,
             callback, solver, Penalty(alpha_H, l1_ratio), Penalty(alpha_W, l1_ratio),
             update_H=update_H, update_W=update_W, fixed_H=fixed_H, fixed_W=fixed_W,
-            reduction=reduction,
+            reduction=reduction, checkpointing=checkpointing,
         )
         self.loss_history = history
         return n_iter

@@ -9,6 +9,8 @@ in the one loop (:func:`run_problem`).  :func:`solve` chains the last two for
 the registered solvers.  Each entry point adds only what is its own (which
 factors move, the start of ``transform``, the sparseness targets).
 """
+import os
+
 import torch
 
 from .._validation import (
@@ -19,6 +21,7 @@ from .._validation import (
     check_positive_int,
     check_real,
 )
+from ..solvers.checkpoint import Checkpointing
 from ..solvers.loop import run_fit
 from ..solvers.penalty import Penalty
 from ..solvers.problem import FitProblem
@@ -29,6 +32,7 @@ from .distributed import distributed_problem
 __all__ = [
     "check_fit_options",
     "check_callback",
+    "make_checkpointing",
     "require_factors",
     "prepare_fit_target",
     "make_problem",
@@ -46,6 +50,21 @@ def check_fit_options(beta, tol, max_iter, alpha=0, l1_ratio=0):
         check_non_negative_number(alpha, "alpha"),
         check_fraction(l1_ratio, "l1_ratio"),
     )
+
+
+def make_checkpointing(checkpoint, checkpoint_every, resume, process_group=None):
+    """The :class:`Checkpointing` of a fit request, or ``None`` without either path.
+
+    Reads the file to resume from here, at the entry point, so that a missing
+    or foreign file fails with the other input checks.
+    """
+    every = check_positive_int(checkpoint_every, "checkpoint_every")
+    for name, value in (("checkpoint", checkpoint), ("resume", resume)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    if checkpoint is None and resume is None:
+        return None
+    return Checkpointing(checkpoint, every, resume, process_group)
 
 
 def check_callback(callback):
@@ -122,7 +141,7 @@ def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=Non
         return run_fit(
             solver.step, problem.objective, tol, max_iter,
             verbose=verbose, callback=callback, desc=desc,
-            **({} if checkpointing is None else checkpointing.loop_options(solver)),
+            **({} if checkpointing is None else checkpointing.loop_options(problem, solver)),
         )
 
 

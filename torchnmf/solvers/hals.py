@@ -262,6 +262,17 @@ class HALS(AlternatingSolver):
             self._update_H = self._masked_update_H
             self._update_W = self._masked_update_W
 
+    def state_dict(self):
+        state = super().state_dict()
+        p = self.problem
+        state["floors"] = [self.floor[id(p.H)], self.floor[id(p.W)]]
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        p = self.problem
+        self.floor = {id(p.H): state["floors"][0], id(p.W): state["floors"][1]}
+
     def _masked_update_H(self, terms):
         p = self.problem
         masked_hals_update_(p.H, p.W, self.observed_V, self.observed_weight, p.penalty_H,
