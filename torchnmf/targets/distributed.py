@@ -7,8 +7,10 @@ communication) or a sum over row blocks (the ``W`` terms, the divergence, the
 ``H`` penalty).  :class:`DistributedStats` wraps *any* local statistics object
 (dense, sparse, masked, streamed from disk: anything with ``h_terms``,
 ``w_terms`` and ``divergence``) and sums exactly those sums, in one all-reduce
-per call and dtype: the two ``(C, R)`` ``W`` terms and the divergence travel
-together.  :class:`Reduction` holds the group and the timeout, and offers the
+per call and dtype: the ``W`` terms and the divergence travel together.  A
+local kind whose ``gram_form`` is true (beta=2 without a mask: the positive
+term is ``W (H^T H)``) lets the ``(R, R)`` Gram matrix travel instead of a
+second ``(C, R)`` term.  :class:`Reduction` holds the group and the timeout, and offers the
 few other sums and maxima a solver may need (HALS's Gram matrix and the size
 of a sweep's change).
 
@@ -188,12 +190,19 @@ class DistributedStats:
             negative, positive = self.local.w_terms(H, W)
         # the local terms may be the local kind's reused buffers or broadcast
         # views (beta=1's column sums): sum fresh copies
-        negative, positive = negative.clone(), positive.clone()
+        negative = negative.clone()
+        gram_form = getattr(self.local, "gram_form", False)
+        # beta=2 without a mask: positive = W (H^T H), so the (R, R) Gram
+        # matrix travels instead of a second (C, R) term
+        summed = H.T @ H if gram_form else positive.clone()
+        parts = [negative, summed]
+        if divergence:
+            value = self._local_divergence(value, H)
+            parts.append(value)
+        self.reduction.sum_(*parts, what="sum of the W terms")
+        positive = W @ summed if gram_form else summed
         if not divergence:
-            self.reduction.sum_(negative, positive, what="sum of the W terms")
             return negative, positive
-        value = self._local_divergence(value, H)
-        self.reduction.sum_(negative, positive, value, what="sum of the W terms")
         return negative, positive, value[0]
 
     def divergence(self, H, W):
