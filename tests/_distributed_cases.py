@@ -204,3 +204,34 @@ def fault_case(rank, world, mode, path, timeout=2.0):
     except DistributedTimeoutError as error:
         return str(error), time.monotonic() - last[0]
     return "finished", 0.0
+
+
+def nmfd_problem():
+    g = torch.Generator().manual_seed(4)
+    V = torch.rand(6, 5, 12, generator=g, dtype=torch.float64)
+    W0 = torch.rand(5, 2, 3, generator=g, dtype=torch.float64)
+    H0 = torch.rand(6, 2, 10, generator=g, dtype=torch.float64)
+    return V, W0, H0
+
+
+def nmfd_case(rank, world, fit):
+    """A distributed NMFD fit (autograd statistics) of this rank's rows."""
+    import torch.distributed as dist
+
+    from torchnmf.nmf import NMFD
+
+    V, W0, H0 = nmfd_problem()
+    edges = split(V.shape[0], world)
+    start, stop = edges[rank], edges[rank + 1]
+    net = NMFD(W=W0, H=H0[start:stop])
+    n_iter = net.fit(V[start:stop], process_group=dist.group.WORLD, timeout=30, **fit)
+    return n_iter, list(net.loss_history), net.W.detach().numpy().copy(), net.H.detach().numpy().copy()
+
+
+def reference_nmfd(fit):
+    from torchnmf.nmf import NMFD
+
+    V, W0, H0 = nmfd_problem()
+    net = NMFD(W=W0, H=H0)
+    n_iter = net.fit(V, **fit)
+    return n_iter, list(net.loss_history), net.W.detach().numpy(), net.H.detach().numpy()

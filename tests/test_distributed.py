@@ -137,3 +137,11 @@ def test_initialisation_equals_one_process(pool, method, kind, size):
     for result in results:
         np.testing.assert_allclose(result[0], W, **TOL)
     np.testing.assert_allclose(np.concatenate([r[1] for r in results]), H, **TOL)
+
+
+@pytest.mark.parametrize("beta", [1, 2])
+def test_convolutional_model(pool, beta):
+    # NMFD's autograd statistics are sums over rows too, so the same wrapper serves them
+    fit = dict(beta=beta, max_iter=10, tol=0, alpha=0.1)
+    results = pool.run(cases.nmfd_case, fit=fit)
+    assert_same_fit(results, cases.reference_nmfd(fit))
