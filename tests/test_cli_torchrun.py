@@ -62,3 +62,25 @@ def test_torchrun_fit_equals_plain_fit(tmp_path, sparse):
     longer = np.load(tmp_path / "again.npz")
     assert int(longer["n_iter"]) == 40
     np.testing.assert_allclose(longer["loss_history"][:25], plain["loss_history"][:25], rtol=1e-10)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_torchrun_nccl_on_two_gpus(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices (NCCL runs one process per GPU)")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "V.npy", rng.random((64, 4)) @ rng.random((4, 16)))
+    common = ["V.npy", "-r", "3", "--max-iter", "20", "--tol", "0", "--dtype", "float64", "-q"]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["fit", *common, "-o", "plain.npz"]) == 0
+    finally:
+        os.chdir(cwd)
+    done = torchrun([*common, "--device", "cuda", "-o", "gpu.npz"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    plain, gpu = np.load(tmp_path / "plain.npz"), np.load(tmp_path / "gpu.npz")
+    np.testing.assert_allclose(gpu["W"], plain["W"], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(gpu["loss_history"], plain["loss_history"], rtol=1e-8)

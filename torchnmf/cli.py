@@ -291,7 +291,8 @@ def _resume_path(checkpoint, group=None):
     import torch.distributed as dist
 
     mine = Path(checkpoint_path(checkpoint, dist.get_rank(), dist.get_world_size())).is_file()
-    missing = torch.tensor([0.0 if mine else 1.0])
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors
+    missing = torch.tensor([0.0 if mine else 1.0], device=device)
     dist.all_reduce(missing)
     return checkpoint if missing.item() == 0 else None
 

@@ -77,7 +77,8 @@ def _mean(V, reduction=None):
         total = V.values().sum(dtype=torch.float64)
     count = math.prod(V.shape)
     if reduction is not None:
-        sums = torch.stack([total.reshape(()), torch.tensor(float(count), dtype=torch.float64)])
+        sums = torch.stack([total.reshape(()),
+                            torch.tensor(float(count), dtype=torch.float64, device=total.device)])
         reduction.sum_(sums, what="sum of V")
         total, count = sums[0], int(sums[1])
     return float(total) / max(count, 1)
@@ -337,7 +338,7 @@ def initialize(V, rank, method="nndsvda", *, generator=None, process_group=None,
     if process_group is not None:
         settings = {"columns": V.shape[1], "rank": rank, "method": method, "dtype": str(V.dtype)}
         reduction = join(process_group, timeout, settings, rows=V.shape[0])
-        dense = torch.tensor([float(V.layout != torch.strided)], dtype=torch.float64)
+        dense = torch.tensor([float(V.layout != torch.strided)], dtype=torch.float64, device=V.device)
         reduction.sum_(dense, what="agreement on layouts")
         reduction.dense = dense.item() == 0  # the exact SVD serves dense targets only
     mean = _positive_mean(V, reduction)

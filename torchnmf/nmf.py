@@ -442,7 +442,7 @@ class BaseComponent(FactorModule):
         if mask is None:
             sums = torch.stack([
                 _sum(V).double(),
-                torch.tensor(float(V.shape.numel()), dtype=torch.float64),
+                torch.tensor(float(V.shape.numel()), dtype=torch.float64, device=W.device),
                 self._mean_reconstruction(H, W).double() * V.shape.numel(),
             ])
         else:

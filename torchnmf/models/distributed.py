@@ -120,7 +120,7 @@ def agree_on_mask(reduction, V, mask, columns=True):
     all-observed mask.  With ``columns``, every column must be observed on some
     process.
     """
-    flags = torch.tensor([0.0 if mask is None else 1.0], dtype=torch.float64)
+    flags = torch.tensor([0.0 if mask is None else 1.0], dtype=torch.float64, device=V.device)
     reduction.sum_(flags, what="agreement on masks")
     if flags.item() == 0:
         return None

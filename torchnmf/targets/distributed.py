@@ -43,7 +43,8 @@ class Reduction:
     """Sums and maxima over the processes of ``group``, each waiting at most ``timeout`` s.
 
     ``group`` is a ``torch.distributed`` process group (``None`` for the
-    default group).  ``bytes_reduced`` counts the payload of every all-reduce,
+    default group).  With NCCL, tensors elsewhere than on the current CUDA
+    device (Python floats, counts) travel through it.  ``bytes_reduced`` counts the payload of every all-reduce,
     for the benchmark's communication figures.
     """
 
@@ -55,6 +56,10 @@ class Reduction:
         self.rank = dist.get_rank(group)
         self.bytes_reduced = 0
         self.calls = 0
+        # NCCL reduces CUDA tensors only: small CPU values travel through this device
+        self.device = torch.device("cpu")
+        if dist.get_backend(group) == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
 
     # -- waiting with a deadline ------------------------------------------------
     def wait(self, work, what):
@@ -76,8 +81,11 @@ class Reduction:
         dist = _dist()
         self.calls += 1
         self.bytes_reduced += flat.numel() * flat.element_size()
-        work = dist.all_reduce(flat, op=op, group=self.group, async_op=True)
+        moved = flat if flat.device == self.device else flat.to(self.device)
+        work = dist.all_reduce(moved, op=op, group=self.group, async_op=True)
         self.wait(work, what)
+        if moved is not flat:
+            flat.copy_(moved)
         return flat
 
     # -- the operations ---------------------------------------------------------
@@ -95,7 +103,7 @@ class Reduction:
             if len(group) == 1 and group[0].is_contiguous():
                 self._all_reduce(group[0], dist.ReduceOp.SUM, what)
                 continue
-            flat = torch.cat([t.reshape(-1) for t in group])
+            flat = torch.cat([t.reshape(-1).to(self.device) for t in group])
             self._all_reduce(flat, dist.ReduceOp.SUM, what)
             offset = 0
             for tensor in group:
@@ -119,8 +127,11 @@ class Reduction:
         """Overwrite ``tensor`` with the group's rank 0's, in place."""
         dist = _dist()
         source = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        work = dist.broadcast(tensor, src=source, group=self.group, async_op=True)
+        moved = tensor if tensor.device == self.device else tensor.to(self.device)
+        work = dist.broadcast(moved, src=source, group=self.group, async_op=True)
         self.wait(work, what)
+        if moved is not tensor:
+            tensor.copy_(moved)
         return tensor
 
     def gather_objects(self, value, what="exchange of settings"):
@@ -130,6 +141,8 @@ class Reduction:
         the group's own timeout (set at ``init_process_group``).
         """
         dist = _dist()
+        # all_gather_object has no deadline of its own: meet every process first
+        self.sum_float(0.0)
         values = [None] * self.size
         try:
             dist.all_gather_object(values, value, group=self.group)
