@@ -49,8 +49,11 @@ def _rows(V, start, stop):
     if V.layout == __import__("torch").sparse_csr:
         import torch
 
+        import warnings
+
         crow = V.crow_indices()
         lo, hi = int(crow[start]), int(crow[stop])
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow[start:stop + 1] - lo, V.col_indices()[lo:hi],
                                        V.values()[lo:hi], size=(stop - start, V.shape[1]))
     return V[start:stop]

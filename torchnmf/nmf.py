@@ -227,7 +227,9 @@ class BaseComponent(FactorModule):
                 from rank 0 and stays the same everywhere.  The result is the
                 fit of the stacked matrix (same iterations, same
                 :attr:`loss_history`, on every process).  Every process must
-                pass the same settings.  See ``docs/scaling.md``.
+                pass the same settings, and a ``callback`` that stops the fit
+                must decide the same on every process (the others would wait
+                for it until ``timeout``).  See ``docs/scaling.md``.
             timeout (float, keyword-only): with ``process_group``, the seconds
                 a process waits for the others at any exchange before it fails
                 (default 300).
