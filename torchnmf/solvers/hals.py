@@ -294,7 +294,11 @@ class HALS(AlternatingSolver):
 
     def _update_W(self):
         p = self.problem
-        negative, _ = p.stats.w_terms(p.H, p.W)
-        gram, = p.row_sum_(p.H.T @ p.H)
+        fused = getattr(p.stats, "w_numerator_and_gram", None)  # across processes: one all-reduce
+        if fused is not None:
+            negative, gram = fused(p.H, p.W)
+        else:
+            negative, _ = p.stats.w_terms(p.H, p.W)
+            gram = p.H.T @ p.H
         hals_update_(p.W, negative, gram, p.penalty_W, self.sweeps_W, self.delta,
                      self.floor[id(p.W)], p.fixed_W)

@@ -218,6 +218,13 @@ class DistributedStats:
             return negative, positive
         return negative, positive, value[0]
 
+    def w_numerator_and_gram(self, H, W):
+        """``(V^T H, H^T H)`` of the stacked matrix in one all-reduce (HALS's ``W`` update)."""
+        negative, _ = self.local.w_terms(H, W)
+        negative, gram = negative.clone(), H.T @ H
+        self.reduction.sum_(negative, gram, what="sum of the W terms")
+        return negative, gram
+
     def divergence(self, H, W):
         value = self._local_divergence(self.local.divergence(H, W), H)
         self.reduction.sum_(value, what="sum of the divergence")
