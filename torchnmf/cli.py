@@ -12,6 +12,7 @@ on stderr, no traceback), 2 for a malformed command line, 130 when interrupted.
 """
 import argparse
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -118,6 +119,14 @@ def _build_parser():
     fit.add_argument("--hop", type=_positive_int, default=None,
                      help="STFT hop for .wav input (default n_fft / 4)")
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    fit.add_argument("--checkpoint", default=None, metavar="PATH",
+                     help="save the fit there every --checkpoint-every iterations, and resume "
+                     "from it when it exists (e.g. after torchrun --max-restarts)")
+    fit.add_argument("--checkpoint-every", type=_positive_int, default=10,
+                     help="iterations between checkpoints (default %(default)s)")
+    fit.add_argument("--timeout", type=_non_negative_float, default=300.0,
+                     help="under torchrun, seconds to wait for the other processes before "
+                     "failing (default %(default)s)")
 
     demo = commands.add_parser(
         "demo", help="separate the instruments of a synthesised piece with NMFD"
@@ -195,6 +204,9 @@ def _fit(model, V, args, note):
 
     options = dict(beta=args.beta, tol=args.tol, max_iter=args.max_iter,
                    verbose=not args.quiet, solver=args.solver)
+    if getattr(args, "checkpoint", None):
+        options.update(checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                       resume=_resume_path(args.checkpoint))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -258,6 +270,103 @@ def _write_audio(model, spectrogram, args, output):
     return paths
 
 
+def _torchrun_world():
+    """The number of processes torchrun started (1 outside torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _resume_path(checkpoint, group=None):
+    """``checkpoint`` when every process has its file there (a restarted job), else ``None``."""
+    import torch
+
+    from .solvers.checkpoint import checkpoint_path
+
+    if checkpoint is None:
+        return None
+    if group is None:
+        return checkpoint if Path(checkpoint).is_file() else None
+    import torch.distributed as dist
+
+    mine = Path(checkpoint_path(checkpoint, dist.get_rank(), dist.get_world_size())).is_file()
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors
+    missing = torch.tensor([0.0 if mine else 1.0], device=device)
+    dist.all_reduce(missing)
+    return checkpoint if missing.item() == 0 else None
+
+
+def _run_fit_distributed(args, out, note):
+    """``torchnmf fit`` as one of torchrun's processes: each reads its own rows, the
+    fit is shared, rank 0 gathers ``H`` and writes the single-process output."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from . import io
+    from .nmf import NMF
+
+    if args.model != "nmf" or args.plot or Path(args.input).suffix.lower() not in (".npy", ".npz"):
+        raise CommandError(
+            "under torchrun, fit takes --model nmf, no --plot, and a .npy or .npz INPUT "
+            "(each process reads its own rows)"
+        )
+    device = _device(args.device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if rank != 0:
+            out = note = lambda message: None  # noqa: E731
+        output = Path(args.output) if args.output else Path(args.input).with_suffix(".nmf.npz")
+        source = io.open_rows(args.input, key=args.key)
+        N, C = source.shape
+        start, stop = N * rank // world, N * (rank + 1) // world
+        V = source.read(start, stop)
+        dtype = getattr(torch, args.dtype) if args.dtype else (
+            V.dtype if V.dtype.is_floating_point else torch.get_default_dtype())
+        V = V.to(dtype).to(device)
+        out(f"read {Path(args.input).name}: rows {start}..{stop} of {N} x {C} on each of "
+            f"{world} processes ({backend})")
+        torch.manual_seed(args.seed)
+        model = NMF((stop - start, C), rank=args.rank).to(device=device, dtype=dtype)
+        group = dist.group.WORLD
+        model.initialize_(V, args.init, generator=torch.Generator().manual_seed(args.seed),
+                          process_group=group, timeout=args.timeout)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            n_iter = model.fit(
+                V, beta=args.beta, tol=args.tol, max_iter=args.max_iter, verbose=not args.quiet,
+                solver=args.solver, process_group=group, timeout=args.timeout,
+                checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                resume=_resume_path(args.checkpoint, group),
+            )
+        for warning in caught:
+            note(str(warning.message))
+        history = model.loss_history
+        out(f"fit: {n_iter} iterations, loss {history[0]:.6g} -> {history[-1]:.6g}")
+        blocks = [None] * world if rank == 0 else None
+        dist.gather_object(model.H.detach().cpu().numpy(), blocks, dst=0)
+        if rank == 0:
+            import numpy as np
+
+            H = torch.from_numpy(np.concatenate(blocks))
+            extra = dict(n_iter=n_iter, rank=args.rank, beta=args.beta, model=args.model,
+                         solver=args.solver, init=args.init, seed=args.seed,
+                         input=str(Path(args.input).name))
+            written = io.save_factors(output, model.W, H, history, **extra)
+            out(f"wrote W {tuple(model.W.shape)}, H {tuple(H.shape)} and the loss history "
+                f"({len(history)} values) to {written}")
+        return 0
+    finally:
+        dist.destroy_process_group()
+
+
 def run_fit(args, out=print, note=None):
     """Carry out ``torchnmf fit`` for parsed ``args``; returns the exit status."""
     import torch
@@ -266,6 +375,8 @@ def run_fit(args, out=print, note=None):
     from ._validation import check_beta_with_zeros
 
     note = note or (lambda message: print(f"torchnmf: note: {message}", file=sys.stderr))
+    if _torchrun_world() > 1:
+        return _run_fit_distributed(args, out, note)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".nmf.npz")
     for path in (output, args.plot):

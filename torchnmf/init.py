@@ -64,41 +64,113 @@ def _rand(shape, like, generator):
     return out.to(like.device)
 
 
-def _mean(V):
-    """The mean of every entry of ``V`` (implicit zeros included), as a float."""
+def _mean(V, reduction=None):
+    """The mean of every entry of ``V`` (implicit zeros included), as a float.
+
+    With a ``reduction``, the mean of the rows of every process together.
+    """
     if V.layout == torch.strided:
         total = V.sum(dtype=torch.float64)
     elif V.layout == torch.sparse_coo:
         total = V._values().sum(dtype=torch.float64)
     else:
         total = V.values().sum(dtype=torch.float64)
-    return float(total) / max(math.prod(V.shape), 1)
+    count = math.prod(V.shape)
+    if reduction is not None:
+        sums = torch.stack([total.reshape(()),
+                            torch.tensor(float(count), dtype=torch.float64, device=total.device)])
+        reduction.sum_(sums, what="sum of V")
+        total, count = sums[0], int(sums[1])
+    return float(total) / max(count, 1)
 
 
-def _svd(V, k, generator):
-    """The ``k`` leading singular triplets ``(U, S, Vh_T)`` with ``V ~ U diag(S) Vh_T.T``."""
+def _rows_rand(shape, like, generator, reduction):
+    """:func:`_rand` of the activations of all rows; this process's rows of it.
+
+    Every process draws the same numbers (small beside ``V``) and keeps its own
+    block, so that the result is the single-process one from the same seed.
+    """
+    if reduction is None:
+        return _rand(shape, like, generator)
+    offset = sum(reduction.rows[: reduction.rank])
+    everything = _rand((sum(reduction.rows), *shape[1:]), like, generator)
+    return everything[offset:offset + shape[0]].clone()
+
+
+def _tall_orthonormal(Y, reduction):
+    """An orthonormal basis of the columns of a tall ``Y`` whose rows are spread
+    over processes: Cholesky QR, twice for accuracy (Fukaya et al. 2014,
+    doi:10.1109/ScalA.2014.11); the same subspace as a Householder QR."""
+    if reduction is None:
+        return torch.linalg.qr(Y).Q
+    for _ in range(2):
+        gram = Y.mT @ Y
+        reduction.sum_(gram, what="Gram matrix of the range finder")
+        factor, info = torch.linalg.cholesky_ex(gram)
+        if info.item() != 0:  # numerically rank-deficient: shift (shifted Cholesky QR)
+            shift = torch.finfo(Y.dtype).eps * gram.diagonal().sum() * gram.shape[0]
+            factor = torch.linalg.cholesky(gram + shift * torch.eye(gram.shape[0], dtype=gram.dtype))
+        Y = torch.linalg.solve_triangular(factor, Y.mT, upper=False).mT
+    return Y
+
+
+def _column_sum(X, reduction):
+    """``X.mT @ ...`` products summed over the processes' rows (in place), then returned."""
+    if reduction is not None:
+        reduction.sum_(X, what="product with V")
+    return X
+
+
+def _exact_svd(V, k, reduction):
+    """The exact leading triplets; over processes from the all-reduced Gram matrix
+    ``V^T V`` (``C x C``): its eigenvectors are the right singular vectors."""
+    if reduction is None:
+        U, S, Vh = torch.linalg.svd(V, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k].mT
+    gram = _column_sum(V.mT @ V, reduction)
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    S = values.clamp_min(0).sqrt()
+    U = (V @ vectors) / S.clamp_min(torch.finfo(V.dtype).tiny)
+    return U, S, vectors
+
+
+def _svd(V, k, generator, reduction=None):
+    """The ``k`` leading singular triplets ``(U, S, Vh_T)`` with ``V ~ U diag(S) Vh_T.T``.
+
+    With a ``reduction``, ``V`` and ``U`` are this process's rows; only
+    ``(C, width)`` products and ``(width, width)`` Gram matrices are summed.
+    """
     N, C = V.shape
-    if V.layout == torch.strided and min(N, C) <= _EXACT_SVD_MAX:
+    dense = V.layout == torch.strided
+    if reduction is not None:
+        N = sum(reduction.rows)
+        dense = reduction.dense
+    if dense and min(N, C) <= _EXACT_SVD_MAX:
+        return _exact_svd(V, k, reduction)
         U, S, Vh = torch.linalg.svd(V, full_matrices=False)
         return U[:, :k], S[:k], Vh[:k].mT
     # randomised range finder with power iterations, QR after every product
     width = min(k + _OVERSAMPLE, N, C)
     probe = torch.randn(C, width, dtype=V.dtype, generator=generator,
                         device=V.device if generator is None else generator.device)
-    Q = torch.linalg.qr(V @ probe.to(V.device)).Q
+    Q = _tall_orthonormal(V @ probe.to(V.device), reduction)
     for _ in range(_POWER_ITERATIONS):
-        Q = torch.linalg.qr(V.mT @ Q).Q
-        Q = torch.linalg.qr(V @ Q).Q
-    small = (V.mT @ Q).mT  # (width, C) = Q.T @ V
+        Q = torch.linalg.qr(_column_sum(V.mT @ Q, reduction)).Q
+        Q = _tall_orthonormal(V @ Q, reduction)
+    small = _column_sum(V.mT @ Q, reduction).mT  # (width, C) = Q.T @ V
     U_small, S, Vh = torch.linalg.svd(small, full_matrices=False)
     return (Q @ U_small)[:, :k], S[:k], Vh[:k].mT
 
 
-def _nndsvd(V, rank, generator):
+def _nndsvd(V, rank, generator, reduction=None):
     """Basic NNDSVD factors; ``dead`` marks the components it could not fill."""
     N, C = V.shape
+    if reduction is not None:
+        N = sum(reduction.rows)
     k = min(rank, N, C)
-    U, S, Vt = _svd(V, k, generator)
+    U, S, Vt = _svd(V, k, generator, reduction)
+    N = U.shape[0]
     H = U.new_zeros(N, rank)
     W = U.new_zeros(C, rank)
     # The leading singular vectors of a non-negative matrix have one sign.
@@ -107,7 +179,12 @@ def _nndsvd(V, rank, generator):
     x, y = U[:, 1:k], Vt[:, 1:k]
     xp, xn = x.clamp_min(0), (-x).clamp_min(0)
     yp, yn = y.clamp_min(0), (-y).clamp_min(0)
-    xp_norm, xn_norm = xp.norm(dim=0), xn.norm(dim=0)
+    if reduction is None:
+        xp_norm, xn_norm = xp.norm(dim=0), xn.norm(dim=0)
+    else:  # the norms of the columns of U over every process's rows
+        squares = torch.stack([xp.pow(2).sum(0), xn.pow(2).sum(0)])
+        reduction.sum_(squares, what="norms of the singular vectors")
+        xp_norm, xn_norm = squares.sqrt()
     yp_norm, yn_norm = yp.norm(dim=0), yn.norm(dim=0)
     positive_mass = xp_norm * yp_norm
     negative_mass = xn_norm * yn_norm
@@ -121,25 +198,36 @@ def _nndsvd(V, rank, generator):
     W[:, 1:k] = v * scale
     # A component is dead when either factor's column is zero or its singular
     # value is numerically zero (V has lower rank than requested).
-    threshold = S[0] * max(N, C) * torch.finfo(V.dtype).eps
+    n_rows = N if reduction is None else sum(reduction.rows)
+    threshold = S[0] * max(n_rows, C) * torch.finfo(V.dtype).eps
     singular = torch.zeros(rank, dtype=torch.bool, device=V.device)
     singular[:k] = S <= threshold
     singular[k:] = True
-    dead = singular | (H.amax(0) <= 0) | (W.amax(0) <= 0)
+    largest_H = H.amax(0) if N else H.new_zeros(rank)
+    if reduction is not None:
+        largest_H = largest_H.clone()
+        reduction._all_reduce(largest_H, _dist_max(), "maximum of H")
+    dead = singular | (largest_H <= 0) | (W.amax(0) <= 0)
     return W, H, dead
 
 
-def _scaled_rand(W_shape, H_shape, mean, like, generator):
+def _dist_max():
+    import torch.distributed as dist
+
+    return dist.ReduceOp.MAX
+
+
+def _scaled_rand(W_shape, H_shape, mean, like, generator, reduction=None):
     # uniform on [0, 2s]: each of the `terms` products averages s^2
     terms = W_shape[1] * math.prod(W_shape[2:])
     scale = 2 * (mean / terms) ** 0.5
     W = _rand(W_shape, like, generator) * scale
-    H = _rand(H_shape, like, generator) * scale
+    H = _rows_rand(H_shape, like, generator, reduction) * scale
     return W, H
 
 
-def _random(V, rank, mean, generator):
-    return _scaled_rand((V.shape[1], rank), (V.shape[0], rank), mean, V, generator)
+def _random(V, rank, mean, generator, reduction=None):
+    return _scaled_rand((V.shape[1], rank), (V.shape[0], rank), mean, V, generator, reduction)
 
 
 def initialize_random(V, W_shape, H_shape, *, generator=None):
@@ -166,8 +254,8 @@ def initialize_random(V, W_shape, H_shape, *, generator=None):
         return _scaled_rand(tuple(W_shape), tuple(H_shape), mean, V, generator)
 
 
-def _positive_mean(V):
-    mean = _mean(V)
+def _positive_mean(V, reduction=None):
+    mean = _mean(V, reduction)
     if not mean > 0:
         raise ValueError(
             "V must have at least one positive entry to initialise factors from it, "
@@ -184,7 +272,7 @@ def _check_method(method):
     return method
 
 
-def initialize(V, rank, method="nndsvda", *, generator=None):
+def initialize(V, rank, method="nndsvda", *, generator=None, process_group=None, timeout=None):
     r"""Initial non-negative factors ``(W, H)`` for :math:`V \approx H W^\top`.
 
     Args:
@@ -197,6 +285,15 @@ def initialize(V, rank, method="nndsvda", *, generator=None):
             randomness (the random method, the fill of ``"nndsvdar"``, the
             randomised SVD of large matrices): a seed, a generator, or
             ``None`` for torch's global generator.
+        process_group (keyword-only): a ``torch.distributed`` group; each
+            process passes its rows of ``V`` and gets ``W`` and its rows of
+            ``H``, equal to the single-process result on the stacked matrix
+            from the same seed (every process must pass the same seed).  The
+            SVD comes from all-reduced ``(C, C)`` Gram matrices where the
+            single process uses an exact SVD, else from the randomised range
+            finder with Cholesky QR of all-reduced ``(width, width)`` Gram
+            matrices.
+        timeout (float, keyword-only): seconds to wait for the other processes.
 
     Returns:
         (W, H): ``W`` of shape ``(C, R)`` and ``H`` of shape ``(N, R)``, with
@@ -220,28 +317,44 @@ def initialize(V, rank, method="nndsvda", *, generator=None):
         >>> bool((W >= 0).all() and (H >= 0).all())
         True
     """
-    V = check_target(V, "V")
-    if V.dim() != 2:
-        raise ValueError(
-            f"V must be a matrix (2 dimensions) to initialise from, got shape {tuple(V.shape)}"
-        )
-    rank = check_positive_int(rank, "rank")
-    method = _check_method(method)
-    generator = _make_generator(generator, V.device)
-    mean = _positive_mean(V)
+    from .models.distributed import check_process_group, check_timeout, join
+
+    process_group = check_process_group(process_group)
+    timeout = check_timeout(timeout)
+    try:
+        V = check_target(V, "V")
+        if V.dim() != 2:
+            raise ValueError(
+                f"V must be a matrix (2 dimensions) to initialise from, got shape {tuple(V.shape)}"
+            )
+        rank = check_positive_int(rank, "rank")
+        method = _check_method(method)
+        generator = _make_generator(generator, V.device)
+    except (ValueError, TypeError) as error:
+        if process_group is None:
+            raise
+        join(process_group, timeout, None, failure=error)
+    reduction = None
+    if process_group is not None:
+        settings = {"columns": V.shape[1], "rank": rank, "method": method, "dtype": str(V.dtype)}
+        reduction = join(process_group, timeout, settings, rows=V.shape[0])
+        dense = torch.tensor([float(V.layout != torch.strided)], dtype=torch.float64, device=V.device)
+        reduction.sum_(dense, what="agreement on layouts")
+        reduction.dense = dense.item() == 0  # the exact SVD serves dense targets only
+    mean = _positive_mean(V, reduction)
     with torch.no_grad():
         if method == "random":
-            return _random(V, rank, mean, generator)
-        W, H, dead = _nndsvd(V, rank, generator)
+            return _random(V, rank, mean, generator, reduction)
+        W, H, dead = _nndsvd(V, rank, generator, reduction)
         if method == "nndsvda":
             W[W == 0] = mean
             H[H == 0] = mean
         elif method == "nndsvdar":
             fill = mean / 100
             W = torch.where(W == 0, _rand(W.shape, W, generator) * fill, W)
-            H = torch.where(H == 0, _rand(H.shape, H, generator) * fill, H)
+            H = torch.where(H == 0, _rows_rand(H.shape, H, generator, reduction) * fill, H)
         if dead.any():
-            W_random, H_random = _random(V, rank, mean, generator)
+            W_random, H_random = _random(V, rank, mean, generator, reduction)
             W[:, dead] = W_random[:, dead]
             H[:, dead] = H_random[:, dead]
     return W, H

@@ -23,8 +23,18 @@ import torch
 from . import init as _init
 from ._validation import check_components, check_non_negative_number, check_open_fraction
 from .models.factors import FactorModule, kernel_tuple, make_factor, shapes_from_vshape
+from .models.distributed import (
+    agree_on_mask,
+    check_process_group,
+    check_timeout,
+    fit_settings,
+    join,
+    row_offset,
+)
 from .models.fitting import (
+    make_checkpointing,
     check_callback,
+    check_target_for_beta,
     check_fit_options,
     make_problem,
     prepare_fit_target,
@@ -96,8 +106,13 @@ class BaseComponent(FactorModule):
         reconstruct = None if self._closed_form else self.reconstruct
         return statistics(V, beta, mask, reconstruct, name=f"{type(self).__name__}.fit")
 
-    def _initial_factors(self, V, method, generator):
+    def _initial_factors(self, V, method, generator, process_group=None, timeout=None):
         """``(W, H)`` for :meth:`initialize_`; the convolutional models offer random only."""
+        if process_group is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}.initialize_ does not take process_group yet; "
+                f"initialise a matrix model (NMF) across processes"
+            )
         if method != "random":
             if method not in _init.METHODS:
                 raise ValueError(f"method must be one of {list(_init.METHODS)}, got {method!r}")
@@ -107,7 +122,7 @@ class BaseComponent(FactorModule):
             )
         return _init.initialize_random(V, self.W.shape, self.H.shape, generator=generator)
 
-    def initialize_(self, V, method="nndsvda", *, generator=None):
+    def initialize_(self, V, method="nndsvda", *, generator=None, process_group=None, timeout=None):
         r"""Re-initialise the trainable factors from the data ``V``, in place.
 
         For :class:`NMF`, any method of :func:`torchnmf.init.initialize`
@@ -120,6 +135,10 @@ class BaseComponent(FactorModule):
             V (Tensor): the target ``fit`` would get; never modified.
             method (str): ``"random"``, ``"nndsvd"``, ``"nndsvda"`` or ``"nndsvdar"``.
             generator (int, torch.Generator or None, keyword-only): seed or generator.
+            process_group, timeout (keyword-only): for :class:`NMF`, initialise
+                across processes, each with its rows of ``V`` and of ``H``, as
+                the single process would on the stacked matrix (see
+                :func:`torchnmf.init.initialize`).
 
         Returns:
             the module itself, so that ``NMF(V.shape, rank=8).initialize_(V)`` chains.
@@ -129,7 +148,7 @@ class BaseComponent(FactorModule):
         """
         require_factors(self, ("W", "H"), "initialize_")
         V, _ = prepare_fit_target(self, V)
-        W, H = self._initial_factors(V, method, generator)
+        W, H = self._initial_factors(V, method, generator, process_group, timeout)
         with torch.no_grad():
             for parameter, value in ((self.W, W), (self.H, H)):
                 if parameter.requires_grad:
@@ -154,6 +173,11 @@ class BaseComponent(FactorModule):
         fixed_H=None,
         alpha_W=None,
         alpha_H=None,
+        process_group=None,
+        timeout=None,
+        checkpoint=None,
+        checkpoint_every=10,
+        resume=None,
     ):
         r"""Fit the trainable factors to ``V`` by minimising the beta-divergence.
 
@@ -196,6 +220,28 @@ class BaseComponent(FactorModule):
                 overriding ``alpha``.
             alpha_H (float, keyword-only): the penalty strength for ``H``,
                 overriding ``alpha``.
+            process_group (keyword-only): a ``torch.distributed`` process group
+                (e.g. ``torch.distributed.group.WORLD``) for one fit spread
+                over its processes: each passes its own block of rows of ``V``
+                (and of the mask) and keeps its rows of ``H``; ``W`` is taken
+                from rank 0 and stays the same everywhere.  The result is the
+                fit of the stacked matrix (same iterations, same
+                :attr:`loss_history`, on every process).  Every process must
+                pass the same settings, and a ``callback`` that stops the fit
+                must decide the same on every process (the others would wait
+                for it until ``timeout``).  See ``docs/scaling.md``.
+            timeout (float, keyword-only): with ``process_group``, the seconds
+                a process waits for the others at any exchange before it fails
+                (default 300).
+            checkpoint (str or path, keyword-only): save the factors, the
+                solver's state and the history there every
+                ``checkpoint_every`` iterations (atomically: a crash leaves the
+                last checkpoint whole).  With ``process_group`` each process
+                writes ``<checkpoint>.rank<r>`` with its rows of ``H``.
+            checkpoint_every (int, keyword-only): iterations between checkpoints.
+            resume (str or path, keyword-only): continue the fit saved there
+                (same settings); the result equals the uninterrupted fit's, and
+                ``max_iter`` counts the iterations already run.
 
         Returns:
             int: the number of iterations run. The objective after each is in
@@ -220,18 +266,45 @@ class BaseComponent(FactorModule):
             >>> model = NMF(V.shape, rank=3)
             >>> n_iter = model.fit(V, beta=2, mask=observed, fixed_W=[0])
         """
-        beta, tol, max_iter, alpha, l1_ratio = check_fit_options(beta, tol, max_iter, alpha, l1_ratio)
-        alpha_W = alpha if alpha_W is None else check_non_negative_number(alpha_W, "alpha_W")
-        alpha_H = alpha if alpha_H is None else check_non_negative_number(alpha_H, "alpha_H")
-        require_factors(self, ("W", "H"), "fit")
-        fixed_W = check_components(fixed_W, self.rank, "fixed_W")
-        fixed_H = check_components(fixed_H, self.rank, "fixed_H")
-        update_H, update_W = self.H.requires_grad, self.W.requires_grad
-        V, mask = prepare_fit_target(self, V, mask, missing, rows=update_H, columns=update_W)
+        process_group = check_process_group(process_group)
+        timeout = check_timeout(timeout)
+        distributed = process_group is not None
+        try:
+            beta, tol, max_iter, alpha, l1_ratio = check_fit_options(beta, tol, max_iter, alpha, l1_ratio)
+            alpha_W = alpha if alpha_W is None else check_non_negative_number(alpha_W, "alpha_W")
+            alpha_H = alpha if alpha_H is None else check_non_negative_number(alpha_H, "alpha_H")
+            require_factors(self, ("W", "H"), "fit")
+            fixed_W = check_components(fixed_W, self.rank, "fixed_W")
+            fixed_H = check_components(fixed_H, self.rank, "fixed_H")
+            update_H, update_W = self.H.requires_grad, self.W.requires_grad
+            V, mask = prepare_fit_target(
+                self, V, mask, missing, rows=update_H, columns=update_W and not distributed
+            )
+            if distributed:
+                check_target_for_beta(V, mask, beta)
+            checkpointing = make_checkpointing(checkpoint, checkpoint_every, resume, process_group)
+        except (ValueError, TypeError, NotImplementedError, OSError) as error:
+            if not distributed:
+                raise
+            join(process_group, timeout, None, failure=error)
+        settings = fit_settings(
+            self, solver=solver, beta=beta, tol=tol, max_iter=max_iter, alpha_W=alpha_W,
+            alpha_H=alpha_H, l1_ratio=l1_ratio, fixed_W=fixed_W, fixed_H=fixed_H,
+            update_H=update_H, update_W=update_W,
+        )
+        reduction = None
+        if distributed:
+            reduction = join(process_group, timeout, settings, rows=self.H.shape[0])
+            mask = agree_on_mask(reduction, V, mask, columns=update_W)
+            with torch.no_grad():
+                reduction.broadcast_(self.W.detach(), what="broadcast of W from rank 0")
+        if checkpointing is not None:
+            checkpointing.attach({**settings, "rows": int(self.H.shape[0])}, reduction)
         n_iter, history = solve(
             self, V, mask, self.H.detach(), self.W.detach(), beta, tol, max_iter, verbose,
             callback, solver, Penalty(alpha_H, l1_ratio), Penalty(alpha_W, l1_ratio),
             update_H=update_H, update_W=update_W, fixed_H=fixed_H, fixed_W=fixed_W,
+            reduction=reduction, checkpointing=checkpointing,
         )
         self.loss_history = history
         return n_iter
@@ -266,6 +339,8 @@ class BaseComponent(FactorModule):
         missing="error",
         H=None,
         generator=None,
+        process_group=None,
+        timeout=None,
     ):
         r"""Activations for new data ``V`` with the templates ``W`` held fixed.
 
@@ -283,6 +358,10 @@ class BaseComponent(FactorModule):
                 matches the (observed) mean of ``V``.
             generator (torch.Generator, keyword-only): the random source for the
                 default start.
+            process_group, timeout (keyword-only): as in :meth:`fit`: each
+                process passes its rows of ``V`` and gets its rows of the
+                activations; the default start is the rows of the
+                single-process one from the same generator state.
 
         Returns:
             Tensor: the activations for ``V`` (a new tensor, not a parameter).
@@ -296,30 +375,52 @@ class BaseComponent(FactorModule):
             >>> model.transform(torch.rand(7, 15), max_iter=20).shape
             torch.Size([7, 3])
         """
-        beta, tol, max_iter, alpha, l1_ratio = check_fit_options(beta, tol, max_iter, alpha, l1_ratio)
-        require_factors(self, ("W",), "transform")
-        W = self.W.detach()
-        V, mask = prepare_fit_target(
-            self, V, mask, missing, rows=True, columns=False,
-            expected=lambda V: self._output_shape_for(self._activation_shape(V)),
-        )
-        shape = self._activation_shape(V)
+        process_group = check_process_group(process_group)
+        timeout = check_timeout(timeout)
+        distributed = process_group is not None
+        try:
+            beta, tol, max_iter, alpha, l1_ratio = check_fit_options(beta, tol, max_iter, alpha, l1_ratio)
+            require_factors(self, ("W",), "transform")
+            W = self.W.detach()
+            V, mask = prepare_fit_target(
+                self, V, mask, missing, rows=True, columns=False,
+                expected=lambda V: self._output_shape_for(self._activation_shape(V)),
+            )
+            shape = self._activation_shape(V)
+            if H is not None:
+                H = make_factor(H, "H", W.dtype, W.device).to(W.dtype)
+                if tuple(H.shape) != tuple(shape):
+                    raise ValueError(f"H must have shape {tuple(shape)} for this V, got {tuple(H.shape)}")
+            if distributed:
+                check_target_for_beta(V, mask, beta)
+        except (ValueError, TypeError, NotImplementedError) as error:
+            if not distributed:
+                raise
+            join(process_group, timeout, None, failure=error)
+        reduction = None
+        if distributed:
+            settings = fit_settings(
+                self, solver=solver, beta=beta, tol=tol, max_iter=max_iter, alpha=alpha,
+                l1_ratio=l1_ratio, start="given" if H is not None else "default",
+            )
+            reduction = join(process_group, timeout, settings, rows=shape[0])
+            mask = agree_on_mask(reduction, V, mask, columns=False)
+            W = reduction.broadcast_(W.clone(), what="broadcast of W from rank 0")
         if H is None:
-            H = self._default_activations(V, mask, W, shape, generator)
-        else:
-            H = make_factor(H, "H", W.dtype, W.device).to(W.dtype)
-            if tuple(H.shape) != tuple(shape):
-                raise ValueError(f"H must have shape {tuple(shape)} for this V, got {tuple(H.shape)}")
+            H = self._default_activations(V, mask, W, shape, generator, reduction)
         solve(
             self, V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
             Penalty(alpha, l1_ratio), Penalty(), update_H=True, update_W=False,
+            reduction=reduction,
         )
         return H
 
     @torch.no_grad()
-    def _default_activations(self, V, mask, W, shape, generator):
+    def _default_activations(self, V, mask, W, shape, generator, reduction=None):
         """Uniform random activations scaled so that the reconstruction's mean
         matches the (observed) mean of ``V``."""
+        if reduction is not None:
+            return self._distributed_activations(V, mask, W, shape, generator, reduction)
         H = torch.rand(shape, dtype=W.dtype, device=W.device, generator=generator)
         tiny = torch.finfo(W.dtype).tiny
         if mask is None:
@@ -330,6 +431,33 @@ class BaseComponent(FactorModule):
             observed = V.values() if V.layout == torch.sparse_coo else V[mask]
             mean = observed.sum() / mask.sum()
             scale = mean / predicted[mask].mean().clamp_min(tiny)
+        return H.mul_(scale.clamp_min(torch.finfo(W.dtype).eps))
+
+    def _distributed_activations(self, V, mask, W, shape, generator, reduction):
+        """This process's rows of the single-process default start: every process
+        draws the activations of all rows (small beside ``V``) and keeps its own;
+        the scale comes from sums over all processes."""
+        offset = row_offset(reduction)
+        everything = torch.rand((sum(reduction.rows), *shape[1:]), dtype=W.dtype,
+                                device=W.device, generator=generator)
+        H = everything[offset:offset + shape[0]].clone()
+        if mask is None:
+            sums = torch.stack([
+                _sum(V).double(),
+                torch.tensor(float(V.shape.numel()), dtype=torch.float64, device=W.device),
+                self._mean_reconstruction(H, W).double() * V.shape.numel(),
+            ])
+        else:
+            observed = V.values() if V.layout == torch.sparse_coo else V[mask]
+            sums = torch.stack([
+                observed.sum(dtype=torch.float64),
+                mask.sum(dtype=torch.float64),
+                self.reconstruct(H, W)[mask].sum(dtype=torch.float64),
+            ])
+        reduction.sum_(sums, what="sum of V for the default start")
+        tiny = torch.finfo(W.dtype).tiny
+        mean, predicted = sums[0] / sums[1], (sums[2] / sums[1]).clamp_min(tiny)
+        scale = (mean / predicted).to(W.dtype)
         return H.mul_(scale.clamp_min(torch.finfo(W.dtype).eps))
 
     def _output_shape_for(self, H_shape):
@@ -460,8 +588,9 @@ class NMF(BaseComponent):
         # closed form: no (N, C) reconstruction, which a sparse V must never cause
         return (H.sum(0) @ W.sum(0)) / (H.shape[0] * W.shape[0])
 
-    def _initial_factors(self, V, method, generator):
-        return _init.initialize(V, self.rank, method, generator=generator)
+    def _initial_factors(self, V, method, generator, process_group=None, timeout=None):
+        return _init.initialize(V, self.rank, method, generator=generator,
+                                process_group=process_group, timeout=timeout)
 
 
 class _ConvNMF(BaseComponent):
@@ -540,6 +669,15 @@ class NMF3D(_ConvNMF):
 
     def __init__(self, Vshape=None, rank=None, kernel_size=1, **kwargs):
         super().__init__(Vshape, rank, kernel_tuple(kernel_size, 3), kwargs)
+
+
+def _sum(V):
+    """The sum of every entry of a dense or sparse ``V``."""
+    if V.layout == torch.sparse_coo:
+        return V._values().sum()
+    if V.layout != torch.strided:
+        return V.values().sum()
+    return V.sum()
 
 
 def _mean(V):

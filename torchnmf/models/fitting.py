@@ -9,6 +9,8 @@ in the one loop (:func:`run_problem`).  :func:`solve` chains the last two for
 the registered solvers.  Each entry point adds only what is its own (which
 factors move, the start of ``transform``, the sparseness targets).
 """
+import os
+
 import torch
 
 from .._validation import (
@@ -19,15 +21,18 @@ from .._validation import (
     check_positive_int,
     check_real,
 )
+from ..solvers.checkpoint import Checkpointing
 from ..solvers.loop import run_fit
 from ..solvers.penalty import Penalty
 from ..solvers.problem import FitProblem
 from ..solvers.registry import get_solver, require_features
 from ..targets.prepare import prepare_target
+from .distributed import distributed_problem
 
 __all__ = [
     "check_fit_options",
     "check_callback",
+    "make_checkpointing",
     "require_factors",
     "prepare_fit_target",
     "make_problem",
@@ -45,6 +50,21 @@ def check_fit_options(beta, tol, max_iter, alpha=0, l1_ratio=0):
         check_non_negative_number(alpha, "alpha"),
         check_fraction(l1_ratio, "l1_ratio"),
     )
+
+
+def make_checkpointing(checkpoint, checkpoint_every, resume, process_group=None):
+    """The :class:`Checkpointing` of a fit request, or ``None`` without either path.
+
+    Reads the file to resume from here, at the entry point, so that a missing
+    or foreign file fails with the other input checks.
+    """
+    every = check_positive_int(checkpoint_every, "checkpoint_every")
+    for name, value in (("checkpoint", checkpoint), ("resume", resume)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    if checkpoint is None and resume is None:
+        return None
+    return Checkpointing(checkpoint, every, resume, process_group)
 
 
 def check_callback(callback):
@@ -83,32 +103,51 @@ def prepare_fit_target(model, V, mask=None, missing="error", expected=None, rows
     return V, mask
 
 
-def make_problem(model, V, mask, H, W, beta, **options):
+def check_target_for_beta(V, mask, beta):
+    """``beta <= 0`` needs positive observed entries (a ``ValueError`` otherwise)."""
+    check_beta_with_zeros(V if mask is None or V.layout != torch.strided else V[mask], beta)
+
+
+def make_problem(model, V, mask, H, W, beta, reduction=None, **options):
     """The :class:`FitProblem` for a prepared target, on ``model``'s statistics.
 
     ``beta <= 0`` needs positive observed entries, which is checked here, once.
+    ``reduction`` (a :class:`~torchnmf.targets.distributed.Reduction`) makes it
+    a distributed problem: ``V`` and ``H`` are this process's rows.
     ``options`` are the remaining fields of :class:`FitProblem`.
     """
-    check_beta_with_zeros(V if mask is None or V.layout != torch.strided else V[mask], beta)
+    check_target_for_beta(V, mask, beta)
     for name in ("fixed_H", "fixed_W"):
         if options.get(name) is not None:
             options[name] = options[name].to((H if name == "fixed_H" else W).device)
-    return FitProblem(stats=model._statistics(V, beta, mask), H=H, W=W, beta=beta, **options)
+    problem = FitProblem(stats=model._statistics(V, beta, mask), H=H, W=W, beta=beta, **options)
+    if reduction is not None:
+        problem = distributed_problem(problem, reduction)
+    return problem
 
 
-def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=None, desc="fit"):
-    """Build the solver on ``problem`` and run the one loop; ``(n_iter, history)``."""
+def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=None, desc="fit",
+                checkpointing=None):
+    """Build the solver on ``problem`` and run the one loop; ``(n_iter, history)``.
+
+    ``checkpointing`` (a :class:`~torchnmf.solvers.checkpoint.Checkpointing`)
+    saves the fit every few iterations and, when it holds a saved state,
+    resumes from it.
+    """
     with torch.no_grad():
         solver = make_solver(problem)
+        if problem.reduction is not None and problem.reduction.rank != 0:
+            verbose = False  # one progress bar per fit, on rank 0
         return run_fit(
             solver.step, problem.objective, tol, max_iter,
             verbose=verbose, callback=callback, desc=desc,
+            **({} if checkpointing is None else checkpointing.loop_options(problem, solver)),
         )
 
 
 def solve(model, V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
           penalty_H=Penalty(), penalty_W=Penalty(), update_H=True, update_W=True,
-          fixed_H=None, fixed_W=None):
+          fixed_H=None, fixed_W=None, reduction=None, checkpointing=None):
     """Fit ``H`` and/or ``W`` in place with the registered ``solver``.
 
     Checks that the solver supports ``beta`` and the features asked for (a
@@ -124,7 +163,8 @@ def solve(model, V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
     require_features(solver_cls, solver, wanted)
     check_callback(callback)
     problem = make_problem(
-        model, V, mask, H, W, beta, update_H=update_H, update_W=update_W,
+        model, V, mask, H, W, beta, reduction, update_H=update_H, update_W=update_W,
         penalty_H=penalty_H, penalty_W=penalty_W, fixed_H=fixed_H, fixed_W=fixed_W,
     )
-    return run_problem(problem, solver_cls, tol, max_iter, verbose, callback, type(model).__name__)
+    return run_problem(problem, solver_cls, tol, max_iter, verbose, callback,
+                       type(model).__name__, checkpointing)

@@ -47,6 +47,19 @@ class AlternatingSolver:
         self.previous = None
         self.reference = None
 
+    # -- the state a checkpoint keeps (see torchnmf.solvers.checkpoint) --------
+    def state_dict(self):
+        return {
+            "weight": dict(vars(self.weight)),
+            "previous": None if self.previous is None else [t.clone() for t in self.previous],
+            "reference": self.reference,
+        }
+
+    def load_state_dict(self, state):
+        self.weight = ExtrapolationWeight(**state["weight"])
+        self.previous = state["previous"]
+        self.reference = state["reference"]
+
     def _start(self):
         """The H terms (``None`` when H is fixed) and the objective here."""
         p = self.problem

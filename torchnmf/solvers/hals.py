@@ -92,7 +92,7 @@ def max_inner_sweeps(rows, other_rows, rank, alpha, overhead=0, slowdown=1):
 
 
 def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floor=0.0,
-                 fixed=None):
+                 fixed=None, change_norm=None):
     """HALS sweeps over the columns of ``factor`` (``(M, R)``), in place.
 
     Args:
@@ -107,6 +107,10 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
             floor keeps a column from becoming exactly zero, from where HALS
             (like multiplicative updates) could never bring it back.
         fixed (Tensor, optional): int64 indices of columns left exactly as they are.
+        change_norm (callable, optional): the Frobenius norm of a sweep's
+            change (a tensor) as a float; by default this tensor's own.  A
+            distributed fit passes the norm over every process's rows, so that
+            every process runs the same number of sweeps.
 
     Returns:
         int: the sweeps run.
@@ -133,7 +137,11 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
         sweep(columns, targets, coupling, free, floor)
         if previous is None:
             break
-        change = float(torch.linalg.vector_norm(previous.sub_(columns)))
+        difference = previous.sub_(columns)
+        if change_norm is None:
+            change = float(torch.linalg.vector_norm(difference))
+        else:
+            change = change_norm(difference)
         if first_change is None:
             first_change = change
         if change <= delta * first_change:
@@ -153,7 +161,7 @@ def _masked_residual(V, factor, other):
     return residual
 
 
-def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None):
+def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None, column_sum_=None):
     r"""One weighted HALS sweep over the columns of ``factor`` (``(M, R)``), in place.
 
     Minimises :math:`\tfrac12 \| M \odot (V - X Y^\top) \|^2` plus the
@@ -168,6 +176,9 @@ def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None
         penalty (Penalty): the elastic-net penalty on ``factor``.
         floor (float): the smallest value an entry may take.
         fixed (Tensor, optional): int64 indices of columns left exactly as they are.
+        column_sum_ (callable, optional): sums a tensor over the processes
+            holding the other columns of ``V`` (the other rows of ``Y``), in
+            place; a distributed fit passes it for the ``W`` update.
     """
     eps = torch.finfo(factor.dtype).eps
     residual = _masked_residual(V, factor, other).mul_(weight)
@@ -177,7 +188,10 @@ def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None
             continue
         column, y = factor[:, k], other[:, k]
         curvature = weight @ (y * y)
-        updated = torch.addcmul(residual @ y, column, curvature)
+        projection = residual @ y
+        if column_sum_ is not None:
+            column_sum_(projection, curvature)
+        updated = torch.addcmul(projection, column, curvature)
         if penalty.l1:
             updated.sub_(penalty.l1)
         updated.div_(curvature.add_(penalty.l2).clamp_min_(eps)).clamp_min_(floor)
@@ -224,15 +238,22 @@ class HALS(AlternatingSolver):
                 f"for the convolutional models"
             )
         super().__init__(problem)
-        N, R = problem.H.shape
-        C = problem.W.shape[0]
+        R = problem.H.shape[1]
+        N, C = problem.n_rows(), problem.W.shape[0]
         self.sweeps_H = max_inner_sweeps(N, C, R, self.alpha, self.overhead, self.slowdown)
         self.sweeps_W = max_inner_sweeps(C, N, R, self.alpha, self.overhead, self.slowdown)
         # a floor relative to each factor's starting scale (see _hals)
         eps = torch.finfo(problem.H.dtype).eps
         self.floor = {
-            id(f): eps * max(float(f.max()), 1.0) for f in (problem.H, problem.W)
+            id(f): eps * max(scale, 1.0)
+            for f, scale in ((problem.H, problem.row_max(float(problem.H.max()))),
+                             (problem.W, float(problem.W.max())))
         }
+        self._change_norm_H = None
+        if problem.reduction is not None:  # sweeps over H stop on the change of all its rows
+            reduction = problem.reduction
+            self._change_norm_H = lambda change: reduction.sum_float(
+                change.pow(2).sum(dtype=torch.float64)) ** 0.5
         if self.extrapolation:
             self._extrapolate_ = self._extrapolate_linear_
         observed_target = getattr(problem.stats, "observed_target", None)
@@ -240,6 +261,17 @@ class HALS(AlternatingSolver):
             self.observed_V, self.observed_weight = observed_target()
             self._update_H = self._masked_update_H
             self._update_W = self._masked_update_W
+
+    def state_dict(self):
+        state = super().state_dict()
+        p = self.problem
+        state["floors"] = [self.floor[id(p.H)], self.floor[id(p.W)]]
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        p = self.problem
+        self.floor = {id(p.H): state["floors"][0], id(p.W): state["floors"][1]}
 
     def _masked_update_H(self, terms):
         p = self.problem
@@ -249,7 +281,8 @@ class HALS(AlternatingSolver):
     def _masked_update_W(self):
         p = self.problem
         masked_hals_update_(p.W, p.H, self.observed_V.T, self.observed_weight.T, p.penalty_W,
-                            self.floor[id(p.W)], p.fixed_W)
+                            self.floor[id(p.W)], p.fixed_W,
+                            p.row_sum_ if p.reduction is not None else None)
 
     def _extrapolate_linear_(self, factor, previous, weight):
         extrapolate_linear_(factor, previous, weight, self.floor[id(factor)])
@@ -257,10 +290,15 @@ class HALS(AlternatingSolver):
     def _update_H(self, terms):
         p = self.problem
         hals_update_(p.H, terms[0], p.W.T @ p.W, p.penalty_H, self.sweeps_H, self.delta,
-                     self.floor[id(p.H)], p.fixed_H)
+                     self.floor[id(p.H)], p.fixed_H, self._change_norm_H)
 
     def _update_W(self):
         p = self.problem
-        negative, _ = p.stats.w_terms(p.H, p.W)
-        hals_update_(p.W, negative, p.H.T @ p.H, p.penalty_W, self.sweeps_W, self.delta,
+        fused = getattr(p.stats, "w_numerator_and_gram", None)  # across processes: one all-reduce
+        if fused is not None:
+            negative, gram = fused(p.H, p.W)
+        else:
+            negative, _ = p.stats.w_terms(p.H, p.W)
+            gram = p.H.T @ p.H
+        hals_update_(p.W, negative, gram, p.penalty_W, self.sweeps_W, self.delta,
                      self.floor[id(p.W)], p.fixed_W)

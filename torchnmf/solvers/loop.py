@@ -22,7 +22,8 @@ def relative_decrease(previous, current):
     return (previous - current) / abs(previous)
 
 
-def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="fit"):
+def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="fit",
+            history=None, after_iteration=None):
     """Iterate ``step`` until the relative decrease of the objective is under ``tol``.
 
     Args:
@@ -34,21 +35,26 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
         callback: optional ``callback(n_iter, loss)``, called after every
             iteration with the objective known at that time; returning ``True``
             stops the fit.
+        history (list of float, optional): the objectives before the
+            iterations already run (a resumed fit); the loop continues with
+            iteration ``len(history) + 1`` and counts them in ``max_iter``.
+        after_iteration: optional ``after_iteration(n_iter, history)``, called
+            after every iteration that does not end the fit (a checkpoint).
 
     Returns:
         (n_iter, history): the iterations run and the objective after
         0, 1, ..., n_iter iterations (``history[0]`` is the starting point).
     """
-    history = []
+    history = [] if history is None else list(history)
     bar = None
     if verbose:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_iter, desc=desc, unit="it", leave=True)
-    n_iter = 0
+        bar = tqdm(total=max_iter, initial=len(history), desc=desc, unit="it", leave=True)
+    n_iter = len(history)
     stopped = False
     try:
-        for n_iter in range(1, max_iter + 1):
+        for n_iter in range(len(history) + 1, max_iter + 1):
             loss = float(step())
             if not math.isfinite(loss):
                 raise FloatingPointError(
@@ -65,6 +71,8 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
             if tol > 0 and len(history) >= 2 and relative_decrease(history[-2], history[-1]) < tol:
                 stopped = True
                 break
+            if after_iteration is not None:
+                after_iteration(n_iter, history)
         history.append(float(objective()))
         if bar is not None:
             bar.set_postfix(loss=f"{history[-1]:.6g}")

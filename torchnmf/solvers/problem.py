@@ -21,6 +21,13 @@ class FitProblem:
     ``update_W`` say which of them may change; ``fixed_H`` and ``fixed_W``
     (int64 indices along dimension 1, or ``None``) name components that must
     stay bit-identical while the others change.
+
+    ``reduction`` is ``None`` for a fit in one process.  In a distributed fit
+    (a :class:`~torchnmf.targets.distributed.Reduction`) ``H`` holds this
+    process's rows, ``stats`` sums the divergence and the ``H`` penalty over
+    the processes (so :meth:`penalty` counts ``W``'s alone, once), and
+    :meth:`row_sum_`, :meth:`row_max` and :meth:`n_rows` give a solver the
+    other sums over rows it needs.
     """
 
     stats: object
@@ -33,10 +40,12 @@ class FitProblem:
     penalty_W: Penalty = Penalty()
     fixed_H: torch.Tensor = None
     fixed_W: torch.Tensor = None
+    reduction: object = None
 
     def penalty(self):
+        """The penalty not already in the divergence (see the class docstring)."""
         total = 0.0
-        if self.update_H:
+        if self.update_H and self.reduction is None:
             total += self.penalty_H.value(self.H)
         if self.update_W:
             total += self.penalty_W.value(self.W)
@@ -44,6 +53,22 @@ class FitProblem:
 
     def objective(self):
         return float(self.stats.divergence(self.H, self.W)) + self.penalty()
+
+    # -- sums over the rows of H, which a distributed fit spreads over processes --
+    def row_sum_(self, *tensors):
+        """Sum each tensor over the processes holding other rows, in place."""
+        if self.reduction is not None:
+            self.reduction.sum_(*tensors)
+        return tensors
+
+    def row_max(self, value):
+        """The largest of a float over the processes holding other rows."""
+        return value if self.reduction is None else self.reduction.max_float(value)
+
+    def n_rows(self):
+        """The rows of ``H`` over all processes."""
+        n = self.H.shape[0]
+        return n if self.reduction is None else int(self.reduction.sum_float(n))
 
 
 def check_solver_beta(solver_cls, beta):

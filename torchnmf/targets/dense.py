@@ -170,6 +170,12 @@ class DenseMatrixStats:
         return negative, positive, self._power_sum_divergence(total, positive, W, H, W)
 
     # -- interface ----------------------------------------------------------------
+    @property
+    def gram_form(self):
+        """True when the positive ``W`` term is ``W @ (H.T @ H)`` (beta=2), so that a
+        kind summing over row blocks may sum the ``(R, R)`` Gram matrix instead."""
+        return self.beta == 2
+
     def h_terms(self, H, W, divergence=True):
         """The ``H`` terms and the divergence at (H, W) (``None`` with ``divergence=False``)."""
         if self.beta == 2:

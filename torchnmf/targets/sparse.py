@@ -232,6 +232,12 @@ class SparseMatrixStats:
         return negative, positive, divergence
 
     # -- interface ----------------------------------------------------------------------
+    @property
+    def gram_form(self):
+        """True when the positive ``W`` term is ``W @ (H.T @ H)`` (beta=2), so that a
+        kind summing over row blocks may sum the ``(R, R)`` Gram matrix instead."""
+        return self.beta == 2
+
     def h_terms(self, H, W, divergence=True):
         """The ``H`` terms and the divergence at (H, W) (``None`` with ``divergence=False``)."""
         return self._row_terms(self.by_rows, H, W, want_divergence=divergence)

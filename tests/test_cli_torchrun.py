@@ -1,0 +1,86 @@
+"""``torchnmf fit`` under torchrun (two gloo processes) writes what the plain command writes."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from _distributed_pool import free_port
+from torchnmf.cli import main
+
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+
+
+def torchrun(args, cwd):
+    command = [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "torchnmf", "fit", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+@pytest.mark.parametrize("sparse", [False, True])
+def test_torchrun_fit_equals_plain_fit(tmp_path, sparse):
+    rng = np.random.default_rng(0)
+    V = rng.random((41, 4)) @ rng.random((4, 13))
+    if sparse:
+        import scipy.sparse
+
+        V = scipy.sparse.csr_matrix(V * (rng.random(V.shape) < 0.4))
+        scipy.sparse.save_npz(tmp_path / "V.npz", V)
+        name = "V.npz"
+    else:
+        np.save(tmp_path / "V.npy", V)
+        name = "V.npy"
+    common = [name, "-r", "3", "--max-iter", "25", "--tol", "0", "--init", "nndsvda",
+              "--solver", "mu_extrapolated", "--dtype", "float64", "-q"]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["fit", *common, "-o", "plain.npz"]) == 0
+    finally:
+        os.chdir(cwd)
+    done = torchrun([*common, "-o", "shared.npz", "--checkpoint", "fit.ckpt",
+                     "--checkpoint-every", "10"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    plain, shared = np.load(tmp_path / "plain.npz"), np.load(tmp_path / "shared.npz")
+    assert sorted(plain.files) == sorted(shared.files)
+    for key in plain.files:
+        if plain[key].dtype.kind == "f":
+            np.testing.assert_allclose(shared[key], plain[key], rtol=1e-10, atol=1e-12)
+        else:
+            assert (shared[key] == plain[key]).all(), key
+    assert (tmp_path / "fit.ckpt.rank0").is_file() and (tmp_path / "fit.ckpt.rank1").is_file()
+    if sparse:
+        return
+    # a restarted job (torchrun --max-restarts) resumes from the checkpoints
+    again = torchrun([*common, "-o", "again.npz", "--checkpoint", "fit.ckpt",
+                      "--max-iter", "40"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    longer = np.load(tmp_path / "again.npz")
+    assert int(longer["n_iter"]) == 40
+    np.testing.assert_allclose(longer["loss_history"][:25], plain["loss_history"][:25], rtol=1e-10)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_torchrun_nccl_on_two_gpus(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices (NCCL runs one process per GPU)")
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "V.npy", rng.random((64, 4)) @ rng.random((4, 16)))
+    common = ["V.npy", "-r", "3", "--max-iter", "20", "--tol", "0", "--dtype", "float64", "-q"]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["fit", *common, "-o", "plain.npz"]) == 0
+    finally:
+        os.chdir(cwd)
+    done = torchrun([*common, "--device", "cuda", "-o", "gpu.npz"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    plain, gpu = np.load(tmp_path / "plain.npz"), np.load(tmp_path / "gpu.npz")
+    np.testing.assert_allclose(gpu["W"], plain["W"], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(gpu["loss_history"], plain["loss_history"], rtol=1e-8)

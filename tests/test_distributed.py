@@ -1,0 +1,147 @@
+"""One fit across two gloo processes on localhost equals the single-process fit
+of the stacked matrix: same iterations, same history, same factors (float64)."""
+import numpy as np
+import pytest
+import torch
+
+import _distributed_cases as cases
+from _distributed_pool import CaseFailed, Pool
+from torchnmf.nmf import NMF
+
+pytestmark = pytest.mark.filterwarnings("ignore::torchnmf._validation.ConvergenceWarning")
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    workers = Pool(world=2)
+    yield workers
+    workers.close()
+
+
+def assert_same_fit(results, reference):
+    n_iter, history, W, H = reference
+    for rank_result in results:
+        assert rank_result[0] == n_iter
+        np.testing.assert_allclose(rank_result[1], history, **TOL)
+        np.testing.assert_allclose(rank_result[2], W, **TOL)
+    np.testing.assert_allclose(np.concatenate([r[3] for r in results]), H, **TOL)
+    # both processes took exactly the same decisions: bit-identical W and history
+    assert results[0][1] == results[1][1]
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+
+
+SOLVERS = [("mu", 0.5), ("mu", 1), ("mu", 2), ("mu_extrapolated", 1), ("mu_extrapolated", 0.5),
+           ("hals", 2)]
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "sparse_csr", "masked", "sparse_masked"])
+@pytest.mark.parametrize("solver,beta", SOLVERS)
+def test_two_processes_equal_one(pool, kind, solver, beta):
+    fit = dict(beta=beta, solver=solver, max_iter=25, tol=0)
+    results = pool.run(cases.fit_case, kind=kind, fit=fit)
+    assert_same_fit(results, cases.reference_fit(kind, fit))
+
+
+@pytest.mark.parametrize("solver,beta", [("mu", 1), ("mu_extrapolated", 1), ("hals", 2)])
+@pytest.mark.parametrize("kind", ["dense", "masked"])
+def test_penalties_and_fixed_components(pool, kind, solver, beta):
+    # the H penalty is summed over the processes' rows, the W penalty counted once
+    fit = dict(beta=beta, solver=solver, max_iter=20, tol=0, alpha_W=0.3, alpha_H=0.05,
+               l1_ratio=0.4, fixed_W=[1], fixed_H=[2])
+    results = pool.run(cases.fit_case, kind=kind, fit=fit)
+    reference = cases.reference_fit(kind, fit)
+    assert_same_fit(results, reference)
+    _, _, W0, _ = cases.problem(kind)
+    np.testing.assert_array_equal(results[0][2][:, 1], W0[:, 1].numpy())
+
+
+@pytest.mark.parametrize("solver,beta", [("mu", 1), ("mu_extrapolated", 1), ("hals", 2)])
+def test_identical_stopping(pool, solver, beta):
+    fit = dict(beta=beta, solver=solver, max_iter=500, tol=1e-4)
+    results = pool.run(cases.fit_case, fit=fit)
+    reference = cases.reference_fit("dense", fit)
+    assert 1 < reference[0] < 500  # the tolerance, not max_iter, stopped it
+    assert_same_fit(results, reference)
+
+
+def test_fixed_factor_and_float32(pool):
+    fit = dict(beta=1, max_iter=10, tol=0)
+    results = pool.run(cases.fit_case, fit=fit, model=dict(trainable_W=False))
+    reference = cases.reference_fit("dense", fit, model=dict(trainable_W=False))
+    assert_same_fit(results, reference)
+    args = dict(dtype=torch.float32)
+    results = pool.run(cases.fit_case, fit=fit, problem_args=args)
+    reference = cases.reference_fit("dense", fit, problem_args=args)
+    for result in results:
+        np.testing.assert_allclose(result[1], reference[1], rtol=1e-5)
+        np.testing.assert_allclose(result[2], reference[2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "masked"])
+def test_transform(pool, kind):
+    fit = dict(beta=1, max_iter=15, tol=0, alpha=0.1)
+    results = pool.run(cases.transform_case, kind=kind, fit=fit)
+    np.testing.assert_allclose(np.concatenate(results), cases.reference_transform(kind, fit), **TOL)
+
+
+def test_real_data(pool):
+    # the digits of scikit-learn, rows split over the two processes
+    fit = dict(beta=1, solver="mu_extrapolated", max_iter=15, tol=0)
+    args = dict(kind="digits")
+    results = pool.run(cases.fit_case, fit=fit, problem_args=args)
+    assert_same_fit(results, cases.reference_fit("dense", fit, problem_args=args))
+
+
+@pytest.mark.parametrize("rank1,message", [
+    (dict(fit=dict(beta=2)), r"same beta, but rank 1 has beta=2.0 and rank 0 has beta=1.0"),
+    (dict(fit=dict(solver="hals", beta=2)), r"same solver, but rank 1 has solver='hals'"),
+    (dict(fit=dict(max_iter=6)), r"same max_iter, but rank 1 has max_iter=6"),
+    (dict(fit=dict(alpha=0.5)), r"same alpha_W, but rank 1 has alpha_W=0.5"),
+    (dict(fit=dict(fixed_W=[0])), r"same fixed_W, but rank 1 has fixed_W=\[0\]"),
+    (dict(columns=9), r"same columns, but rank 1 has columns=9 and rank 0 has columns=10"),
+    (dict(negative=True), r"rank 1 refused its input \(ValueError: V must be non-negative"),
+])
+def test_disagreement_is_refused_on_every_rank(pool, rank1, message):
+    with pytest.raises(CaseFailed, match=r"ranks \[0, 1\] failed; .*" + message):
+        pool.run(cases.settings_case, **rank1)
+    # the group is still usable after a refused fit
+    fit = dict(beta=1, max_iter=3, tol=0)
+    assert_same_fit(pool.run(cases.fit_case, fit=fit), cases.reference_fit("dense", fit))
+
+
+def test_process_group_needs_torch_distributed():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group exists in this process")
+    with pytest.raises(RuntimeError, match="process_group needs an initialised torch.distributed"):
+        NMF((4, 3), rank=2).fit(torch.rand(4, 3), process_group=object())
+
+
+def test_timeout_is_checked():
+    with pytest.raises(ValueError, match="timeout must be a positive finite number of seconds, got 0"):
+        NMF((4, 3), rank=2).fit(torch.rand(4, 3), timeout=0)
+
+
+@pytest.mark.parametrize("method", ["random", "nndsvd", "nndsvda", "nndsvdar"])
+@pytest.mark.parametrize("kind,size", [
+    ("dense", dict(N=24, C=10)),          # exact SVD: all-reduced Gram matrix
+    ("sparse", dict(N=24, C=10)),         # randomised range finder, Cholesky QR
+    ("dense", dict(N=600, C=520, R=5)),   # randomised range finder on a dense V
+])
+def test_initialisation_equals_one_process(pool, method, kind, size):
+    results = pool.run(cases.init_case, method=method, kind=kind, **size)
+    W, H = cases.reference_init(method, kind, **size)
+    for result in results:
+        np.testing.assert_allclose(result[0], W, **TOL)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), H, **TOL)
+
+
+@pytest.mark.parametrize("beta", [1, 2])
+def test_convolutional_model(pool, beta):
+    # NMFD's autograd statistics are sums over rows too, so the same wrapper serves them
+    fit = dict(beta=beta, max_iter=10, tol=0, alpha=0.1)
+    results = pool.run(cases.nmfd_case, fit=fit)
+    assert_same_fit(results, cases.reference_nmfd(fit))
