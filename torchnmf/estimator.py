@@ -119,7 +119,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         Iterations run by the fit.
     n_features_in_ : int
         Number of features seen during the fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape ``(n_features_in_,)``
         Feature names, when ``X`` had string column names.
 
     Notes

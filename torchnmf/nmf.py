@@ -351,8 +351,9 @@ class BaseComponent(FactorModule):
         Args:
             V (Tensor): the new target; for :class:`NMF` ``(N', C)``, for the
                 convolutional models ``(N', C, *spatial)``.
-            beta, tol, max_iter, verbose, alpha, l1_ratio, solver, callback,
-                mask, missing: as in :meth:`fit` (``alpha`` penalises ``H``).
+            beta, tol, max_iter, verbose, alpha, l1_ratio: as in :meth:`fit`
+                (``alpha`` penalises ``H``).
+            solver, callback, mask, missing: as in :meth:`fit`.
             H (Tensor, keyword-only): the starting activations; by default
                 uniform random values scaled so that the reconstruction's mean
                 matches the (observed) mean of ``V``.

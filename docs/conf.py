@@ -1,0 +1,122 @@
+"""Sphinx configuration of the torchnmf documentation (``make docs``).
+
+The build runs offline: intersphinx reads the inventories cached in
+``_intersphinx/`` (refreshed by ``python docs/fetch_inventories.py`` where the
+network allows) and drops the projects without one, unless
+``TORCHNMF_DOCS_ONLINE=1`` asks for the live inventories.
+"""
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torchnmf  # noqa: E402
+
+from _intersphinx_config import intersphinx_mapping_for  # noqa: E402
+
+project = "torchnmf"
+author = "the torchnmf developers"
+copyright = "the torchnmf developers"
+release = torchnmf.__version__
+version = ".".join(release.split(".")[:2])
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "myst_parser",
+    "sphinx_gallery.gen_gallery",
+]
+
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+root_doc = "index"
+templates_path = ["_templates"]
+exclude_patterns = [
+    "_build",
+    "_intersphinx",
+    "screenshots",
+    # included by guide/solvers.rst rather than built on their own
+    "solvers.md",
+    "gallery/*.ipynb",
+    "sg_execution_times.rst",
+]
+
+# -- API reference: one page per public name --------------------------------------
+autosummary_generate = True
+autosummary_ignore_module_all = False  # a module's public names are its __all__
+autodoc_member_order = "bysource"
+autodoc_typehints = "none"
+autodoc_default_options = {"show-inheritance": True}
+# PyTorch's docstring sections, read by napoleon
+napoleon_google_docstring = True
+napoleon_numpy_docstring = True  # the scikit-learn estimator is numpydoc
+napoleon_custom_sections = [("Shape", "notes_style")]
+napoleon_use_rtype = False
+
+# -- cross-references to the libraries we build on -------------------------------
+intersphinx_mapping = intersphinx_mapping_for(
+    HERE / "_intersphinx", online=os.environ.get("TORCHNMF_DOCS_ONLINE") == "1"
+)
+intersphinx_timeout = 10
+
+# -- Markdown pages (benchmarks.md, solvers.md) -----------------------------------
+myst_enable_extensions = ["dollarmath"]
+myst_heading_anchors = 3
+# guide/20-solvers.rst includes solvers.md below its own title, so that file's
+# headings start at level 2 there
+suppress_warnings = ["myst.header"]
+
+# -- gallery ----------------------------------------------------------------------
+sphinx_gallery_conf = {
+    "examples_dirs": "../examples",
+    "gallery_dirs": "gallery",
+    "filename_pattern": r"/plot_",
+    "ignore_pattern": r"__init__\.py",
+    "abort_on_example_error": True,
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "matplotlib_animations": False,
+    "image_scrapers": ("matplotlib",),
+    "within_subsection_order": "FileNameSortKey",
+    "show_memory": False,
+    "plot_gallery": "True",
+}
+
+# -- HTML ---------------------------------------------------------------------------
+html_theme = "pydata_sphinx_theme"
+html_title = f"torchnmf {release}"
+html_static_path = ["_static"]
+html_css_files = ["torchnmf.css"]
+html_theme_options = {
+    "logo": {"text": "torchnmf"},
+    "navigation_with_keys": False,
+    "show_toc_level": 2,
+    "header_links_before_dropdown": 6,
+    "secondary_sidebar_items": ["page-toc", "sourcelink"],
+    "footer_start": ["copyright"],
+    "footer_end": ["sphinx-version"],
+}
+html_show_sourcelink = True
+html_context = {"default_mode": "light"}
+
+
+def _skip_foreign_members(app, what, name, obj, skip, options):
+    """Leave out what our classes inherit from scikit-learn, torch or builtins."""
+    module = getattr(obj, "__module__", None) or ""
+    if what == "class" and module.split(".")[0] in ("sklearn", "torch", "builtins"):
+        return True
+    return None
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_foreign_members)
