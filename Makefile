@@ -47,4 +47,4 @@ docs: $(DOCS_STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache docs/_build docs/api/generated docs/gallery
+	rm -rf $(VENV) *.egg-info .pytest_cache docs/_build docs/api/generated docs/api/backreferences docs/gallery

@@ -90,6 +90,10 @@ sphinx_gallery_conf = {
     "within_subsection_order": "FileNameSortKey",
     "show_memory": False,
     "plot_gallery": "True",
+    # "Examples using X" on the API pages
+    "doc_module": ("torchnmf",),
+    "backreferences_dir": "api/backreferences",
+    "reference_url": {"torchnmf": None},
 }
 
 # -- HTML ---------------------------------------------------------------------------
@@ -109,11 +113,23 @@ html_theme_options = {
 html_show_sourcelink = True
 html_context = {"default_mode": "light"}
 
+# MathJax comes from its CDN when the pages are read.  To read them offline (the
+# screenshots of docs/screenshots.sh), point TORCHNMF_DOCS_MATHJAX at a folder
+# holding MathJax 3 (tex-chtml.js and its output/ fonts); it is copied into
+# _static.
+if os.environ.get("TORCHNMF_DOCS_MATHJAX"):
+    html_static_path.append(os.environ["TORCHNMF_DOCS_MATHJAX"])
+    mathjax_path = "tex-chtml.js"
+
+
+# torch.nn.Module hooks that our models override for printing, not for users
+_MODULE_PLUMBING = {"extra_repr"}
+
 
 def _skip_foreign_members(app, what, name, obj, skip, options):
     """Leave out what our classes inherit from scikit-learn, torch or builtins."""
     module = getattr(obj, "__module__", None) or ""
-    if what == "class" and module.split(".")[0] in ("sklearn", "torch", "builtins"):
+    if what == "class" and (module.split(".")[0] in ("sklearn", "torch", "builtins") or name in _MODULE_PLUMBING):
         return True
     return None
 
