@@ -36,6 +36,7 @@ extensions = [
     "sphinx.ext.viewcode",
     "myst_parser",
     "sphinx_gallery.gen_gallery",
+    "matplotlib.sphinxext.plot_directive",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
@@ -45,8 +46,9 @@ exclude_patterns = [
     "_build",
     "_intersphinx",
     "screenshots",
-    # included by guide/solvers.rst rather than built on their own
+    # included by guide/20-solvers.rst and benchmarks.rst rather than built on their own
     "solvers.md",
+    "benchmarks.md",
     "gallery/*.ipynb",
     "sg_execution_times.rst",
 ]
@@ -72,9 +74,15 @@ intersphinx_timeout = 10
 # -- Markdown pages (benchmarks.md, solvers.md) -----------------------------------
 myst_enable_extensions = ["dollarmath"]
 myst_heading_anchors = 3
-# guide/20-solvers.rst includes solvers.md below its own title, so that file's
-# headings start at level 2 there
+# guide/20-solvers.rst and benchmarks.rst include solvers.md and benchmarks.md
+# below their own titles, so those files' headings start at level 2 there
 suppress_warnings = ["myst.header"]
+
+# -- the benchmark figures (benchmarks.rst, drawn by benchmark_figures.py) --------
+plot_include_source = False
+plot_html_show_source_link = False
+plot_html_show_formats = False
+plot_formats = [("png", 110)]
 
 # -- gallery ----------------------------------------------------------------------
 sphinx_gallery_conf = {
