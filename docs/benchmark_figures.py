@@ -81,8 +81,13 @@ def convergence():
              if rows and "seconds to target" in rows[0]]
     if not found:
         return
-    fig, axes = plt.subplots(1, len(found), figsize=(3 * len(found) + 1, 3.2), layout="constrained")
-    for ax, (heading, rows) in zip(np.atleast_1d(axes), found):
+    columns = min(2, len(found))
+    rows_of_axes = -(-len(found) // columns)
+    fig, axes = plt.subplots(rows_of_axes, columns, figsize=(10, 2.6 * rows_of_axes), layout="constrained",
+                             squeeze=False)
+    for ax in axes.flat[len(found):]:
+        ax.set_visible(False)
+    for ax, (heading, rows) in zip(axes.flat, found):
         names = [row["method"] for row in rows][::-1]
         values = [_number(row["seconds to target"]) for row in rows][::-1]
         colors = ["C0" if name.startswith("torchnmf") else "C7" for name in names]
@@ -92,9 +97,9 @@ def convergence():
                 bar.set_hatch("//")
                 bar.set_alpha(0.45)
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                    f" {'' if reached else '> '}{value:.3g}", va="center", fontsize=7)
+                    f" {'' if reached else '> '}{value:.3g}", va="center", fontsize=8)
         ax.set_xlim(0, max(v for v, _ in values) * 1.35)
-        ax.set_title(heading, fontsize=8)
+        ax.set_title(heading, fontsize=9)
         ax.set_xlabel("seconds", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=8)
     fig.suptitle("Time to within 1% of the best loss (hatched: not reached within the budget)", fontsize=11)

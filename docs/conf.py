@@ -119,6 +119,8 @@ html_theme_options = {
     "footer_end": ["sphinx-version"],
 }
 html_show_sourcelink = True
+# pages without sub-pages get no (empty) left sidebar
+html_sidebars = {name: [] for name in ("index", "intro", "install", "benchmarks")}
 html_context = {"default_mode": "light"}
 
 # MathJax comes from its CDN when the pages are read.  To read them offline (the
