@@ -46,8 +46,10 @@ exclude_patterns = [
     "_build",
     "_intersphinx",
     "screenshots",
-    # included by guide/20-solvers.rst and benchmarks.rst rather than built on their own
+    # included by guide/20-solvers.rst, guide/55-scaling.rst and benchmarks.rst
+    # rather than built on their own
     "solvers.md",
+    "scaling.md",
     "benchmarks.md",
     "gallery/*.ipynb",
     "sg_execution_times.rst",
