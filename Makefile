@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv docs clean
 
 venv: $(STAMP)
 
@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m torchnmf demo
 
+# The suite, every docstring example of the package and the examples of the
+# documentation's pages as doctests (testpaths in pyproject.toml).
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 # Optional peers for the benchmarks (nmf-torch); a failed install only drops that column.
 BENCH_STAMP := $(VENV)/.bench-installed
@@ -32,5 +34,17 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run.py
 
+# The documentation site: docs/_build/html, warnings are errors, the gallery
+# (examples/plot_*.py) runs during the build.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf docs/api/generated
+	OMP_NUM_THREADS=2 $(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache docs/_build docs/api/generated docs/api/backreferences docs/gallery

@@ -63,8 +63,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     .. math::
 
         D_\beta(X \,|\, W H)
-        + \alpha_W\, n_\text{features} \Big(\rho \|W\|_1 + \tfrac{1-\rho}{2}\|W\|_F^2\Big)
-        + \alpha_H\, n_\text{samples} \Big(\rho \|H\|_1 + \tfrac{1-\rho}{2}\|H\|_F^2\Big),
+        &+ \alpha_W\, n_\text{features} \Big(\rho \|W\|_1 + \tfrac{1-\rho}{2}\|W\|_F^2\Big) \\
+        &+ \alpha_H\, n_\text{samples} \Big(\rho \|H\|_1 + \tfrac{1-\rho}{2}\|H\|_F^2\Big),
 
     with :math:`\rho` = ``l1_ratio``. The penalties scale with the other
     dimension so that their weight against the data term does not depend on
@@ -119,7 +119,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         Iterations run by the fit.
     n_features_in_ : int
         Number of features seen during the fit.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape ``(n_features_in_,)``
         Feature names, when ``X`` had string column names.
 
     Notes

@@ -137,6 +137,21 @@ def stft_magnitude(signal, sample_rate, n_fft=1024, hop=None):
         sample_rate (int): samples per second.
         n_fft (int): the frame length.
         hop (int, optional): the hop between frames; default ``n_fft // 4``.
+
+    Returns:
+        Spectrogram: the magnitude as ``(frames, n_fft // 2 + 1)``, with what
+        :meth:`Spectrogram.to_audio` needs to invert parts of it.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.io import stft_magnitude
+        >>> tone = torch.sin(2 * torch.pi * 440 * torch.arange(8000) / 8000)
+        >>> spec = stft_magnitude(tone, 8000, n_fft=256, hop=128)
+        >>> spec.magnitude.shape
+        torch.Size([63, 129])
+        >>> int(spec.magnitude.mean(0).argmax()) * 8000 // 256   # the loudest bin, in Hz
+        437
     """
     hop = n_fft // 4 if hop is None else hop
     for name, value in (("n_fft", n_fft), ("hop", hop)):
@@ -179,6 +194,17 @@ def load(path, *, key=None, n_fft=1024, hop=None, dtype=None):
         ValueError: for an unknown suffix, a malformed file, or data that is
             negative, NaN, infinite, empty or not a matrix.
         OSError: when the file cannot be opened.
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from torchnmf.io import load
+        >>> path = os.path.join(tempfile.mkdtemp(), "V.npy")
+        >>> np.save(path, np.ones((4, 3)))
+        >>> target = load(path)
+        >>> target.V.shape, target.V.dtype
+        (torch.Size([4, 3]), torch.float64)
     """
     path = Path(path)
     suffix = path.suffix.lower()

@@ -95,17 +95,62 @@ def beta_div(input, target, beta=2):
 
 
 def kl_div(input, target):
-    r"""Generalised Kullback-Leibler divergence, :func:`beta_div` with ``beta=1``."""
+    r"""Generalised Kullback-Leibler divergence, :func:`beta_div` with ``beta=1``.
+
+    Args:
+        input (Tensor): the reconstruction, non-negative.
+        target (Tensor): the data, non-negative, of a broadcastable shape.
+
+    Returns:
+        Tensor: a single-element (0-dim) tensor, finite and non-negative.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.metrics import kl_div
+        >>> print(f"{float(kl_div(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]))):.4f}")
+        0.2164
+    """
     return beta_div(input, target, beta=1)
 
 
 def euclidean(input, target):
-    r"""Half the squared Euclidean distance, :func:`beta_div` with ``beta=2``."""
+    r"""Half the squared Euclidean distance, :func:`beta_div` with ``beta=2``.
+
+    Args:
+        input (Tensor): the reconstruction, non-negative.
+        target (Tensor): the data, non-negative, of a broadcastable shape.
+
+    Returns:
+        Tensor: a single-element (0-dim) tensor, finite and non-negative.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.metrics import euclidean
+        >>> print(f"{float(euclidean(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]))):.4f}")
+        0.5000
+    """
     return beta_div(input, target, beta=2)
 
 
 def is_div(input, target):
-    r"""Itakura-Saito divergence, :func:`beta_div` with ``beta=0``."""
+    r"""Itakura-Saito divergence, :func:`beta_div` with ``beta=0``.
+
+    Args:
+        input (Tensor): the reconstruction, non-negative.
+        target (Tensor): the data, non-negative, of a broadcastable shape.
+
+    Returns:
+        Tensor: a single-element (0-dim) tensor, finite and non-negative.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.metrics import is_div
+        >>> print(f"{float(is_div(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 3.0]))):.4f}")
+        0.0945
+    """
     return beta_div(input, target, beta=0)
 
 
@@ -121,6 +166,15 @@ def sparseness(x):
 
     Returns:
         Tensor: a single-element (0-dim) tensor in [0, 1].
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.metrics import sparseness
+        >>> float(sparseness(torch.tensor([0.0, 0.0, 3.0, 0.0])))
+        1.0
+        >>> float(sparseness(torch.ones(4)))
+        0.0
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -351,8 +351,9 @@ class BaseComponent(FactorModule):
         Args:
             V (Tensor): the new target; for :class:`NMF` ``(N', C)``, for the
                 convolutional models ``(N', C, *spatial)``.
-            beta, tol, max_iter, verbose, alpha, l1_ratio, solver, callback,
-                mask, missing: as in :meth:`fit` (``alpha`` penalises ``H``).
+            beta, tol, max_iter, verbose, alpha, l1_ratio: as in :meth:`fit`
+                (``alpha`` penalises ``H``).
+            solver, callback, mask, missing: as in :meth:`fit`.
             H (Tensor, keyword-only): the starting activations; by default
                 uniform random values scaled so that the reconstruction's mean
                 matches the (observed) mean of ``V``.
@@ -623,6 +624,18 @@ class NMFD(_ConvNMF):
         - W: :math:`(C, R, T)`
         - H: :math:`(N, R, L - T + 1)`
         - Output: :math:`(N, C, L)`
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.nmf import NMFD
+        >>> V = torch.rand(1, 64, 100)      # one spectrogram: 64 bins x 100 frames
+        >>> model = NMFD(V.shape, rank=3, T=8)
+        >>> model.W.shape, model.H.shape
+        (torch.Size([64, 3, 8]), torch.Size([1, 3, 93]))
+        >>> n_iter = model.fit(V, beta=1, max_iter=20, tol=0)
+        >>> model().shape
+        torch.Size([1, 64, 100])
     """
 
     _factor_ndim = 3
@@ -643,6 +656,16 @@ class NMF2D(_ConvNMF):
         - W: :math:`(C, R, k_1, k_2)`
         - H: :math:`(N, R, L - k_1 + 1, M - k_2 + 1)`
         - Output: :math:`(N, C, L, M)`
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.nmf import NMF2D
+        >>> V = torch.rand(2, 3, 32, 32)    # two 3-channel images
+        >>> model = NMF2D(V.shape, rank=4, kernel_size=5)
+        >>> model.W.shape, model.H.shape
+        (torch.Size([3, 4, 5, 5]), torch.Size([2, 4, 28, 28]))
+        >>> n_iter = model.fit(V, beta=2, max_iter=10, tol=0)
     """
 
     _factor_ndim = 4
@@ -663,6 +686,14 @@ class NMF3D(_ConvNMF):
         - W: :math:`(C, R, k_1, k_2, k_3)`
         - H: :math:`(N, R, L - k_1 + 1, M - k_2 + 1, O - k_3 + 1)`
         - Output: :math:`(N, C, L, M, O)`
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.nmf import NMF3D
+        >>> model = NMF3D((1, 2, 10, 10, 10), rank=3, kernel_size=(3, 3, 3))
+        >>> model.H.shape, model().shape
+        (torch.Size([1, 3, 8, 8, 8]), torch.Size([1, 2, 10, 10, 10]))
     """
 
     _factor_ndim = 5

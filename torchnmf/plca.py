@@ -267,6 +267,16 @@ class SIPLCA(_ShiftInvariantPLCA):
     Shape:
         - W: :math:`(C, R, T)`, H: :math:`(N, R, L - T + 1)`, Z: :math:`(R,)`
         - Output: :math:`(N, C, L)`
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.plca import SIPLCA
+        >>> V = torch.rand(1, 32, 50)
+        >>> model = SIPLCA(V.shape, rank=2, T=5)
+        >>> n_iter, norm = model.fit(V, max_iter=10, tol=0)
+        >>> model(norm=norm).shape
+        torch.Size([1, 32, 50])
     """
 
     _factor_ndim = 3
@@ -281,6 +291,13 @@ class SIPLCA2(_ShiftInvariantPLCA):
     Shape:
         - W: :math:`(C, R, k_1, k_2)`, H: :math:`(N, R, L - k_1 + 1, M - k_2 + 1)`
         - Output: :math:`(N, C, L, M)`
+
+    Examples::
+
+        >>> from torchnmf.plca import SIPLCA2
+        >>> model = SIPLCA2((1, 3, 16, 16), rank=2, kernel_size=4)
+        >>> model.W.shape, model().shape
+        (torch.Size([3, 2, 4, 4]), torch.Size([1, 3, 16, 16]))
     """
 
     _factor_ndim = 4

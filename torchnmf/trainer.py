@@ -123,6 +123,23 @@ class BetaMu(Optimizer):
             during :meth:`step`, for a closure output of the wrong shape or a
             negative target.
         TypeError: for a closure output that is not ``(target, prediction)``.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.nmf import NMFD
+        >>> from torchnmf.trainer import BetaMu
+        >>> V = torch.rand(1, 16, 40)
+        >>> model = NMFD(V.shape, rank=2, T=4)
+        >>> trainer = BetaMu(model.parameters(), beta=1, l1_reg=0.01)
+        >>> def closure():
+        ...     trainer.zero_grad()
+        ...     return V, model()
+        >>> first = trainer.step(closure)
+        >>> for _ in range(20):
+        ...     last = trainer.step(closure)
+        >>> bool(last < first)
+        True
     """
 
     def __init__(self, params, beta=1, l1_reg=0, l2_reg=0, orthogonal=0):
@@ -335,6 +352,20 @@ class SparsityProj(Optimizer):
     Raises:
         ValueError: ``sparsity`` outside (0, 1), a bad ``dim`` or ``max_iter``,
             or a parameter whose components have fewer than 2 entries.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.metrics import euclidean, sparseness
+        >>> from torchnmf.nmf import NMF
+        >>> from torchnmf.trainer import SparsityProj
+        >>> V = torch.rand(30, 20)
+        >>> model = NMF(V.shape, rank=3)
+        >>> trainer = SparsityProj([model.W], sparsity=0.6)
+        >>> for _ in range(5):
+        ...     loss = trainer.step(lambda: euclidean(model(), V))
+        >>> round(float(sparseness(model.W[:, 0])), 2)
+        0.6
     """
 
     def __init__(self, params, sparsity, dim=1, max_iter=10):
