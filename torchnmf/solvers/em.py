@@ -72,17 +72,18 @@ class ExpectationMaximisation:
             if not self.update[name] or (not isinstance(alpha, torch.Tensor) and alpha == 1):
                 continue
             logs = factor.clamp_min(torch.finfo(factor.dtype).tiny).log()
-            total -= float(((alpha - 1) * logs).sum(dtype=torch.float64))
+            total = total - ((alpha - 1) * logs).sum(dtype=torch.float64)
         return total
 
     def objective(self):
-        return float(self.stats.divergence(self._weighted_H(), self.factors["W"])) + self._prior()
+        divergence = self.stats.divergence(self._weighted_H(), self.factors["W"])
+        return float(divergence.double() + self._prior())
 
     def step(self):
         H, W, Z = self.factors["H"], self.factors["W"], self.factors["Z"]
         weighted = self._weighted_H()
         negative, _, divergence = self.stats.h_terms(weighted, W)
-        before = float(divergence) + self._prior()
+        before = divergence.double() + self._prior()  # read back by the loop
         counts_H = weighted.mul_(negative)
         counts_W = None
         if self.update["W"]:

@@ -70,7 +70,7 @@ class MultiplicativeUpdates:
         p = self.problem
         if p.update_H:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)
-            before = float(divergence) + p.penalty()
+            before = p.objective_before(divergence)
             mu_update_(p.H, negative, positive, self.gamma, p.penalty_H, p.fixed_H)
         else:
             before = p.objective()
