@@ -77,13 +77,13 @@ class ExpectationMaximisation:
 
     def objective(self):
         divergence = self.stats.divergence(self._weighted_H(), self.factors["W"])
-        return float(divergence.double() + self._prior())
+        return float(torch.as_tensor(divergence, dtype=torch.float64) + self._prior())
 
     def step(self):
         H, W, Z = self.factors["H"], self.factors["W"], self.factors["Z"]
         weighted = self._weighted_H()
         negative, _, divergence = self.stats.h_terms(weighted, W)
-        before = divergence.double() + self._prior()  # read back by the loop
+        before = torch.as_tensor(divergence, dtype=torch.float64) + self._prior()  # read back by the loop
         counts_H = weighted.mul_(negative)
         counts_W = None
         if self.update["W"]:

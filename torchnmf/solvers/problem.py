@@ -58,7 +58,7 @@ class FitProblem:
     def objective_before(self, divergence):
         """The objective from the divergence at the current point, as a float64
         tensor on the factors' device (read back by the loop, not here)."""
-        return divergence.double() + self.penalty()
+        return torch.as_tensor(divergence, dtype=torch.float64) + self.penalty()
 
     # -- sums over the rows of H, which a distributed fit spreads over processes --
     def row_sum_(self, *tensors):
