@@ -190,3 +190,42 @@ def test_the_convolutional_models_choose_the_closed_form(generator):
             return 2 * conv_transpose(H, W)
 
     assert isinstance(Scaled(V.shape, rank=2, T=3)._statistics(V, 1), AutogradStats)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("beta", [1, 2])
+def test_cuda_statistics_match_cpu(shape, beta, generator):
+    V, H, W = problem(generator, *shape)
+    for route in ("windows", "conv"):
+        cpu = ConvStats(V, beta, route=route)
+        gpu = ConvStats(V.cuda(), beta, route=route)
+        for got, want in zip(gpu.h_terms(H.cuda(), W.cuda()), cpu.h_terms(H, W)):
+            assert_close(got.cpu(), want)
+        for got, want in zip(gpu.w_terms(H.cuda(), W.cuda()), cpu.w_terms(H, W)):
+            assert_close(got.cpu(), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("make,vshape", [
+    (lambda v: NMFD(v, rank=2, T=3), (2, 5, 12)),
+    (lambda v: NMF2D(v, rank=2, kernel_size=(2, 3)), (1, 3, 7, 8)),
+])
+def test_cuda_fit_matches_cpu_with_deferred_read_backs(make, vshape, generator, monkeypatch):
+    from torchnmf.solvers import loop
+
+    reads = []
+    real = loop._read_back
+    monkeypatch.setattr(loop, "_read_back", lambda losses: reads.append(len(losses)) or real(losses))
+    V = torch.rand(vshape, generator=generator, dtype=torch.float64) + 0.1
+    torch.manual_seed(0)
+    cpu = make(vshape).double()
+    gpu = make(vshape).double()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    cpu.fit(V, beta=1, max_iter=25, tol=0)
+    assert reads == []
+    gpu.fit(V.cuda(), beta=1, max_iter=25, tol=0)
+    assert reads == [10, 10, 5]
+    assert_close(gpu.W.detach().cpu(), cpu.W.detach())
+    assert gpu.loss_history == pytest.approx(cpu.loss_history, rel=1e-9)

@@ -339,3 +339,15 @@ def test_device_sweeps_give_the_host_rule_without_read_backs(delta, generator, m
     hals._device_sweeps(columns, targets, coupling, list(range(4)), 0.0, 6, delta)
     monkeypatch.undo()
     assert_close(columns.T, host)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_hals_matches_cpu(generator):
+    V, _, _ = low_rank(30, 20, 4, generator, noise=0.2)
+    H = torch.rand(30, 4, generator=generator, dtype=torch.float64)
+    W = torch.rand(20, 4, generator=generator, dtype=torch.float64)
+    host = H.clone()
+    hals_update_(host, V @ W, W.T @ W, Penalty(), max_sweeps=6, delta=0.3)
+    device = H.cuda()
+    hals_update_(device, (V @ W).cuda(), (W.T @ W).cuda(), Penalty(), max_sweeps=6, delta=0.3)
+    assert_close(device.cpu(), host)
