@@ -70,7 +70,12 @@ def _flipped_matrix(W):
 
 def forward_from_windows(W, H_windows, out_shape):
     """The reconstruction ``(N, C, *out)`` from :func:`windows` of ``H``."""
-    return torch.matmul(_flipped_matrix(W), H_windows).view(H_windows.shape[0], W.shape[0], *out_shape)
+    flipped = _flipped_matrix(W)
+    N = H_windows.shape[0]
+    out = H_windows.new_empty((N, W.shape[0], H_windows.shape[2]))
+    for n in range(N):  # one product per batch entry: matmul's batching would copy
+        torch.mm(flipped, H_windows[n], out=out[n])
+    return out.view(N, W.shape[0], *out_shape)
 
 
 def _shifted_sum(Y, R, kernel, out_shape):
@@ -94,7 +99,12 @@ def correlate_h(X, W, route="windows"):
     if route == "conv":
         return _CONV[len(kernel)](X, W.transpose(0, 1))
     C, R = W.shape[:2]
-    Y = torch.matmul(W.reshape(C, -1).T, X.reshape(X.shape[0], C, -1))
+    N = X.shape[0]
+    columns = X.reshape(N, C, -1)
+    W_T = W.reshape(C, -1).T
+    Y = X.new_empty((N, W_T.shape[0], columns.shape[2]))
+    for n in range(N):
+        torch.mm(W_T, columns[n], out=Y[n])
     return _shifted_sum(Y, R, kernel, tuple(X.shape[2:]))
 
 
@@ -105,8 +115,17 @@ def correlate_w(X, H, H_windows=None, kernel=None, route="windows"):
         return _CONV[d](X.transpose(0, 1), H.transpose(0, 1))
     N, C = X.shape[:2]
     R = H.shape[1]
-    flat = torch.einsum("ncl,nkl->ck", X.reshape(N, C, -1), H_windows)
+    columns = X.reshape(N, C, -1)
+    flat = torch.mm(columns[0], H_windows[0].T)
+    for n in range(1, N):
+        flat.addmm_(columns[n], H_windows[n].T)
     return flat.view(C, R, *kernel).flip(dims=tuple(range(2, 2 + len(kernel))))
+
+
+def _sum_prediction(H, W):
+    """The sum of the reconstruction's entries, ``sum_r (sum H_r)(sum W_r)``, in float64."""
+    other = lambda X: [0] + list(range(2, X.dim()))  # noqa: E731
+    return H.sum(other(H), dtype=torch.float64) @ W.sum(other(W), dtype=torch.float64)
 
 
 def _inner(a, b):
@@ -172,7 +191,7 @@ class ConvStats:
             return _CONV[len(kernel)](H, flipped, padding=[k - 1 for k in kernel])
         return forward_from_windows(W, H_windows, self.V.shape[2:])
 
-    def _powers(self, prediction, pair, divergence):
+    def _powers(self, prediction, pair, divergence, H, W):
         """Fill ``pair`` with (V * WH^(beta-2), M * WH^(beta-1)); return the divergence or None.
 
         ``pair`` is ``(2, *V.shape)`` or ``None`` at beta=1 without a mask, where
@@ -185,8 +204,8 @@ class ConvStats:
         if beta == 1:
             if divergence:
                 log = torch.log(floored)
-                total = floored if weight is None else floored * weight
-                variable = total.sum(dtype=torch.float64) - _inner(V, log)
+                total = _sum_prediction(H, W) if weight is None else _inner(weight, floored)
+                variable = total - _inner(V, log)
             if weight is not None:
                 denom.copy_(weight)
             torch.div(V, floored, out=numer)
@@ -223,7 +242,7 @@ class ConvStats:
         prediction = self._forward(H, W, route, H_windows)
         both = self.beta != 1 or self.weight is not None
         pair = prediction.new_empty((2 if both else 1, *self.V.shape))
-        variable = self._powers(prediction, pair, divergence)
+        variable = self._powers(prediction, pair, divergence, H, W)
         N = self.V.shape[0]
         terms = correlate_h(pair.view(-1, *self.V.shape[1:]), W, route)
         negative = terms[:N]
@@ -258,7 +277,7 @@ class ConvStats:
         both = self.beta != 1 or self.weight is not None
         N, C = self.V.shape[:2]
         pair = prediction.new_empty((N, 2 if both else 1, *self.V.shape[1:]))
-        variable = self._powers(prediction, pair.transpose(0, 1), divergence)
+        variable = self._powers(prediction, pair.transpose(0, 1), divergence, H, W)
         terms = correlate_w(pair.view(N, -1, *self.V.shape[2:]), H, H_windows, kernel, route)
         negative = terms[:C]
         if both:
@@ -285,4 +304,4 @@ class ConvStats:
         prediction = self._forward(H, W, route, H_windows)
         both = self.beta != 1 or self.weight is not None
         pair = prediction.new_empty((2 if both else 1, *self.V.shape))
-        return self._total(self._powers(prediction, pair, True))
+        return self._total(self._powers(prediction, pair, True, H, W))
