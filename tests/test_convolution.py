@@ -229,3 +229,13 @@ def test_cuda_fit_matches_cpu_with_deferred_read_backs(make, vshape, generator, 
     assert reads == [10, 10, 5]
     assert_close(gpu.W.detach().cpu(), cpu.W.detach())
     assert gpu.loss_history == pytest.approx(cpu.loss_history, rel=1e-9)
+
+
+@pytest.mark.parametrize("route", ["windows", "conv"])
+@pytest.mark.parametrize("beta", [1, 2, 0.5])
+def test_joint_terms_equal_the_separate_ones(beta, route, generator):
+    V, H, W = problem(generator, 3, 2, (4,), (5,))
+    stats = ConvStats(V, beta, route=route)
+    (h_neg, h_pos), (w_neg, w_pos), value = stats.joint_terms(H, W)
+    assert_terms((h_neg, h_pos, value), stats.h_terms(H, W))
+    assert_terms((w_neg, w_pos), stats.w_terms(H, W))

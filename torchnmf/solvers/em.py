@@ -82,13 +82,20 @@ class ExpectationMaximisation:
     def step(self):
         H, W, Z = self.factors["H"], self.factors["W"], self.factors["Z"]
         weighted = self._weighted_H()
-        negative, _, divergence = self.stats.h_terms(weighted, W)
+        joint = getattr(self.stats, "joint_terms", None)
+        negative_W = None
+        if joint is not None and self.update["W"]:
+            # one reconstruction for both factors (EM updates all from one point)
+            (negative, _), (negative_W, _), divergence = joint(weighted, W)
+        else:
+            negative, _, divergence = self.stats.h_terms(weighted, W)
         before = torch.as_tensor(divergence, dtype=torch.float64) + self._prior()  # read back by the loop
-        counts_H = weighted.mul_(negative)
         counts_W = None
         if self.update["W"]:
-            negative, _ = self.stats.w_terms(self._weighted_H(), W)
-            counts_W = W * negative
+            if negative_W is None:
+                negative_W, _ = self.stats.w_terms(weighted, W)
+            counts_W = W * negative_W
+        counts_H = weighted.mul_(negative)
         if self.update["Z"]:
             counts_Z = counts_H.sum(_other_dims(counts_H))
             Z.copy_(normalise_components_(_apply_prior_(counts_Z, self.alphas["Z"])))

@@ -227,6 +227,34 @@ class ConvStats:
     def _total(self, variable):
         return (self.constant + variable).clamp_min(0)
 
+    # -- the element-wise pass shared by both factors ------------------------------
+    def _pair(self, H, W, route, H_windows, divergence):
+        """``(pair, divergence)``: ``pair (N, 2, C, *out)`` holds V * WH^(beta-2) and
+        M * WH^(beta-1) per batch entry (``(N, 1, ...)``, the first alone, at beta=1
+        without a mask, where the positive parts need no reconstruction)."""
+        prediction = self._forward(H, W, route, H_windows)
+        both = self.beta != 1 or self.weight is not None
+        pair = prediction.new_empty((self.V.shape[0], 2 if both else 1, *self.V.shape[1:]))
+        variable = self._powers(prediction, pair.transpose(0, 1), divergence, H, W)
+        return pair, self._total(variable) if divergence else None
+
+    def _h_from_pair(self, pair, W, route):
+        N, parts = pair.shape[:2]
+        terms = correlate_h(pair.view(N * parts, *self.V.shape[1:]), W, route)
+        terms = terms.view(N, parts, *terms.shape[1:])
+        if parts == 2:
+            return terms[:, 0], terms[:, 1]
+        ones = W.sum(dim=[0] + list(range(2, W.dim())))
+        return terms[:, 0], ones.view(1, -1, *[1] * (W.dim() - 2))
+
+    def _w_from_pair(self, pair, H, H_windows, kernel, route):
+        N, parts, C = pair.shape[:3]
+        terms = correlate_w(pair.view(N, parts * C, *self.V.shape[2:]), H, H_windows, kernel, route)
+        if parts == 2:
+            return terms[:C], terms[C:]
+        ones = H.sum(dim=[0] + list(range(2, H.dim())))
+        return terms, ones.view(1, -1, *[1] * len(kernel))
+
     # -- H ------------------------------------------------------------------------
     def h_terms(self, H, W, divergence=True):
         """The ``H`` terms and the divergence at (H, W) (``None`` with ``divergence=False``)."""
@@ -239,18 +267,8 @@ class ConvStats:
             if divergence:
                 value = self._total(-_inner(H, negative) + _inner(H, positive) / 2)
             return negative, positive, value
-        prediction = self._forward(H, W, route, H_windows)
-        both = self.beta != 1 or self.weight is not None
-        pair = prediction.new_empty((2 if both else 1, *self.V.shape))
-        variable = self._powers(prediction, pair, divergence, H, W)
-        N = self.V.shape[0]
-        terms = correlate_h(pair.view(-1, *self.V.shape[1:]), W, route)
-        negative = terms[:N]
-        if both:
-            positive = terms[N:]
-        else:
-            positive = W.sum(dim=[0] + list(range(2, W.dim()))).view(1, -1, *[1] * (W.dim() - 2))
-        return negative, positive, self._total(variable) if divergence else None
+        pair, value = self._pair(H, W, route, H_windows, divergence)
+        return (*self._h_from_pair(pair, W, route), value)
 
     def _gram_h(self, H, W, H_windows, route):
         r""":math:`J_H^\top \hat V` without :math:`\hat V`: the templates' auto-correlation."""
@@ -273,20 +291,26 @@ class ConvStats:
             if not divergence:
                 return negative, positive
             return negative, positive, self._total(-_inner(W, negative) + _inner(W, positive) / 2)
-        prediction = self._forward(H, W, route, H_windows)
-        both = self.beta != 1 or self.weight is not None
-        N, C = self.V.shape[:2]
-        pair = prediction.new_empty((N, 2 if both else 1, *self.V.shape[1:]))
-        variable = self._powers(prediction, pair.transpose(0, 1), divergence, H, W)
-        terms = correlate_w(pair.view(N, -1, *self.V.shape[2:]), H, H_windows, kernel, route)
-        negative = terms[:C]
-        if both:
-            positive = terms[C:]
-        else:
-            positive = H.sum(dim=[0] + list(range(2, H.dim()))).view(1, -1, *[1] * len(kernel))
-        if not divergence:
-            return negative, positive
-        return negative, positive, self._total(variable)
+        pair, value = self._pair(H, W, route, H_windows, divergence)
+        terms = self._w_from_pair(pair, H, H_windows, kernel, route)
+        return terms if not divergence else (*terms, value)
+
+    # -- both at one point ------------------------------------------------------------
+    def joint_terms(self, H, W):
+        """``(h_terms, w_terms, divergence)`` at one point from one reconstruction.
+
+        For solvers that update every factor from the same point (PLCA's EM),
+        where separate ``h_terms`` and ``w_terms`` would reconstruct twice.
+        """
+        route = self._route(H, W)
+        kernel = tuple(W.shape[2:])
+        if self._gram_cheaper(H, W):
+            negative, positive, value = self.h_terms(H, W)
+            return (negative, positive), self.w_terms(H, W), value
+        H_windows = windows(H, kernel) if route == "windows" else None
+        pair, value = self._pair(H, W, route, H_windows, True)
+        return (self._h_from_pair(pair, W, route),
+                self._w_from_pair(pair, H, H_windows, kernel, route), value)
 
     def _gram_w(self, H, W, H_windows, route):
         r""":math:`J_W^\top \hat V` without :math:`\hat V`: the activations' auto-correlation."""
