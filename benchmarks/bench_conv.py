@@ -11,15 +11,15 @@ with a tolerance of minus infinity so that both run every iteration asked for,
 and the timing runs use 10 and 30 iterations so that its checks count in
 proportion.
 """
-import statistics
 import sys
+import time
 import warnings
 
 import torch
 import torch.nn as nn
 
 import _original
-from _common import markdown_table, per_iteration_ms
+from _common import markdown_table
 
 from torchnmf.metrics import beta_div
 from torchnmf.nmf import NMF, NMF2D, NMF3D, NMFD
@@ -32,7 +32,7 @@ from torchnmf.trainer import BetaMu
 
 TITLE = "Convolutional models against the original torchnmf 0.3.5 (issue 16)"
 NO_STOP = float("-inf")
-ROUNDS = 2
+ROUNDS = 5
 
 
 def conv_problem(shape, rank, kernel, seed=0, noise=0.1):
@@ -200,26 +200,44 @@ def _rows(quick):
     return rows, original is not None
 
 
+def _interleaved_ms(runners, rounds, short=10, long=30):
+    """ms per iteration of each runner: (min T(long) - min T(short)) / (long - short).
+
+    The runners take turns, ``rounds`` times; on a shared machine the minimum
+    over the rounds is the run least disturbed by other processes, and the
+    turns let a load change hit every runner alike.
+    """
+    times = {name: {short: [], long: []} for name in runners}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for run in runners.values():
+            run(short)  # warm-up
+        for _ in range(rounds):
+            for name, run in runners.items():
+                for n_iter in (short, long):
+                    start = time.perf_counter()
+                    run(n_iter)
+                    times[name][n_iter].append(time.perf_counter() - start)
+    return {
+        name: max((min(t[long]) - min(t[short])) / (long - short) * 1e3, 1e-6)
+        for name, t in times.items()
+    }
+
+
 def run(quick=False):
     rows, have_original = _rows(quick)
     iterations = 10 if quick else 30
     table = []
     for label, ours, theirs, loss, floor in rows:
+        runners = {"ours": ours, "floor": floor, "theirs": theirs}
+        ms = _interleaved_ms({k: v for k, v in runners.items() if v}, 1 if quick else ROUNDS)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # alternate the three, several rounds, so that load changes hit all alike
-            samples = {"ours": [], "theirs": [], "floor": []}
-            for _ in range(1 if quick else ROUNDS):
-                samples["ours"].append(per_iteration_ms(ours, short=10, long=30, repeats=1))
-                if floor:
-                    samples["floor"].append(per_iteration_ms(floor, short=10, long=30, repeats=1))
-                if theirs:
-                    samples["theirs"].append(per_iteration_ms(theirs, short=10, long=30, repeats=1))
-            ours_ms = statistics.median(samples["ours"])
-            floor_ms = statistics.median(samples["floor"]) if floor else float("nan")
+            ours_ms = ms["ours"]
+            floor_ms = ms.get("floor", float("nan"))
             ours_loss = loss(ours(iterations))
             if theirs:
-                theirs_ms = statistics.median(samples["theirs"])
+                theirs_ms = ms["theirs"]
                 theirs_loss = loss(theirs(iterations))
                 table.append([label, theirs_ms, ours_ms, ours_ms / theirs_ms, floor_ms,
                               floor_ms / theirs_ms, theirs_loss, ours_loss,
@@ -229,8 +247,8 @@ def run(quick=False):
         print(f"  {label}: done", file=sys.stderr, flush=True)
     header = (
         f"float32, {torch.get_num_threads()} threads; ms per iteration (per step for BetaMu) "
-        f"from the difference of 30- and 10-iteration runs, median of "
-        f"{1 if quick else ROUNDS} alternating rounds; loss after {iterations} iterations from the "
+        f"from the difference of the fastest 30- and 10-iteration runs of "
+        f"{1 if quick else ROUNDS} rounds in turn; loss after {iterations} iterations from the "
         f"same start (SI-PLCA: KL of V / sum V). The floor is the work an iteration cannot avoid "
         f"on its route: a reconstruction and one correlation per factor for the "
         f"convolutional models, one evaluation and two vector-Jacobian products per "

@@ -154,6 +154,7 @@ class ConvStats:
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
         self.route = route
+        self._chosen = None  # (shapes, route) of the last choice
         self.weight = None
         if mask is None:
             self.constant = divergence_constant(self.V, self.beta)
@@ -171,6 +172,14 @@ class ConvStats:
         """
         if self.route is not None:
             return self.route
+        key = (H.shape, W.shape)
+        if self._chosen is not None and self._chosen[0] == key:
+            return self._chosen[1]
+        route = self._choose_route(H, W)
+        self._chosen = (key, route)
+        return route
+
+    def _choose_route(self, H, W):
         kernel = W.shape[2:]
         size = H.shape[0] * H.shape[1] * math.prod(kernel) * math.prod(self.V.shape[2:])
         return "windows" if len(kernel) == 1 and size <= UNFOLD_LIMIT else "conv"
