@@ -75,9 +75,10 @@ def _plca_runner(cls, V, W0, H0, **options):
     return run
 
 
-def _conv_floor(V, W0, H0):
+def _conv_floor(V, W0, H0, shared=False):
     """The kernel calls one MU iteration cannot avoid: a reconstruction and one
-    correlation per factor (what ConvStats calls, without the element-wise work)."""
+    correlation per factor (what ConvStats calls, without the element-wise work);
+    ``shared``: one reconstruction for both factors (EM)."""
     if ConvStats is None:
         return None
     stats = ConvStats(V, 1)
@@ -88,8 +89,9 @@ def _conv_floor(V, W0, H0):
         H_windows = windows(H0, kernel) if route == "windows" else None
         prediction = stats._forward(H0, W0, route, H_windows)
         correlate_h(prediction, W0, route)
-        H_windows = windows(H0, kernel) if route == "windows" else None
-        prediction = stats._forward(H0, W0, route, H_windows)
+        if not shared:  # MU: the W update sees the new H, so a second reconstruction
+            H_windows = windows(H0, kernel) if route == "windows" else None
+            prediction = stats._forward(H0, W0, route, H_windows)
         correlate_w(prediction, H0, H_windows, kernel, route)
 
     def run(n_iter):
@@ -181,7 +183,7 @@ def _rows(quick):
     rows.append((f"SIPLCA {shape[1]}x{shape[2]}, rank {rank}, T={T} (EM)",
                  _plca_runner(SIPLCA, V, W0, H0, tol=0),
                  original and _plca_runner(original.plca.SIPLCA, V, W0, H0, tol=NO_STOP),
-                 (lambda V: lambda m: _siplca_loss(m, V))(V), _conv_floor(V, W0, H0)))
+                 (lambda V: lambda m: _siplca_loss(m, V))(V), _conv_floor(V, W0, H0, shared=True)))
     n, c = (512, 64) if quick else (2048, 1024)
     ranks = (4, 10, 24)
     g = torch.Generator().manual_seed(0)
@@ -251,7 +253,7 @@ def run(quick=False):
         f"{1 if quick else ROUNDS} rounds in turn; loss after {iterations} iterations from the "
         f"same start (SI-PLCA: KL of V / sum V). The floor is the work an iteration cannot avoid "
         f"on its route: a reconstruction and one correlation per factor for the "
-        f"convolutional models, one evaluation and two vector-Jacobian products per "
+        f"convolutional models (one reconstruction for both in SI-PLCA's EM), one evaluation and two vector-Jacobian products per "
         f"parameter for the BetaMu chain."
     )
     if not have_original:
