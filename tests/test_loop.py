@@ -92,3 +92,33 @@ def test_convolutional_fit_reads_back_every_ten_iterations(device_stand_in, gene
     model = NMFD(V.shape, rank=2, T=3).double()
     n_iter = model.fit(V, beta=1, max_iter=30, tol=0)
     assert n_iter == 30 and device_stand_in == [10, 10, 10] and len(model.loss_history) == 31
+
+
+def test_multiplicative_updates_flush_entries_that_would_turn_subnormal():
+    from torchnmf.solvers.mu import mu_update_
+
+    tiny = torch.finfo(torch.float32).tiny
+    factor = torch.tensor([[1.0, 1e-15], [1e-20, 2.0], [1e-30, 3e-30]])
+    negative = torch.ones(3, 2)
+    positive = torch.ones(3, 2)
+    mu_update_(factor.clone(), negative.clone(), positive, 1)
+    out = mu_update_(factor.clone(), negative.clone(), positive, 1)
+    assert out.tolist() == [[1.0, pytest.approx(1e-15)], [0.0, 2.0], [0.0, 0.0]]
+    kept = mu_update_(factor.clone(), negative.clone(), positive, 1, fixed=torch.tensor([1]))
+    assert kept[:, 1].tolist() == factor[:, 1].tolist() and kept[2, 0] == 0
+    assert not ((kept > 0) & (kept < tiny ** 0.5))[:, 0].any()
+
+
+def test_digits_fit_keeps_no_subnormal_entries():
+    """A real dataset where KL updates drive many entries to zero (scikit-learn's digits)."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    V = torch.tensor(datasets.load_digits().data, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = NMF(V.shape, rank=16)
+    model.fit(V, beta=1, max_iter=150, tol=0)
+    history = torch.tensor(model.loss_history)
+    assert (history[1:] <= history[:-1] * (1 + 1e-6)).all()
+    tiny = torch.finfo(torch.float32).tiny
+    for factor in (model.H.detach(), model.W.detach()):
+        assert not ((factor > 0) & (factor < tiny)).any()
+        assert (factor == 0).any()  # the flushed entries
