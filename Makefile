@@ -30,7 +30,7 @@ BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]' || echo "optional benchmark peers not installed; their columns are skipped"
 	# the original torchnmf, in its own folder so that it never shadows ours (benchmarks/_original.py)
-	$(PY) -m pip install -q --no-deps --target $(VENV)/peers/torchnmf-0.3.5 torchnmf==0.3.5 || echo "torchnmf 0.3.5 not installed; bench_conv leaves its columns empty"
+	$(PY) -m pip install -q --no-deps --target $(VENV)/peers/torchnmf-0.3.5 torchnmf==0.3.5 || echo "torchnmf 0.3.5 not installed; bench_deconv leaves its columns empty"
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

@@ -19,7 +19,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from _common import low_rank_plus_noise, markdown_table  # noqa: E402
-from bench_conv import conv_problem  # noqa: E402
+from bench_deconv import conv_problem  # noqa: E402
 
 from torchnmf.nmf import NMF, NMF2D, NMFD  # noqa: E402
 from torchnmf.plca import SIPLCA  # noqa: E402
