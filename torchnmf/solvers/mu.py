@@ -95,8 +95,8 @@ class MultiplicativeUpdates:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)
             before = p.objective_before(divergence)
             mu_update_(p.H, negative, positive, self.gamma, p.penalty_H, p.fixed_H)
-        else:
-            before = p.objective()
+        else:  # no float(): on a GPU the loop reads the objective back
+            before = p.objective_before(p.stats.divergence(p.H, p.W))
         if p.update_W:
             negative, positive = p.stats.w_terms(p.H, p.W)
             mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
