@@ -130,7 +130,8 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
     free = [k for k in range(columns.shape[0]) if k not in skip]
     on_numpy = columns.device.type == "cpu" and columns.dtype in (torch.float32, torch.float64)
     sweep = _numpy_sweep if on_numpy else _torch_sweep
-    if columns.device.type != "cpu" and max_sweeps > 1:
+    if columns.device.type != "cpu" and max_sweeps > 1 and change_norm is None:
+        # (a distributed fit's change norm is a collective, which synchronises anyway)
         _device_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta)
         factor.copy_(columns.T)
         return max_sweeps
