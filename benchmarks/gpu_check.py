@@ -109,10 +109,14 @@ def main():
         print("gpu-check: no CUDA device here; nothing to check (the CUDA tests skip themselves)")
         return 0
     started = time.perf_counter()
-    tests = subprocess.call(
-        [sys.executable, "-m", "pytest", "-q", "-k", "cuda", str(HERE.parent / "tests")],
-        timeout=240,
-    )
+    try:
+        tests = subprocess.call(
+            [sys.executable, "-m", "pytest", "-q", "-k", "cuda", str(HERE.parent / "tests")],
+            timeout=240,
+        )
+    except subprocess.TimeoutExpired:
+        print("gpu-check: the CUDA tests ran past 240 s; the benchmark follows")
+        tests = 1
     print(f"\n## GPU check\n\n{benchmark()}\n")
     print(f"(gpu-check: {time.perf_counter() - started:.0f} s; CUDA tests "
           f"{'passed' if tests == 0 else 'FAILED'})")
