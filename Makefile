@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv docs clean
+.PHONY: demo test bench gpu-check venv docs clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,8 @@ BENCH_STAMP := $(VENV)/.bench-installed
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]' || echo "optional benchmark peers not installed; their columns are skipped"
+	# the original torchnmf, in its own folder so that it never shadows ours (benchmarks/_original.py)
+	$(PY) -m pip install -q --no-deps --target $(VENV)/peers/torchnmf-0.3.5 torchnmf==0.3.5 || echo "torchnmf 0.3.5 not installed; bench_deconv leaves its columns empty"
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
@@ -45,6 +47,11 @@ $(DOCS_STAMP): $(STAMP)
 docs: $(DOCS_STAMP)
 	rm -rf docs/api/generated
 	OMP_NUM_THREADS=2 $(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
+# The CUDA tests and a short GPU benchmark table (under five minutes); says so and
+# succeeds where there is no CUDA device.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache docs/_build docs/api/generated docs/api/backreferences docs/gallery

@@ -310,3 +310,44 @@ def test_numpy_and_torch_sweeps_agree(dtype):
     torch.testing.assert_close(a, b)
     assert torch.equal(a[1], columns[1])  # a column left out stays as it was
     assert not torch.equal(a, columns)
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.3, 0.9])
+def test_device_sweeps_give_the_host_rule_without_read_backs(delta, generator, monkeypatch):
+    """Off the CPU the inner sweeps' stopping rule stays on the device (no float per
+    sweep); the factor equals the host rule's.  A stand-in refuses any read-back."""
+    from torchnmf.solvers import hals
+
+    V, _, _ = low_rank(30, 20, 4, generator, noise=0.2)
+    H = torch.rand(30, 4, generator=generator, dtype=torch.float64)
+    W = torch.rand(20, 4, generator=generator, dtype=torch.float64)
+    numerator, gram = V @ W, W.T @ W
+    host = H.clone()
+    sweeps = hals_update_(host, numerator, gram, Penalty(), max_sweeps=6, delta=delta)
+    assert 1 <= sweeps <= 6
+    columns = H.T.contiguous()
+    targets = numerator.T / gram.diagonal().unsqueeze(1)
+    coupling = gram / gram.diagonal().unsqueeze(1)
+    coupling.diagonal().zero_()
+
+    def no_read_back(*args, **kwargs):
+        raise AssertionError("a host read-back inside the sweeps")
+
+    monkeypatch.setattr(torch.Tensor, "__float__", no_read_back)
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_read_back)
+    monkeypatch.setattr(torch.Tensor, "item", no_read_back)
+    hals._device_sweeps(columns, targets, coupling, list(range(4)), 0.0, 6, delta)
+    monkeypatch.undo()
+    assert_close(columns.T, host)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_hals_matches_cpu(generator):
+    V, _, _ = low_rank(30, 20, 4, generator, noise=0.2)
+    H = torch.rand(30, 4, generator=generator, dtype=torch.float64)
+    W = torch.rand(20, 4, generator=generator, dtype=torch.float64)
+    host = H.clone()
+    hals_update_(host, V @ W, W.T @ W, Penalty(), max_sweeps=6, delta=0.3)
+    device = H.cuda()
+    hals_update_(device, (V @ W).cuda(), (W.T @ W).cuda(), Penalty(), max_sweeps=6, delta=0.3)
+    assert_close(device.cpu(), host)

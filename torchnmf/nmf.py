@@ -602,9 +602,10 @@ class _ConvNMF(BaseComponent):
             rank = shapes_from_vshape(Vshape, rank, kernel, kwargs, type(self).__name__)
         super().__init__(rank, **kwargs)
 
-    @staticmethod
-    def reconstruct(H, W):
-        return conv_transpose(H, W)
+    # the forward map itself (not a wrapper), so that fit finds the closed-form
+    # statistics of torchnmf.targets.convolution; a subclass that overrides it
+    # takes the autograd route
+    reconstruct = staticmethod(conv_transpose)
 
 
 class NMFD(_ConvNMF):

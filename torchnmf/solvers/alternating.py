@@ -65,7 +65,7 @@ class AlternatingSolver:
         p = self.problem
         if p.update_H:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)
-            return (negative, positive), float(divergence) + p.penalty()
+            return (negative, positive), float(p.objective_before(divergence))
         return None, p.objective()
 
     def _trainable(self):

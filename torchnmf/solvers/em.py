@@ -72,22 +72,30 @@ class ExpectationMaximisation:
             if not self.update[name] or (not isinstance(alpha, torch.Tensor) and alpha == 1):
                 continue
             logs = factor.clamp_min(torch.finfo(factor.dtype).tiny).log()
-            total -= float(((alpha - 1) * logs).sum(dtype=torch.float64))
+            total = total - ((alpha - 1) * logs).sum(dtype=torch.float64)
         return total
 
     def objective(self):
-        return float(self.stats.divergence(self._weighted_H(), self.factors["W"])) + self._prior()
+        divergence = self.stats.divergence(self._weighted_H(), self.factors["W"])
+        return float(torch.as_tensor(divergence, dtype=torch.float64) + self._prior())
 
     def step(self):
         H, W, Z = self.factors["H"], self.factors["W"], self.factors["Z"]
         weighted = self._weighted_H()
-        negative, _, divergence = self.stats.h_terms(weighted, W)
-        before = float(divergence) + self._prior()
-        counts_H = weighted.mul_(negative)
+        joint = getattr(self.stats, "joint_terms", None)
+        negative_W = None
+        if joint is not None and self.update["W"]:
+            # one reconstruction for both factors (EM updates all from one point)
+            (negative, _), (negative_W, _), divergence = joint(weighted, W)
+        else:
+            negative, _, divergence = self.stats.h_terms(weighted, W)
+        before = torch.as_tensor(divergence, dtype=torch.float64) + self._prior()  # read back by the loop
         counts_W = None
         if self.update["W"]:
-            negative, _ = self.stats.w_terms(self._weighted_H(), W)
-            counts_W = W * negative
+            if negative_W is None:
+                negative_W, _ = self.stats.w_terms(weighted, W)
+            counts_W = W * negative_W
+        counts_H = weighted.mul_(negative)
         if self.update["Z"]:
             counts_Z = counts_H.sum(_other_dims(counts_H))
             Z.copy_(normalise_components_(_apply_prior_(counts_Z, self.alphas["Z"])))

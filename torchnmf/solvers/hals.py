@@ -130,6 +130,11 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
     free = [k for k in range(columns.shape[0]) if k not in skip]
     on_numpy = columns.device.type == "cpu" and columns.dtype in (torch.float32, torch.float64)
     sweep = _numpy_sweep if on_numpy else _torch_sweep
+    if columns.device.type != "cpu" and max_sweeps > 1 and change_norm is None:
+        # (a distributed fit's change norm is a collective, which synchronises anyway)
+        _device_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta)
+        factor.copy_(columns.T)
+        return max_sweeps
     first_change = None
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
@@ -148,6 +153,29 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
             break
     factor.copy_(columns.T)
     return sweeps
+
+
+def _device_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta):
+    """The sweeps of :func:`hals_update_` with the stopping rule kept on the device.
+
+    Reading each sweep's change back to the host would synchronise once per
+    sweep; instead every one of the ``max_sweeps`` sweeps runs, and those after
+    the sweep that meets the rule are undone by a device-side flag, which
+    leaves exactly the factor of the host's rule.
+    """
+    first_change = None
+    running = None
+    for _ in range(max_sweeps):
+        previous = columns.clone()
+        _torch_sweep(columns, targets, coupling, free, floor)
+        change = torch.linalg.vector_norm(previous - columns)
+        if first_change is None:
+            first_change = change
+            running = change > delta * first_change
+            continue
+        # keep this sweep only while no earlier one met the rule
+        columns.copy_(torch.where(running, columns, previous))
+        running = running & (change > delta * first_change)
 
 
 def _masked_residual(V, factor, other):

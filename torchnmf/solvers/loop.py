@@ -4,15 +4,47 @@ Every solver supplies a ``step()`` that performs one iteration and returns the
 objective at the point *before* that iteration (most solvers get it almost for
 free while computing their statistics), and an ``objective()`` that evaluates
 the current point.  The loop owns everything else.
+
+On an accelerator the objective a step returns is a 0-dim tensor on the
+device, and reading it is a host-device synchronisation that stalls the queue
+of kernels.  The loop therefore keeps those values on the device and reads
+them back together every :data:`READ_BACK_EVERY` iterations (one transfer),
+then applies the stopping rule, the progress bar and the finiteness check to
+each in order.  The history stays complete (one entry per iteration run), but
+a stop is decided at a read-back: a fit whose objective meets ``tol`` at
+iteration ``k`` still runs to the next multiple of ``READ_BACK_EVERY`` (at
+most ``READ_BACK_EVERY - 1`` iterations more, which only lower the
+objective), and ``n_iter`` counts every iteration run.  With a ``callback``
+the objective is read back after every iteration, so that the callback sees
+each one as it happens and can stop the fit there (likewise with an
+``after_iteration`` checkpoint).  On the CPU (or with a
+step that returns a Python number) every iteration is read at once, exactly
+as without this rule.
 """
 import math
 import os
 import sys
 import warnings
 
+import torch
+
 from .._validation import ConvergenceWarning
 
-__all__ = ["run_fit", "relative_decrease"]
+__all__ = ["run_fit", "relative_decrease", "READ_BACK_EVERY"]
+
+# Iterations between two read-backs of the objective from an accelerator
+# (the original torchnmf also looked at its loss every 10 iterations).
+READ_BACK_EVERY = 10
+
+
+def _on_accelerator(loss):
+    """Whether ``loss`` lives on a device whose read-back synchronises."""
+    return isinstance(loss, torch.Tensor) and loss.device.type != "cpu"
+
+
+def _read_back(losses):
+    """Python floats of a list of 0-dim tensors, in one transfer."""
+    return torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in losses]).tolist()
 
 
 def relative_decrease(previous, current):
@@ -41,6 +73,10 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
         after_iteration: optional ``after_iteration(n_iter, history)``, called
             after every iteration that does not end the fit (a checkpoint).
 
+    ``step()`` may return a Python number or a 0-dim tensor; tensors on an
+    accelerator are read back every :data:`READ_BACK_EVERY` iterations (see
+    the module's docstring).
+
     Returns:
         (n_iter, history): the iterations run and the objective after
         0, 1, ..., n_iter iterations (``history[0]`` is the starting point).
@@ -53,26 +89,59 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
         bar = tqdm(total=max_iter, initial=len(history), desc=desc, unit="it", leave=True)
     n_iter = len(history)
     stopped = False
+    pending = []  # objectives still on the device, oldest first
+    every = 1 if callback is not None or after_iteration is not None else READ_BACK_EVERY
+
+    def record(loss, iteration):
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the objective became {loss} at iteration {iteration}; "
+                f"check the data's scale or use a smaller beta"
+            )
+        history.append(loss)
+
+    def take(loss, iteration):
+        """Record one objective and apply the stopping rule to it; True to stop."""
+        record(loss, iteration)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
+        if callback is not None and callback(iteration, loss):
+            return True
+        if tol > 0 and len(history) >= 2 and relative_decrease(history[-2], history[-1]) < tol:
+            return True
+        if after_iteration is not None:
+            after_iteration(iteration, history)
+        return False
+
+    def flush():
+        """Read back the pending objectives; True when one of them stops the fit."""
+        values = _read_back(pending)
+        first = n_iter - len(pending) + 1
+        pending.clear()
+        stop = False
+        for offset, loss in enumerate(values):
+            if stop:  # run past the stop: keep the history complete
+                record(loss, first + offset)
+                if bar is not None:
+                    bar.update(1)
+            else:
+                stop = take(loss, first + offset)
+        return stop
+
     try:
         for n_iter in range(len(history) + 1, max_iter + 1):
-            loss = float(step())
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"the objective became {loss} at iteration {n_iter}; "
-                    f"check the data's scale or use a smaller beta"
-                )
-            history.append(loss)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
-            if callback is not None and callback(n_iter, loss):
+            loss = step()
+            if _on_accelerator(loss):
+                pending.append(loss)
+                if len(pending) >= every and flush():
+                    stopped = True
+                    break
+            elif take(float(loss), n_iter):
                 stopped = True
                 break
-            if tol > 0 and len(history) >= 2 and relative_decrease(history[-2], history[-1]) < tol:
-                stopped = True
-                break
-            if after_iteration is not None:
-                after_iteration(n_iter, history)
+        if pending and flush():
+            stopped = True
         history.append(float(objective()))
         if bar is not None:
             bar.set_postfix(loss=f"{history[-1]:.6g}")

@@ -38,7 +38,8 @@ def mu_update_(factor, negative, positive, gamma, penalty=Penalty(), fixed=None)
     may broadcast against ``factor``); ``positive`` is floored at the dtype's
     machine epsilon.  ``negative`` is used as scratch space.  ``fixed`` (int64
     indices along dimension 1, the rank) names components whose ratio is set
-    to exactly one, so that they stay bit-identical.
+    to exactly one, so that they stay bit-identical.  Entries that fall under
+    the smallest normal number become zero (see :func:`_flush_subnormal_`).
     """
     eps = torch.finfo(factor.dtype).eps
     if penalty:
@@ -49,7 +50,29 @@ def mu_update_(factor, negative, positive, gamma, penalty=Penalty(), fixed=None)
     if fixed is not None:
         ratio.index_fill_(1, fixed, 1)
     factor.mul_(ratio)
+    _flush_subnormal_(factor, fixed)
     return factor
+
+
+def _flush_subnormal_(factor, fixed=None):
+    """Set entries under the square root of the dtype's smallest normal number
+    to zero, in place.
+
+    Multiplicative updates drive unused entries towards zero geometrically;
+    once they (or products of two of them) are subnormal, every product that
+    reads them runs several times slower on CPUs (digits at rank 16, beta=1:
+    25 ms per iteration instead of 2.6 ms with the CPU's flush-to-zero mode,
+    measured).  Below the square root, a product of two entries could be
+    subnormal; above it, none is.  Such entries (under 1e-19 in float32) weigh
+    nothing next to the reconstruction's floor, the dtype's epsilon.  Fixed
+    components keep their entries bit for bit.
+    """
+    tiny = torch.finfo(factor.dtype).tiny ** 0.5
+    if fixed is None:
+        return torch.nn.functional.threshold_(factor, tiny, 0.0)
+    small = factor < tiny
+    small.index_fill_(1, fixed, False)
+    return factor.masked_fill_(small, 0)
 
 
 class MultiplicativeUpdates:
@@ -70,10 +93,10 @@ class MultiplicativeUpdates:
         p = self.problem
         if p.update_H:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)
-            before = float(divergence) + p.penalty()
+            before = p.objective_before(divergence)
             mu_update_(p.H, negative, positive, self.gamma, p.penalty_H, p.fixed_H)
-        else:
-            before = p.objective()
+        else:  # no float(): on a GPU the loop reads the objective back
+            before = p.objective_before(p.stats.divergence(p.H, p.W))
         if p.update_W:
             negative, positive = p.stats.w_terms(p.H, p.W)
             mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)

@@ -34,14 +34,15 @@ class Penalty:
         return self.alpha > 0
 
     def value(self, factor):
-        """The penalty's value at ``factor`` (a Python float)."""
+        """The penalty's value at ``factor``: 0.0 without a penalty, else a float64
+        0-dim tensor on ``factor``'s device (no read-back to the host)."""
         if not self:
             return 0.0
         total = 0.0
         if self.l1:
-            total += self.l1 * float(factor.sum(dtype=torch.float64))
+            total = total + self.l1 * factor.sum(dtype=torch.float64)
         if self.l2:
-            total += 0.5 * self.l2 * float(factor.pow(2).sum(dtype=torch.float64))
+            total = total + 0.5 * self.l2 * factor.pow(2).sum(dtype=torch.float64)
         return total
 
     def add_gradient_(self, positive, factor):

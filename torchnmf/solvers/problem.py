@@ -43,7 +43,8 @@ class FitProblem:
     reduction: object = None
 
     def penalty(self):
-        """The penalty not already in the divergence (see the class docstring)."""
+        """The penalty not already in the divergence (see the class docstring):
+        0.0, or a float64 0-dim tensor on the factors' device."""
         total = 0.0
         if self.update_H and self.reduction is None:
             total += self.penalty_H.value(self.H)
@@ -52,7 +53,12 @@ class FitProblem:
         return total
 
     def objective(self):
-        return float(self.stats.divergence(self.H, self.W)) + self.penalty()
+        return float(self.objective_before(self.stats.divergence(self.H, self.W)))
+
+    def objective_before(self, divergence):
+        """The objective from the divergence at the current point, as a float64
+        tensor on the factors' device (read back by the loop, not here)."""
+        return torch.as_tensor(divergence, dtype=torch.float64) + self.penalty()
 
     # -- sums over the rows of H, which a distributed fit spreads over processes --
     def row_sum_(self, *tensors):

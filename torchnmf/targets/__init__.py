@@ -21,6 +21,8 @@ across processes) relies on exactly that.
 Members: :mod:`~torchnmf.targets.dense` (closed forms for a dense matrix),
 :mod:`~torchnmf.targets.sparse` (COO/CSR/CSC matrices, never densified),
 :mod:`~torchnmf.targets.masked` (missing entries, dense or sparse),
+:mod:`~torchnmf.targets.convolution` (closed forms for the convolutional
+models' forward map, dense or masked),
 :mod:`~torchnmf.targets.autograd` (any model, by vector-Jacobian products),
 and :mod:`~torchnmf.targets.prepare` (validation of ``V`` and its mask at the
 entry point).  A new kind provides the three methods above with the same
@@ -28,7 +30,9 @@ shapes and dtypes, and joins :func:`statistics`.
 """
 import torch
 
+from ..models.forward import conv_transpose
 from .autograd import AutogradStats
+from .convolution import ConvStats
 from .dense import DenseMatrixStats
 from .masked import MaskedAutogradStats, MaskedMatrixStats
 from .sparse import SPARSE_LAYOUTS, SparseMatrixStats
@@ -40,8 +44,10 @@ def statistics(V, beta, mask=None, reconstruct=None, name="fit"):
     r"""The statistics object for a prepared target ``V`` (see :mod:`.prepare`).
 
     ``reconstruct=None`` means the matrix model :math:`\hat V = H W^\top`, which
-    has closed forms for dense, sparse and masked targets; any other forward map
-    takes the autograd route, which needs a dense ``V``.  ``name`` names the
+    has closed forms for dense, sparse and masked targets; so has the
+    convolutional models' forward map (``reconstruct`` is
+    :func:`~torchnmf.models.forward.conv_transpose`) for dense and masked ones;
+    any other forward map takes the autograd route, which needs a dense ``V``.  ``name`` names the
     caller in the error for a sparse target on that route.
     """
     if V.layout != torch.strided and (reconstruct is not None or V.layout not in SPARSE_LAYOUTS):
@@ -52,6 +58,8 @@ def statistics(V, beta, mask=None, reconstruct=None, name="fit"):
         if V.layout in SPARSE_LAYOUTS:
             return SparseMatrixStats(V, beta)
         return DenseMatrixStats(V, beta)
+    if reconstruct is conv_transpose:
+        return ConvStats(V, beta, mask)
     if mask is not None:
         return MaskedAutogradStats(V, mask, beta, reconstruct)
     return AutogradStats(V, beta, reconstruct)

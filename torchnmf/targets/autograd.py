@@ -89,7 +89,8 @@ def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False, co
     """
     inputs = list(inputs)
     floored = prediction.detach().clamp_min(torch.finfo(prediction.dtype).eps)
-    positive_out = torch.ones_like(floored) if beta == 1 else floored.pow(beta - 1)
+    # beta=1: an expanded one, not a tensor of ones of the prediction's size to fill
+    positive_out = floored.new_ones(()).expand_as(floored) if beta == 1 else floored.pow(beta - 1)
     divergence = None
     if constant is not None:
         if beta == 1:

@@ -1,0 +1,241 @@
+"""Closed-form statistics of the convolutional models against the autograd route."""
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import TOLERANCES
+from torchnmf.models.forward import conv_transpose
+from torchnmf.targets import convolution as _convolution
+from torchnmf.targets.autograd import AutogradStats
+from torchnmf.targets.convolution import ConvStats
+from torchnmf.targets.masked import MaskedAutogradStats
+from torchnmf.nmf import NMF2D, NMF3D, NMFD
+from torchnmf.plca import SIPLCA, SIPLCA2
+
+BETAS = [0, 0.5, 1, 1.5, 2, 3]
+# (channels, rank, kernel, activation shape without N and R): odd sizes; the
+# first 1-D case has R K < 2 C, so beta=2 takes the auto-correlation route
+SHAPES = [
+    (9, 2, (3,), (7,)),
+    (3, 2, (4,), (5,)),
+    (3, 2, (2, 3), (5, 4)),
+    (2, 3, (2, 1, 3), (3, 4, 2)),
+]
+
+
+def problem(generator, channels, rank, kernel, inner, batch=2, dtype=torch.float64):
+    H = torch.rand(batch, rank, *inner, generator=generator, dtype=dtype) + 0.1
+    W = torch.rand(channels, rank, *kernel, generator=generator, dtype=dtype) + 0.1
+    truth = torch.rand(H.shape, generator=generator, dtype=dtype)
+    V = conv_transpose(truth, W) + 0.05 * torch.rand(
+        conv_transpose(H, W).shape, generator=generator, dtype=dtype
+    )
+    return V, H, W
+
+
+def assert_terms(got, want, dtype=torch.float64):
+    for g, w in zip(got, want):
+        if w.dim() == 0:
+            assert float(g) == pytest.approx(float(w), rel=1e-9 if dtype == torch.float64 else 1e-4)
+        else:
+            assert_close(g.expand_as(w), w, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("route", ["windows", "conv", None])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("beta", BETAS)
+def test_statistics_equal_the_autograd_route(beta, shape, route, generator):
+    V, H, W = problem(generator, *shape)
+    ours = ConvStats(V, beta, route=route)
+    reference = AutogradStats(V, beta, conv_transpose)
+    assert_terms(ours.h_terms(H, W), reference.h_terms(H, W))
+    assert_terms(ours.w_terms(H, W), reference.w_terms(H, W))
+    *terms, value = ours.w_terms(H, W, divergence=True)
+    assert_terms((*terms, value), (*reference.w_terms(H, W), reference.divergence(H, W)))
+    assert float(ours.divergence(H, W)) == pytest.approx(float(reference.divergence(H, W)), rel=1e-9)
+    assert ours.h_terms(H, W, divergence=False)[2] is None
+
+
+@pytest.mark.parametrize("route", ["windows", "conv"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("beta", [0, 1, 1.5, 2])
+def test_masked_statistics_equal_the_autograd_route(beta, shape, route, generator):
+    V, H, W = problem(generator, *shape)
+    mask = torch.rand(V.shape, generator=generator) > 0.3
+    V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
+    ours = ConvStats(V, beta, mask=mask, route=route)
+    reference = MaskedAutogradStats(V, mask, beta, conv_transpose)
+    assert_terms(ours.h_terms(H, W), reference.h_terms(H, W))
+    assert_terms(ours.w_terms(H, W), reference.w_terms(H, W))
+    assert float(ours.divergence(H, W)) == pytest.approx(float(reference.divergence(H, W)), rel=1e-9)
+
+
+@pytest.mark.parametrize("beta", [1, 2])
+def test_float32_statistics(beta, generator):
+    V, H, W = problem(generator, 9, 2, (3,), (11,), dtype=torch.float32)
+    for route in ("windows", "conv"):
+        assert_terms(ConvStats(V, beta, route=route).h_terms(H, W),
+                     AutogradStats(V, beta, conv_transpose).h_terms(H, W), torch.float32)
+
+
+def test_the_route_follows_the_kernel(generator):
+    V, H, W = problem(generator, 3, 2, (4,), (5,))
+    assert ConvStats(V, 1)._route(H, W) == "windows"
+    V2, H2, W2 = problem(generator, 3, 2, (2, 3), (5, 4))
+    assert ConvStats(V2, 1)._route(H2, W2) == "conv"
+
+
+def test_windows_give_way_to_convolutions_beyond_the_limit(generator, monkeypatch):
+    V, H, W = problem(generator, 3, 2, (4,), (5,))
+    monkeypatch.setattr(_convolution, "UNFOLD_LIMIT", 10)
+    assert ConvStats(V, 1)._route(H, W) == "conv"
+
+
+def autograd_statistics(self, V, beta, mask=None):
+    if mask is not None:
+        return MaskedAutogradStats(V, mask, beta, self.reconstruct)
+    return AutogradStats(V, beta, self.reconstruct)
+
+
+@pytest.mark.parametrize("solver", ["mu", "mu_extrapolated"])
+@pytest.mark.parametrize("make,vshape", [
+    (lambda v: NMFD(v, rank=2, T=3), (2, 5, 12)),
+    (lambda v: NMF2D(v, rank=2, kernel_size=(2, 3)), (1, 3, 7, 8)),
+    (lambda v: NMF3D(v, rank=2, kernel_size=2), (1, 2, 4, 5, 3)),
+])
+@pytest.mark.parametrize("beta", [0.5, 1, 2])
+def test_fits_follow_the_autograd_route(make, vshape, beta, solver, generator, monkeypatch):
+    V = torch.rand(vshape, generator=generator, dtype=torch.float64) + 0.1
+    torch.manual_seed(0)
+    ours = make(vshape).double()
+    reference = make(vshape).double()
+    reference.load_state_dict(ours.state_dict())
+    ours.fit(V, beta=beta, max_iter=6, tol=0, solver=solver)
+    monkeypatch.setattr(type(reference), "_statistics", autograd_statistics)
+    reference.fit(V, beta=beta, max_iter=6, tol=0, solver=solver)
+    assert_close(ours.H.detach(), reference.H.detach())
+    assert_close(ours.W.detach(), reference.W.detach())
+    assert ours.loss_history == pytest.approx(reference.loss_history, rel=1e-9)
+
+
+def test_masked_fit_follows_the_autograd_route(generator, monkeypatch):
+    V = torch.rand(2, 4, 11, generator=generator, dtype=torch.float64) + 0.1
+    mask = torch.rand(V.shape, generator=generator) > 0.2
+    torch.manual_seed(0)
+    ours = NMFD(V.shape, rank=2, T=3).double()
+    reference = NMFD(V.shape, rank=2, T=3).double()
+    reference.load_state_dict(ours.state_dict())
+    ours.fit(V, beta=1, max_iter=5, tol=0, mask=mask)
+    monkeypatch.setattr(NMFD, "_statistics", autograd_statistics)
+    reference.fit(V, beta=1, max_iter=5, tol=0, mask=mask)
+    assert_close(ours.W.detach(), reference.W.detach())
+    assert ours.loss_history == pytest.approx(reference.loss_history, rel=1e-9)
+
+
+@pytest.mark.parametrize("make,vshape", [
+    (lambda v: SIPLCA(v, rank=2, T=3), (1, 5, 12)),
+    (lambda v: SIPLCA2(v, rank=2, kernel_size=(2, 3)), (1, 3, 6, 7)),
+])
+def test_siplca_follows_the_autograd_route(make, vshape, generator, monkeypatch):
+    V = torch.rand(vshape, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    ours = make(vshape).double()
+    reference = make(vshape).double()
+    reference.load_state_dict(ours.state_dict())
+    ours.fit(V, max_iter=6, tol=0)
+    monkeypatch.setattr(type(reference), "_statistics",
+                        lambda self, P: AutogradStats(P, 1, type(self)._factor_map))
+    reference.fit(V, max_iter=6, tol=0)
+    for name in ("H", "W", "Z"):
+        assert_close(getattr(ours, name).detach(), getattr(reference, name).detach())
+
+
+@pytest.mark.parametrize("beta", [0.5, 1, 2])
+def test_nmfd_on_digits_decreases_and_recovers_strokes(beta):
+    """A real dataset: scikit-learn's digits, each image a 8-channel signal of 8 steps."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    images = torch.tensor(datasets.load_digits().images[:60], dtype=torch.float64)
+    V = images.permute(0, 2, 1) + 0.01  # (N, C=8 rows, L=8 columns)
+    torch.manual_seed(0)
+    model = NMFD(V.shape, rank=6, T=3).double()
+    model.fit(V, beta=beta, max_iter=60, tol=0)
+    history = torch.tensor(model.loss_history)
+    assert (history[1:] <= history[:-1] * (1 + 1e-10)).all()
+    assert history[-1] < 0.4 * history[0]
+
+
+def test_planted_convolutive_factors_are_recovered(generator):
+    """Exact planted data: the fit reaches a near-zero divergence."""
+    W = torch.rand(6, 2, 4, generator=generator, dtype=torch.float64)
+    H = torch.rand(1, 2, 40, generator=generator, dtype=torch.float64).pow(6)
+    V = conv_transpose(H, W)
+    torch.manual_seed(1)
+    model = NMFD(V.shape, rank=2, T=4).double()
+    model.fit(V, beta=2, max_iter=3000, tol=0)
+    assert model.loss_history[-1] < 1e-3 * model.loss_history[0]
+
+
+def test_the_convolutional_models_choose_the_closed_form(generator):
+    from torchnmf.targets import statistics
+
+    V = torch.rand(1, 3, 8, generator=generator)
+    assert isinstance(NMFD(V.shape, rank=2, T=3)._statistics(V, 1), ConvStats)
+    assert isinstance(SIPLCA(V.shape, rank=2, T=3)._statistics(V / V.sum()), ConvStats)
+    mask = torch.rand(V.shape, generator=generator) > 0.5
+    assert isinstance(statistics(V, 1, mask, NMFD.reconstruct), ConvStats)
+
+    class Scaled(NMFD):
+        @staticmethod
+        def reconstruct(H, W):
+            return 2 * conv_transpose(H, W)
+
+    assert isinstance(Scaled(V.shape, rank=2, T=3)._statistics(V, 1), AutogradStats)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("beta", [1, 2])
+def test_cuda_statistics_match_cpu(shape, beta, generator):
+    V, H, W = problem(generator, *shape)
+    for route in ("windows", "conv"):
+        cpu = ConvStats(V, beta, route=route)
+        gpu = ConvStats(V.cuda(), beta, route=route)
+        for got, want in zip(gpu.h_terms(H.cuda(), W.cuda()), cpu.h_terms(H, W)):
+            assert_close(got.cpu(), want)
+        for got, want in zip(gpu.w_terms(H.cuda(), W.cuda()), cpu.w_terms(H, W)):
+            assert_close(got.cpu(), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("make,vshape", [
+    (lambda v: NMFD(v, rank=2, T=3), (2, 5, 12)),
+    (lambda v: NMF2D(v, rank=2, kernel_size=(2, 3)), (1, 3, 7, 8)),
+])
+def test_cuda_fit_matches_cpu_with_deferred_read_backs(make, vshape, generator, monkeypatch):
+    from torchnmf.solvers import loop
+
+    reads = []
+    real = loop._read_back
+    monkeypatch.setattr(loop, "_read_back", lambda losses: reads.append(len(losses)) or real(losses))
+    V = torch.rand(vshape, generator=generator, dtype=torch.float64) + 0.1
+    torch.manual_seed(0)
+    cpu = make(vshape).double()
+    gpu = make(vshape).double()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    cpu.fit(V, beta=1, max_iter=25, tol=0)
+    assert reads == []
+    gpu.fit(V.cuda(), beta=1, max_iter=25, tol=0)
+    assert reads == [10, 10, 5]
+    assert_close(gpu.W.detach().cpu(), cpu.W.detach())
+    assert gpu.loss_history == pytest.approx(cpu.loss_history, rel=1e-9)
+
+
+@pytest.mark.parametrize("route", ["windows", "conv"])
+@pytest.mark.parametrize("beta", [1, 2, 0.5])
+def test_joint_terms_equal_the_separate_ones(beta, route, generator):
+    V, H, W = problem(generator, 3, 2, (4,), (5,))
+    stats = ConvStats(V, beta, route=route)
+    (h_neg, h_pos), (w_neg, w_pos), value = stats.joint_terms(H, W)
+    assert_terms((h_neg, h_pos, value), stats.h_terms(H, W))
+    assert_terms((w_neg, w_pos), stats.w_terms(H, W))

@@ -1,0 +1,124 @@
+"""The fitting loop: read-backs of the objective from an accelerator, with a stand-in device."""
+import math
+
+import pytest
+import torch
+
+from torchnmf.nmf import NMF, NMFD
+from torchnmf.solvers import loop
+
+
+@pytest.fixture
+def device_stand_in(monkeypatch):
+    """Every tensor objective counts as living on an accelerator; read-backs are counted."""
+    reads = []
+    real_read_back = loop._read_back
+
+    def counted(losses):
+        reads.append(len(losses))
+        return real_read_back(losses)
+
+    monkeypatch.setattr(loop, "_on_accelerator", lambda loss: isinstance(loss, torch.Tensor))
+    monkeypatch.setattr(loop, "_read_back", counted)
+    return reads
+
+
+def decreasing_steps(values):
+    """A ``step`` returning the given objectives as 0-dim tensors, one per call."""
+    iterator = iter(values)
+    return lambda: torch.tensor(next(iterator), dtype=torch.float64)
+
+
+def test_cpu_loop_never_defers(monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "_read_back", lambda losses: calls.append(losses))
+    n_iter, history = loop.run_fit(decreasing_steps([5.0, 4.0, 3.0]), lambda: 2.0, 0, 3)
+    assert calls == [] and n_iter == 3 and history == [5.0, 4.0, 3.0, 2.0]
+
+
+def test_objectives_are_read_back_every_few_iterations(device_stand_in):
+    steps = decreasing_steps([100.0 - k for k in range(25)])
+    n_iter, history = loop.run_fit(steps, lambda: 0.5, 0, 25)
+    assert device_stand_in == [10, 10, 5]
+    assert n_iter == 25 and history == [100.0 - k for k in range(25)] + [0.5]
+
+
+def test_a_stop_is_decided_at_the_read_back(device_stand_in):
+    # the relative decrease falls under tol at iteration 5 (2.9 -> 2.8999)
+    values = [10.0, 5.0, 3.0, 2.9, 2.8999, 2.8998] + [2.8997 - 1e-5 * k for k in range(20)]
+    cpu_values = iter(values)
+    cpu_n_iter, cpu_history = loop.run_fit(lambda: next(cpu_values), lambda: 1.0, 0.01, 30)
+    assert cpu_n_iter == 5 and cpu_history == values[:5] + [1.0]
+    n_iter, history = loop.run_fit(decreasing_steps(values), lambda: 1.0, 0.01, 30)
+    assert device_stand_in == [10]
+    assert n_iter == 10 and history == values[:10] + [1.0]  # complete: every iteration run
+
+
+def test_a_callback_reads_every_iteration(device_stand_in):
+    seen = []
+    n_iter, _ = loop.run_fit(
+        decreasing_steps([9.0, 8.0, 7.0, 6.0]), lambda: 5.0, 0, 4,
+        callback=lambda n, loss: seen.append((n, loss)) or n == 3,
+    )
+    assert device_stand_in == [1, 1, 1] and n_iter == 3
+    assert seen == [(1, 9.0), (2, 8.0), (3, 7.0)]
+
+
+def test_a_non_finite_objective_is_refused_at_the_read_back(device_stand_in):
+    with pytest.raises(FloatingPointError, match="the objective became nan at iteration 3"):
+        loop.run_fit(decreasing_steps([3.0, 2.0, math.nan, 1.0]), lambda: 0.0, 0, 4)
+    assert device_stand_in == [4]
+
+
+@pytest.mark.parametrize("solver", ["mu", "mu_extrapolated", "hals"])
+def test_fits_keep_their_history_with_deferred_read_backs(solver, device_stand_in, generator):
+    V = torch.rand(12, 9, generator=generator, dtype=torch.float64) + 0.1
+    torch.manual_seed(0)
+    model = NMF(V.shape, rank=3).double()
+    reference = NMF(V.shape, rank=3).double()
+    reference.load_state_dict(model.state_dict())
+    beta = 2 if solver == "hals" else 1
+    model.fit(V, beta=beta, max_iter=23, tol=0, solver=solver, alpha=0.1)
+    reads = list(device_stand_in)
+    device_stand_in.clear()
+    reference.fit(V, beta=beta, max_iter=23, tol=0, solver=solver, alpha=0.1, callback=lambda n, l: False)
+    assert model.loss_history == reference.loss_history
+    if solver == "mu":  # the alternating solvers return Python floats (they decide on them)
+        assert reads == [10, 10, 3] and device_stand_in == [1] * 23
+
+
+def test_convolutional_fit_reads_back_every_ten_iterations(device_stand_in, generator):
+    V = torch.rand(1, 4, 20, generator=generator, dtype=torch.float64) + 0.1
+    model = NMFD(V.shape, rank=2, T=3).double()
+    n_iter = model.fit(V, beta=1, max_iter=30, tol=0)
+    assert n_iter == 30 and device_stand_in == [10, 10, 10] and len(model.loss_history) == 31
+
+
+def test_multiplicative_updates_flush_entries_that_would_turn_subnormal():
+    from torchnmf.solvers.mu import mu_update_
+
+    tiny = torch.finfo(torch.float32).tiny
+    factor = torch.tensor([[1.0, 1e-15], [1e-20, 2.0], [1e-30, 3e-30]])
+    negative = torch.ones(3, 2)
+    positive = torch.ones(3, 2)
+    mu_update_(factor.clone(), negative.clone(), positive, 1)
+    out = mu_update_(factor.clone(), negative.clone(), positive, 1)
+    assert out.tolist() == [[1.0, pytest.approx(1e-15)], [0.0, 2.0], [0.0, 0.0]]
+    kept = mu_update_(factor.clone(), negative.clone(), positive, 1, fixed=torch.tensor([1]))
+    assert kept[:, 1].tolist() == factor[:, 1].tolist() and kept[2, 0] == 0
+    assert not ((kept > 0) & (kept < tiny ** 0.5))[:, 0].any()
+
+
+def test_digits_fit_keeps_no_subnormal_entries():
+    """A real dataset where KL updates drive many entries to zero (scikit-learn's digits)."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    V = torch.tensor(datasets.load_digits().data, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = NMF(V.shape, rank=16)
+    model.fit(V, beta=1, max_iter=150, tol=0)
+    history = torch.tensor(model.loss_history)
+    assert (history[1:] <= history[:-1] * (1 + 1e-6)).all()
+    tiny = torch.finfo(torch.float32).tiny
+    for factor in (model.H.detach(), model.W.detach()):
+        assert not ((factor > 0) & (factor < tiny)).any()
+        assert (factor == 0).any()  # the flushed entries
