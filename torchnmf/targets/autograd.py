@@ -40,6 +40,15 @@ class AutogradStats:
             )
         return negative, positive, prediction.detach()
 
+    # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
+    def scale_sums(self):
+        """``(sum, count)`` of the observed entries of ``V``: the entry point's scale."""
+        return float(self.V.sum(dtype=torch.float64)), self.V.numel()
+
+    def scaled(self, factor):
+        """The same statistics for ``factor * V``."""
+        return type(self)(self.V * factor, self.beta, self.reconstruct)
+
     def h_terms(self, H, W):
         negative, positive, prediction = self._parts(H, W, True)
         return negative, positive, metrics.beta_div(prediction, self.V, self.beta)

@@ -38,6 +38,7 @@ class DenseMatrixStats:
 
     def __init__(self, V, beta, block_elements=None):
         self.V = V.contiguous()
+        self.block_elements = block_elements
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
         N, C = self.V.shape
@@ -45,6 +46,15 @@ class DenseMatrixStats:
         self.rows = max(1, min(N, block_elements // max(C, 1)))
         self._work = None
         self.constant = self._divergence_constant()
+
+    # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
+    def scale_sums(self):
+        """``(sum, count)`` of the observed entries of ``V``: the entry point's scale."""
+        return float(self.V.sum(dtype=torch.float64)), self.V.numel()
+
+    def scaled(self, factor):
+        """The same statistics for ``factor * V``."""
+        return type(self)(self.V * factor, self.beta, self.block_elements)
 
     # -- set-up ---------------------------------------------------------------
     def _buffers(self, R):

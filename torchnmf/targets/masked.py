@@ -114,6 +114,8 @@ class MaskedMatrixStats:
 
     def __init__(self, V, mask, beta, block_elements=None):
         self.mask = mask.contiguous()
+        self.V = V
+        self.block_elements = block_elements
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
         self.dtype = V.dtype
@@ -123,6 +125,15 @@ class MaskedMatrixStats:
         source = _DenseRows if V.layout == torch.strided else _SparseRows
         self.source = source(V, self.rows)
         self.constant = _observed_constant(self.source.observed_values(self.mask), self.beta)
+
+    # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
+    def scale_sums(self):
+        """``(sum, count)`` of the observed entries of ``V``: the entry point's scale."""
+        return float(self.source.observed_values(self.mask).sum(dtype=torch.float64)), int(self.mask.sum())
+
+    def scaled(self, factor):
+        """The same statistics for ``factor * V``."""
+        return type(self)(self.V * factor, self.mask, self.beta, self.block_elements)
 
     def observed_target(self):
         """``(V, weight)``: the target (zeros where hidden; dense, or sparse COO for a
@@ -217,6 +228,13 @@ class MaskedAutogradStats(AutogradStats):
         super().__init__(V, beta, functools.partial(_masked_reconstruct, reconstruct, weight))
         self.mask = mask
         self.V_observed = V[mask]
+        self.unmasked_reconstruct = reconstruct
+
+    def scale_sums(self):
+        return float(self.V_observed.sum(dtype=torch.float64)), self.V_observed.numel()
+
+    def scaled(self, factor):
+        return type(self)(self.V * factor, self.mask, self.beta, self.unmasked_reconstruct)
 
     def _observed_divergence(self, prediction):
         return metrics.beta_div(prediction[self.mask], self.V_observed, self.beta)

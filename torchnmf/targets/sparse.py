@@ -175,6 +175,8 @@ class SparseMatrixStats:
     """
 
     def __init__(self, V, beta, block_elements=None):
+        self.V = V
+        self.block_elements = block_elements
         block_elements = block_elements or SPARSE_BLOCK_ELEMENTS
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
@@ -184,6 +186,15 @@ class SparseMatrixStats:
         self.by_columns = _Orientation(transpose_csr(csr), block_elements)
         self.constant = _divergence_constant(self.by_rows.values, self.beta)
         self._work = None
+
+    # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
+    def scale_sums(self):
+        """``(sum, count)`` of the observed entries of ``V``: the entry point's scale."""
+        return float(self.by_rows.values.sum(dtype=torch.float64)), self.shape[0] * self.shape[1]
+
+    def scaled(self, factor):
+        """The same statistics for ``factor * V``."""
+        return type(self)(self.V * factor, self.beta, self.block_elements)
 
     def _work_buffer(self):
         if self._work is None:
