@@ -29,6 +29,7 @@ from ..solvers.problem import FitProblem
 from ..solvers.scaling import Normalisation, scaled_penalty, target_scale
 from ..solvers.registry import get_solver, require_features
 from ..targets.prepare import prepare_target
+from ..targets.residual import AccurateDivergence
 from .distributed import distributed_problem
 
 __all__ = [
@@ -142,6 +143,7 @@ def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **opt
             key = f"penalty_{name}"
             if key in options:
                 options[key] = scaled_penalty(options[key], scale, beta, name == carrier, H.dtype)
+    stats = AccurateDivergence(stats, H.dtype)
     normalisation = Normalisation(H, W, scale, carrier, beta, update_H, update_W)
     if update_H or update_W:
         _match_start(model, normalisation, total / max(count, 1) / scale, reduction,

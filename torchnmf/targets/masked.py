@@ -25,6 +25,7 @@ import torch
 from .. import metrics
 from .autograd import AutogradStats
 from .dense import BLOCK_ELEMENTS
+from .residual import pointwise_divergence
 from .sparse import to_csr
 
 __all__ = ["MaskedMatrixStats", "MaskedAutogradStats"]
@@ -135,6 +136,24 @@ class MaskedMatrixStats:
         """The same statistics for ``factor * V``."""
         return type(self)(self.V * factor, self.mask, self.beta, self.block_elements)
 
+    # -- the explicit residual (see torchnmf.targets.residual) -----------------------
+    def magnitude(self):
+        """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
+        return float(self.source.observed_values(self.mask).double().pow(self.beta).sum())
+
+    def explicit_divergence(self, H, W):
+        """The divergence summed entry by entry in float64 (slow, accurate)."""
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        W64 = W.double()
+        for start, stop in self._blocks(H.shape[0]):
+            R = (H[start:stop].double() @ W64.T)
+            if self.beta != 2:
+                R.clamp_min_(self.eps)
+            V = self.source(start, stop)
+            mask = self.mask[start:stop]
+            total += pointwise_divergence(V[mask], R[mask], self.beta).sum()
+        return total
+
     def observed_target(self):
         """``(V, weight)``: the target (zeros where hidden; dense, or sparse COO for a
         sparse target) and the mask in ``V``'s dtype, for solvers that work on the
@@ -235,6 +254,16 @@ class MaskedAutogradStats(AutogradStats):
 
     def scaled(self, factor):
         return type(self)(self.V * factor, self.mask, self.beta, self.unmasked_reconstruct)
+
+    def magnitude(self):
+        return float(self.V_observed.double().pow(self.beta).sum())
+
+    def explicit_divergence(self, H, W):
+        with torch.no_grad():
+            prediction = self.unmasked_reconstruct(H.double(), W.double())[self.mask]
+        if self.beta != 2:
+            prediction = prediction.clamp_min(self.eps)
+        return pointwise_divergence(self.V_observed, prediction, self.beta).sum()
 
     def _observed_divergence(self, prediction):
         return metrics.beta_div(prediction[self.mask], self.V_observed, self.beta)
