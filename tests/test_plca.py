@@ -237,3 +237,15 @@ def test_shift_invariant_models_refuse_sparse_targets():
     V = torch.rand(3, 4, 10).to_sparse()
     with pytest.raises(NotImplementedError, match="SIPLCA.fit does not accept sparse targets"):
         model.fit(V, max_iter=2)
+
+
+def test_base_component_has_no_Z_unless_asked(generator):
+    W = torch.rand(4, 2, generator=generator, dtype=torch.float64)
+    H = torch.rand(5, 2, generator=generator, dtype=torch.float64)
+    base = BaseComponent(W=W, H=H)
+    assert base.Z is None and "Z" not in dict(base.named_parameters())
+    with pytest.raises(ValueError, match="fit needs the latent prior Z, but this module has none"):
+        base.fit(torch.rand(5, 4, dtype=torch.float64))
+    assert BaseComponent(rank=2, W=W, H=H).Z is not None
+    assert BaseComponent(W=W, H=H, Z=torch.tensor([0.5, 0.5])).Z is not None
+    assert PLCA(W=W, H=H).Z is not None  # the models keep a uniform prior
