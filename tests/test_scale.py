@@ -116,3 +116,26 @@ def test_scaled_penalty_matches_objective():
         scaled = scaled_penalty(penalty, s, beta, carries, torch.float64)
         original = penalty.value(X * s if carries else X)
         assert original == pytest.approx(s**beta * scaled.value(X), rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [2.0**-70, 1e-20, 1e20])
+def test_sparse_fit_is_scale_equivariant(scale, generator):
+    V, _, _ = low_rank(20, 12, 3, generator, noise=0.1)
+    results = []
+    for c in (1.0, scale):
+        model = NMF(V.shape, rank=3).double().initialize_(V, "nndsvda")
+        with torch.no_grad():
+            model.H.mul_(c)
+        model.sparse_fit(c * V, beta=2, max_iter=20, sW=0.5)
+        results.append(model().detach() / c)
+    assert_close(results[1], results[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e100])
+def test_transform_is_scale_equivariant(scale, generator):
+    V, _, _ = low_rank(20, 12, 3, generator, noise=0.1)
+    model = NMF(V.shape, rank=3).double().initialize_(V, "nndsvda")
+    H0 = torch.rand(5, 3, generator=generator, dtype=torch.float64)
+    codes = model.transform(V[:5], beta=1, tol=0, max_iter=30, H=H0)
+    scaled = model.transform(scale * V[:5], beta=1, tol=0, max_iter=30, H=scale * H0)
+    assert_close(scaled / scale, codes, rtol=1e-7, atol=0)

@@ -201,7 +201,7 @@ class BaseComponent(FactorModule):
             solver (str, keyword-only): ``"mu"`` (multiplicative updates, any
                 beta), ``"hals"`` (accelerated HALS, beta=2, :class:`NMF` only)
                 or ``"mu_extrapolated"`` (multiplicative updates with
-                extrapolation, any beta; the fast road for beta=1). See
+                extrapolation, any beta; the recommended road for beta != 2). See
                 ``docs/solvers.md``.
             callback (callable, keyword-only): ``callback(n_iter, loss)`` after
                 every iteration; returning ``True`` stops the fit.
