@@ -117,7 +117,7 @@ def test_shrinking_entries_are_left_to_the_update():
 
 def test_no_stall_on_real_data():
     """On load_digits at beta=0.5 the old rule (shrinking entries extrapolated too)
-    drove entries towards zero for good and ended 13% above plain MU."""
+    drove entries towards zero for good and ended above plain MU."""
     load_digits = pytest.importorskip("sklearn.datasets").load_digits
     V = torch.tensor(load_digits().data[:300])
     W0, H0 = initialize(V, 16, "nndsvda")
