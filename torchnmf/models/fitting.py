@@ -198,7 +198,9 @@ def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=Non
     seen = [] if history is None else history
 
     def step():
-        before = float(solver.step()) * unit
+        before = solver.step()  # a Python number, or a 0-dim tensor the loop reads later
+        if unit != 1:
+            before = before * unit
         normalisation.commit()
         seen.append(before)
         return before
@@ -222,6 +224,7 @@ def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=Non
         except KeyboardInterrupt:
             normalisation.restore()
             seen.append(objective())
+            seen[:] = [float(value) for value in seen]
             raise
 
 

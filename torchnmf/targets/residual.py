@@ -54,7 +54,10 @@ class AccurateDivergence:
 
     Delegates everything to ``stats``; replaces a divergence it returns by
     ``stats.explicit_divergence(H, W)`` when cancellation has eaten it (see the
-    module docstring), and clamps it at zero otherwise.
+    module docstring), and clamps it at zero otherwise.  On an accelerator the
+    values that ``h_terms`` and ``w_terms`` return are only clamped (checking
+    them would read them back every iteration); ``divergence``, the objective
+    the fit ends with, is always checked.
     """
 
     def __init__(self, stats, dtype):
@@ -68,10 +71,13 @@ class AccurateDivergence:
     def __getattr__(self, name):
         return getattr(self.stats, name)
 
-    def _checked(self, value, H, W):
+    def _checked(self, value, H, W, final=False):
         if value is None:
             return value
-        if self.threshold is not None and float(value) < self.threshold:
+        on_device = isinstance(value, torch.Tensor) and value.device.type != "cpu"
+        # on an accelerator the check would read the value back every iteration
+        # (a synchronisation the loop avoids): there only the final objective is checked
+        if self.threshold is not None and (final or not on_device) and float(value) < self.threshold:
             return self.stats.explicit_divergence(H, W)
         return value.clamp_min(0) if isinstance(value, torch.Tensor) else max(value, 0.0)
 
@@ -86,4 +92,4 @@ class AccurateDivergence:
         return terms
 
     def divergence(self, H, W):
-        return self._checked(self.stats.divergence(H, W), H, W)
+        return self._checked(self.stats.divergence(H, W), H, W, final=True)
