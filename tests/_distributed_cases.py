@@ -11,8 +11,12 @@ def split(n, world):
     return edges
 
 
-def problem(kind="dense", N=24, C=10, R=3, seed=0, dtype=torch.float64):
-    """``(V, mask, W0, H0)``: a planted non-negative problem of the given target kind."""
+def problem(kind="dense", N=24, C=10, R=3, seed=0, dtype=torch.float64, scale=1.0):
+    """``(V, mask, W0, H0)``: a planted non-negative problem of the given target kind
+    (``V`` and ``H0`` times ``scale``)."""
+    if scale != 1.0:
+        V, mask, W0, H0 = problem(kind, N, C, R, seed, dtype)
+        return V * scale, mask, W0, H0 * scale
     g = torch.Generator().manual_seed(seed)
     if kind == "digits":  # a real dataset: scikit-learn's handwritten digits
         from sklearn.datasets import load_digits

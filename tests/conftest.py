@@ -36,3 +36,39 @@ class DenseWatcher(TorchDispatchMode):
             if isinstance(value, torch.Tensor) and value.layout == torch.strided:
                 self.largest = max(self.largest, value.numel())
         return out
+
+
+class unchanged:
+    """``with unchanged(model, V, ...):`` asserts that the block leaves every given
+    module (parameters, their ``requires_grad``, ``loss_history``) and tensor exactly
+    as it was, also when the block raises (use it around ``pytest.raises``)."""
+
+    def __init__(self, *objects):
+        self.objects = objects
+
+    @staticmethod
+    def _state(obj):
+        if isinstance(obj, torch.nn.Module):
+            params = {k: (v.detach().clone(), v.requires_grad) for k, v in obj.named_parameters()}
+            return params, list(getattr(obj, "loss_history", []))
+        if obj.layout == torch.strided:
+            return obj.clone()
+        return obj.to_dense().clone()
+
+    def __enter__(self):
+        self.before = [self._state(obj) for obj in self.objects]
+        return self
+
+    def __exit__(self, *exc):
+        for obj, before in zip(self.objects, self.before):
+            after = self._state(obj)
+            if isinstance(obj, torch.nn.Module):
+                assert before[1] == after[1], "loss_history changed"
+                assert before[0].keys() == after[0].keys()
+                for key, (value, grad) in before[0].items():
+                    assert torch.equal(value, after[0][key][0]), f"{key} changed"
+                    assert grad == after[0][key][1]
+            else:
+                assert torch.equal(before.nan_to_num(), after.nan_to_num()), "a tensor changed"
+                assert torch.equal(before.isnan(), after.isnan())
+        return False

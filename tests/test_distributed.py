@@ -44,6 +44,21 @@ def test_two_processes_equal_one(pool, kind, solver, beta):
     assert_same_fit(results, cases.reference_fit(kind, fit))
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+@pytest.mark.parametrize("kind,solver,beta", [("dense", "mu", 1), ("sparse", "hals", 2)])
+def test_scale_is_shared_by_the_processes(pool, scale, kind, solver, beta):
+    """Every process normalises by the scale of the whole matrix: the distributed fit of
+    c * V equals c times the single-process fit of V."""
+    fit = dict(beta=beta, solver=solver, max_iter=20, tol=0)
+    results = pool.run(cases.fit_case, kind=kind, fit=fit, problem_args={"scale": scale})
+    n_iter, history, W, H = cases.reference_fit(kind, fit)
+    scaled = (n_iter, [h * scale**beta for h in history], W, H * scale)
+    for rank_result in results:
+        np.testing.assert_allclose(rank_result[1], scaled[1], rtol=1e-9, atol=0)
+        np.testing.assert_allclose(rank_result[2], W, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(np.concatenate([r[3] for r in results]), scaled[3], rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("solver,beta", [("mu", 1), ("mu_extrapolated", 1), ("hals", 2)])
 @pytest.mark.parametrize("kind", ["dense", "masked"])
 def test_penalties_and_fixed_components(pool, kind, solver, beta):

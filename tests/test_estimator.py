@@ -14,7 +14,8 @@ from torchnmf.estimator import TorchNMF  # noqa: E402
 
 
 @pytest.mark.slow
-@parametrize_with_checks([TorchNMF(n_components=1, max_iter=500, random_state=0)])
+# the defaults, with two components (transform and fit_transform must agree)
+@parametrize_with_checks([TorchNMF(n_components=2)])
 def test_sklearn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -71,8 +72,13 @@ def test_estimator_forwards_to_nmf_fit(beta_loss, beta, generator):
     n_iter = model.fit(torch.from_numpy(X), beta=beta, max_iter=15, tol=0, l1_ratio=0.3,
                        alpha_H=0.01 * 20, alpha_W=0.02 * 30)
     assert est.n_iter_ == n_iter == 15
-    np.testing.assert_array_equal(codes, model.H.detach().numpy())
     np.testing.assert_array_equal(est.components_, model.W.detach().numpy().T)
+    # the codes: those of the fitted components, solved to convergence from the fit's
+    polished = NMF(W=model.W.detach(), trainable_W=False).transform(
+        torch.from_numpy(X), beta=beta, tol=est.CODES_TOL, max_iter=est.CODES_MIN_ITER,
+        alpha=0.01 * 20, l1_ratio=0.3, solver="hals" if beta == 2 else "mu", H=model.H.detach(),
+    )
+    np.testing.assert_array_equal(codes, polished.numpy())
 
 
 def test_numpy_scipy_sparse_and_torch_inputs_agree(generator):
@@ -107,7 +113,8 @@ def test_transform_is_independent_of_the_batch(generator):
     X = planted(generator)
     est = TorchNMF(n_components=3, init="random", random_state=0, max_iter=100, tol=1e-6).fit(X)
     full = est.transform(X)
-    np.testing.assert_allclose(est.transform(X[:7]), full[:7], rtol=1e-9, atol=1e-12)
+    # each code is solved to convergence: the batch changes it only within the solver's tolerance
+    np.testing.assert_allclose(est.transform(X[:7]), full[:7], rtol=1e-4, atol=1e-8)
 
 
 @pytest.mark.parametrize("init", ["nndsvd", "nndsvda", "nndsvdar", None])

@@ -18,7 +18,7 @@ def test_geometric_extrapolation_matches_formula_and_keeps_zeros(generator):
     factor = torch.rand(6, 3, generator=generator, dtype=torch.float64) + 0.1
     factor[0, 0] = 0.0
     previous[0, 0] = 0.0
-    expected = factor * (factor / previous) ** 0.7
+    expected = factor * (factor / previous).clamp(min=1) ** 0.7
     expected[0, 0] = 0.0
     out = extrapolate_geometric_(factor.clone(), previous, 0.7)
     assert_close(out, expected)
@@ -106,3 +106,26 @@ def test_fixed_components_and_mask(generator):
     history = torch.tensor(model.loss_history, dtype=torch.float64)
     assert (history.diff() <= 1e-12 * history[0]).all()
     assert history[-1] < history[0]
+
+
+def test_shrinking_entries_are_left_to_the_update():
+    previous = torch.tensor([[1.0, 1.0, 0.5, 0.0]], dtype=torch.float64)
+    factor = torch.tensor([[2.0, 0.5, 0.5, 0.0]], dtype=torch.float64)
+    out = extrapolate_geometric_(factor.clone(), previous, 0.5)
+    assert_close(out, torch.tensor([[2.0 * 2.0**0.5, 0.5, 0.5, 0.0]], dtype=torch.float64))
+
+
+def test_no_stall_on_real_data():
+    """On load_digits at beta=0.5 the old rule (shrinking entries extrapolated too)
+    drove entries towards zero for good and ended above plain MU."""
+    load_digits = pytest.importorskip("sklearn.datasets").load_digits
+    V = torch.tensor(load_digits().data[:300])
+    W0, H0 = initialize(V, 16, "nndsvda")
+    losses = {}
+    for solver in ("mu", "mu_extrapolated"):
+        model = NMF(W=W0, H=H0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(V, beta=0.5, tol=0, max_iter=200, solver=solver)
+        losses[solver] = model.loss_history[-1]
+    assert losses["mu_extrapolated"] < 0.99 * losses["mu"]

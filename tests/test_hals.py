@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import low_rank
+from conftest import unchanged, low_rank
 from torchnmf.solvers.hals import hals_update_, masked_hals_update_, max_inner_sweeps
 from torchnmf.solvers.hals import HALS
 from torchnmf.solvers.problem import FitProblem
@@ -174,16 +174,16 @@ def test_hals_uses_only_the_statistics_interface(generator):
 def test_errors(generator):
     V, _, _ = low_rank(12, 9, 2, generator)
     model = NMF(V.shape, rank=2).double()
-    with pytest.raises(ValueError, match=r"solver='hals' supports beta=2 only, got beta=1; use solver='mu'"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"solver='hals' supports beta=2 only, got beta=1; use solver='mu'"):
         model.fit(V, beta=1, solver="hals")
-    with pytest.raises(ValueError, match=r"solver must be one of \['hals', 'mu', 'mu_extrapolated'\], got 'cd'"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"solver must be one of \['hals', 'mu', 'mu_extrapolated'\], got 'cd'"):
         model.fit(V, solver="cd")
-    with pytest.raises(TypeError, match="solver must be a string, got int"):
+    with unchanged(model, V), pytest.raises(TypeError, match="solver must be a string, got int"):
         model.fit(V, solver=1)
-    with pytest.raises(ValueError, match="supports beta=2 only, got beta=0.5"):
+    with unchanged(model, V), pytest.raises(ValueError, match="supports beta=2 only, got beta=0.5"):
         get_solver("hals", 0.5)
     conv = NMFD((2, 3, 10), rank=2, T=3)
-    with pytest.raises(NotImplementedError, match="solver='hals' supports the matrix model NMF only"):
+    with unchanged(conv), pytest.raises(NotImplementedError, match="solver='hals' supports the matrix model NMF only"):
         conv.fit(torch.rand(2, 3, 10), beta=2, solver="hals")
 
 

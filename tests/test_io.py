@@ -150,6 +150,9 @@ def test_a_raw_pickle_named_npy_is_refused(tmp_path):
     [
         ("bad.csv", "1,2\n3\n", r"bad.csv is not a table of numbers: .*columns"),
         ("words.csv", "a,b\nc,d\n", r"words.csv is not a table of numbers"),
+        ("mixed.csv", "1,2,x\n3,4,5\n",
+         r"mixed.csv, line 1, column 3: 'x' is not a number; a header line must have no numeric field"),
+        ("mixed.tsv", "year\t2\n3\t4\n", r"mixed.tsv, line 1, column 1: 'year' is not a number"),
         ("empty.csv", "", r"empty.csv: the data is empty"),
         ("junk.npy", "hello", r"junk.npy is not a .npy file"),
         ("junk.npz", "hello", r"junk.npz is not a .npz file \(not a zip archive\)"),

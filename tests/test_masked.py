@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import low_rank
+from conftest import unchanged, low_rank
 from torchnmf.solvers import mu, registry
 from torchnmf.targets.masked import MaskedAutogradStats, MaskedMatrixStats
 from torchnmf.targets.prepare import prepare_target
@@ -186,57 +186,57 @@ def test_float32_masked_fit_stays_float32(generator):
 def test_mask_errors(generator):
     V, mask = masked_problem(generator, n=6, c=5)
     model = NMF(V.shape, rank=2).double()
-    with pytest.raises(ValueError, match=r"mask must have the shape of V \(6, 5\), got \(5, 6\)"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match=r"mask must have the shape of V \(6, 5\), got \(5, 6\)"):
         model.fit(V, mask=mask.T)
-    with pytest.raises(TypeError, match=r"mask must be a boolean tensor \(True = observed\), got dtype torch.float32"):
+    with unchanged(model, V, mask), pytest.raises(TypeError, match=r"mask must be a boolean tensor \(True = observed\), got dtype torch.float32"):
         model.fit(V, mask=mask.float())
-    with pytest.raises(TypeError, match="mask must be a boolean torch.Tensor"):
+    with unchanged(model, V, mask), pytest.raises(TypeError, match="mask must be a boolean torch.Tensor"):
         model.fit(V, mask=mask.numpy())
     empty_row = mask.clone()
     empty_row[3] = False
-    with pytest.raises(ValueError, match="mask leaves row 3 of V with no observed entry"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="mask leaves row 3 of V with no observed entry"):
         model.fit(V, mask=empty_row)
     empty_col = mask.clone()
     empty_col[:, 2] = False
     empty_col[:, 4] = False
-    with pytest.raises(ValueError, match="mask leaves column 2, 4 of V with no observed entry"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="mask leaves column 2, 4 of V with no observed entry"):
         model.fit(V, mask=empty_col)
     nan_row = V.clone()
     nan_row[1] = float("nan")
-    with pytest.raises(ValueError, match="mask leaves row 1 of V"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="mask leaves row 1 of V"):
         model.fit(nan_row, missing="mask")
-    with pytest.raises(ValueError, match=r"V contains NaN \(6 entries\); pass missing='mask'"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match=r"V contains NaN \(6 entries\); pass missing='mask'"):
         model.fit(_nan_diag(V))
-    with pytest.raises(ValueError, match="V contains NaN at 1 observed entries; pass missing='mask'"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="V contains NaN at 1 observed entries; pass missing='mask'"):
         bad = V.clone()
         bad[0, 0] = float("nan")
         model.fit(bad, mask=mask)
-    with pytest.raises(ValueError, match="missing must be one of"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="missing must be one of"):
         model.fit(V, missing="drop")
     negative = V.clone()
     negative[~mask] = -5  # hidden: fine
     model.fit(negative, mask=mask, max_iter=2, tol=0)
     negative[0, 0] = -1
-    with pytest.raises(ValueError, match="V must be non-negative"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="V must be non-negative"):
         model.fit(negative, mask=mask)
     zeros = V.clone()
     zeros[~mask] = 0  # hidden zeros do not matter for beta <= 0
     model.fit(zeros, beta=0, mask=mask, max_iter=2, tol=0)
     zeros[0, 0] = 0
-    with pytest.raises(ValueError, match="beta=0 needs a strictly positive V"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="beta=0 needs a strictly positive V"):
         model.fit(zeros, beta=0, mask=mask)
-    with pytest.raises(ValueError, match="beta=0 cannot be used with a sparse V"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="beta=0 cannot be used with a sparse V"):
         model.fit(V.to_sparse(), beta=0, mask=mask)
-    with pytest.raises(ValueError, match=r"mask must have the shape of V \(6, 5\), got \(5, 6\)"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match=r"mask must have the shape of V \(6, 5\), got \(5, 6\)"):
         model.fit(V.to_sparse(), mask=mask.T)
-    with pytest.raises(ValueError, match="mask leaves row 3 of V with no observed entry"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="mask leaves row 3 of V with no observed entry"):
         model.fit(V.to_sparse_csr(), mask=empty_row)
     sparse_nan = V.clone()
     sparse_nan[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="V contains NaN at 1 observed entries; pass missing='mask'"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="V contains NaN at 1 observed entries; pass missing='mask'"):
         model.fit(sparse_nan.to_sparse(), mask=mask)
     negative[0, 0] = -1
-    with pytest.raises(ValueError, match="V must be non-negative"):
+    with unchanged(model, V, mask), pytest.raises(ValueError, match="V must be non-negative"):
         model.fit(negative.to_sparse(), mask=mask)
 
 

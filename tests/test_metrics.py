@@ -88,9 +88,20 @@ def test_sparseness_matches_formula(generator):
 def test_errors():
     with pytest.raises(TypeError, match="input must be a torch.Tensor"):
         metrics.beta_div([1.0], torch.ones(1))
-    with pytest.raises(ValueError, match="broadcastable shapes"):
+    with pytest.raises(ValueError, match=r"input and target must have the same shape, got \(2, 3\) and \(4, 5\)"):
         metrics.beta_div(torch.ones(2, 3), torch.ones(4, 5))
+    with pytest.raises(ValueError, match=r"the same shape, got \(5, 1\) and \(1, 5\)"):
+        metrics.kl_div(torch.ones(5, 1), torch.ones(1, 5))
     with pytest.raises(TypeError, match="beta must be a real number"):
         metrics.beta_div(torch.ones(2), torch.ones(2), beta="two")
     with pytest.raises(ValueError, match="x must have at least one entry"):
         metrics.sparseness(torch.ones(0))
+
+
+@pytest.mark.parametrize("beta", [2, 1.5, 1, 0.5, 0, -1])
+@pytest.mark.parametrize("which", ["input", "target"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_invalid_entries_give_nan(beta, which, bad):
+    values = {"input": torch.ones(3, 2), "target": torch.ones(3, 2)}
+    values[which][1, 1] = bad
+    assert torch.isnan(metrics.beta_div(values["input"], values["target"], beta))

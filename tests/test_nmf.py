@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from conftest import low_rank
+from conftest import unchanged, low_rank
 from torchnmf import ConvergenceWarning
 from torchnmf.targets.autograd import AutogradStats
 from torchnmf.targets.dense import DenseMatrixStats
@@ -107,36 +107,36 @@ def test_construction_errors():
 def test_fit_errors(generator):
     model = NMF((6, 5), rank=2)
     V = torch.rand(6, 5, generator=generator)
-    with pytest.raises(ValueError, match="V must be non-negative"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V must be non-negative"):
         model.fit(-V)
     bad = V.clone()
     bad[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="V contains NaN"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V contains NaN"):
         model.fit(bad)
     bad[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="V contains infinite values"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V contains infinite values"):
         model.fit(bad)
-    with pytest.raises(ValueError, match=r"V must have the shape of the reconstruction \(6, 5\), got \(5, 6\)"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"V must have the shape of the reconstruction \(6, 5\), got \(5, 6\)"):
         model.fit(V.T)
-    with pytest.raises(TypeError, match="V must be a torch.Tensor"):
+    with unchanged(model, V), pytest.raises(TypeError, match="V must be a torch.Tensor"):
         model.fit(V.numpy())
     zeros = V.clone()
     zeros[1, 1] = 0
-    with pytest.raises(ValueError, match=r"beta=0 needs a strictly positive V.*V \+ 1e-6"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"beta=0 needs a strictly positive V.*V \+ 1e-6"):
         model.fit(zeros, beta=0)
-    with pytest.raises(ValueError, match="beta=-1 needs a strictly positive V"):
+    with unchanged(model, V), pytest.raises(ValueError, match="beta=-1 needs a strictly positive V"):
         model.fit(zeros, beta=-1)
-    with pytest.raises(ValueError, match="alpha must be non-negative, got -1.0"):
+    with unchanged(model, V), pytest.raises(ValueError, match="alpha must be non-negative, got -1.0"):
         model.fit(V, alpha=-1)
-    with pytest.raises(ValueError, match=r"l1_ratio must lie in \[0, 1\], got 1.5"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"l1_ratio must lie in \[0, 1\], got 1.5"):
         model.fit(V, l1_ratio=1.5)
-    with pytest.raises(ValueError, match="max_iter must be a positive integer, got 0"):
+    with unchanged(model, V), pytest.raises(ValueError, match="max_iter must be a positive integer, got 0"):
         model.fit(V, max_iter=0)
-    with pytest.raises(ValueError, match="tol must be non-negative"):
+    with unchanged(model, V), pytest.raises(ValueError, match="tol must be non-negative"):
         model.fit(V, tol=-1)
-    with pytest.raises(ValueError, match="solver must be one of"):
+    with unchanged(model, V), pytest.raises(ValueError, match="solver must be one of"):
         model.fit(V, solver="magic")
-    with pytest.raises(ValueError, match="fit needs both factors"):
+    with unchanged(model, V), pytest.raises(ValueError, match="fit needs both factors"):
         NMF(W=(5, 2)).fit(V)
 
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from conftest import low_rank
+from conftest import unchanged, low_rank
 from torchnmf.metrics import kl_div
 from torchnmf.nmf import NMF
 from torchnmf.plca import PLCA, SIPLCA, SIPLCA2, SIPLCA3, BaseComponent
@@ -174,21 +174,21 @@ def test_errors(generator):
         PLCA((5, 4), trainable_Z=1)
     model = PLCA((5, 4), rank=2)
     V = torch.rand(5, 4, generator=generator)
-    with pytest.raises(ValueError, match="V must be non-negative"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V must be non-negative"):
         model.fit(-V)
-    with pytest.raises(ValueError, match="V contains NaN"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V contains NaN"):
         model.fit(V.masked_fill(V > 0.5, float("nan")))
-    with pytest.raises(ValueError, match="V must have a positive sum"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V must have a positive sum"):
         model.fit(torch.zeros(5, 4))
-    with pytest.raises(ValueError, match="V must have the shape of the reconstruction"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V must have the shape of the reconstruction"):
         model.fit(torch.rand(4, 5))
-    with pytest.raises(ValueError, match="W_alpha must be positive \\(a Dirichlet concentration\\), got 0.0"):
+    with unchanged(model, V), pytest.raises(ValueError, match="W_alpha must be positive \\(a Dirichlet concentration\\), got 0.0"):
         model.fit(V, W_alpha=0)
-    with pytest.raises(ValueError, match="H_alpha must be broadcastable to the factor's shape"):
+    with unchanged(model, V), pytest.raises(ValueError, match="H_alpha must be broadcastable to the factor's shape"):
         model.fit(V, H_alpha=torch.ones(3))
-    with pytest.raises(ValueError, match="Z_alpha must be finite and positive everywhere"):
+    with unchanged(model, V), pytest.raises(ValueError, match="Z_alpha must be finite and positive everywhere"):
         model.fit(V, Z_alpha=torch.tensor([1.0, -1.0]))
-    with pytest.raises(ValueError, match="tol must be non-negative"):
+    with unchanged(model, V), pytest.raises(ValueError, match="tol must be non-negative"):
         model.fit(V, tol=-1)
 
 
@@ -237,3 +237,15 @@ def test_shift_invariant_models_refuse_sparse_targets():
     V = torch.rand(3, 4, 10).to_sparse()
     with pytest.raises(NotImplementedError, match="SIPLCA.fit does not accept sparse targets"):
         model.fit(V, max_iter=2)
+
+
+def test_base_component_has_no_Z_unless_asked(generator):
+    W = torch.rand(4, 2, generator=generator, dtype=torch.float64)
+    H = torch.rand(5, 2, generator=generator, dtype=torch.float64)
+    base = BaseComponent(W=W, H=H)
+    assert base.Z is None and "Z" not in dict(base.named_parameters())
+    with pytest.raises(ValueError, match="fit needs the latent prior Z, but this module has none"):
+        base.fit(torch.rand(5, 4, dtype=torch.float64))
+    assert BaseComponent(rank=2, W=W, H=H).Z is not None
+    assert BaseComponent(W=W, H=H, Z=torch.tensor([0.5, 0.5])).Z is not None
+    assert PLCA(W=W, H=H).Z is not None  # the models keep a uniform prior

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import TOLERANCES, DenseWatcher
+from conftest import unchanged, TOLERANCES, DenseWatcher
 from torchnmf import metrics
 from torchnmf.targets.sparse import (
     SparseMatrixStats,
@@ -194,35 +194,35 @@ def test_integer_sparse_counts_are_accepted(generator):
 def test_sparse_errors(generator):
     V, _, _ = sparse_problem(generator, n=6, c=5)
     model = NMF((6, 5), rank=2).double()
-    with pytest.raises(ValueError, match="V must be non-negative, but its smallest entry is -"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V must be non-negative, but its smallest entry is -"):
         model.fit((-V).to_sparse())
     bad = V.clone()
     bad[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="V contains NaN"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V contains NaN"):
         model.fit(bad.to_sparse_csr())
     bad[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="V contains infinite values"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V contains infinite values"):
         model.fit(bad.to_sparse())
-    with pytest.raises(
+    with unchanged(model, V), pytest.raises(
         ValueError, match=r"V must have the shape of the reconstruction \(6, 5\), got \(5, 6\)"
     ):
         model.fit(V.T.to_sparse())
-    with pytest.raises(ValueError, match=r"beta=0 cannot be used with a sparse V.*use beta > 0"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"beta=0 cannot be used with a sparse V.*use beta > 0"):
         model.fit(V.to_sparse(), beta=0)
-    with pytest.raises(ValueError, match="beta=-1 cannot be used with a sparse V"):
+    with unchanged(model, V), pytest.raises(ValueError, match="beta=-1 cannot be used with a sparse V"):
         model.fit(V.to_sparse_csr(), beta=-1)
-    with pytest.raises(TypeError, match="V must be a dense tensor or a sparse COO, CSR or CSC"):
+    with unchanged(model, V), pytest.raises(TypeError, match="V must be a dense tensor or a sparse COO, CSR or CSC"):
         model.fit(V.to_sparse_bsr((2, 1)))
     hybrid = V.unsqueeze(-1).to_sparse(2)
-    with pytest.raises(ValueError, match="a sparse V must store single numbers, got 1 dense"):
+    with unchanged(model, V), pytest.raises(ValueError, match="a sparse V must store single numbers, got 1 dense"):
         model.fit(hybrid)
     outside = torch.sparse_coo_tensor(
         torch.tensor([[0, 6], [1, 1]]), torch.ones(2, dtype=torch.float64), (6, 5),
         check_invariants=False,
     )
-    with pytest.raises(ValueError, match=r"V has stored indices outside its shape \(6, 5\)"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"V has stored indices outside its shape \(6, 5\)"):
         model.fit(outside)
-    with pytest.raises(NotImplementedError, match="NMFD.fit does not accept sparse targets"):
+    with unchanged(model, V), pytest.raises(NotImplementedError, match="NMFD.fit does not accept sparse targets"):
         NMFD((6, 5, 4), rank=2, T=2).fit(torch.rand(6, 5, 4).to_sparse())
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import low_rank
+from conftest import unchanged, low_rank
 from torchnmf.solvers.sparseness import l1_for_sparseness, sparse_projection
 from torchnmf.metrics import beta_div, sparseness
 from torchnmf.nmf import NMF, NMFD
@@ -165,19 +165,19 @@ def test_sparse_fit_errors(generator):
     V = torch.rand(10, 6, generator=generator)
     model = NMF(V.shape, rank=2)
     for bad in (0, 1, 1.5, -0.2):
-        with pytest.raises(ValueError, match=f"sW must lie strictly between 0 and 1, got {float(bad)}"):
+        with unchanged(model, V), pytest.raises(ValueError, match=f"sW must lie strictly between 0 and 1, got {float(bad)}"):
             model.sparse_fit(V, sW=bad)
-    with pytest.raises(ValueError, match="sH must lie strictly between 0 and 1"):
+    with unchanged(model, V), pytest.raises(ValueError, match="sH must lie strictly between 0 and 1"):
         model.sparse_fit(V, sH=2)
-    with pytest.raises(TypeError, match="sH must be a real number"):
+    with unchanged(model, V), pytest.raises(TypeError, match="sH must be a real number"):
         model.sparse_fit(V, sH="high")
-    with pytest.raises(ValueError, match="V must be non-negative"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V must be non-negative"):
         model.sparse_fit(-V, sW=0.5)
-    with pytest.raises(ValueError, match="V contains NaN"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V contains NaN"):
         model.sparse_fit(V.masked_fill(V > 0.5, float("nan")), sW=0.5)
     fixed = NMF(V.shape, rank=2, W=torch.rand(6, 2), trainable_W=False)
-    with pytest.raises(ValueError, match="sW constrains W, but W is fixed"):
+    with unchanged(model, V), pytest.raises(ValueError, match="sW constrains W, but W is fixed"):
         fixed.sparse_fit(V, sW=0.5)
     single = NMF((10, 1), rank=1)
-    with pytest.raises(ValueError, match="sW needs components of at least 2 entries"):
+    with unchanged(model, V), pytest.raises(ValueError, match="sW needs components of at least 2 entries"):
         single.sparse_fit(torch.rand(10, 1), sW=0.5)

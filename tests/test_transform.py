@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import low_rank
+from conftest import unchanged, low_rank
 from torchnmf.solvers import mu, registry
 from torchnmf.metrics import beta_div
 from torchnmf.nmf import NMF, NMF2D, NMFD
@@ -91,21 +91,21 @@ def test_convolutional_transform_matches_fit(cls, shape, kw, generator):
 def test_transform_errors(generator):
     V = positive_problem(generator)
     model = NMF(V.shape, rank=3).double()
-    with pytest.raises(ValueError, match=r"V must be 2-dimensional with 9 channels in dimension 1 to match W of shape \(9, 3\), got \(12, 8\)"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"V must be 2-dimensional with 9 channels in dimension 1 to match W of shape \(9, 3\), got \(12, 8\)"):
         model.transform(V[:, :8])
-    with pytest.raises(ValueError, match="transform needs W, but this module has no W"):
+    with unchanged(model, V), pytest.raises(ValueError, match="transform needs W, but this module has no W"):
         NMF(H=(4, 2)).transform(V)
-    with pytest.raises(ValueError, match=r"H must have shape \(12, 3\) for this V, got \(12, 2\)"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"H must have shape \(12, 3\) for this V, got \(12, 2\)"):
         model.transform(V, H=torch.rand(12, 2, dtype=torch.float64))
-    with pytest.raises(ValueError, match="V contains NaN"):
+    with unchanged(model, V), pytest.raises(ValueError, match="V contains NaN"):
         model.transform(torch.full_like(V, float("nan")))
-    with pytest.raises(TypeError, match="V must be a torch.Tensor"):
+    with unchanged(model, V), pytest.raises(TypeError, match="V must be a torch.Tensor"):
         model.transform(V.numpy())
-    with pytest.raises(ValueError, match=r"axes of at least \(3,\)"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"axes of at least \(3,\)"):
         NMFD((2, 3, 10), rank=2, T=3).transform(torch.rand(2, 3, 2))
     empty_row = torch.ones(V.shape, dtype=torch.bool)
     empty_row[4] = False
-    with pytest.raises(ValueError, match="mask leaves row 4 of V"):
+    with unchanged(model, V), pytest.raises(ValueError, match="mask leaves row 4 of V"):
         model.transform(V, mask=empty_row)
     empty_col = torch.ones(V.shape, dtype=torch.bool)
     empty_col[:, 4] = False
@@ -156,15 +156,15 @@ def test_partly_known_dictionary_is_completed(generator):
 def test_fixed_components_errors(generator):
     V = positive_problem(generator)
     model = NMF(V.shape, rank=3).double()
-    with pytest.raises(ValueError, match=r"fixed_W holds component 3, but indices must lie in \[0, 3\)"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"fixed_W holds component 3, but indices must lie in \[0, 3\)"):
         model.fit(V, fixed_W=[3])
-    with pytest.raises(ValueError, match=r"fixed_H holds component -1"):
+    with unchanged(model, V), pytest.raises(ValueError, match=r"fixed_H holds component -1"):
         model.fit(V, fixed_H=[-1])
-    with pytest.raises(TypeError, match="fixed_W must hold component indices"):
+    with unchanged(model, V), pytest.raises(TypeError, match="fixed_W must hold component indices"):
         model.fit(V, fixed_W=[0.5])
-    with pytest.raises(TypeError, match="fixed_W must be a sequence of component indices"):
+    with unchanged(model, V), pytest.raises(TypeError, match="fixed_W must be a sequence of component indices"):
         model.fit(V, fixed_W=1)
-    with pytest.raises(ValueError, match="fixed_H as a boolean mask must have length rank=3, got 2"):
+    with unchanged(model, V), pytest.raises(ValueError, match="fixed_H as a boolean mask must have length rank=3, got 2"):
         model.fit(V, fixed_H=[True, False])
 
     class Plain(mu.MultiplicativeUpdates):

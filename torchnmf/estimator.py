@@ -127,9 +127,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     Inputs may be numpy arrays, scipy sparse matrices or torch tensors; the
     outputs of :meth:`transform`, :meth:`fit_transform` and
     :meth:`inverse_transform` are torch tensors for torch input and numpy
-    arrays otherwise. :meth:`transform` always runs ``max_iter`` iterations
-    from the same start for every sample, so the code of a sample does not
-    depend on the other samples of the batch.
+    arrays otherwise. :meth:`transform` solves the codes to convergence
+    from the same start for every sample.
 
     Examples
     --------
@@ -342,18 +341,40 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             l1_ratio=self.l1_ratio, solver=self.solver,
             alpha_W=alpha_H * N, alpha_H=alpha_W * C,
         )
-        with torch.no_grad():
-            if V.is_sparse:  # the divergence without forming the dense reconstruction
-                divergence = model._statistics(V, beta).divergence(model.H, model.W)
-            else:
-                divergence = metrics.beta_div(model(), V, beta)
-        self.reconstruction_err_ = math.sqrt(2 * max(float(divergence), 0.0))
         W = model.W.detach()
         self._templates = NMF(W=W, trainable_W=False)
         self._mean_code = model.H.detach().mean(0)
         self.components_ = W.T.cpu().numpy()
         self.n_components_ = rank
-        return model.H.detach()
+        # the codes of the fitted components, solved to convergence like transform's
+        codes = self._codes(V, model.H.detach())
+        with torch.no_grad():
+            if V.is_sparse:  # the divergence without forming the dense reconstruction
+                divergence = model._statistics(V, beta).divergence(codes, W)
+            else:
+                divergence = metrics.beta_div(model(H=codes), V, beta)
+        self.reconstruction_err_ = math.sqrt(2 * max(float(divergence), 0.0))
+        return codes
+
+    # The problem for the codes with the components fixed is convex: solved to
+    # convergence (HALS, an exact coordinate descent, for beta=2), so that
+    # transform(X) after fit(X) agrees with fit_transform(X).
+    CODES_TOL = 1e-10
+    CODES_MIN_ITER = 1000
+
+    def _codes(self, V, start):
+        beta, (alpha_W, _) = self._check_params()
+        import warnings
+
+        from ._validation import ConvergenceWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return self._templates.transform(
+                V, beta=beta, tol=self.CODES_TOL, max_iter=max(self.max_iter, self.CODES_MIN_ITER),
+                alpha=alpha_W * V.shape[1], l1_ratio=self.l1_ratio,
+                solver="hals" if beta == 2 else self.solver, H=start,
+            )
 
     def fit(self, X, y=None, W=None, H=None):
         """Learn the components of ``X``.
@@ -387,24 +408,24 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     def transform(self, X):
         """The codes of ``X`` with the learned components held fixed.
 
-        Every sample starts from the mean code of the training data and takes
-        ``max_iter`` multiplicative updates of the same objective (with the
-        ``alpha_W`` penalty).
+        Every sample starts from the mean code of the training data; the
+        convex problem for the codes (the same objective, with the ``alpha_W``
+        penalty) is solved to convergence: HALS for ``beta_loss='frobenius'``,
+        the estimator's solver otherwise, until the relative decrease falls
+        under 1e-10 (at most ``max(max_iter, 1000)`` iterations).
+        :meth:`fit_transform` returns the codes solved the same way for the
+        fitted components, so the two agree.
 
         Returns
         -------
         W : ndarray or torch.Tensor of shape (n_samples, n_components)
         """
         check_is_fitted(self)
-        beta, (alpha_W, _) = self._check_params()
+        self._check_params()
         W = self._templates.W
         V = self._to_torch(X, reset=False).to(W.device, W.dtype)
         start = self._mean_code.expand(V.shape[0], -1).clone()
-        codes = self._templates.transform(
-            V, beta=beta, tol=0, max_iter=self.max_iter, alpha=alpha_W * V.shape[1],
-            l1_ratio=self.l1_ratio, solver=self.solver, H=start,
-        )
-        return self._output(codes, X)
+        return self._output(self._codes(V, start), X)
 
     def inverse_transform(self, X):
         """Data from codes: ``X @ components_``.

@@ -9,7 +9,7 @@ reader from the file's suffix:
                           ``scipy.sparse.save_npz`` (read into a torch sparse
                           COO tensor)
 ``.csv``, ``.tsv``        numbers separated by commas or tabs (an optional
-                          header line is skipped)
+                          header line, with no numeric field, is skipped)
 ``.mtx``                  Matrix Market (a sparse COO tensor, or dense for
                           the ``array`` format)
 ``.wav``                  PCM audio: its magnitude spectrogram
@@ -402,12 +402,24 @@ _NUMBER = re.compile(
 
 
 def read_text(path, delimiter=","):
-    """A dense matrix from delimited text; a first line that is not numeric is a header."""
+    """A dense matrix from delimited text.
+
+    The first line is a header when none of its fields is a number; a first
+    line mixing numbers and other fields is an error naming its column (it
+    would otherwise be dropped without a word, or read as a header).
+    """
     path = Path(path)
     with open(path, encoding="utf-8", errors="replace") as handle:
         first = handle.readline()
     fields = first.strip().split(delimiter)
-    skip = 0 if all(_NUMBER.match(f) for f in fields) else 1
+    numeric = [bool(_NUMBER.match(f)) for f in fields]
+    if any(numeric) and not all(numeric):
+        column = numeric.index(False)
+        raise ValueError(
+            f"{path.name}, line 1, column {column + 1}: {fields[column]!r} is not a number; "
+            f"a header line must have no numeric field, and a data line only numbers"
+        )
+    skip = 0 if all(numeric) else 1
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data"

@@ -17,7 +17,13 @@ losses: ``input`` is the reconstruction :math:`\hat V`, ``target`` the data
 divergence has an exact limit use it (:math:`0 \log 0 = 0`); where it would be
 infinite (a zero in the reconstruction under a positive target for
 ``beta <= 1``), the zero is floored to the dtype's machine epsilon, so the
-result is always finite, never NaN and never negative.
+result is finite and non-negative for valid inputs.
+
+Invalid input: ``input`` and ``target`` of different shapes raise
+``ValueError`` (no broadcasting: a ``(5, 1)`` against a ``(1, 5)`` would
+silently compare 25 pairs); a negative or NaN entry in either makes the result
+NaN, as PyTorch's own losses do with NaN, without a check that would stop
+the device (the fitting code calls these functions every iteration).
 """
 import math
 
@@ -36,17 +42,20 @@ def _check_pair(input, target):
         target = target.to_dense() if target.is_sparse else target
         input = input.to_dense() if input.is_sparse else input
     if input.shape != target.shape:
-        try:
-            input, target = torch.broadcast_tensors(input, target)
-        except RuntimeError:
-            raise ValueError(
-                f"input and target must have broadcastable shapes, got "
-                f"{tuple(input.shape)} and {tuple(target.shape)}"
-            ) from None
+        raise ValueError(
+            f"input and target must have the same shape, got {tuple(input.shape)} and "
+            f"{tuple(target.shape)}"
+        )
     dtype = torch.promote_types(input.dtype, target.dtype)
     if not dtype.is_floating_point:
         dtype = torch.get_default_dtype()
     return input.to(dtype), target.to(dtype)
+
+
+def _invalid_to_nan(value, input, target):
+    """``value``, or NaN when an entry of ``input`` or ``target`` is negative or NaN."""
+    invalid = (input < 0).any() | (target < 0).any() | input.isnan().any() | target.isnan().any()
+    return torch.where(invalid, torch.full_like(value, math.nan), value)
 
 
 def beta_div(input, target, beta=2):
@@ -54,12 +63,16 @@ def beta_div(input, target, beta=2):
 
     Args:
         input (Tensor): the reconstruction, non-negative.
-        target (Tensor): the data, non-negative, of the same (or a broadcastable) shape.
+        target (Tensor): the data, non-negative, of the same shape.
         beta (float): 2 is the squared Euclidean distance (halved), 1 the
             generalised Kullback-Leibler divergence, 0 Itakura-Saito.
 
     Returns:
-        Tensor: a single-element (0-dim) tensor, finite and non-negative.
+        Tensor: a single-element (0-dim) tensor, finite and non-negative; NaN
+        when an entry of either tensor is negative or NaN.
+
+    Raises:
+        ValueError: for tensors of different shapes.
 
     Examples::
 
@@ -70,6 +83,10 @@ def beta_div(input, target, beta=2):
     """
     beta = check_real(beta, "beta")
     input, target = _check_pair(input, target)
+    return _invalid_to_nan(_beta_div(input, target, beta), input, target)
+
+
+def _beta_div(input, target, beta):
     if beta == 2:
         return ((input - target).pow(2).sum() / 2).clamp_min(0)
     eps = torch.finfo(input.dtype).eps

@@ -201,7 +201,7 @@ class BaseComponent(FactorModule):
             solver (str, keyword-only): ``"mu"`` (multiplicative updates, any
                 beta), ``"hals"`` (accelerated HALS, beta=2, :class:`NMF` only)
                 or ``"mu_extrapolated"`` (multiplicative updates with
-                extrapolation, any beta; the fast road for beta=1). See
+                extrapolation, any beta; the recommended road for beta != 2). See
                 ``docs/solvers.md``.
             callback (callable, keyword-only): ``callback(n_iter, loss)`` after
                 every iteration; returning ``True`` stops the fit.
@@ -300,13 +300,17 @@ class BaseComponent(FactorModule):
                 reduction.broadcast_(self.W.detach(), what="broadcast of W from rank 0")
         if checkpointing is not None:
             checkpointing.attach({**settings, "rows": int(self.H.shape[0])}, reduction)
-        n_iter, history = solve(
-            self, V, mask, self.H.detach(), self.W.detach(), beta, tol, max_iter, verbose,
-            callback, solver, Penalty(alpha_H, l1_ratio), Penalty(alpha_W, l1_ratio),
-            update_H=update_H, update_W=update_W, fixed_H=fixed_H, fixed_W=fixed_W,
-            reduction=reduction, checkpointing=checkpointing,
-        )
-        self.loss_history = history
+        history = []
+        try:
+            n_iter, history = solve(
+                self, V, mask, self.H.detach(), self.W.detach(), beta, tol, max_iter, verbose,
+                callback, solver, Penalty(alpha_H, l1_ratio), Penalty(alpha_W, l1_ratio),
+                update_H=update_H, update_W=update_W, fixed_H=fixed_H, fixed_W=fixed_W,
+                reduction=reduction, checkpointing=checkpointing, history=history,
+            )
+        finally:
+            if history:  # the loop ran: keep its objectives, even when interrupted
+                self.loss_history = history
         return n_iter
 
     def _activation_shape(self, V):
@@ -523,16 +527,23 @@ class BaseComponent(FactorModule):
                     f"s{name} needs components of at least 2 entries, but each component of "
                     f"{name} has {factor.numel() // self.rank}"
                 )
+        update_H, update_W = self.H.requires_grad, self.W.requires_grad
         problem = make_problem(
             self, V, mask, self.H.detach(), self.W.detach(), beta,
-            update_H=self.H.requires_grad, update_W=self.W.requires_grad,
+            # H projected to unit norm cannot carry the scale
+            carrier="W" if "H" in targets and update_W else None,
+            update_H=update_H, update_W=update_W,
         )
-        n_iter, history = run_problem(
-            problem,
-            lambda problem: SparseProjectedGradient(problem, targets.get("H"), targets.get("W")),
-            0, max_iter, verbose, callback, f"{type(self).__name__} (sparse)",
-        )
-        self.loss_history = history
+        history = []
+        try:
+            n_iter, history = run_problem(
+                problem,
+                lambda problem: SparseProjectedGradient(problem, targets.get("H"), targets.get("W")),
+                0, max_iter, verbose, callback, f"{type(self).__name__} (sparse)", history=history,
+            )
+        finally:
+            if history:
+                self.loss_history = history
         return n_iter
 
 

@@ -87,7 +87,10 @@ class BaseComponent(FactorModule):
             templates; normalised so that each component sums to one.
         H (tuple, Tensor or None): :math:`P(n, \ldots | z)`; normalised likewise.
         Z (Tensor, tuple or None): :math:`P(z)`, a 1-D tensor of length ``rank``
-            (normalised), a shape for a random one, or ``None`` for uniform.
+            (normalised), a shape for a random one, or ``None``: uniform when
+            ``rank`` is given, and no ``Z`` at all (``self.Z is None``, the
+            reconstruction is that of ``H`` and ``W`` alone, ``fit`` refuses)
+            when neither ``rank`` nor ``Z`` is.
         trainable_W, trainable_H, trainable_Z (bool): which factors ``fit`` updates.
 
     Attributes:
@@ -102,7 +105,18 @@ class BaseComponent(FactorModule):
             raise TypeError(f"trainable_Z must be a bool, got {type(trainable_Z).__name__}")
         if rank is None and W is None and H is None and isinstance(Z, torch.Tensor) and Z.dim() == 1:
             rank = Z.shape[0]
+        # the documented rule of the base class: no Z unless rank or Z is given; the
+        # models built on it always have one (uniform by default)
+        without_Z = rank is None and Z is None and not self._always_Z
         super().__init__(rank, W, H, trainable_W, trainable_H)
+        if without_Z:
+            self.register_parameter("Z", None)
+            with torch.no_grad():
+                for factor in (self.W, self.H):
+                    if factor is not None:
+                        normalise_components_(factor)
+            self.loss_history = []
+            return
         reference = self.W if self.W is not None else self.H
         dtype = reference.dtype if reference is not None else (
             Z.dtype if isinstance(Z, torch.Tensor) and Z.is_floating_point() else torch.get_default_dtype()
@@ -123,10 +137,14 @@ class BaseComponent(FactorModule):
         self.loss_history = []
 
     _factor_map = None  # the NMF forward map of the model's dimensionality
+    _always_Z = False  # True for the models: a uniform Z even when only W or H is given
 
     @classmethod
     def reconstruct(cls, H, W, Z):
-        """The distribution: the NMF forward map of ``H diag(Z)`` and ``W``."""
+        """The distribution: the NMF forward map of ``H diag(Z)`` and ``W`` (``H`` and
+        ``W`` alone when ``Z`` is ``None``)."""
+        if Z is None:
+            return cls._factor_map(H, W)
         return cls._factor_map(H * Z.view((1, -1) + (1,) * (H.dim() - 2)), W)
 
     def forward(self, H=None, W=None, Z=None, norm=None):
@@ -187,6 +205,11 @@ class BaseComponent(FactorModule):
         max_iter = check_positive_int(max_iter, "max_iter")
         check_callback(callback)
         require_factors(self, ("W", "H"), "fit")
+        if self.Z is None:
+            raise ValueError(
+                "fit needs the latent prior Z, but this module has none (neither rank nor Z "
+                "was given); construct it with rank or Z"
+            )
         V, _ = prepare_fit_target(self, V)
         total = V.sum()
         if not total > 0:
@@ -237,6 +260,8 @@ class PLCA(BaseComponent):
     _factor_map = staticmethod(linear)
     _closed_form = True
 
+    _always_Z = True
+
     def __init__(self, Vshape=None, rank=None, **kwargs):
         if Vshape is not None:
             rank = shapes_from_vshape(Vshape, rank, (), kwargs, "PLCA")
@@ -249,6 +274,8 @@ class _ShiftInvariantPLCA(BaseComponent):
     """Shared construction of the shift-invariant models."""
 
     _factor_map = staticmethod(conv_transpose)
+
+    _always_Z = True
 
     def __init__(self, Vshape, rank, kernel, kwargs):
         if Vshape is not None:

@@ -9,6 +9,7 @@ in the one loop (:func:`run_problem`).  :func:`solve` chains the last two for
 the registered solvers.  Each entry point adds only what is its own (which
 factors move, the start of ``transform``, the sparseness targets).
 """
+import math
 import os
 
 import torch
@@ -25,8 +26,10 @@ from ..solvers.checkpoint import Checkpointing
 from ..solvers.loop import run_fit
 from ..solvers.penalty import Penalty
 from ..solvers.problem import FitProblem
+from ..solvers.scaling import Normalisation, scaled_penalty, target_scale
 from ..solvers.registry import get_solver, require_features
 from ..targets.prepare import prepare_target
+from ..targets.residual import AccurateDivergence
 from .distributed import distributed_problem
 
 __all__ = [
@@ -108,46 +111,126 @@ def check_target_for_beta(V, mask, beta):
     check_beta_with_zeros(V if mask is None or V.layout != torch.strided else V[mask], beta)
 
 
-def make_problem(model, V, mask, H, W, beta, reduction=None, **options):
+def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **options):
     """The :class:`FitProblem` for a prepared target, on ``model``'s statistics.
 
     ``beta <= 0`` needs positive observed entries, which is checked here, once.
     ``reduction`` (a :class:`~torchnmf.targets.distributed.Reduction`) makes it
     a distributed problem: ``V`` and ``H`` are this process's rows.
-    ``options`` are the remaining fields of :class:`FitProblem`.
+    ``options`` are the remaining fields of :class:`FitProblem`.  The problem
+    is the normalised one (see :mod:`torchnmf.solvers.scaling`): the target
+    divided by its scale (from every process's ``scale_sums``), which
+    ``carrier`` (``"H"`` or ``"W"``; default the first trainable of ``H``,
+    ``W``) carries, and the penalties transformed to match.  Its solver works
+    on copies; ``problem.normalisation`` writes them back into ``H`` and ``W``
+    (:func:`run_problem` does so after every completed iteration).
     """
     check_target_for_beta(V, mask, beta)
     for name in ("fixed_H", "fixed_W"):
         if options.get(name) is not None:
             options[name] = options[name].to((H if name == "fixed_H" else W).device)
-    problem = FitProblem(stats=model._statistics(V, beta, mask), H=H, W=W, beta=beta, **options)
+    update_H, update_W = options.get("update_H", True), options.get("update_W", True)
+    if carrier is None:
+        carrier = "H" if update_H or not update_W else "W"
+    stats = model._statistics(V, beta, mask)
+    total, count = stats.scale_sums()
+    if reduction is not None:  # the same scale on every process
+        total, count = reduction.sum_float(total), reduction.sum_float(count)
+    scale = target_scale(total, count) if update_H or update_W else 1.0
+    if scale != 1:
+        stats = stats.scaled(1.0 / scale)
+        for name in ("H", "W"):
+            key = f"penalty_{name}"
+            if key in options:
+                options[key] = scaled_penalty(options[key], scale, beta, name == carrier, H.dtype)
+    stats = AccurateDivergence(stats, H.dtype)
+    normalisation = Normalisation(H, W, scale, carrier, beta, update_H, update_W)
+    if update_H or update_W:
+        _match_start(model, normalisation, total / max(count, 1) / scale, reduction,
+                     V.shape)
+    problem = FitProblem(
+        stats=stats, H=normalisation.working["H"], W=normalisation.working["W"], beta=beta,
+        **options,
+    )
     if reduction is not None:
         problem = distributed_problem(problem, reduction)
+    problem.normalisation = normalisation
     return problem
 
 
+# A start whose mean reconstruction is this far from the data's is brought to the
+# data's scale first: far off, the powers of the reconstruction overflow.
+START_MISMATCH = 2.0**20
+
+
+def _match_start(model, normalisation, mean_target, reduction, shape):
+    """Scale the carrying working factor by a power of two when the start is far off
+    (the same decision on every process)."""
+    working = normalisation.working
+    with torch.no_grad():
+        mean_start = float(model._mean_reconstruction(working["H"].double(), working["W"].double()))
+    if reduction is not None:
+        entries = math.prod(shape)
+        mean_start = reduction.sum_float(mean_start * entries) / max(reduction.sum_float(entries), 1)
+    if not (mean_start > 0 and mean_target > 0 and math.isfinite(mean_start)):
+        return
+    ratio = mean_target / mean_start
+    if 1 / START_MISMATCH <= ratio <= START_MISMATCH:
+        return
+    working[normalisation.carrier].mul_(2.0 ** round(math.log2(ratio)))
+
+
 def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=None, desc="fit",
-                checkpointing=None):
+                checkpointing=None, history=None):
     """Build the solver on ``problem`` and run the one loop; ``(n_iter, history)``.
 
     ``checkpointing`` (a :class:`~torchnmf.solvers.checkpoint.Checkpointing`)
     saves the fit every few iterations and, when it holds a saved state,
-    resumes from it.
+    resumes from it.  The caller's factors receive every completed iterate,
+    scaled back, and the objectives are reported in the original units.
+    ``history`` (a list, filled in place) keeps the objectives of an
+    interrupted fit: on ``KeyboardInterrupt`` the caller's factors hold the last
+    completed iterate and ``history`` ends with its objective; the interrupt is
+    re-raised.
     """
+    normalisation = problem.normalisation
+    unit = normalisation.unit
+    seen = [] if history is None else history
+
+    def step():
+        before = solver.step()  # a Python number, or a 0-dim tensor the loop reads later
+        if unit != 1:
+            before = before * unit
+        normalisation.commit()
+        seen.append(before)
+        return before
+
+    def objective():
+        return problem.objective() * unit
+
     with torch.no_grad():
         solver = make_solver(problem)
         if problem.reduction is not None and problem.reduction.rank != 0:
             verbose = False  # one progress bar per fit, on rank 0
-        return run_fit(
-            solver.step, problem.objective, tol, max_iter,
-            verbose=verbose, callback=callback, desc=desc,
-            **({} if checkpointing is None else checkpointing.loop_options(problem, solver)),
-        )
+        options = {} if checkpointing is None else checkpointing.loop_options(problem, solver)
+        if "history" in options:  # resumed: the working factors hold the saved iterate
+            normalisation.commit()
+            seen[:] = options["history"]
+        try:
+            return run_fit(
+                step, objective, tol, max_iter,
+                verbose=verbose, callback=callback, desc=desc, **options,
+            )
+        except KeyboardInterrupt:
+            normalisation.restore()
+            seen.append(objective())
+            seen[:] = [float(value) for value in seen]
+            raise
 
 
 def solve(model, V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
           penalty_H=Penalty(), penalty_W=Penalty(), update_H=True, update_W=True,
-          fixed_H=None, fixed_W=None, reduction=None, checkpointing=None):
+          fixed_H=None, fixed_W=None, reduction=None, checkpointing=None, history=None):
     """Fit ``H`` and/or ``W`` in place with the registered ``solver``.
 
     Checks that the solver supports ``beta`` and the features asked for (a
@@ -167,4 +250,4 @@ def solve(model, V, mask, H, W, beta, tol, max_iter, verbose, callback, solver,
         penalty_H=penalty_H, penalty_W=penalty_W, fixed_H=fixed_H, fixed_W=fixed_W,
     )
     return run_problem(problem, solver_cls, tol, max_iter, verbose, callback,
-                       type(model).__name__, checkpointing)
+                       type(model).__name__, checkpointing, history)

@@ -9,7 +9,8 @@ It talks to the target only through the statistics interface of
 all of them.
 
 Members: :mod:`.registry` (solvers by name, and their declared features),
-:mod:`.problem`, :mod:`.loop`, :mod:`.penalty`, and one module per method,
+:mod:`.problem`, :mod:`.loop`, :mod:`.penalty`, :mod:`.scaling` (the
+normalised problem a fit solves, and back), and one module per method,
 holding its mathematics as functions and its solver class: :mod:`.mu`
 (multiplicative updates), :mod:`.hals`, :mod:`.extrapolation` (with the
 template :mod:`.alternating`), :mod:`.sparseness` (Hoyer's projected

@@ -12,7 +12,15 @@ log space,
 
     X \leftarrow X \odot \big(X / X_{\text{prev}}\big)^{\omega},
 
-which keeps every factor non-negative without any projection.  The weight
+which keeps every factor non-negative without any projection.  Only growing
+entries are moved (the ratio is floored at one): a shrinking entry moved in
+log space shrinks by :math:`q^{1+\omega}` instead of :math:`q` per
+iteration, and after a few hundred accepted moves it sits so close to zero
+that the multiplicative update, which can only regrow it by its own ratio per
+iteration, never brings it back.  On real data (``load_digits``, beta=0.5,
+rank 32) that locked the support early and after 500 iterations the fit was
+18% above the loss of plain multiplicative updates (``docs/solvers.md``).
+The weight
 :math:`\omega` follows the restart rule of Ang & Gillis (2019,
 doi:10.1162/neco_a_01157): it grows by ``growth`` after every accepted
 extrapolation (up to a ceiling that itself creeps up by ``ceiling_growth``)
@@ -28,9 +36,11 @@ from .mu import mu_exponent, mu_update_
 
 __all__ = ["extrapolate_geometric_", "extrapolate_linear_", "ExtrapolatedMU"]
 
-# Bound on the per-entry ratio X / X_prev so that an entry that was nearly zero
-# cannot explode in one extrapolation (a rejected step would undo it anyway).
+# Bounds on the per-entry ratio X / X_prev: an entry that was nearly zero cannot
+# explode in one extrapolation (a rejected step would undo it anyway), and a
+# shrinking entry is left to the update itself (see the module's docstring).
 _MAX_RATIO = 1e4
+_MIN_RATIO = 1.0
 
 
 def extrapolate_linear_(factor, previous, weight, floor=0.0):
@@ -40,10 +50,14 @@ def extrapolate_linear_(factor, previous, weight, floor=0.0):
 
 
 def extrapolate_geometric_(factor, previous, weight):
-    """``factor *= (factor / previous) ** weight``, in place; zeros stay zero."""
+    """``factor *= clamp(factor / previous, 1, 1e4) ** weight``, in place.
+
+    Growing entries move further along their last step in log space; shrinking
+    entries stay where the update put them; zeros stay zero.
+    """
     tiny = torch.finfo(factor.dtype).tiny
     ratio = factor / previous.clamp_min(tiny)
-    ratio.clamp_(max=_MAX_RATIO).pow_(weight)
+    ratio.clamp_(_MIN_RATIO, _MAX_RATIO).pow_(weight)
     return factor.mul_(ratio)
 
 

@@ -24,9 +24,16 @@ Members: :mod:`~torchnmf.targets.dense` (closed forms for a dense matrix),
 :mod:`~torchnmf.targets.convolution` (closed forms for the convolutional
 models' forward map, dense or masked),
 :mod:`~torchnmf.targets.autograd` (any model, by vector-Jacobian products),
-and :mod:`~torchnmf.targets.prepare` (validation of ``V`` and its mask at the
+:mod:`~torchnmf.targets.residual` (the divergence near an exact fit) and
+:mod:`~torchnmf.targets.prepare` (validation of ``V`` and its mask at the
 entry point).  A new kind provides the three methods above with the same
-shapes and dtypes, and joins :func:`statistics`.
+shapes and dtypes, and two for the scale (see :mod:`torchnmf.solvers.scaling`):
+``scale_sums()``, the sum and the count of the observed entries as Python
+numbers (a wrapping kind sums its parts' over row blocks or processes), and
+``scaled(factor)``, the same kind for ``factor * V``; optionally
+``magnitude()`` (:math:`\sum V^\beta`) and ``explicit_divergence(H, W)``
+(float64, entry by entry) let :mod:`.residual` replace a closed form that
+cancellation has eaten.  It joins :func:`statistics`.
 """
 import torch
 

@@ -9,6 +9,7 @@ forms of :mod:`torchnmf.targets.dense` are preferred wherever one exists.
 import torch
 
 from .. import metrics
+from .residual import pointwise_divergence
 
 __all__ = ["AutogradStats", "beta_gradient_parts"]
 
@@ -39,6 +40,28 @@ class AutogradStats:
                 prediction, self.V, self.beta, [H_ if wrt_H else W_]
             )
         return negative, positive, prediction.detach()
+
+    # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
+    def scale_sums(self):
+        """``(sum, count)`` of the observed entries of ``V``: the entry point's scale."""
+        return float(self.V.sum(dtype=torch.float64)), self.V.numel()
+
+    def scaled(self, factor):
+        """The same statistics for ``factor * V``."""
+        return type(self)(self.V * factor, self.beta, self.reconstruct)
+
+    # -- the explicit residual (see torchnmf.targets.residual) -----------------------
+    def magnitude(self):
+        """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
+        return float(self.V.double().pow(self.beta).sum())
+
+    def explicit_divergence(self, H, W):
+        """The divergence summed entry by entry in float64 (slow, accurate)."""
+        with torch.no_grad():
+            prediction = self.reconstruct(H.double(), W.double())
+        if self.beta != 2:
+            prediction = prediction.clamp_min(self.eps)
+        return pointwise_divergence(self.V, prediction, self.beta).sum()
 
     def h_terms(self, H, W):
         negative, positive, prediction = self._parts(H, W, True)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..models.forward import UNFOLD_LIMIT
 from .dense import divergence_constant
+from .residual import pointwise_divergence
 
 __all__ = ["ConvStats", "windows", "correlate_h", "correlate_w", "forward_from_windows"]
 
@@ -154,6 +155,7 @@ class ConvStats:
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
         self.route = route
+        self.mask = mask
         self._chosen = None  # (shapes, route) of the last choice
         self.weight = None
         if mask is None:
@@ -161,6 +163,30 @@ class ConvStats:
         else:
             self.weight = mask.to(V.dtype)
             self.constant = divergence_constant(self.V[mask], self.beta)
+
+    # -- scale and the explicit residual (see torchnmf.solvers.scaling, .residual) -----
+    def _observed(self, tensor):
+        return tensor if self.mask is None else tensor[self.mask]
+
+    def scale_sums(self):
+        """``(sum, count)`` of the observed entries of ``V``: the entry point's scale."""
+        observed = self._observed(self.V)
+        return float(observed.sum(dtype=torch.float64)), observed.numel()
+
+    def scaled(self, factor):
+        """The same statistics for ``factor * V``."""
+        return type(self)(self.V * factor, self.beta, self.mask, self.route)
+
+    def magnitude(self):
+        """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
+        return float(self._observed(self.V).double().pow(self.beta).sum())
+
+    def explicit_divergence(self, H, W):
+        """The divergence summed entry by entry in float64 (slow, accurate)."""
+        prediction = self._forward(H.double(), W.double(), "conv", None)
+        if self.beta != 2:
+            prediction = prediction.clamp_min(self.eps)
+        return pointwise_divergence(self._observed(self.V), self._observed(prediction), self.beta).sum()
 
     # -- set-up ---------------------------------------------------------------
     def _route(self, H, W):

@@ -8,6 +8,7 @@ divergence from one side's terms.
 import torch
 
 from .. import metrics
+from .residual import pointwise_divergence
 
 __all__ = [
     "DenseMatrixStats",
@@ -38,6 +39,7 @@ class DenseMatrixStats:
 
     def __init__(self, V, beta, block_elements=None):
         self.V = V.contiguous()
+        self.block_elements = block_elements
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
         N, C = self.V.shape
@@ -45,6 +47,31 @@ class DenseMatrixStats:
         self.rows = max(1, min(N, block_elements // max(C, 1)))
         self._work = None
         self.constant = self._divergence_constant()
+
+    # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
+    def scale_sums(self):
+        """``(sum, count)`` of the observed entries of ``V``: the entry point's scale."""
+        return float(self.V.sum(dtype=torch.float64)), self.V.numel()
+
+    def scaled(self, factor):
+        """The same statistics for ``factor * V``."""
+        return type(self)(self.V * factor, self.beta, self.block_elements)
+
+    # -- the explicit residual (see torchnmf.targets.residual) -----------------------
+    def magnitude(self):
+        """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
+        return float(self.V.double().pow(self.beta).sum())
+
+    def explicit_divergence(self, H, W):
+        """The divergence summed entry by entry in float64 (slow, accurate)."""
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        W64 = W.double()
+        for start, stop in _row_blocks(H.shape[0], self.rows):
+            R = (H[start:stop].double() @ W64.T)
+            if self.beta != 2:
+                R.clamp_min_(self.eps)
+            total += pointwise_divergence(self.V[start:stop], R, self.beta).sum()
+        return total
 
     # -- set-up ---------------------------------------------------------------
     def _buffers(self, R):

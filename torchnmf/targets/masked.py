@@ -25,6 +25,7 @@ import torch
 from .. import metrics
 from .autograd import AutogradStats
 from .dense import BLOCK_ELEMENTS
+from .residual import pointwise_divergence
 from .sparse import to_csr
 
 __all__ = ["MaskedMatrixStats", "MaskedAutogradStats"]
@@ -114,6 +115,8 @@ class MaskedMatrixStats:
 
     def __init__(self, V, mask, beta, block_elements=None):
         self.mask = mask.contiguous()
+        self.V = V
+        self.block_elements = block_elements
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
         self.dtype = V.dtype
@@ -123,6 +126,33 @@ class MaskedMatrixStats:
         source = _DenseRows if V.layout == torch.strided else _SparseRows
         self.source = source(V, self.rows)
         self.constant = _observed_constant(self.source.observed_values(self.mask), self.beta)
+
+    # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
+    def scale_sums(self):
+        """``(sum, count)`` of the observed entries of ``V``: the entry point's scale."""
+        return float(self.source.observed_values(self.mask).sum(dtype=torch.float64)), int(self.mask.sum())
+
+    def scaled(self, factor):
+        """The same statistics for ``factor * V``."""
+        return type(self)(self.V * factor, self.mask, self.beta, self.block_elements)
+
+    # -- the explicit residual (see torchnmf.targets.residual) -----------------------
+    def magnitude(self):
+        """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
+        return float(self.source.observed_values(self.mask).double().pow(self.beta).sum())
+
+    def explicit_divergence(self, H, W):
+        """The divergence summed entry by entry in float64 (slow, accurate)."""
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        W64 = W.double()
+        for start, stop in self._blocks(H.shape[0]):
+            R = (H[start:stop].double() @ W64.T)
+            if self.beta != 2:
+                R.clamp_min_(self.eps)
+            V = self.source(start, stop)
+            mask = self.mask[start:stop]
+            total += pointwise_divergence(V[mask], R[mask], self.beta).sum()
+        return total
 
     def observed_target(self):
         """``(V, weight)``: the target (zeros where hidden; dense, or sparse COO for a
@@ -217,6 +247,23 @@ class MaskedAutogradStats(AutogradStats):
         super().__init__(V, beta, functools.partial(_masked_reconstruct, reconstruct, weight))
         self.mask = mask
         self.V_observed = V[mask]
+        self.unmasked_reconstruct = reconstruct
+
+    def scale_sums(self):
+        return float(self.V_observed.sum(dtype=torch.float64)), self.V_observed.numel()
+
+    def scaled(self, factor):
+        return type(self)(self.V * factor, self.mask, self.beta, self.unmasked_reconstruct)
+
+    def magnitude(self):
+        return float(self.V_observed.double().pow(self.beta).sum())
+
+    def explicit_divergence(self, H, W):
+        with torch.no_grad():
+            prediction = self.unmasked_reconstruct(H.double(), W.double())[self.mask]
+        if self.beta != 2:
+            prediction = prediction.clamp_min(self.eps)
+        return pointwise_divergence(self.V_observed, prediction, self.beta).sum()
 
     def _observed_divergence(self, prediction):
         return metrics.beta_div(prediction[self.mask], self.V_observed, self.beta)

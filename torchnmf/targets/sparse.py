@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .dense import gram_divergence
+from .residual import pointwise_divergence
 
 
 __all__ = [
@@ -175,6 +176,8 @@ class SparseMatrixStats:
     """
 
     def __init__(self, V, beta, block_elements=None):
+        self.V = V
+        self.block_elements = block_elements
         block_elements = block_elements or SPARSE_BLOCK_ELEMENTS
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
@@ -184,6 +187,43 @@ class SparseMatrixStats:
         self.by_columns = _Orientation(transpose_csr(csr), block_elements)
         self.constant = _divergence_constant(self.by_rows.values, self.beta)
         self._work = None
+
+    # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
+    def scale_sums(self):
+        """``(sum, count)`` of the observed entries of ``V``: the entry point's scale."""
+        return float(self.by_rows.values.sum(dtype=torch.float64)), self.shape[0] * self.shape[1]
+
+    def scaled(self, factor):
+        """The same statistics for ``factor * V``."""
+        return type(self)(self.V * factor, self.beta, self.block_elements)
+
+    # -- the explicit residual (see torchnmf.targets.residual) -----------------------
+    def magnitude(self):
+        """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
+        return float(self.by_rows.values.double().pow(self.beta).sum())
+
+    def explicit_divergence(self, H, W):
+        """The divergence summed entry by entry in float64 (slow, accurate)."""
+        beta, side = self.beta, self.by_rows
+        H64, W64 = H.double(), W.double()
+        rows = torch.repeat_interleave(
+            torch.arange(self.shape[0], device=H.device), side.crow_indices.diff()
+        )
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        chunk = max(1, (1 << 20) // max(H.shape[1], 1))
+        for start in range(0, rows.numel(), chunk):  # the stored entries
+            stop = start + chunk
+            R = (H64[rows[start:stop]] * W64[side.col_indices[start:stop]]).sum(1)
+            if beta != 2:
+                R.clamp_min_(self.eps)
+            total += (pointwise_divergence(side.values[start:stop], R, beta)
+                      - R.pow(beta) / beta).sum()
+        for start in range(0, self.shape[0], side.rows):  # every entry as if zero
+            R = H64[start:start + side.rows] @ W64.T
+            if beta != 2:
+                R.clamp_min_(self.eps)
+            total += R.pow(beta).sum() / beta
+        return total.clamp_min(0)
 
     def _work_buffer(self):
         if self._work is None:

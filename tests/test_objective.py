@@ -1,0 +1,93 @@
+"""The reported objective: non-negative, accurate near an exact fit, monotone up to its rounding."""
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import low_rank
+from torchnmf.init import initialize
+from torchnmf.metrics import beta_div
+from torchnmf.nmf import NMF, NMFD
+from torchnmf.targets.residual import pointwise_divergence
+
+
+@pytest.mark.parametrize("beta", [2, 1.5, 1, 0.5, 0, -1, 3])
+def test_pointwise_divergence_matches_naive(beta, generator):
+    V = torch.rand(50, generator=generator, dtype=torch.float64) + 0.1
+    R = torch.rand(50, generator=generator, dtype=torch.float64) + 0.1
+    assert_close(pointwise_divergence(V, R, beta).sum(), beta_div(R, V, beta).double())
+
+
+@pytest.mark.parametrize("beta", [2, 1, 0.5, 0])
+def test_pointwise_divergence_near_equality(beta):
+    # d(v | v (1 + r)) = v^beta r^2 / 2 + O(r^3): the naive formula is pure rounding here
+    V = torch.tensor([0.3, 2.0, 7.0], dtype=torch.float64)
+    r = 1e-9
+    expected = V.pow(beta) * r**2 / 2
+    assert_close(pointwise_divergence(V, V * (1 + r), beta), expected, rtol=1e-5, atol=0)
+    assert (pointwise_divergence(V, V, beta) == 0).all()
+
+
+def test_pointwise_divergence_at_zeros():
+    V = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    R = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    assert_close(pointwise_divergence(V, R, 1.5), R.pow(1.5) / 1.5)
+
+
+CASES = [(dtype, beta, solver, kind)
+         for dtype in (torch.float32, torch.float64)
+         for beta, solver, kind in [
+             (2, "mu", "dense"), (2, "hals", "dense"), (1, "mu", "dense"), (0.5, "mu", "sparse"),
+             (1.5, "mu_extrapolated", "masked"), (0, "mu", "dense"), (3, "mu", "dense"),
+             (1, "mu", "sparse"), (2, "hals", "masked"),
+         ]]
+
+
+@pytest.mark.parametrize("dtype,beta,solver,kind", CASES)
+def test_objective_near_an_exact_fit(dtype, beta, solver, kind, generator):
+    V, _, _ = low_rank(30, 20, 3, generator, dtype=dtype)
+    W0, H0 = initialize(V, 3, "nndsvda")
+    model = NMF(W=W0, H=H0)
+    options = {}
+    target = V.to_sparse() if kind == "sparse" else V
+    if kind == "masked":
+        options["mask"] = torch.rand(V.shape, generator=generator) > 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(target, beta=beta, tol=0, max_iter=300, solver=solver, **options)
+    history = torch.tensor(model.loss_history, dtype=torch.float64)
+    assert (history >= 0).all()
+    observed = options.get("mask", torch.ones(V.shape, dtype=torch.bool))
+    prediction = model.H.detach().double() @ model.W.detach().double().T
+    if beta != 2:
+        prediction = prediction.clamp_min(torch.finfo(dtype).eps)
+    exact = float(pointwise_divergence(V.double()[observed], prediction[observed], beta).sum())
+    assert history[-1].item() == pytest.approx(exact, rel=0.01, abs=1e-300)
+    if solver != "hals":  # HALS at the rounding floor of its iterates moves by their rounding
+        rounding = 8 * torch.finfo(dtype).eps * history[:-1]
+        assert (history.diff() <= rounding).all()
+
+
+def test_objective_is_accurate_for_tiny_float64_data(generator):
+    V, _, _ = low_rank(20, 15, 2, generator)
+    V = V * 1e-150
+    model = NMF(V.shape, rank=2).double().initialize_(V, "nndsvda")
+    model.fit(V, beta=2, tol=0, max_iter=200)
+    history = torch.tensor(model.loss_history)
+    assert (history >= 0).all()
+    exact = float(0.5 * ((model().detach() * 1e150 - V * 1e150) ** 2).sum()) * 1e-300
+    assert history[-1].item() == pytest.approx(exact, rel=0.01)
+
+
+def test_convolutional_objective_near_exact_fit(generator):
+    V = torch.rand(2, 3, 20, generator=generator, dtype=torch.float64) + 0.1
+    model = NMFD(V.shape, rank=2, T=3).double().initialize_(V, "random", generator=0)
+    with torch.no_grad():
+        V = model().detach()  # exactly representable by the model
+        model.H.mul_(torch.rand(model.H.shape, generator=generator, dtype=torch.float64) + 0.5)
+    model.fit(V, beta=1, tol=0, max_iter=200)
+    history = torch.tensor(model.loss_history)
+    assert (history >= 0).all()
+    exact = float(pointwise_divergence(V, model().detach().clamp_min(2.2e-16), 1).sum())
+    assert history[-1].item() == pytest.approx(exact, rel=0.01)

@@ -1,0 +1,141 @@
+"""Scale equivariance: fitting c * V gives c times the fit of V, at any usable scale."""
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import low_rank
+from torchnmf.init import initialize
+from torchnmf.nmf import NMF, NMFD
+from torchnmf.solvers.scaling import scaled_penalty, target_scale
+from torchnmf.solvers.penalty import Penalty
+
+SCALES = {torch.float64: [1e-100, 3e-30, 1e-6, 7e5, 1e100], torch.float32: [1e-15, 3e-7, 1e6, 1e15]}
+CASES = [(dtype, c) for dtype, scales in SCALES.items() for c in scales]
+TOL = {torch.float64: dict(rtol=1e-7, atol=0), torch.float32: dict(rtol=1e-2, atol=0)}
+
+
+def _problem(dtype, generator, n=24, c=16, rank=3):
+    V, _, _ = low_rank(n, c, rank, generator, noise=0.2)
+    V = (V + 0.05).to(dtype)
+    W0, H0 = initialize(V, rank, "nndsvda")
+    return V, W0, H0
+
+
+def _fit(V, W0, H0, scale, kind, **options):
+    model = NMF(W=W0.clone(), H=(H0 * scale).clone())
+    target = scale * V
+    if kind == "sparse":
+        target = target.to_sparse()
+    if kind == "masked":
+        options["mask"] = torch.ones(V.shape, dtype=torch.bool)
+        options["mask"][0, 0] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        n_iter = model.fit(target, tol=0, max_iter=30, **options)
+    return n_iter, model
+
+
+@pytest.mark.parametrize("dtype,scale", CASES)
+@pytest.mark.parametrize("solver,beta,kind", [
+    ("mu", 2, "dense"), ("mu", 1, "dense"), ("mu", 0.5, "sparse"), ("mu", 3, "dense"),
+    ("mu", 0, "dense"), ("mu", -1, "masked"), ("hals", 2, "dense"), ("hals", 2, "masked"),
+    ("mu_extrapolated", 1, "sparse"), ("mu_extrapolated", 1.5, "masked"),
+])
+def test_fit_is_scale_equivariant(dtype, scale, solver, beta, kind, generator):
+    V, W0, H0 = _problem(dtype, generator)
+    _, reference = _fit(V, W0, H0, 1.0, kind, beta=beta, solver=solver)
+    _, scaled = _fit(V, W0, H0, scale, kind, beta=beta, solver=solver)
+    assert torch.isfinite(scaled.H).all() and torch.isfinite(scaled.W).all()
+    assert_close(scaled().detach() / scale, reference().detach(), **TOL[dtype])
+    history = torch.tensor(scaled.loss_history, dtype=torch.float64) / scale**beta
+    assert_close(history, torch.tensor(reference.loss_history, dtype=torch.float64),
+                 rtol=TOL[dtype]["rtol"] * 10, atol=0)
+
+
+@pytest.mark.parametrize("k", [-60, 40])
+def test_power_of_two_scales_give_identical_fits(k, generator):
+    V, W0, H0 = _problem(torch.float64, generator)
+    _, reference = _fit(V, W0, H0, 1.0, "dense", beta=1)
+    _, scaled = _fit(V, W0, H0, 2.0**k, "dense", beta=1)
+    assert torch.equal(scaled.H.detach(), reference.H.detach() * 2.0**k)
+    assert torch.equal(scaled.W.detach(), reference.W.detach())
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e15])
+def test_penalised_and_convolutional_fits(scale, generator):
+    V = torch.rand(2, 3, 20, generator=generator, dtype=torch.float64) + 0.1
+    results = []
+    for c in (1.0, scale):
+        model = NMFD(V.shape, rank=2, T=3).double().initialize_(V, "random", generator=0)
+        with torch.no_grad():
+            model.H.mul_(c)
+        # with X = c X', lambda_1 |X| = c^beta (lambda_1 c^(1 - beta) |X'|), and for W
+        # (scale-free) lambda_1 |W| = c^beta (lambda_1 c^-beta |W|)
+        model.fit(c * V, beta=1.5, tol=0, max_iter=20, l1_ratio=1.0,
+                  alpha_H=0.1 * c**0.5, alpha_W=0.1 * c**1.5)
+        results.append((model().detach() / c, model.loss_history[-1] / c**1.5))
+    assert_close(results[1][0], results[0][0], rtol=1e-7, atol=0)
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-20, 1e20])
+@pytest.mark.parametrize("beta", [2, 3])
+def test_float32_defaults_fit_at_any_scale(scale, beta, generator):
+    """The issue's report: values around 1e-6 with the defaults at beta=2 stopped after
+    3 iterations with a rising loss and a zero reconstruction."""
+    V, _, _ = low_rank(40, 30, 4, generator, dtype=torch.float32, noise=0.05)
+    errors = []
+    for c in (1.0, scale):
+        torch.manual_seed(0)
+        model = NMF(V.shape, rank=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(c * V, beta=beta, max_iter=300)
+        history = torch.tensor(model.loss_history, dtype=torch.float64)
+        assert torch.isfinite(history).all()
+        target = (c * V).double()
+        errors.append(float((model().detach().double() - target).norm() / target.norm()))
+    assert errors[1] < 0.05
+    assert errors[1] == pytest.approx(errors[0], rel=0.2)
+
+
+def test_target_scale():
+    assert target_scale(3.0, 2) == 2.0
+    assert target_scale(0.0, 10) == 1.0
+    assert target_scale(5.0, 0) == 1.0
+    assert target_scale(2.0**-300 * 100, 100) == 2.0**-300
+
+
+def test_scaled_penalty_matches_objective():
+    # lambda1 |X| + lambda2/2 |X|^2 with X = s X' equals s^beta times the transformed one
+    penalty, s, beta = Penalty(0.3, 0.4), 2.0**10, 1.5
+    X = torch.rand(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for carries in (True, False):
+        scaled = scaled_penalty(penalty, s, beta, carries, torch.float64)
+        original = float(penalty.value(X * s if carries else X))
+        assert original == pytest.approx(s**beta * float(scaled.value(X)), rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [2.0**-70, 1e-20, 1e20])
+def test_sparse_fit_is_scale_equivariant(scale, generator):
+    V, _, _ = low_rank(20, 12, 3, generator, noise=0.1)
+    results = []
+    for c in (1.0, scale):
+        model = NMF(V.shape, rank=3).double().initialize_(V, "nndsvda")
+        with torch.no_grad():
+            model.H.mul_(c)
+        model.sparse_fit(c * V, beta=2, max_iter=20, sW=0.5)
+        results.append(model().detach() / c)
+    assert_close(results[1], results[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e100])
+def test_transform_is_scale_equivariant(scale, generator):
+    V, _, _ = low_rank(20, 12, 3, generator, noise=0.1)
+    model = NMF(V.shape, rank=3).double().initialize_(V, "nndsvda")
+    H0 = torch.rand(5, 3, generator=generator, dtype=torch.float64)
+    codes = model.transform(V[:5], beta=1, tol=0, max_iter=30, H=H0)
+    scaled = model.transform(scale * V[:5], beta=1, tol=0, max_iter=30, H=scale * H0)
+    assert_close(scaled / scale, codes, rtol=1e-7, atol=0)

@@ -1,0 +1,109 @@
+r"""Fitting a normalised problem: the scale of the target, and back.
+
+The beta-divergence is homogeneous, :math:`D_\beta(sV | s\hat V) = s^\beta
+D_\beta(V | \hat V)`, and every solver here is equivariant in exact arithmetic:
+fitting :math:`sV` from :math:`(sH, W)` gives :math:`s` times the iterates of
+fitting :math:`V` from :math:`(H, W)`.  In floating point the floors
+(``eps``, ``tiny``) and the powers :math:`\hat V^{\beta-1}` break that far from
+scale 1 (nothing moves under an absolute floor at 1e-20, powers overflow at
+1e20).  So the entry point fits the normalised target :math:`V / s` instead,
+:math:`s` a power of two near the mean observed entry (dividing by it is exact,
+so fits of ``V`` and ``2**k * V`` are bit-identical), with the factor that
+carries the scale divided by :math:`s`, and scales back.
+
+The objective of the original problem is :math:`s^\beta` times the normalised
+one when the penalties are transformed too: with :math:`X = sX'` the carrying
+factor and :math:`Y` the other,
+
+.. math::
+
+    \lambda_1 \|X\|_1 + \tfrac{\lambda_2}{2}\|X\|^2
+    = s^\beta\big(\lambda_1 s^{1-\beta} \|X'\|_1 + \tfrac{\lambda_2 s^{2-\beta}}{2}\|X'\|^2\big),
+    \qquad
+    \lambda_1 \|Y\|_1 + \tfrac{\lambda_2}{2}\|Y\|^2
+    = s^\beta\big(\lambda_1 s^{-\beta} \|Y\|_1 + \tfrac{\lambda_2 s^{-\beta}}{2}\|Y\|^2\big).
+
+The scale comes from the statistics object: ``stats.scale_sums()`` returns the
+sum and the count of the observed entries (float, int), which a kind that wraps
+others (row blocks streamed from disk, processes) sums over its parts, and
+``stats.scaled(factor)`` returns the same kind of statistics for ``factor * V``.
+"""
+import math
+
+import torch
+
+from .penalty import Penalty
+
+__all__ = ["target_scale", "scaled_penalty", "Normalisation"]
+
+
+def target_scale(total, count):
+    """The power of two nearest the mean ``total / count`` (1 for an empty or zero target)."""
+    total = float(total)
+    if count <= 0 or not total > 0 or not math.isfinite(total):
+        return 1.0
+    return 2.0 ** round(math.log2(total) - math.log2(count))
+
+
+def scaled_penalty(penalty, scale, beta, carries, dtype):
+    """The penalty of the normalised problem (see the module docstring).
+
+    Weights are capped at the dtype's largest value: beyond it the penalty
+    dominates so much that the factor is zero either way.
+    """
+    if not penalty:
+        return penalty
+    cap = torch.finfo(dtype).max
+    power_l1 = (1.0 - beta) if carries else -beta
+    power_l2 = (2.0 - beta) if carries else -beta
+    l1 = min(penalty.l1 * _power(scale, power_l1), cap)
+    l2 = min(penalty.l2 * _power(scale, power_l2), cap)
+    return Penalty.from_weights(l1, l2)
+
+
+def _power(scale, exponent):
+    # scale is a power of two: work on the exponent so nothing overflows on the way
+    try:
+        return 2.0 ** (math.log2(scale) * exponent)
+    except OverflowError:
+        return math.inf
+
+
+class Normalisation:
+    """The link between the caller's factors and the working ones of a normalised fit.
+
+    ``H`` and ``W`` are the caller's tensors; ``working`` holds the normalised
+    copies the solver updates in place (the carrying factor divided by
+    ``scale``).  :meth:`commit` writes the working factors, scaled back, into
+    the caller's tensors; the fit calls it after every completed iteration, so
+    the caller's tensors always hold a complete iterate.
+    """
+
+    def __init__(self, H, W, scale, carrier, beta, update_H=True, update_W=True):
+        self.targets = {"H": H, "W": W}
+        self.scale = scale
+        self.carrier = carrier
+        self.unit = _power(scale, beta) if scale != 1 else 1.0
+        self.update = {"H": update_H, "W": update_W}
+        self.working = {
+            name: tensor / scale if name == carrier and scale != 1 else tensor.clone()
+            for name, tensor in self.targets.items()
+        }
+
+    def commit(self):
+        for name, target in self.targets.items():
+            if not self.update[name]:
+                continue
+            source = self.working[name]
+            if name == self.carrier and self.scale != 1:
+                torch.mul(source, self.scale, out=target)
+            else:
+                target.copy_(source)
+
+    def restore(self):
+        """Reset the working factors to the last committed iterate."""
+        for name, target in self.targets.items():
+            if name == self.carrier and self.scale != 1:
+                torch.div(target, self.scale, out=self.working[name])
+            else:
+                self.working[name].copy_(target)

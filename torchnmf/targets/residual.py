@@ -1,0 +1,95 @@
+r"""The divergence from the explicit residual, accurate near an exact fit.
+
+The closed forms of the statistics subtract large terms (for beta=2,
+:math:`\tfrac12\|V\|^2 - \langle H, VW\rangle + \tfrac12\langle H, HW^\top W\rangle`),
+so once the fit is nearly exact their value is rounding noise: it can be
+negative, rise when the fit improves, and mislead the stopping rule.
+:class:`AccurateDivergence` wraps a statistics object and, when a closed-form
+value is under ``CANCELLATION`` times the dtype's epsilon times the size of its
+terms (:math:`\sum V^\beta` over the observed entries), replaces it with the
+sum of the entry-wise divergences in float64 from the object's
+``explicit_divergence(H, W)``.
+
+Entry-wise, with :math:`a = \log(\hat v / v) = \operatorname{log1p}((\hat v - v) / v)`,
+
+.. math::
+
+    d_\beta(v | \hat v) = v^\beta \Big(\frac{\operatorname{expm1}(\beta a)}{\beta}
+        - \frac{\operatorname{expm1}((\beta - 1) a)}{\beta - 1}\Big),
+
+(``expm1(a) - a`` at beta=1, ``expm1(-a) + a`` at beta=0): the only cancellation
+left is between two terms of size :math:`|a|` whose difference is about
+:math:`a^2/2`, a relative error of about :math:`2\epsilon/|a|` in float64,
+instead of :math:`\epsilon_{\text{dtype}} \sum V^\beta` for the closed form.
+Zeros of ``V`` contribute :math:`\hat v^\beta / \beta`.
+"""
+import torch
+
+__all__ = ["pointwise_divergence", "AccurateDivergence", "CANCELLATION"]
+
+CANCELLATION = 1e4
+
+
+def pointwise_divergence(V, R, beta):
+    """Entry-wise :math:`d_\\beta(V | R)` in float64, non-negative, accurate near ``V == R``."""
+    V = V.double()
+    R = R.double()
+    positive = V > 0
+    safe_V = torch.where(positive, V, torch.ones_like(V))
+    a = torch.log1p((R - safe_V) / safe_V)
+    if beta == 1:
+        phi = torch.expm1(a) - a
+    elif beta == 0:
+        phi = torch.expm1(-a) + a
+    else:
+        phi = torch.expm1(beta * a) / beta - torch.expm1((beta - 1) * a) / (beta - 1)
+    d = safe_V.pow(beta) * phi
+    if beta > 0:
+        d = torch.where(positive, d, R.pow(beta) / beta)
+    return d.clamp_min_(0)
+
+
+class AccurateDivergence:
+    """A statistics object whose divergences are accurate near an exact fit.
+
+    Delegates everything to ``stats``; replaces a divergence it returns by
+    ``stats.explicit_divergence(H, W)`` when cancellation has eaten it (see the
+    module docstring), and clamps it at zero otherwise.  On an accelerator the
+    values that ``h_terms`` and ``w_terms`` return are only clamped (checking
+    them would read them back every iteration); ``divergence``, the objective
+    the fit ends with, is always checked.
+    """
+
+    def __init__(self, stats, dtype):
+        self.stats = stats
+        magnitude = getattr(stats, "magnitude", None)
+        self.magnitude = magnitude() if magnitude is not None else None
+        self.threshold = None
+        if self.magnitude is not None and hasattr(stats, "explicit_divergence"):
+            self.threshold = CANCELLATION * torch.finfo(dtype).eps * self.magnitude
+
+    def __getattr__(self, name):
+        return getattr(self.stats, name)
+
+    def _checked(self, value, H, W, final=False):
+        if value is None:
+            return value
+        on_device = isinstance(value, torch.Tensor) and value.device.type != "cpu"
+        # on an accelerator the check would read the value back every iteration
+        # (a synchronisation the loop avoids): there only the final objective is checked
+        if self.threshold is not None and (final or not on_device) and float(value) < self.threshold:
+            return self.stats.explicit_divergence(H, W)
+        return value.clamp_min(0) if isinstance(value, torch.Tensor) else max(value, 0.0)
+
+    def h_terms(self, H, W, *args, **kwargs):
+        terms = self.stats.h_terms(H, W, *args, **kwargs)
+        return (*terms[:2], self._checked(terms[2], H, W))
+
+    def w_terms(self, H, W, *args, **kwargs):
+        terms = self.stats.w_terms(H, W, *args, **kwargs)
+        if len(terms) == 3:
+            return (*terms[:2], self._checked(terms[2], H, W))
+        return terms
+
+    def divergence(self, H, W):
+        return self._checked(self.stats.divergence(H, W), H, W, final=True)
