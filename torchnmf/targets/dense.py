@@ -88,8 +88,8 @@ class DenseMatrixStats:
     The factors may also be stacks, ``H`` of shape ``(B, N, R)`` and ``W`` of
     shape ``(B, C, R)``: ``B`` independent factorisations of the same ``V``
     (see :mod:`torchnmf.restarts`); every term gets the leading ``B`` and the
-    divergence is one value per member, ``(B,)``.  Blocks then hold ``rows``
-    rows of every member, so the work buffers keep their size.
+    divergence is one value per member, ``(B,)``.  Blocks then hold the same
+    rows of every member, in work buffers at most four times the single fit's.
     """
 
     def __init__(self, V, beta, block_elements=None):
@@ -137,7 +137,10 @@ class DenseMatrixStats:
         if self._work_key != (batch, R):
             N, C = self.V.shape
             members = math.prod(batch)
-            self.rows = max(1, min(N, self.block_elements // max(members * C, 1)))
+            # a stack's blocks may be up to 4 times larger (fewer, larger products;
+            # a single block also spares copying each block's result into place)
+            budget = self.block_elements * min(members, 4)
+            self.rows = max(1, min(N, budget // max(members * C, 1)))
             new = self.V.new_empty
             block = members * self.rows * C
             self._work = (
