@@ -216,3 +216,16 @@ def test_errors(generator):
     negative[0, 0] = -1
     with pytest.raises(ValueError, match="non-negative"):
         fit_restarts(negative, 3)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import torchnmf.consensus
+    import torchnmf.restarts
+
+    for module in (torchnmf.restarts, torchnmf.consensus):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            failures, tried = doctest.testmod(module)
+        assert tried > 0 and failures == 0, module.__name__
