@@ -229,3 +229,23 @@ def test_docstring_examples_run():
             warnings.simplefilter("ignore")
             failures, tried = doctest.testmod(module)
         assert tried > 0 and failures == 0, module.__name__
+
+
+@pytest.mark.parametrize("solver", ["mu", "mu_extrapolated"])
+def test_padded_ranks_equal_grouped_ranks(solver, generator):
+    V = planted(generator)
+    fit = dict(n_restarts=3, beta=1, tol=1e-4, max_iter=60, solver=solver, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grouped = fit_restarts(V, [2, 4], **fit)
+        padded = fit_restarts(V, [2, 4], rank_layout="padded", **fit)
+    assert padded.ranks == grouped.ranks and padded.seeds == grouped.seeds
+    assert padded.n_iter == grouped.n_iter
+    for k in range(len(grouped)):
+        assert padded.W[k].shape == grouped.W[k].shape
+        assert_close(padded.W[k], grouped.W[k], **EXACT)
+        assert_close(padded.H[k], grouped.H[k], **EXACT)
+    with pytest.raises(ValueError, match="rank_layout='padded' needs a multiplicative solver"):
+        fit_restarts(V, [2, 3], beta=2, solver="hals", rank_layout="padded")
+    with pytest.raises(ValueError, match=r"rank_layout must be one of \['grouped', 'padded'\], got 'x'"):
+        fit_restarts(V, [2, 3], rank_layout="x")
