@@ -29,7 +29,7 @@ def test_rank_prints_a_table_and_suggests_the_planted_rank(counts, tmp_path, cap
     pytest.importorskip("scipy")
     pytest.importorskip("matplotlib")
     figure = tmp_path / "k.png"
-    status = main(["rank", str(counts), "--ranks", "2:4", "--restarts", "5", "--max-iter", "200",
+    status = main(["rank", str(counts), "--ranks", "2:4", "--restarts", "4", "--max-iter", "150",
                    "-q", "--plot", str(figure)])
     out = capsys.readouterr().out
     assert status == 0, out

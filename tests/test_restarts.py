@@ -178,9 +178,9 @@ def test_stats_give_one_divergence_per_member(generator):
 
 def test_real_data_digits_batched_equals_sequential():
     datasets = pytest.importorskip("sklearn.datasets")
-    V = torch.tensor(datasets.load_digits().data[:120], dtype=torch.float64)
-    W0, H0 = starts(V, 6, 3)
-    fit = dict(beta=1, tol=1e-4, max_iter=60, solver="mu_extrapolated")
+    V = torch.tensor(datasets.load_digits().data[:80], dtype=torch.float64)
+    W0, H0 = starts(V, 5, 3)
+    fit = dict(beta=1, tol=1e-4, max_iter=40, solver="mu_extrapolated")
     result = batched(V, W0, H0, **fit)
     assert_members_equal(result, *sequential(V, W0, H0, **fit))
 

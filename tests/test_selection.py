@@ -31,8 +31,8 @@ def test_one_standard_error_rule_against_a_hand_computed_case():
 
 def test_cross_validation_picks_the_planted_rank(generator):
     V = planted(generator)
-    cv = cross_validate(V, range(1, 7), n_folds=3, n_restarts=3, beta=2, max_iter=400, seed=0)
-    assert cv.errors.shape == (3, 6)
+    cv = cross_validate(V, range(1, 6), n_folds=3, n_restarts=3, beta=2, max_iter=250, seed=0)
+    assert cv.errors.shape == (3, 5)
     assert cv.suggested == 3, cv.mean
     assert cv.rule == RULE
     # the held-out error falls steeply up to the planted rank
@@ -49,15 +49,15 @@ def test_cross_validation_kl_on_counts_picks_the_planted_rank(generator):
 
 def test_bi_cross_validation_picks_the_planted_rank(generator):
     V = planted(generator, n=80, c=60)
-    cv = bi_cross_validate(V, range(1, 7), n_restarts=3, beta=2, max_iter=400)
-    assert cv.errors.shape == (4, 6) and cv.method == "bi"
+    cv = bi_cross_validate(V, range(1, 6), n_restarts=3, beta=2, max_iter=250)
+    assert cv.errors.shape == (4, 5) and cv.method == "bi"
     assert cv.suggested == 3, cv.mean
 
 
 def test_rank_table_and_its_figure(generator, tmp_path):
     pytest.importorskip("scipy")
     V = planted(generator, n=50, c=30)
-    table = rank_table(V, [2, 3, 4], n_restarts=4, beta=2, max_iter=200, n_folds=3)
+    table = rank_table(V, [2, 3, 4], n_restarts=3, beta=2, max_iter=150, n_folds=3)
     assert [row["rank"] for row in table.rows] == [2, 3, 4]
     assert table.suggested == 3
     assert all(-1 <= row["stability"] <= 1 for row in table.rows)
