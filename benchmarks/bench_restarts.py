@@ -15,7 +15,6 @@ program, over the genes both used; the rank each one's stability picks).
 """
 import contextlib
 import io
-import itertools
 import os
 import shutil
 import tempfile

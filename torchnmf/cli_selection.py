@@ -9,7 +9,6 @@ writes the consensus ``W`` and refitted ``H`` (with the stability and the
 prediction error) to an ``.npz`` archive.
 """
 import importlib.util
-import sys
 from pathlib import Path
 
 __all__ = ["add_commands", "parse_ranks", "run_rank", "run_consensus"]
@@ -164,6 +163,3 @@ def run_consensus(args, out=print, error_type=ValueError):
     out(f"wrote the consensus W {tuple(result.W.shape)} and H {tuple(result.H.shape)} to {written}")
     return 0
 
-
-def note(message):
-    print(f"torchnmf: note: {message}", file=sys.stderr)

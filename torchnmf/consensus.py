@@ -182,7 +182,10 @@ def consensus_from_restarts(
     distances = pairwise_distances(spectra)
     neighbours = max(1, int(round(local_neighborhood_size * len(members))))
     neighbours = min(neighbours, spectra.shape[0] - 1)
-    density = local_density(spectra, neighbours, distances) if neighbours >= 1 else torch.zeros(len(spectra))
+    if neighbours >= 1:
+        density = local_density(spectra, neighbours, distances)
+    else:  # a single spectrum: nothing to compare it with
+        density = torch.zeros(spectra.shape[0], dtype=torch.float64, device=spectra.device)
     kept = density <= density_threshold
     if int(kept.sum()) < rank:
         raise ValueError(
@@ -191,8 +194,8 @@ def consensus_from_restarts(
         )
     kept_spectra = spectra[kept]
     labels_kept, _, _ = kmeans(kept_spectra, rank, n_init=n_init, generator=seed)
-    labels = torch.full((spectra.shape[0],), -1, dtype=torch.int64)
-    labels[kept] = labels_kept.cpu()
+    labels = torch.full((spectra.shape[0],), -1, dtype=torch.int64, device=spectra.device)
+    labels[kept] = labels_kept
     if rank > 1 and torch.unique(labels_kept).numel() > 1:
         stability = silhouette_score(
             kept_spectra, labels_kept, distances[kept][:, kept]
