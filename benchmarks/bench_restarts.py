@@ -86,10 +86,10 @@ def part_one(quick):
     digits = torch.tensor(load_digits().data, dtype=torch.float32)
     counts = planted_counts(2000, 1000, 10)[0].float()
     problems = [
-        ("digits 1797x64", digits, 16, 2, 20 if quick else 200),
-        ("digits 1797x64", digits, 16, 1, 10 if quick else 100),
-        ("counts 2000x1000", counts, 16, 2, 5 if quick else 50),
-        ("counts 2000x1000", counts, 16, 1, 3 if quick else 20),
+        ("digits 1797x64", digits, 16, 2, 20 if quick else 100),
+        ("digits 1797x64", digits, 16, 1, 10 if quick else 30),
+        ("counts 2000x1000", counts, 16, 2, 5 if quick else 20),
+        ("counts 2000x1000", counts, 16, 1, 3 if quick else 8),
     ]
     if quick:
         problems = [(n, V[:300, :200].contiguous(), r, b, i) for n, V, r, b, i in problems]
@@ -100,8 +100,8 @@ def part_one(quick):
                      batched / (MEMBERS * n_iter) * 1e3])
     ranks = list(range(2, 13))
     grouped_rows = []
-    for name, V, beta, n_iter in (("digits 1797x64", digits, 2, 20 if quick else 100),
-                                  ("digits 1797x64", digits, 1, 5 if quick else 30)):
+    for name, V, beta, n_iter in (("digits 1797x64", digits, 2, 20 if quick else 50),
+                                  ("digits 1797x64", digits, 1, 5 if quick else 10)):
         V = V[:300].contiguous() if quick else V
         grouped, padded = grouped_against_padded(V, ranks, 4 if quick else MEMBERS, n_iter, beta)
         grouped_rows.append([name, beta, n_iter, grouped, padded, padded / grouped])
@@ -202,9 +202,9 @@ def part_two(quick):
 
     programs = 6
     cells, genes = (400, 300) if quick else (2000, 1000)
-    replicates = 5 if quick else 20
-    max_iter = 100 if quick else 400
-    ks = [4, 5, 6, 7, 8]
+    replicates = 5 if quick else 10
+    max_iter = 100 if quick else 200
+    ks = [4, 5, 6, 7, 8] if quick else [5, 6, 7]
     counts, W_planted = planted_counts(cells, genes, programs, seed=1)
     directory = tempfile.mkdtemp(prefix="bench_cnmf_")
     try:
