@@ -227,15 +227,19 @@ def part_two(quick):
             path = paths["consensus_spectra"] % (k, "0_5")
             spectra = load_df_from_npz(path)
             consensus_cnmf[k] = spectra.loc[:, list(norm.var_names)].to_numpy(dtype=np.float64).T
-        # ours, on the same matrix, replicates, iterations and k range
-        started = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            restarts = fit_restarts(V, ks, replicates, beta=2, tol=1e-4, max_iter=max_iter,
-                                    solver="hals", seed=0)
-            seconds_fits = time.perf_counter() - started
-            ours = {k: consensus_from_restarts(V, restarts, k, density_threshold=0.5) for k in ks}
-        seconds_ours = time.perf_counter() - started
+        # ours, on the same matrix, replicates, iterations and k range (the faster of two runs)
+        seconds_ours = seconds_fits = float("inf")
+        for _ in range(2):
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                restarts = fit_restarts(V, ks, replicates, beta=2, tol=1e-4, max_iter=max_iter,
+                                        solver="hals", seed=0)
+                fitted = time.perf_counter()
+                ours = {k: consensus_from_restarts(V, restarts, k, density_threshold=0.5)
+                        for k in ks}
+            seconds_fits = min(seconds_fits, fitted - started)
+            seconds_ours = min(seconds_ours, time.perf_counter() - started)
         our_pick = max(ks, key=lambda k: ours[k].stability)
         planted = W_planted.numpy()[genes_used]
         rec_ours = _matched_correlations(ours[programs].W.double().numpy(), planted)
