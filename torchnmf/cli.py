@@ -3,8 +3,10 @@
 ``torchnmf fit INPUT --rank R [options]`` factorises a matrix read from a file
 (see :mod:`torchnmf.io` for the formats), writes ``W``, ``H`` and the loss
 history to an ``.npz`` archive, optionally a figure (``--plot``) and, for
-``.wav`` input, one waveform per component.  ``torchnmf demo`` runs the demo
-(:mod:`torchnmf.demo`).
+``.wav`` input, one waveform per component.  ``torchnmf rank`` and
+``torchnmf consensus`` run many restarts at once to choose the rank and to
+build consensus programs (:mod:`torchnmf.cli_selection`).  ``torchnmf demo``
+runs the demo (:mod:`torchnmf.demo`).
 
 A report goes to stdout, the progress bar and notes to stderr.  Exit status:
 0 on success, 1 when the input or an option's value cannot be used (one line
@@ -127,6 +129,10 @@ def _build_parser():
     fit.add_argument("--timeout", type=_non_negative_float, default=300.0,
                      help="under torchrun, seconds to wait for the other processes before "
                      "failing (default %(default)s)")
+
+    from .cli_selection import add_commands
+
+    add_commands(commands, _positive_int, _non_negative_float, _finite_float, solvers)
 
     demo = commands.add_parser(
         "demo", help="separate the instruments of a synthesised piece with NMFD"
@@ -439,6 +445,11 @@ def main(argv=None):
     try:
         if args.command == "fit":
             return run_fit(args)
+        if args.command in ("rank", "consensus"):
+            from . import cli_selection
+
+            run = cli_selection.run_rank if args.command == "rank" else cli_selection.run_consensus
+            return run(args, error_type=CommandError)
         from .demo import run_demo
 
         run_demo(out_dir=args.out, seed=args.seed, max_iter=args.max_iter,

@@ -6,7 +6,9 @@ none is) and returns them, so figures compose freely:
 - :func:`plot_templates`: the templates ``W``, ``(C, R)`` or ``(C, R, T)``;
 - :func:`plot_activations`: the activations ``H``, ``(N, R)`` or ``(N, R, L)``;
 - :func:`plot_reconstruction`: the target beside its reconstruction;
-- :func:`plot_loss`: the objective per iteration.
+- :func:`plot_loss`: the objective per iteration;
+- :func:`plot_rank_selection`: error and stability against the rank (cNMF's
+  k-selection plot), from :func:`torchnmf.selection.rank_table`.
 
 :func:`summary_figure` puts all four on one :class:`matplotlib.figure.Figure`
 without touching ``pyplot`` (safe in scripts and servers).
@@ -46,6 +48,8 @@ __all__ = [
     "plot_reconstruction",
     "plot_loss",
     "summary_figure",
+    "plot_rank_selection",
+    "rank_selection_figure",
 ]
 
 
@@ -213,4 +217,57 @@ def summary_figure(W, H, target, reconstruction, history, *, log=False, labels=N
     plot_loss(history, fig.add_subplot(grid[1, 2]))
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_rank_selection(table, ax=None):
+    """Draw stability and error against the rank, as cNMF's k-selection plot does.
+
+    The left axis shows the stability (silhouette of the consensus
+    clustering, and the cophenetic correlation); the right axis the held-out
+    error (with one standard error over the folds) and the prediction error
+    of the consensus.  The suggested rank is marked.
+
+    Args:
+        table (RankTable): from :func:`torchnmf.selection.rank_table`.
+        ax (Axes, optional): where to draw; the error goes on its twin.
+
+    Returns:
+        (Axes, Axes): the stability axes and the error axes.
+    """
+    ax = _axes(ax)
+    rows = table.rows
+    ranks = np.array([row["rank"] for row in rows])
+    stability = np.array([row["stability"] for row in rows], dtype=np.float64)
+    cophenetic = np.array([row["cophenetic"] for row in rows], dtype=np.float64)
+    heldout = np.array([row["heldout"] for row in rows], dtype=np.float64)
+    heldout_se = np.array([row.get("heldout_se", 0.0) for row in rows], dtype=np.float64)
+    prediction = np.array([row["prediction_error"] for row in rows], dtype=np.float64)
+    ax.plot(ranks, stability, marker="o", color="tab:blue", label="stability (silhouette)")
+    ax.plot(ranks, cophenetic, marker="s", color="tab:cyan", linestyle="--",
+            label="cophenetic correlation")
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("stability", color="tab:blue")
+    ax.set_xticks(ranks)
+    errors = ax.twinx()
+    errors.errorbar(ranks, heldout, yerr=heldout_se, marker="o", color="tab:red", capsize=3,
+                    label="held-out error")
+    if np.isfinite(prediction).any():
+        scale = np.nanmax(heldout) / max(np.nanmax(prediction), np.finfo(np.float64).tiny)
+        errors.plot(ranks, prediction * scale, marker="^", color="tab:orange", linestyle=":",
+                    label="prediction error (scaled)")
+    errors.set_ylabel("error", color="tab:red")
+    ax.axvline(table.suggested, color="0.4", linestyle="-.", linewidth=1)
+    ax.set_title(f"rank selection: suggested k = {table.suggested}")
+    handles = ax.get_legend_handles_labels()
+    more = errors.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize="small", loc="best")
+    ax.grid(True, alpha=0.3)
+    return ax, errors
+
+
+def rank_selection_figure(table, figsize=(7, 4.5)):
+    """:func:`plot_rank_selection` on its own :class:`~matplotlib.figure.Figure` (no pyplot)."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    plot_rank_selection(table, fig.add_subplot())
     return fig

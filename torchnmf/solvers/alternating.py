@@ -3,12 +3,29 @@ and the restart rule of the extrapolation weight (see
 :mod:`torchnmf.solvers.extrapolation` for the moves themselves)."""
 from dataclasses import dataclass
 
+import torch
+
 __all__ = ["ExtrapolationWeight", "AlternatingSolver"]
+
+
+def _minimum(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.minimum(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+    return min(a, b)
+
+
+def _choose(where, new, old):
+    return new if where is None else torch.where(where, new, old)
 
 
 @dataclass
 class ExtrapolationWeight:
-    """The weight :math:`\\omega` and its restart rule."""
+    """The weight :math:`\\omega` and its restart rule.
+
+    ``weight`` and ``ceiling`` are numbers for one fit, or float64 ``(K,)``
+    tensors for the members of a batched one; then ``accept`` and ``reject``
+    take a boolean ``where`` naming the members they apply to.
+    """
 
     weight: float = 1.0
     ceiling: float = 1.0
@@ -17,13 +34,21 @@ class ExtrapolationWeight:
     decay: float = 1.5
     max_weight: float = 1.0
 
-    def accept(self):
-        self.weight = min(self.ceiling, self.growth * self.weight)
-        self.ceiling = min(self.max_weight, self.ceiling_growth * self.ceiling)
+    def accept(self, where=None):
+        weight = _minimum(self.ceiling, self.growth * self.weight)
+        ceiling = _minimum(self.max_weight, self.ceiling_growth * self.ceiling)
+        self.weight = _choose(where, weight, self.weight)
+        self.ceiling = _choose(where, ceiling, self.ceiling)
 
-    def reject(self):
-        self.ceiling = self.weight
-        self.weight = self.weight / self.decay
+    def reject(self, where=None):
+        ceiling, weight = self.weight, self.weight / self.decay
+        self.ceiling = _choose(where, ceiling, self.ceiling)
+        self.weight = _choose(where, weight, self.weight)
+
+    def select(self, members):
+        """The members' weights of a batched fit (int64 indices)."""
+        self.weight = self.weight[members]
+        self.ceiling = self.ceiling[members]
 
 
 class AlternatingSolver:
@@ -37,6 +62,10 @@ class AlternatingSolver:
     :mod:`torchnmf.solvers.extrapolation`).  Both updates are monotone from any
     starting point, so the objective at the start of each iteration, which
     ``step`` returns, never increases.
+
+    On a :class:`~torchnmf.solvers.problem.BatchedProblem` every member keeps
+    its own weight and its own accept/reject decision; the weight reaches
+    ``_extrapolate_`` as a ``(K, 1, 1)`` tensor.
     """
 
     _extrapolate_ = None
@@ -44,6 +73,9 @@ class AlternatingSolver:
     def __init__(self, problem):
         self.problem = problem
         self.weight = ExtrapolationWeight()
+        if problem.batched:
+            ones = torch.ones(problem.H.shape[0], dtype=torch.float64, device=problem.H.device)
+            self.weight = ExtrapolationWeight(weight=ones, ceiling=ones.clone())
         self.previous = None
         self.reference = None
 
@@ -65,7 +97,7 @@ class AlternatingSolver:
         p = self.problem
         if p.update_H:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)
-            return (negative, positive), float(p.objective_before(divergence))
+            return (negative, positive), p.objective_value(divergence)
         return None, p.objective()
 
     def _trainable(self):
@@ -77,6 +109,12 @@ class AlternatingSolver:
             if on
         ]
 
+    def _weight_for(self, factor):
+        weight = self.weight.weight
+        if isinstance(weight, torch.Tensor):
+            return weight.to(factor.dtype).view(-1, 1, 1)
+        return weight
+
     def _extrapolated_start(self):
         trainable = self._trainable()
         factors = [f for f, _ in trainable]
@@ -85,20 +123,40 @@ class AlternatingSolver:
             terms, before = self._start()
         else:
             for (factor, fixed), previous, kept in zip(trainable, self.previous, saved):
-                self._extrapolate_(factor, previous, self.weight.weight)
+                self._extrapolate_(factor, previous, self._weight_for(factor))
                 if fixed is not None:  # fixed components stay bit-identical
                     factor.index_copy_(1, fixed, kept.index_select(1, fixed))
             terms, before = self._start()
-            if before > self.reference:
+            rejected = before > self.reference
+            if not isinstance(rejected, torch.Tensor):
+                if rejected:
+                    for factor, kept in zip(factors, saved):
+                        factor.copy_(kept)
+                    self.weight.reject()
+                    terms, before = self._start()
+                else:
+                    self.weight.accept()
+            elif bool(rejected.any()):
+                # each member by its own decision; the terms of all are recomputed
+                # (an accepted member's are the same again)
                 for factor, kept in zip(factors, saved):
-                    factor.copy_(kept)
-                self.weight.reject()
+                    factor[rejected] = kept[rejected]
+                self.weight.reject(rejected)
+                self.weight.accept(~rejected)
                 terms, before = self._start()
             else:
                 self.weight.accept()
         self.previous = saved
         self.reference = before
         return terms, before
+
+    def select_(self, members):
+        """Keep only the given members (int64 indices) of a batched problem."""
+        self.problem = self.problem.select(members)
+        self.weight.select(members)
+        if self.previous is not None:
+            self.previous = [f.index_select(0, members) for f in self.previous]
+            self.reference = self.reference[members]
 
     def step(self):
         if self._extrapolate_ is None:

@@ -44,9 +44,16 @@ _MIN_RATIO = 1.0
 
 
 def extrapolate_linear_(factor, previous, weight, floor=0.0):
-    """``factor += weight * (factor - previous)``, then clamped at ``floor``, in place."""
+    """``factor += weight * (factor - previous)``, then clamped at ``floor``, in place.
+
+    ``weight`` and ``floor`` may be tensors broadcasting against ``factor``
+    (one per member of a stack)."""
     step = factor - previous
-    return factor.add_(step, alpha=weight).clamp_min_(floor)
+    if isinstance(weight, torch.Tensor):
+        factor.add_(step.mul_(weight))
+    else:
+        factor.add_(step, alpha=weight)
+    return factor.clamp_min_(floor)
 
 
 def extrapolate_geometric_(factor, previous, weight):
@@ -54,6 +61,8 @@ def extrapolate_geometric_(factor, previous, weight):
 
     Growing entries move further along their last step in log space; shrinking
     entries stay where the update put them; zeros stay zero.
+
+    ``weight`` may be a tensor broadcasting against ``factor``.
     """
     tiny = torch.finfo(factor.dtype).tiny
     ratio = factor / previous.clamp_min(tiny)

@@ -91,21 +91,57 @@ def max_inner_sweeps(rows, other_rows, rank, alpha, overhead=0, slowdown=1):
     return 1 + int(alpha * statistics / sweep)
 
 
+def _batched_sweep(columns, targets, coupling, free, floor):
+    """:func:`_torch_sweep` for a stack of problems (``columns`` ``(K, R, M)``),
+    ``floor`` one value per member, ``(K, 1)``."""
+    for k in free:
+        scratch = torch.matmul(coupling[:, k].unsqueeze(1), columns).squeeze(1)
+        torch.sub(targets[:, k], scratch, out=scratch)
+        torch.maximum(scratch, floor, out=columns[:, k])
+
+
+def _batched_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta):
+    """Sweeps over a stack of problems, each member stopping on its own change
+    rule as :func:`hals_update_` does for one; the stopped members are left out
+    of the later sweeps.  Returns the most sweeps any member ran."""
+    members = torch.arange(columns.shape[0], device=columns.device)
+    first_change = None
+    sweeps = 0
+    for sweeps in range(1, max_sweeps + 1):
+        active = columns[members]
+        previous = active.clone() if max_sweeps > 1 else None
+        _batched_sweep(active, targets[members], coupling[members], free, floor[members])
+        columns[members] = active
+        if previous is None:
+            break
+        change = torch.linalg.vector_norm(previous.sub_(active), dim=(1, 2))
+        if first_change is None:
+            first_change = change
+        going = change > delta * first_change
+        members, first_change = members[going], first_change[going]
+        if members.numel() == 0:
+            break
+    return sweeps
+
+
 def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floor=0.0,
                  fixed=None, change_norm=None):
     """HALS sweeps over the columns of ``factor`` (``(M, R)``), in place.
 
     Args:
-        factor (Tensor): ``(M, R)``, updated in place.
+        factor (Tensor): ``(M, R)``, updated in place; or a stack ``(K, M, R)``
+            of independent problems (then ``numerator`` is ``(K, M, R)``,
+            ``gram`` ``(K, R, R)``, ``floor`` one value per member, and each
+            member stops sweeping on its own).
         numerator (Tensor): ``A`` above, ``(M, R)``; not modified.
         gram (Tensor): ``G`` above, ``(R, R)``.
         penalty (Penalty): the elastic-net penalty on ``factor``.
         max_sweeps (int): the most sweeps over the columns.
         delta (float): stop once a sweep changes ``factor`` (Frobenius norm)
             by at most ``delta`` times the first sweep's change.
-        floor (float): the smallest value an entry may take.  A small positive
-            floor keeps a column from becoming exactly zero, from where HALS
-            (like multiplicative updates) could never bring it back.
+        floor (float or Tensor): the smallest value an entry may take.  A small
+            positive floor keeps a column from becoming exactly zero, from where
+            HALS (like multiplicative updates) could never bring it back.
         fixed (Tensor, optional): int64 indices of columns left exactly as they are.
         change_norm (callable, optional): the Frobenius norm of a sweep's
             change (a tensor) as a float; by default this tensor's own.  A
@@ -120,14 +156,20 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
     # row k of the problem by G_kk + l2 once, so that a column update is one
     # matrix-vector product and one clamp:
     #   x_k = max(0, (a_k - l1) / d_k - sum_{j != k} (G_kj / d_k) x_j).
-    denominators = (gram.diagonal() + penalty.l2).clamp_min(eps).unsqueeze(1)
-    columns = factor.T.contiguous()
-    targets = numerator.T - penalty.l1 if penalty.l1 else numerator.T.clone()
+    denominators = (gram.diagonal(dim1=-2, dim2=-1) + penalty.l2).clamp_min(eps).unsqueeze(-1)
+    columns = factor.mT.contiguous()
+    targets = numerator.mT - penalty.l1 if penalty.l1 else numerator.mT.clone()
     targets.div_(denominators)
     coupling = gram / denominators
-    coupling.diagonal().zero_()
+    coupling.diagonal(dim1=-2, dim2=-1).zero_()
     skip = set() if fixed is None else set(fixed.tolist())
-    free = [k for k in range(columns.shape[0]) if k not in skip]
+    free = [k for k in range(columns.shape[-2]) if k not in skip]
+    if factor.dim() == 3:
+        floor = torch.as_tensor(floor, dtype=factor.dtype, device=factor.device)
+        floor = floor.reshape(-1).expand(factor.shape[0]).reshape(-1, 1)
+        sweeps = _batched_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta)
+        factor.copy_(columns.mT)
+        return sweeps
     on_numpy = columns.device.type == "cpu" and columns.dtype in (torch.float32, torch.float64)
     sweep = _numpy_sweep if on_numpy else _torch_sweep
     if columns.device.type != "cpu" and max_sweeps > 1 and change_norm is None:
@@ -180,12 +222,18 @@ def _device_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta):
 
 def _masked_residual(V, factor, other):
     """``V - X Y^T`` for a dense ``V`` or a sparse COO one (its stored entries are
-    added into the dense residual, which the masked sweep needs anyway)."""
+    added into the dense residual, which the masked sweep needs anyway); a stack
+    of factors gives a stack of residuals."""
     if V.layout == torch.strided:
-        return torch.addmm(V, factor, other.T, alpha=-1)
-    residual = torch.mm(factor, other.T).neg_()
+        if factor.dim() == 2:
+            return torch.addmm(V, factor, other.T, alpha=-1)
+        return torch.sub(V, torch.matmul(factor, other.mT))
+    residual = torch.matmul(factor, other.mT).neg_()
     rows, columns = V._indices()
-    residual.index_put_((rows, columns), V._values(), accumulate=True)
+    if residual.dim() == 2:
+        residual.index_put_((rows, columns), V._values(), accumulate=True)
+    else:  # coalesced: no repeated index, so a plain add at the stored entries
+        residual[:, rows, columns] += V._values()
     return residual
 
 
@@ -197,12 +245,15 @@ def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None
     others fixed, so the masked objective never increases.
 
     Args:
-        factor (Tensor): :math:`X`, ``(M, R)``, updated in place.
+        factor (Tensor): :math:`X`, ``(M, R)``, updated in place; or a stack
+            ``(K, M, R)`` of members sharing ``V`` and ``weight`` (then
+            ``other`` is ``(K, K', R)`` and ``floor`` may hold one value per
+            member).
         other (Tensor): :math:`Y`, ``(K, R)``.
         V (Tensor): ``(M, K)``, zeros at the unobserved entries; dense or sparse COO.
         weight (Tensor): ``(M, K)``, the mask in ``V``'s dtype (1 = observed).
         penalty (Penalty): the elastic-net penalty on ``factor``.
-        floor (float): the smallest value an entry may take.
+        floor (float or Tensor): the smallest value an entry may take.
         fixed (Tensor, optional): int64 indices of columns left exactly as they are.
         column_sum_ (callable, optional): sums a tensor over the processes
             holding the other columns of ``V`` (the other rows of ``Y``), in
@@ -210,21 +261,28 @@ def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None
     """
     eps = torch.finfo(factor.dtype).eps
     residual = _masked_residual(V, factor, other).mul_(weight)
+    if factor.dim() == 3:
+        floor = torch.as_tensor(floor, dtype=factor.dtype, device=factor.device)
+        floor = floor.reshape(-1).expand(factor.shape[0]).reshape(-1, 1)
     skip = set() if fixed is None else set(fixed.tolist())
-    for k in range(factor.shape[1]):
+    for k in range(factor.shape[-1]):
         if k in skip:
             continue
-        column, y = factor[:, k], other[:, k]
-        curvature = weight @ (y * y)
-        projection = residual @ y
+        column, y = factor[..., k], other[..., k]
+        curvature = torch.matmul(y * y, weight.T)
+        projection = torch.matmul(residual, y.unsqueeze(-1)).squeeze(-1)
         if column_sum_ is not None:
             column_sum_(projection, curvature)
         updated = torch.addcmul(projection, column, curvature)
         if penalty.l1:
             updated.sub_(penalty.l1)
-        updated.div_(curvature.add_(penalty.l2).clamp_min_(eps)).clamp_min_(floor)
+        updated.div_(curvature.add_(penalty.l2).clamp_min_(eps))
+        if isinstance(floor, torch.Tensor):
+            torch.maximum(updated, floor, out=updated)
+        else:
+            updated.clamp_min_(floor)
         change = updated - column
-        residual.sub_(torch.outer(change, y).mul_(weight))
+        residual.sub_((change.unsqueeze(-1) * y.unsqueeze(-2)).mul_(weight))
         column.copy_(updated)
 
 
@@ -259,24 +317,33 @@ class HALS(AlternatingSolver):
 
     def __init__(self, problem):
         check_solver_beta(type(self), problem.beta)
-        if problem.H.dim() != 2 or problem.W.dim() != 2:
+        matrix_dim = 3 if problem.batched else 2
+        if problem.H.dim() != matrix_dim or problem.W.dim() != matrix_dim:
             raise NotImplementedError(
                 f"solver='hals' supports the matrix model NMF only, got factors of shapes "
                 f"{tuple(problem.W.shape)} and {tuple(problem.H.shape)}; use solver='mu' "
                 f"for the convolutional models"
             )
         super().__init__(problem)
-        R = problem.H.shape[1]
-        N, C = problem.n_rows(), problem.W.shape[0]
+        R = problem.H.shape[-1]
+        N = problem.H.shape[-2] if problem.batched else problem.n_rows()
+        C = problem.W.shape[-2]
         self.sweeps_H = max_inner_sweeps(N, C, R, self.alpha, self.overhead, self.slowdown)
         self.sweeps_W = max_inner_sweeps(C, N, R, self.alpha, self.overhead, self.slowdown)
-        # a floor relative to each factor's starting scale (see _hals)
+        # a floor relative to each factor's starting scale (see _hals); one per member
+        # of a batched problem, as a (K, 1, 1) tensor
         eps = torch.finfo(problem.H.dtype).eps
-        self.floor = {
-            id(f): eps * max(scale, 1.0)
-            for f, scale in ((problem.H, problem.row_max(float(problem.H.max()))),
-                             (problem.W, float(problem.W.max())))
-        }
+        if problem.batched:
+            self.floor = {
+                name: f.amax((-2, -1), keepdim=True).clamp_min(1.0).mul_(eps)
+                for name, f in (("H", problem.H), ("W", problem.W))
+            }
+        else:
+            self.floor = {
+                name: eps * max(scale, 1.0)
+                for name, scale in (("H", problem.row_max(float(problem.H.max()))),
+                                    ("W", float(problem.W.max())))
+            }
         self._change_norm_H = None
         if problem.reduction is not None:  # sweeps over H stop on the change of all its rows
             reduction = problem.reduction
@@ -292,33 +359,38 @@ class HALS(AlternatingSolver):
 
     def state_dict(self):
         state = super().state_dict()
-        p = self.problem
-        state["floors"] = [self.floor[id(p.H)], self.floor[id(p.W)]]
+        state["floors"] = [self.floor["H"], self.floor["W"]]
         return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        p = self.problem
-        self.floor = {id(p.H): state["floors"][0], id(p.W): state["floors"][1]}
+        self.floor = {"H": state["floors"][0], "W": state["floors"][1]}
+
+    def select_(self, members):
+        super().select_(members)
+        self.floor = {name: floor[members] for name, floor in self.floor.items()}
+
+    def _floor_of(self, factor):
+        return self.floor["H" if factor is self.problem.H else "W"]
 
     def _masked_update_H(self, terms):
         p = self.problem
         masked_hals_update_(p.H, p.W, self.observed_V, self.observed_weight, p.penalty_H,
-                            self.floor[id(p.H)], p.fixed_H)
+                            self.floor["H"], p.fixed_H)
 
     def _masked_update_W(self):
         p = self.problem
         masked_hals_update_(p.W, p.H, self.observed_V.T, self.observed_weight.T, p.penalty_W,
-                            self.floor[id(p.W)], p.fixed_W,
+                            self.floor["W"], p.fixed_W,
                             p.row_sum_ if p.reduction is not None else None)
 
     def _extrapolate_linear_(self, factor, previous, weight):
-        extrapolate_linear_(factor, previous, weight, self.floor[id(factor)])
+        extrapolate_linear_(factor, previous, weight, self._floor_of(factor))
 
     def _update_H(self, terms):
         p = self.problem
-        hals_update_(p.H, terms[0], p.W.T @ p.W, p.penalty_H, self.sweeps_H, self.delta,
-                     self.floor[id(p.H)], p.fixed_H, self._change_norm_H)
+        hals_update_(p.H, terms[0], p.W.mT @ p.W, p.penalty_H, self.sweeps_H, self.delta,
+                     self.floor["H"], p.fixed_H, self._change_norm_H)
 
     def _update_W(self):
         p = self.problem
@@ -327,6 +399,6 @@ class HALS(AlternatingSolver):
             negative, gram = fused(p.H, p.W)
         else:
             negative, _ = p.stats.w_terms(p.H, p.W)
-            gram = p.H.T @ p.H
+            gram = p.H.mT @ p.H
         hals_update_(p.W, negative, gram, p.penalty_W, self.sweeps_W, self.delta,
-                     self.floor[id(p.W)], p.fixed_W)
+                     self.floor["W"], p.fixed_W)

@@ -30,7 +30,7 @@ import torch
 
 from .._validation import ConvergenceWarning
 
-__all__ = ["run_fit", "relative_decrease", "READ_BACK_EVERY"]
+__all__ = ["run_fit", "run_batched_fit", "relative_decrease", "READ_BACK_EVERY"]
 
 # Iterations between two read-backs of the objective from an accelerator
 # (the original torchnmf also looked at its loss every 10 iterations).
@@ -156,6 +156,92 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
             stacklevel=_caller_level(),
         )
     return n_iter, history
+
+
+def _refuse_non_finite(loss, n_iter, member=None):
+    if not math.isfinite(loss):
+        which = "" if member is None else f" of member {member}"
+        raise FloatingPointError(
+            f"the objective{which} became {loss} at iteration {n_iter}; "
+            f"check the data's scale or use a smaller beta"
+        )
+
+
+def run_batched_fit(solver, tol, max_iter, verbose=False, desc="restarts"):
+    """:func:`run_fit` for a solver on a :class:`~.problem.BatchedProblem`.
+
+    Every member follows :func:`run_fit`'s rule on its own objective: it stops
+    once its relative decrease falls under ``tol`` (or at ``max_iter``), and
+    its history ends with the objective at its final point.  A finished
+    member's factors are written back into the stacks the problem started
+    with, and the member is left out of every later iteration (the solver's
+    ``select_`` keeps the others), so finished members cost nothing.
+
+    Returns:
+        (n_iter, histories, converged): per member, the iterations run, the
+        objective after 0, 1, ..., n_iter iterations, and whether it stopped on
+        ``tol`` (or a zero objective) rather than at ``max_iter``.  The
+        problem's ``H`` and ``W`` stacks hold every member's final factors.
+    """
+    H_out, W_out = solver.problem.H, solver.problem.W
+    count = H_out.shape[0]
+    histories = [[] for _ in range(count)]
+    n_iter = [0] * count
+    converged = [False] * count
+    members = list(range(count))  # the members still running, in the solver's order
+    previous = None
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_iter, desc=desc, unit="it", leave=True)
+    try:
+        for iteration in range(1, max_iter + 1):
+            losses = solver.step().tolist()
+            for member, loss in zip(members, losses):
+                _refuse_non_finite(loss, iteration, member)
+                histories[member].append(loss)
+            if previous is None or tol <= 0:
+                done = [False] * len(members)
+            else:
+                done = [relative_decrease(a, b) < tol for a, b in zip(previous, losses)]
+            last = iteration == max_iter
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(running=len(members), best=f"{min(losses):.6g}", refresh=False)
+            if not (last or any(done)):
+                previous = losses
+                continue
+            finishing = [i for i, d in enumerate(done) if d or last]
+            index = torch.tensor(finishing, device=H_out.device)
+            finished = solver.problem.select(index)
+            finals = finished.objective().tolist()
+            targets = torch.tensor([members[i] for i in finishing], device=H_out.device)
+            H_out.index_copy_(0, targets, finished.H)
+            W_out.index_copy_(0, targets, finished.W)
+            for i, final in zip(finishing, finals):
+                histories[members[i]].append(final)
+                n_iter[members[i]] = iteration
+                converged[members[i]] = bool(done[i])
+            kept = [i for i, d in enumerate(done) if not (d or last)]
+            if not kept:
+                break
+            solver.select_(torch.tensor(kept, device=H_out.device))
+            members = [members[i] for i in kept]
+            previous = [losses[i] for i in kept]
+    finally:
+        if bar is not None:
+            bar.close()
+    unfinished = sum(not c for c in converged)
+    if tol > 0 and unfinished:
+        warnings.warn(
+            f"{unfinished} of {count} members stopped after max_iter={max_iter} iterations "
+            f"before the relative decrease of the objective fell under tol={tol:g}; raise "
+            f"max_iter or tol",
+            ConvergenceWarning,
+            stacklevel=_caller_level(),
+        )
+    return n_iter, histories, converged
 
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -79,7 +79,9 @@ class MultiplicativeUpdates:
     """Alternating multiplicative updates of H then W (Févotte & Idier, 2011).
 
     Works through any statistics object, so it serves dense, masked and
-    generic (autograd) targets alike, and honours fixed components.
+    generic (autograd) targets alike, and honours fixed components.  On a
+    :class:`~torchnmf.solvers.problem.BatchedProblem` the same update runs on
+    every member at once (the objective is then one value per member).
     """
 
     # What this solver can do beyond a plain dense fit; see require_features.
@@ -101,3 +103,7 @@ class MultiplicativeUpdates:
             negative, positive = p.stats.w_terms(p.H, p.W)
             mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
         return before
+
+    def select_(self, members):
+        """Keep only the given members of a batched problem (no state of its own)."""
+        self.problem = self.problem.select(members)

@@ -45,6 +45,15 @@ class Penalty:
             total = total + 0.5 * self.l2 * factor.pow(2).sum(dtype=torch.float64)
         return total
 
+    def member_values(self, factor):
+        """The penalty of each member of a stack ``(K, n, R)`` of factors: float64 ``(K,)``."""
+        total = torch.zeros(factor.shape[0], dtype=torch.float64, device=factor.device)
+        if self.l1:
+            total += self.l1 * factor.sum((-2, -1), dtype=torch.float64)
+        if self.l2:
+            total += 0.5 * self.l2 * factor.pow(2).sum((-2, -1), dtype=torch.float64)
+        return total
+
     def add_gradient_(self, positive, factor):
         """Add the penalty's gradient at ``factor`` to the positive part, in place."""
         if self.l1:

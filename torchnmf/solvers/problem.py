@@ -10,7 +10,7 @@ import torch
 
 from .penalty import Penalty
 
-__all__ = ["FitProblem", "check_solver_beta"]
+__all__ = ["FitProblem", "BatchedProblem", "check_solver_beta"]
 
 
 @dataclass
@@ -42,6 +42,9 @@ class FitProblem:
     fixed_W: torch.Tensor = None
     reduction: object = None
 
+    # one factorisation; see BatchedProblem for a stack of them
+    batched = False
+
     def penalty(self):
         """The penalty not already in the divergence (see the class docstring):
         0.0, or a float64 0-dim tensor on the factors' device."""
@@ -51,6 +54,10 @@ class FitProblem:
         if self.update_W:
             total += self.penalty_W.value(self.W)
         return total
+
+    def objective_value(self, divergence):
+        """:meth:`objective_before` as a float (one per member for a batched problem)."""
+        return float(self.objective_before(divergence))
 
     def objective(self):
         return float(self.objective_before(self.stats.divergence(self.H, self.W)))
@@ -75,6 +82,45 @@ class FitProblem:
         """The rows of ``H`` over all processes."""
         n = self.H.shape[0]
         return n if self.reduction is None else int(self.reduction.sum_float(n))
+
+
+@dataclass
+class BatchedProblem(FitProblem):
+    """``K`` independent factorisations of one target, as one problem.
+
+    ``H`` is a stack ``(K, N, R)`` and ``W`` a stack ``(K, C, R)``; member
+    ``k`` is the problem ``(H[k], W[k])`` of :class:`FitProblem`.  The
+    statistics objects of :mod:`torchnmf.targets` (matrix kinds) take the
+    stacks as they are and return one divergence per member, so the objective
+    here is a float64 ``(K,)`` tensor.  Fixed components are not supported.
+    """
+
+    batched = True
+
+    def penalty(self):
+        total = torch.zeros(self.H.shape[0], dtype=torch.float64, device=self.H.device)
+        if self.update_H:
+            total += self.penalty_H.member_values(self.H)
+        if self.update_W:
+            total += self.penalty_W.member_values(self.W)
+        return total
+
+    def objective_before(self, divergence):
+        return divergence.to(torch.float64) + self.penalty()
+
+    def objective_value(self, divergence):
+        return self.objective_before(divergence)
+
+    def objective(self):
+        return self.objective_before(self.stats.divergence(self.H, self.W))
+
+    def select(self, members):
+        """The problem of the given members (int64 indices): new stacks, same target."""
+        return BatchedProblem(
+            stats=self.stats, H=self.H.index_select(0, members),
+            W=self.W.index_select(0, members), beta=self.beta, update_H=self.update_H,
+            update_W=self.update_W, penalty_H=self.penalty_H, penalty_W=self.penalty_W,
+        )
 
 
 def check_solver_beta(solver_cls, beta):

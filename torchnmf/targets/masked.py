@@ -24,7 +24,7 @@ import torch
 
 from .. import metrics
 from .autograd import AutogradStats
-from .dense import BLOCK_ELEMENTS
+from .dense import BLOCK_ELEMENTS, add_product_, inner as _inner, matmul_into
 from .residual import pointwise_divergence
 from .sparse import to_csr
 
@@ -41,10 +41,6 @@ def _observed_constant(V_observed, beta):
     if beta == 0:
         return -(V.log().sum() + V.numel())
     return V.pow(beta).sum() / (beta * (beta - 1))
-
-
-def _inner(a, b):
-    return torch.dot(a.reshape(-1), b.reshape(-1)).to(torch.float64)
 
 
 class _DenseRows:
@@ -102,7 +98,10 @@ class MaskedMatrixStats:
     different subset of ``W``), so for every beta the reconstruction is formed
     one row block at a time and only observed entries contribute.  A sparse
     ``V`` is densified one row block at a time (see :class:`_SparseRows`);
-    the rest of the arithmetic is shared.
+    the rest of the arithmetic is shared.  Stacked factors (``H`` of shape
+    ``(B, N, R)``, ``W`` of shape ``(B, C, R)``) give every term a leading
+    ``B`` and one divergence per member, as for
+    :class:`~torchnmf.targets.dense.DenseMatrixStats`.
 
     Args:
         V (Tensor): ``(N, C)``, dense or sparse (COO, CSR, CSC), zeros at the
@@ -166,7 +165,7 @@ class MaskedMatrixStats:
         start:stop; the last is ``None`` unless ``with_divergence``."""
         beta = self.beta
         V, weight = self.source(start, stop), self.mask[start:stop].to(self.dtype)
-        WH = (H[start:stop] @ W.T).clamp_min_(self.eps)
+        WH = (H[..., start:stop, :] @ W.mT).clamp_min_(self.eps)
         part = None
         if beta == 2:
             positive_out = WH * weight
@@ -200,27 +199,27 @@ class MaskedMatrixStats:
         negative = H.new_empty(H.shape)
         positive = H.new_empty(H.shape)
         total = torch.zeros((), dtype=torch.float64, device=H.device)
-        for start, stop in self._blocks(H.shape[0]):
+        for start, stop in self._blocks(H.shape[-2]):
             negative_out, positive_out, part = self._block(start, stop, H, W)
-            torch.matmul(negative_out, W, out=negative[start:stop])
-            torch.matmul(positive_out, W, out=positive[start:stop])
-            total += part
+            matmul_into(negative[..., start:stop, :], negative_out, W)
+            matmul_into(positive[..., start:stop, :], positive_out, W)
+            total = total + part
         return negative, positive, self.constant + total
 
     def w_terms(self, H, W):
         negative = W.new_zeros(W.shape)
         positive = W.new_zeros(W.shape)
-        for start, stop in self._blocks(H.shape[0]):
+        for start, stop in self._blocks(H.shape[-2]):
             negative_out, positive_out, _ = self._block(start, stop, H, W, with_divergence=False)
-            H_block = H[start:stop]
-            negative.addmm_(negative_out.T, H_block)
-            positive.addmm_(positive_out.T, H_block)
+            H_block = H[..., start:stop, :]
+            add_product_(negative, negative_out.mT, H_block)
+            add_product_(positive, positive_out.mT, H_block)
         return negative, positive
 
     def divergence(self, H, W):
         total = torch.zeros((), dtype=torch.float64, device=H.device)
-        for start, stop in self._blocks(H.shape[0]):
-            total += self._block(start, stop, H, W)[2]
+        for start, stop in self._blocks(H.shape[-2]):
+            total = total + self._block(start, stop, H, W)[2]
         return self.constant + total
 
 

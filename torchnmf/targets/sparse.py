@@ -21,12 +21,13 @@ two compressed-row copies of ``V`` (``V`` and ``V^\top``), built once per fit.
 The kernels are plain functions so that other statistics (masked targets)
 can reuse them.
 """
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-from .dense import gram_divergence
+from .dense import batch_shape, gram_divergence, matmul_into
 from .residual import pointwise_divergence
 
 
@@ -101,32 +102,41 @@ def sparse_dense_product(crow_indices, col_indices, values, dense):
 def blocked_power_product_(out, A, B, exponent, eps, rows, work, want_power_sum=True):
     r"""``out = (A B^\top)^{exponent} B`` in row blocks, the reconstruction floored at ``eps``.
 
-    ``work`` is a flat buffer of at least ``rows * B.shape[0]`` elements: the
+    ``work`` is a flat buffer of at least ``rows * B.shape[-2]`` elements: the
     power overwrites the reconstruction in place, so the largest temporary is
-    ``rows`` rows of the reconstruction.  Returns
-    :math:`\sum (A B^\top)^{exponent + 1}` over every entry (float64), or
-    ``None`` when ``want_power_sum`` is false.
+    ``rows`` rows of the reconstruction.  ``A`` and ``B`` may be stacks
+    ``(K, n, R)`` and ``(K, m, R)`` (then a block holds ``rows / K`` rows of
+    each).  Returns :math:`\sum (A B^\top)^{exponent + 1}` over every entry
+    (float64, one per member of a stack), or ``None`` when ``want_power_sum``
+    is false.
     """
-    n, m = A.shape[0], B.shape[0]
-    total = torch.zeros((), dtype=torch.float64, device=A.device) if want_power_sum else None
+    n, m = A.shape[-2], B.shape[-2]
+    batch = batch_shape(A)
+    rows = max(1, rows // math.prod(batch))
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        size = (stop - start) * m
-        recon = work[:size].view(stop - start, m)
-        torch.matmul(A[start:stop], B.T, out=recon)
+        shape = (*batch, stop - start, m)
+        recon = work[:math.prod(shape)].view(shape)
+        torch.matmul(A[..., start:stop, :], B.mT, out=recon)
         recon.clamp_min_(eps)
         torch.pow(recon, exponent, out=recon)
-        torch.matmul(recon, B, out=out[start:stop])
-    if want_power_sum:
-        # sum(P * (A B^T)) = sum((P B) * A): an (n, R) pass instead of an (n, m) one
-        # (it differs from flooring inside the sum only where A B^T < eps)
-        total += (out * A).sum(dtype=torch.float64)
-    return total
+        matmul_into(out[..., start:stop, :], recon, B)
+    if not want_power_sum:
+        return None
+    # sum(P * (A B^T)) = sum((P B) * A): an (n, R) pass instead of an (n, m) one
+    # (it differs from flooring inside the sum only where A B^T < eps)
+    return (out * A).sum((-2, -1), dtype=torch.float64)
 
 
 # -- one orientation of V -----------------------------------------------------------------
 class _Orientation:
-    """``V`` (or ``V.T``) in compressed rows, with the buffers its terms need."""
+    """``V`` (or ``V.T``) in compressed rows, with the buffers its terms need.
+
+    The other factor may be a stack ``(K, m, R)`` of ``K`` members'
+    factors: a product with values shared by all members is then one product
+    with ``K R`` columns, and one with values of each member's own (a sampled
+    reconstruction) is one embedding bag over ``K n`` bags.
+    """
 
     def __init__(self, csr, block_elements):
         self.csr = csr
@@ -135,23 +145,79 @@ class _Orientation:
         self.values = csr.values()
         n, m = csr.shape
         self.rows = max(1, min(n, block_elements // max(m, 1)))
-        self.sampled = None
+        self._key = None
+        self._stacked = None
 
     def product(self, values, dense):
-        """The product with ``dense`` of the matrix of this pattern holding ``values``."""
-        return sparse_dense_product(self.crow_indices, self.col_indices, values, dense)
+        """The product with ``dense`` of the matrix of this pattern holding ``values``
+        (``(nnz,)``, or ``(K, nnz)`` with a stack ``dense`` of ``K`` members)."""
+        if dense.dim() == 2:
+            return sparse_dense_product(self.crow_indices, self.col_indices, values, dense)
+        members, m, R = dense.shape
+        n = self.csr.shape[0]
+        if values.dim() == 1:
+            table = dense.transpose(0, 1).reshape(m, members * R)
+            product = sparse_dense_product(self.crow_indices, self.col_indices, values, table)
+            return product.view(n, members, R).transpose(0, 1)
+        indices, offsets = self._stacked_pattern(members)
+        product = F.embedding_bag(
+            indices, dense.reshape(members * m, R), offsets, mode="sum",
+            per_sample_weights=values.reshape(-1), include_last_offset=True,
+        )
+        return product.view(members, n, R)
 
-    def buffers(self, R, like):
-        """Per-fit buffers: a CSR sharing the indices, with values of its own (the
-        sampled reconstruction), a spare value vector and an ``(n, R)`` output."""
-        if self.sampled is None or self.positive.shape[1] != R:
-            self.sampled = torch.sparse_csr_tensor(
-                self.crow_indices, self.col_indices, self.values.clone(), self.csr.shape,
-                check_invariants=False,
-            )
-            self.spare = torch.empty_like(self.values)
-            self.positive = like.new_empty(self.csr.shape[0], R)
-        return self.sampled, self.spare, self.positive
+    def _stacked_pattern(self, members):
+        """Indices and offsets of ``members`` copies of the pattern, copy ``k``
+        reading rows ``k m`` to ``(k + 1) m - 1`` of a stacked table."""
+        if self._stacked is None or self._stacked[0] != members:
+            n, m = self.csr.shape
+            nnz = self.values.shape[0]
+            shift = torch.arange(members, device=self.values.device).unsqueeze(1)
+            indices = (self.col_indices.unsqueeze(0) + shift * m).reshape(-1)
+            offsets = torch.cat([
+                (self.crow_indices[:-1].unsqueeze(0) + shift * nnz).reshape(-1),
+                self.crow_indices.new_full((1,), members * nnz),
+            ])
+            self._stacked = (members, indices, offsets)
+        return self._stacked[1], self._stacked[2]
+
+    def buffers(self, like):
+        """Per-fit buffers for factors like ``like``: the sampled reconstruction's
+        values (``(nnz,)`` or ``(K, nnz)``), a spare of the same shape and the
+        ``(n, R)`` (or ``(K, n, R)``) output of the positive term."""
+        key = (batch_shape(like), like.shape[-1])
+        if self._key != key:
+            batch, R = key
+            members = math.prod(batch)
+            nnz = self.values.shape[0]
+            values = self.values.new_empty(members, nnz)
+            # one CSR per member, sharing the indices, each writing its own row of values
+            self.sampled = [
+                torch.sparse_csr_tensor(
+                    self.crow_indices, self.col_indices, values[k], self.csr.shape,
+                    check_invariants=False,
+                )
+                for k in range(members)
+            ]
+            self.sampled_values = values.view(*batch, nnz)
+            self.spare = torch.empty_like(self.sampled_values)
+            self.positive = like.new_empty(*batch, self.csr.shape[0], R)
+            self._key = key
+        return self.sampled_values, self.spare, self.positive
+
+    def sample(self, A, B):
+        r""":math:`(A B^\top)` at the stored entries, into the sampled values buffer
+        (each member of a stack with its own factors)."""
+        if A.dim() == 2:
+            values = sampled_product_(self.sampled[0], self.csr, A, B)
+            if values.data_ptr() != self.sampled_values.data_ptr():
+                self.sampled_values.copy_(values)
+            return self.sampled_values
+        for k, out in enumerate(self.sampled):
+            values = sampled_product_(out, self.csr, A[k], B[k])
+            if values.data_ptr() != self.sampled_values[k].data_ptr():
+                self.sampled_values[k].copy_(values)
+        return self.sampled_values
 
 
 def _divergence_constant(values, beta):
@@ -172,7 +238,9 @@ class SparseMatrixStats:
     buffers and, for ``beta`` not in {1, 2}, one work buffer of
     ``block_elements`` elements (at least one row of the reconstruction).
     ``beta`` must be positive (the implicit zeros make ``beta <= 0`` infinite);
-    the entry point checks it.
+    the entry point checks it.  Stacked factors (``H`` of shape ``(K, N, R)``,
+    ``W`` of shape ``(K, C, R)``) give every term a leading ``K`` and one
+    divergence per member.
     """
 
     def __init__(self, V, beta, block_elements=None):
@@ -240,27 +308,29 @@ class SparseMatrixStats:
         unless asked for.
         """
         beta, values = self.beta, side.values
-        sampled_csr, spare, positive = side.buffers(A.shape[1], A)
+        _, spare, positive = side.buffers(A)
         divergence = None
         if beta == 2:
             negative = side.product(values, B)
-            torch.matmul(A, B.T @ B, out=positive)
+            torch.matmul(A, B.mT @ B, out=positive)
             if want_divergence:
                 divergence = gram_divergence(self.constant, A, negative, positive)
             return negative, positive, divergence
 
-        recon = sampled_product_(sampled_csr, side.csr, A, B)
+        recon = side.sample(A, B)
         recon.clamp_min_(self.eps)
         if beta == 1:
             if want_divergence:
                 torch.log(recon, out=spare)
-                total = A.sum(0, dtype=torch.float64) @ B.sum(0, dtype=torch.float64)
-                divergence = self.constant + total - torch.dot(values, spare).to(torch.float64)
+                total = torch.linalg.vecdot(
+                    A.sum(-2, dtype=torch.float64), B.sum(-2, dtype=torch.float64)
+                )
+                divergence = self.constant + total - torch.matmul(spare, values).to(torch.float64)
             torch.div(values, recon, out=recon)
-            return side.product(recon, B), B.sum(0, keepdim=True), divergence
+            return side.product(recon, B), B.sum(-2, keepdim=True), divergence
 
         torch.pow(recon, beta - 1, out=spare)
-        cross = torch.dot(values, spare).to(torch.float64) if want_divergence else None
+        cross = torch.matmul(spare, values).to(torch.float64) if want_divergence else None
         torch.div(spare, recon, out=recon)
         recon.mul_(values)
         negative = side.product(recon, B)

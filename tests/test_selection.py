@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from conftest import low_rank
+from torchnmf.selection import (
+    RULE,
+    bi_cross_validate,
+    cross_validate,
+    rank_table,
+    suggest_rank,
+)
+
+
+def planted(generator, n=60, c=40, rank=3, noise=0.2):
+    """Planted rank with multiplicative noise (additive positive noise would add a
+    constant, one more non-negative component)."""
+    V, _, _ = low_rank(n, c, rank, generator)
+    return V * (1 + noise * (2 * torch.rand(V.shape, generator=generator, dtype=V.dtype) - 1))
+
+
+def test_one_standard_error_rule_against_a_hand_computed_case():
+    ranks = [2, 3, 4, 5]
+    errors = torch.tensor([[5.0, 1.10, 1.00, 1.02], [5.2, 1.14, 1.04, 1.06], [4.8, 1.12, 1.02, 1.0]])
+    # lowest mean at rank 4 (1.02), its standard error 0.02 / sqrt(3); rank 3's mean 1.12 is above
+    assert suggest_rank(ranks, errors) == 4
+    close = errors.clone()
+    close[:, 1] = torch.tensor([1.03, 1.02, 1.04])  # rank 3 within one standard error
+    assert suggest_rank(ranks, close) == 3
+    assert suggest_rank(ranks, errors[:1]) == 4  # one fold: plain minimum
+
+
+def test_cross_validation_picks_the_planted_rank(generator):
+    V = planted(generator)
+    cv = cross_validate(V, range(1, 6), n_folds=3, n_restarts=3, beta=2, max_iter=250, seed=0)
+    assert cv.errors.shape == (3, 5)
+    assert cv.suggested == 3, cv.mean
+    assert cv.rule == RULE
+    # the held-out error falls steeply up to the planted rank
+    assert float(cv.mean[1]) > 1.2 * float(cv.mean[2])
+
+
+def test_cross_validation_kl_on_counts_picks_the_planted_rank(generator):
+    rates = 20 * low_rank(80, 50, 4, generator)[0]
+    V = torch.poisson(rates, generator=generator)
+    cv = cross_validate(V.to_sparse(), [2, 3, 4, 5, 6], n_folds=3, n_restarts=3, beta=1,
+                        max_iter=300, solver="mu_extrapolated")
+    assert cv.suggested == 4, cv.mean
+
+
+def test_bi_cross_validation_picks_the_planted_rank(generator):
+    V = planted(generator, n=80, c=60)
+    cv = bi_cross_validate(V, range(1, 6), n_restarts=3, beta=2, max_iter=250)
+    assert cv.errors.shape == (4, 5) and cv.method == "bi"
+    assert cv.suggested == 3, cv.mean
+
+
+def test_rank_table_and_its_figure(generator, tmp_path):
+    pytest.importorskip("scipy")
+    V = planted(generator, n=50, c=30)
+    table = rank_table(V, [2, 3, 4], n_restarts=3, beta=2, max_iter=150, n_folds=3)
+    assert [row["rank"] for row in table.rows] == [2, 3, 4]
+    assert table.suggested == 3
+    assert all(-1 <= row["stability"] <= 1 for row in table.rows)
+    assert all(0 < row["cophenetic"] <= 1 and 0 < row["dispersion"] <= 1 for row in table.rows)
+    text = table.format()
+    assert text.splitlines()[0].split()[:3] == ["rank", "loss", "held-out"]
+    assert len(text.splitlines()) == 4
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from torchnmf.plot import rank_selection_figure
+
+    fig = rank_selection_figure(table)
+    path = tmp_path / "k.png"
+    fig.savefig(path)
+    assert path.stat().st_size > 1000
+    assert "suggested k = 3" in fig.axes[0].get_title()
+
+
+def test_errors(generator):
+    V = planted(generator, n=20, c=10)
+    with pytest.raises(ValueError, match="n_folds must be at least 2, got 1"):
+        cross_validate(V, [2], n_folds=1)
+    with pytest.raises(ValueError, match="row_folds must be at least 2, got 1"):
+        bi_cross_validate(V, [2], row_folds=1)
+    with pytest.raises(ValueError, match=r"method must be one of \['entries', 'bi'\], got 'x'"):
+        rank_table(V, [2], method="x")
+    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
+        cross_validate(V, [0, 2])
