@@ -19,6 +19,8 @@ them (the ``H`` terms); a kind that wraps another (streamed from disk, summed
 across processes) relies on exactly that.
 
 Members: :mod:`~torchnmf.targets.dense` (closed forms for a dense matrix),
+:mod:`~torchnmf.targets.streamed` (row blocks read from disk or any row
+source of :mod:`~torchnmf.targets.sources`, each handed to the kinds here),
 :mod:`~torchnmf.targets.sparse` (COO/CSR/CSC matrices, never densified),
 :mod:`~torchnmf.targets.masked` (missing entries, dense or sparse),
 :mod:`~torchnmf.targets.convolution` (closed forms for the convolutional
@@ -36,6 +38,7 @@ from .convolution import ConvStats
 from .dense import DenseMatrixStats
 from .masked import MaskedAutogradStats, MaskedMatrixStats
 from .sparse import SPARSE_LAYOUTS, SparseMatrixStats
+from .streamed import StreamedTarget
 
 __all__ = ["statistics"]
 
@@ -48,8 +51,17 @@ def statistics(V, beta, mask=None, reconstruct=None, name="fit"):
     convolutional models' forward map (``reconstruct`` is
     :func:`~torchnmf.models.forward.conv_transpose`) for dense and masked ones;
     any other forward map takes the autograd route, which needs a dense ``V``.  ``name`` names the
-    caller in the error for a sparse target on that route.
+    caller in the error for a sparse target on that route.  A
+    :class:`~.streamed.StreamedTarget` (a matrix read in row blocks) gets the
+    streamed kind, which wraps the others block by block.
     """
+    if isinstance(V, StreamedTarget):
+        if reconstruct is not None:
+            raise NotImplementedError(
+                f"{name} does not stream targets from disk yet; streaming needs the matrix "
+                f"model NMF"
+            )
+        return V.statistics(beta)
     if V.layout != torch.strided and (reconstruct is not None or V.layout not in SPARSE_LAYOUTS):
         raise NotImplementedError(f"{name} does not accept sparse targets yet; pass V.to_dense()")
     if reconstruct is None:

@@ -36,7 +36,7 @@ class DenseMatrixStats:
     block at a time in work buffers allocated once.
     """
 
-    def __init__(self, V, beta, block_elements=None):
+    def __init__(self, V, beta, block_elements=None, constant=None):
         self.V = V.contiguous()
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
@@ -44,7 +44,8 @@ class DenseMatrixStats:
         block_elements = block_elements or BLOCK_ELEMENTS
         self.rows = max(1, min(N, block_elements // max(C, 1)))
         self._work = None
-        self.constant = self._divergence_constant()
+        # a wrapping kind (streamed rows) sums the constant once and passes 0 per block
+        self.constant = self._divergence_constant() if constant is None else constant
 
     # -- set-up ---------------------------------------------------------------
     def _buffers(self, R):

@@ -174,7 +174,7 @@ class SparseMatrixStats:
     the entry point checks it.
     """
 
-    def __init__(self, V, beta, block_elements=None):
+    def __init__(self, V, beta, block_elements=None, constant=None):
         block_elements = block_elements or SPARSE_BLOCK_ELEMENTS
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
@@ -182,7 +182,9 @@ class SparseMatrixStats:
         self.shape = tuple(csr.shape)
         self.by_rows = _Orientation(csr, block_elements)
         self.by_columns = _Orientation(transpose_csr(csr), block_elements)
-        self.constant = _divergence_constant(self.by_rows.values, self.beta)
+        self.constant = (
+            _divergence_constant(self.by_rows.values, self.beta) if constant is None else constant
+        )
         self._work = None
 
     def _work_buffer(self):
