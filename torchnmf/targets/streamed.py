@@ -147,6 +147,8 @@ class StreamedTarget:
         device, dtype: where and in what the statistics are computed.
         rows, columns (bool): require an observed entry in every row / column.
         prefetch (bool): read the next block in a background thread.
+        progress (bool): show a progress bar over the blocks of every pass
+            (below the fit's bar over iterations) when a pass has several blocks.
 
     Attributes:
         shape (torch.Size): ``(N, C)``.
@@ -155,7 +157,7 @@ class StreamedTarget:
     """
 
     def __init__(self, source, mask=None, missing="error", block_rows=None, *, device=None,
-                 dtype=None, rows=True, columns=True, prefetch=True):
+                 dtype=None, rows=True, columns=True, prefetch=True, progress=False):
         self.source = source
         self.shape = torch.Size(source.shape)
         if len(self.shape) != 2 or 0 in self.shape:
@@ -170,6 +172,7 @@ class StreamedTarget:
         self.dtype = dtype or (source.dtype if source.dtype.is_floating_point
                                else torch.get_default_dtype())
         self.prefetch = prefetch
+        self.progress = progress and self.shape[0] > self.block_rows
         self.is_sparse = bool(source.is_sparse)
         self.may_hide = self.mask_source is not None or self.missing == "mask"
         self._validate(rows, columns)
@@ -208,6 +211,18 @@ class StreamedTarget:
     def raw_blocks(self):
         """``(start, stop, V block, mask block)`` on the working device; the next
         block is read in a background thread while the caller works on this one."""
+        if not self.progress:
+            yield from self._raw_blocks()
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=self.shape[0], desc="rows", unit="row", unit_scale=True, leave=False,
+                  position=1) as bar:
+            for item in self._raw_blocks():
+                yield item
+                bar.update(item[1] - item[0])
+
+    def _raw_blocks(self):
         reader = self._read()
         if not self.prefetch:
             for item in reader:
