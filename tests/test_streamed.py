@@ -221,3 +221,17 @@ def test_a_memmap_is_never_loaded_whole(tmp_path):
     grown = int(result.stdout.split()[-1])
     # the file is 128 MiB; a block is 4 MiB
     assert grown < 32, f"the streamed fit grew the peak resident memory by {grown} MiB"
+
+
+def test_h_may_live_in_a_memory_mapped_file(generator, tmp_path):
+    V = _data(generator, n=40)
+    memory, streamed = _pair(V, 3, generator)
+    mapped = np.lib.format.open_memmap(tmp_path / "H.npy", mode="w+", dtype=np.float64,
+                                       shape=(40, 3))
+    mapped[:] = memory.H.detach().numpy()
+    streamed.H = torch.nn.Parameter(torch.from_numpy(mapped))
+    memory.fit(V, beta=1, tol=0, max_iter=10)
+    streamed.fit(V.numpy(), beta=1, tol=0, max_iter=10, block_rows=7)
+    _assert_same(memory, streamed)
+    mapped.flush()
+    np.testing.assert_array_equal(np.load(tmp_path / "H.npy"), streamed.H.detach().numpy())

@@ -11,11 +11,13 @@ floating-point additions.
 
 While one block computes, the next is read in a background thread; on CUDA
 it is copied into pinned host memory there and moved with a non-blocking copy.
-``H`` stays in memory (``N x R`` is small next to ``V``).
+``H`` stays in memory (``N x R`` is small next to ``V``), or in a memory-mapped
+file when the model's ``H`` parameter is one (see ``NMF.fit``); multiplicative
+updates then allocate no ``(N, R)`` array at all.
 
-Memory: besides ``H`` and ``W``, a pass holds two ``(N, R)`` term buffers (one
-for multiplicative updates, which update ``H`` block by block in the same
-pass that sums the ``W`` terms), about three blocks of ``block_rows x C``
+Memory: besides ``H`` and ``W``, a pass holds two ``(N, R)`` term buffers
+(none for multiplicative updates, which update ``H`` block by block in the
+same pass that sums the ``W`` terms), about three blocks of ``block_rows x C``
 entries (the one computing, the one being read, and their conversion to the
 working dtype) and the per-block work buffers of the block's kind (for
 ``beta`` not 2, at most 12 MiB of float32 dense work, see
