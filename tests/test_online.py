@@ -81,9 +81,18 @@ def test_minibatch_on_real_data_and_partial_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         full.fit(torch.from_numpy(X), beta=1, tol=0, max_iter=300)
-    # 20 passes: within 20% of 300 full-batch iterations (measured 13%; scikit-learn's
-    # MiniBatchNMF with the same batches and passes: 38%)
-    assert model.reconstruction_err_ ** 2 / 2 < 1.2 * full.loss_history[-1]
+    # 20 passes of one update per batch (no fresh restarts): within 30% of 300
+    # full-batch iterations (measured 25%), and no worse than scikit-learn's
+    # MiniBatchNMF with the same batches, passes and forget factor (measured 38%)
+    from sklearn.decomposition import MiniBatchNMF
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peer = MiniBatchNMF(10, batch_size=256, beta_loss=1, max_iter=20, tol=0,
+                            max_no_improvement=None, random_state=0).fit(X)
+    loss = model.reconstruction_err_ ** 2 / 2
+    assert loss < 1.3 * full.loss_history[-1]
+    assert loss < peer.reconstruction_err_ ** 2 / 2
     streamed = TorchMiniBatchNMF(n_components=10, beta_loss=1, random_state=0)
     for start in range(0, 1797, 256):
         streamed.partial_fit(X[start:start + 256])

@@ -461,10 +461,14 @@ class TorchMiniBatchNMF(TorchNMF):
     forget_factor : float, default=0.7
         The weight of the past statistics after each batch, in [0, 1].
     fresh_restarts : bool, default=False
-        Solve each batch's codes from a fresh start (else from the codes the
-        samples had in the previous pass).
+        Solve each batch's codes from a fresh start, by up to
+        ``fresh_restarts_max_iter`` updates, at every step; else each step
+        takes one update of the codes the samples had after the previous pass
+        (at first, those of the initialisation): cheaper steps, more passes.
     fresh_restarts_max_iter : int, default=30
-        The most multiplicative updates of a batch's codes.
+        The most multiplicative updates of a batch's codes with fresh restarts
+        (and in :meth:`partial_fit`); they stop early once an update changes the
+        codes by at most ``tol`` of their norm.
     transform_max_iter : int or None, default=None
         The most updates of the codes in :meth:`transform`; None: ``max_iter``.
 
@@ -610,9 +614,10 @@ class TorchMiniBatchNMF(TorchNMF):
         rank = self.n_components or (np.shape(H_custom)[0] if H_custom is not None else C)
         generator = self._generator()
         dense_for_start = V if V.layout == torch.strided else V.to_sparse_coo().coalesce()
-        W, _ = self._start(dense_for_start, rank, self.init, W_custom, H_custom, generator)
+        W, codes = self._start(dense_for_start, rank, self.init, W_custom, H_custom, generator)
         online = self._online(W.contiguous(), beta, alpha_W, alpha_H, min(self.batch_size, N), C)
-        codes = self._flat_codes(V, rank)
+        codes = codes.contiguous()
+        inner = self.fresh_restarts_max_iter if self.fresh_restarts else 1
         batch = min(self.batch_size, N)
         smoothed, best, stale, steps, epochs = None, math.inf, 0, 0, 0
         stop = False
@@ -623,7 +628,7 @@ class TorchMiniBatchNMF(TorchNMF):
                 start_codes = (self._flat_codes(V_batch, rank) if self.fresh_restarts
                                else codes[start:end].clone())
                 previous = online.W.clone()
-                H_batch, cost = online.partial_fit(V_batch, start_codes)
+                H_batch, cost = online.partial_fit(V_batch, start_codes, inner)
                 codes[start:end] = H_batch
                 steps += 1
                 cost /= end - start

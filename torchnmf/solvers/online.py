@@ -42,7 +42,6 @@ import torch
 from ..targets import statistics
 from .mu import mu_exponent, mu_update_
 from .penalty import Penalty
-from .problem import FitProblem
 
 __all__ = ["solve_activations", "OnlineMU", "surrogate"]
 
@@ -50,20 +49,18 @@ __all__ = ["solve_activations", "OnlineMU", "surrogate"]
 def solve_activations(V, W, H, beta, penalty=Penalty(), max_iter=100, tol=1e-4):
     """Multiplicative updates of ``H`` (in place) for ``V ≈ H W^T`` with ``W`` fixed.
 
-    Stops when the relative decrease of the objective falls under ``tol``.
-    Returns ``(H, statistics)``: the batch's statistics object, for the ``W`` step.
+    Stops after ``max_iter`` updates, or once an update changes ``H`` by at most
+    ``tol`` times its norm (no divergence is computed on the way).  Returns
+    ``(H, statistics)``: the batch's statistics object, for the ``W`` step.
     """
     stats = statistics(V, beta)
-    problem = FitProblem(stats=stats, H=H, W=W, beta=beta, update_W=False, penalty_H=penalty)
     gamma = mu_exponent(beta)
-    previous = None
     for _ in range(max_iter):
-        negative, positive, divergence = stats.h_terms(H, W)
-        current = float(divergence) + problem.penalty()
+        previous = H.clone() if tol > 0 else None
+        negative, positive, _ = stats.h_terms(H, W, divergence=False)
         mu_update_(H, negative, positive, gamma, penalty)
-        if previous is not None and previous - current <= tol * abs(previous):
+        if previous is not None and float(previous.sub_(H).norm()) <= tol * float(H.norm()):
             break
-        previous = current
     return H, stats
 
 
@@ -112,18 +109,22 @@ class OnlineMU:
                                  self.tol_H)[0]
 
     @torch.no_grad()
-    def partial_fit(self, V, H):
+    def partial_fit(self, V, H, max_iter_H=None):
         """One batch: solve its activations ``H`` (in place), then one ``W`` step.
 
         Args:
             V (Tensor): ``(n, C)``, dense or sparse, on ``W``'s device.
             H (Tensor): ``(n, R)``, the starting activations.
+            max_iter_H (int, optional): updates of ``H`` for this batch (default
+                ``max_iter_H`` of the constructor); 1 suits activations that are
+                warm-started from the previous pass over the data.
 
         Returns:
             (H, divergence): the batch's activations and :math:`D_\\beta(V | H W^T)`
             before the ``W`` step.
         """
-        H, stats = solve_activations(V, self.W, H, self.beta, self.penalty_H, self.max_iter_H,
+        max_iter_H = self.max_iter_H if max_iter_H is None else max_iter_H
+        H, stats = solve_activations(V, self.W, H, self.beta, self.penalty_H, max_iter_H,
                                      self.tol_H)
         negative, positive, divergence = stats.w_terms(H, self.W, divergence=True)
         numerator = negative * self.W
