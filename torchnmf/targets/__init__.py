@@ -27,7 +27,8 @@ source of :mod:`~torchnmf.targets.sources`, each handed to the kinds here),
 models' forward map, dense or masked),
 :mod:`~torchnmf.targets.autograd` (any model, by vector-Jacobian products),
 and :mod:`~torchnmf.targets.prepare` (validation of ``V`` and its mask at the
-entry point).  A new kind provides the three methods above with the same
+entry point); :mod:`~torchnmf.targets.sources` holds the row sources a
+streamed target reads (files, memmaps, block sequences).  A new kind provides the three methods above with the same
 shapes and dtypes, and joins :func:`statistics`.
 """
 import torch

@@ -63,10 +63,6 @@ def wants_streaming(V, block_rows=None):
 
 def as_streamed_source(V):
     """A row source for what ``fit`` received (see :func:`wants_streaming`)."""
-    if isinstance(V, (list, tuple)) and not all(isinstance(b, torch.Tensor) for b in V) and all(
-        isinstance(b, str) for b in V
-    ):
-        return open_rows(V)
     if isinstance(V, (list, tuple)):
         return BlockRows(V)
     if isinstance(V, np.ndarray):  # a memmap, or an array with block_rows
@@ -179,8 +175,6 @@ class StreamedTarget:
         self.may_hide = self.mask_source is not None or self.missing == "mask"
         self._validate(rows, columns)
 
-    layout = torch.strided  # for callers that look: the streamed kind is chosen by type
-
     def dim(self):
         return 2
 
@@ -202,10 +196,10 @@ class StreamedTarget:
 
     def _to_device(self, item):
         start, stop, block, mask = item
+        if block.device != self.device:  # from pinned memory, then converted on the device
+            block = block.to(self.device, non_blocking=block.layout == torch.strided)
         if block.dtype != self.dtype:
             block = block.to(self.dtype)
-        if block.device != self.device:
-            block = block.to(self.device, non_blocking=block.layout == torch.strided)
         if mask is not None and mask.device != self.device:
             mask = mask.to(self.device)
         return start, stop, block, mask
