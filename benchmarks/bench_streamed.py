@@ -53,9 +53,10 @@ def _streamed_ratio(quick):
                 def fit(n_iter):
                     NMF(W=W0, H=H0).fit(source, beta=beta, tol=0, max_iter=n_iter, **options)
                 return fit
-            memory = per_iteration_ms(run(V))
-            streamed = per_iteration_ms(run(mapped))
-            blocks = per_iteration_ms(run(V, block_rows=n // 4))
+            timing = dict(short=1, long=4, repeats=1) if not quick else {}
+            memory = per_iteration_ms(run(V), **timing)
+            streamed = per_iteration_ms(run(mapped), **timing)
+            blocks = per_iteration_ms(run(V, block_rows=n // 4), **timing)
             rows.append([beta, memory, streamed, streamed / memory, blocks, blocks / memory])
     return (
         f"V: {n}x{c} float32 ({V.numel() * 4 / 2**20:.0f} MiB), rank {rank}, solver 'mu'; "

@@ -23,7 +23,9 @@ def _assert_rows(source, dense, ranges=((0, 17), (3, 9), (16, 17), (5, 5))):
         assert block.layout == (torch.sparse_csr if source.is_sparse else torch.strided)
         got = block.to_dense() if source.is_sparse else block
         np.testing.assert_allclose(got.numpy(), dense[start:stop], rtol=0, atol=0)
-    stacked = torch.cat([b if b.layout == torch.strided else b.to_dense() for _, _, b in source.blocks(4)])
+    # blocks may share buffers once read further: copy each as it comes
+    stacked = torch.cat([b.clone() if b.layout == torch.strided else b.to_dense()
+                         for _, _, b in source.blocks(4)])
     np.testing.assert_allclose(stacked.numpy(), dense, rtol=0, atol=0)
 
 

@@ -47,6 +47,12 @@ class DenseMatrixStats:
         # a wrapping kind (streamed rows) sums the constant once and passes 0 per block
         self.constant = self._divergence_constant() if constant is None else constant
 
+    def rebind(self, V):
+        """Point these statistics at another matrix of ``V``'s shape and dtype, keeping
+        the work buffers (a wrapping kind reuses one object for its row blocks)."""
+        self.V = V.contiguous()
+        return self
+
     # -- set-up ---------------------------------------------------------------
     def _buffers(self, R):
         """Work buffers, allocated on first use and reused for the whole fit."""

@@ -8,7 +8,8 @@ A *row source* describes an ``(N, C)`` matrix that need not be in memory:
 - ``read(start, stop)``: rows ``start:stop`` as a new torch tensor on the CPU;
 - ``blocks(block_rows)``: ``(start, stop, block)`` for consecutive row blocks
   covering the matrix once, read lazily (a source with blocks of its own,
-  :class:`BlockRows`, yields those).
+  :class:`BlockRows`, yields those); a block may be overwritten once two more
+  have been read, so a consumer that keeps blocks copies them.
 
 :func:`open_rows` opens one from a file (a memory-mapped ``.npy``, a sparse
 ``.npz`` or a list or directory of ``.npz`` shards, ``.mtx``, an AnnData
@@ -113,6 +114,29 @@ class ArrayRows(RowSource):
         block = _dense_block(view, self.dtype)
         _release_pages(self.array, view)
         return block
+
+    def blocks(self, block_rows):
+        """Consecutive blocks, copied into a ring of three buffers kept for the next
+        pass: a block stays valid until two more have been read, and one pass
+        runs at a time (fresh allocations of this size cost more than the copy
+        itself on many machines)."""
+        N, C = self.shape
+        rows = min(block_rows, N)
+        ring = None
+        if np.dtype(self.array.dtype) == torch.empty((), dtype=self.dtype).numpy().dtype:
+            ring = getattr(self, "_ring", None)
+            if ring is None or ring[0].shape[0] != rows:
+                ring = self._ring = [np.empty((rows, C), dtype=self.array.dtype) for _ in range(3)]
+        for index, start in enumerate(range(0, N, block_rows)):
+            stop = min(start + block_rows, N)
+            if ring is None:
+                yield start, stop, self.read(start, stop)
+                continue
+            view = self.array[start:stop]
+            buffer = ring[index % 3][:stop - start]
+            np.copyto(buffer, view)
+            _release_pages(self.array, view)
+            yield start, stop, torch.from_numpy(buffer)
 
 
 def _release_pages(array, view):

@@ -351,6 +351,7 @@ class StreamedStats:
         self.target = target
         self.beta = float(beta)
         self._h_buffers = None
+        self._dense = {}
         self.constant = self._constant()
 
     def _constant(self):
@@ -364,7 +365,12 @@ class StreamedStats:
         if mask is not None:
             return MaskedMatrixStats(block, mask, self.beta, constant=zero)
         if block.layout == torch.strided:
-            return DenseMatrixStats(block, self.beta, constant=zero)
+            # one dense object per block shape, its work buffers reused across blocks
+            key = tuple(block.shape)
+            local = self._dense.get(key)
+            if local is None:
+                local = self._dense[key] = DenseMatrixStats(block, self.beta, constant=zero)
+            return local.rebind(block)
         return SparseMatrixStats(block, self.beta, constant=zero)
 
     def _buffers(self, H):
