@@ -121,9 +121,13 @@ class ArrayRows(RowSource):
         runs at a time (fresh allocations of this size cost more than the copy
         itself on many machines)."""
         N, C = self.shape
+        same_dtype = np.dtype(self.array.dtype) == torch.empty((), dtype=self.dtype).numpy().dtype
+        if same_dtype and _read_only_map(self.array):
+            yield from self._mapped_blocks(block_rows)
+            return
         rows = min(block_rows, N)
         ring = None
-        if np.dtype(self.array.dtype) == torch.empty((), dtype=self.dtype).numpy().dtype:
+        if same_dtype:
             ring = getattr(self, "_ring", None)
             if ring is None or ring[0].shape[0] != rows:
                 ring = self._ring = [np.empty((rows, C), dtype=self.array.dtype) for _ in range(3)]
@@ -137,6 +141,41 @@ class ArrayRows(RowSource):
             np.copyto(buffer, view)
             _release_pages(self.array, view)
             yield start, stop, torch.from_numpy(buffer)
+
+    def _mapped_blocks(self, block_rows):
+        """Blocks of a read-only memory map without a copy: each block's pages are
+        faulted in here (by the reading thread, from the page cache or the disk)
+        and the tensor views the mapping; a block's pages leave the resident set
+        two blocks later (the file is read-only, so the view stays valid)."""
+        N = self.shape[0]
+        behind = []
+        for start in range(0, N, block_rows):
+            stop = min(start + block_rows, N)
+            view = self.array[start:stop]
+            _prefault(view)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                block = torch.from_numpy(np.asarray(view))
+            behind.append(view)
+            if len(behind) > 2:
+                _release_pages(self.array, behind.pop(0))
+            yield start, stop, block
+        for view in behind:
+            _release_pages(self.array, view)
+
+
+def _read_only_map(array):
+    return (isinstance(array, np.memmap) and getattr(array, "mode", None) == "r"
+            and array.flags.c_contiguous and getattr(array, "_mmap", None) is not None)
+
+
+def _prefault(view):
+    """Touch one value per page of a C-contiguous memory-mapped view (numpy releases
+    the GIL in the reduction, so the consumer thread keeps computing)."""
+    flat = np.asarray(view).reshape(-1)
+    step = max(1, mmap.PAGESIZE // flat.itemsize)
+    if flat.size:
+        flat[::step].sum()
 
 
 def _release_pages(array, view):
