@@ -157,18 +157,18 @@ def _write_big(path, gib, columns, seed=0):
     generator = np.random.default_rng(seed)
     chunk = max(1, (256 << 20) // (4 * columns))
     basis = generator.random((16, columns), dtype=np.float32)
-    for start in range(0, rows, chunk):
-        stop = min(start + chunk, rows)
-        codes = generator.random((stop - start, 16), dtype=np.float32)
-        array[start:stop] = codes @ basis
-        array.flush()
-        os.posix_fadvise(_fd(array), 0, 0, os.POSIX_FADV_DONTNEED)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+            codes = generator.random((stop - start, 16), dtype=np.float32)
+            array[start:stop] = codes @ basis
+            array.flush()  # written: its pages may leave the cache (no page-cache flood)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
     del array
     return rows
-
-
-def _fd(array):
-    return array._mmap.fileno() if hasattr(array._mmap, "fileno") else -1
 
 
 def _read_bandwidth(path, chunk=64 << 20):
@@ -206,11 +206,19 @@ class Evicting(ArrayRows):
         self.fd = os.open(path, os.O_RDONLY)
         self.offset = array.offset
         self.row_bytes = array.shape[1] * array.dtype.itemsize
-    def read(self, start, stop):
-        block = super().read(start, stop)
+    def _evict(self, start, stop):
         os.posix_fadvise(self.fd, self.offset + start * self.row_bytes,
                          (stop - start) * self.row_bytes, os.POSIX_FADV_DONTNEED)
-        return block
+    def blocks(self, block_rows):
+        # a block's pages leave the mapping two blocks later; evict them after that
+        seen = []
+        for start, stop, block in super().blocks(block_rows):
+            yield start, stop, block
+            seen.append((start, stop))
+            if len(seen) > 3:
+                self._evict(*seen.pop(0))
+        for start, stop in seen:
+            self._evict(start, stop)
 
 path, evict, rank, n_iter, beta = {path!r}, {evict!r}, {rank!r}, {n_iter!r}, {beta!r}
 array = np.load(path, mmap_mode="r")
@@ -228,7 +236,7 @@ print(json.dumps(dict(total=total, per_iteration=per_iteration, peak_mib=peak / 
 """
 
 
-def run_disk(gib, directory, columns=2000, rank=16, n_iter=3, evict=None, keep=False):
+def run_disk(gib, directory, columns=2000, rank=16, n_iter=3, evict=None, keep=False, betas=(2, 1)):
     """The opt-in larger-than-memory run (see the module docstring)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -243,7 +251,7 @@ def run_disk(gib, directory, columns=2000, rank=16, n_iter=3, evict=None, keep=F
         bandwidth = _read_bandwidth(path)
         here = str(pathlib.Path(__file__).resolve().parent)
         results = []
-        for beta in (2, 1):
+        for beta in betas:
             child = _CHILD.format(here=here, root=str(pathlib.Path(here).parent), path=str(path),
                                   evict=evict, rank=rank, n_iter=n_iter, beta=beta)
             out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
@@ -292,11 +300,13 @@ if __name__ == "__main__":
     parser.add_argument("--disk", type=float, metavar="GIB")
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--evict", choices=("auto", "yes", "no"), default="auto")
+    parser.add_argument("--betas", default="2,1", help="comma-separated betas of --disk")
     args = parser.parse_args()
     if args.online_sparse:
         print(run_online_sparse())
     elif args.disk:
         evict = None if args.evict == "auto" else args.evict == "yes"
-        print(run_disk(args.disk, args.dir, evict=evict))
+        print(run_disk(args.disk, args.dir, evict=evict,
+                       betas=tuple(float(b) for b in args.betas.split(","))))
     else:
         print(run(quick=args.quick))

@@ -628,19 +628,21 @@ class TorchMiniBatchNMF(TorchNMF):
                 start_codes = (self._flat_codes(V_batch, rank) if self.fresh_restarts
                                else codes[start:end].clone())
                 previous = online.W.clone()
-                H_batch, cost = online.partial_fit(V_batch, start_codes, inner)
+                watch = self.max_no_improvement is not None  # the batch cost is for it alone
+                H_batch, cost = online.partial_fit(V_batch, start_codes, inner, cost=watch)
                 codes[start:end] = H_batch
                 steps += 1
-                cost /= end - start
-                smoothed = cost if smoothed is None else 0.9 * smoothed + 0.1 * cost
+                if watch:
+                    cost /= end - start
+                    smoothed = cost if smoothed is None else 0.9 * smoothed + 0.1 * cost
                 change = float((online.W - previous).norm() / previous.norm().clamp_min(1e-300))
                 if self.tol > 0 and steps > 1 and change < self.tol:
                     stop = True
-                if smoothed < best:
+                if watch and smoothed < best:
                     best, stale = smoothed, 0
-                else:
+                elif watch:
                     stale += 1
-                    if self.max_no_improvement is not None and stale >= self.max_no_improvement:
+                    if stale >= self.max_no_improvement:
                         stop = True
                 if stop:
                     break
@@ -658,7 +660,7 @@ class TorchMiniBatchNMF(TorchNMF):
         max_iter = self.transform_max_iter or self.max_iter
         codes = self._flat_codes(V, rank) if codes is None else codes
         return solve_activations(V, online.W, codes, online.beta, online.penalty_H, max_iter,
-                                 self.tol)[0]
+                                 self.tol, with_constant=False)[0]
 
     def partial_fit(self, X, y=None, W=None, H=None):
         """One minibatch step on the samples ``X`` (the first call also initialises).

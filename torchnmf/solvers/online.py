@@ -39,21 +39,34 @@ sparse.
 """
 import torch
 
-from ..targets import statistics
+from ..targets.dense import DenseMatrixStats
+from ..targets.sparse import SparseMatrixStats
 from .mu import mu_exponent, mu_update_
 from .penalty import Penalty
 
 __all__ = ["solve_activations", "OnlineMU", "surrogate"]
 
 
-def solve_activations(V, W, H, beta, penalty=Penalty(), max_iter=100, tol=1e-4):
+def _batch_statistics(V, beta, with_constant):
+    """The statistics of a dense or sparse batch; without the constant part of the
+    divergence (a pass over the batch) when no divergence is wanted."""
+    constant = None if with_constant else 0.0
+    if V.layout == torch.strided:
+        return DenseMatrixStats(V, beta, constant=constant)
+    return SparseMatrixStats(V, beta, constant=constant)
+
+
+def solve_activations(V, W, H, beta, penalty=Penalty(), max_iter=100, tol=1e-4,
+                      with_constant=True):
     """Multiplicative updates of ``H`` (in place) for ``V ≈ H W^T`` with ``W`` fixed.
 
     Stops after ``max_iter`` updates, or once an update changes ``H`` by at most
     ``tol`` times its norm (no divergence is computed on the way).  Returns
-    ``(H, statistics)``: the batch's statistics object, for the ``W`` step.
+    ``(H, statistics)``: the batch's statistics object, for the ``W`` step
+    (``with_constant=False``: its divergences lack the part that depends on
+    ``V`` alone).
     """
-    stats = statistics(V, beta)
+    stats = _batch_statistics(V, beta, with_constant)
     gamma = mu_exponent(beta)
     for _ in range(max_iter):
         previous = H.clone() if tol > 0 else None
@@ -109,7 +122,7 @@ class OnlineMU:
                                  self.tol_H)[0]
 
     @torch.no_grad()
-    def partial_fit(self, V, H, max_iter_H=None):
+    def partial_fit(self, V, H, max_iter_H=None, cost=True):
         """One batch: solve its activations ``H`` (in place), then one ``W`` step.
 
         Args:
@@ -118,6 +131,8 @@ class OnlineMU:
             max_iter_H (int, optional): updates of ``H`` for this batch (default
                 ``max_iter_H`` of the constructor); 1 suits activations that are
                 warm-started from the previous pass over the data.
+            cost (bool): compute the batch's divergence (two passes over the
+                batch at beta != 2); without it the second value returned is ``None``.
 
         Returns:
             (H, divergence): the batch's activations and :math:`D_\\beta(V | H W^T)`
@@ -125,8 +140,8 @@ class OnlineMU:
         """
         max_iter_H = self.max_iter_H if max_iter_H is None else max_iter_H
         H, stats = solve_activations(V, self.W, H, self.beta, self.penalty_H, max_iter_H,
-                                     self.tol_H)
-        negative, positive, divergence = stats.w_terms(H, self.W, divergence=True)
+                                     self.tol_H, with_constant=cost)
+        negative, positive, *divergence = stats.w_terms(H, self.W, divergence=cost)
         numerator = negative * self.W
         positive = positive.expand_as(self.W)
         if self.A is None:
@@ -140,4 +155,4 @@ class OnlineMU:
         mu_update_(self.W, self.A / self.W.clamp_min(torch.finfo(self.W.dtype).tiny),
                    self.B, self.gamma, self.penalty_W)
         self.n_batches += 1
-        return H, float(divergence)
+        return H, float(divergence[0]) if cost else None
