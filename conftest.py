@@ -16,6 +16,7 @@ _OPTIONAL = {
     "torchnmf/estimator.py": ("sklearn", "scipy"),
     "torchnmf/plot.py": ("matplotlib",),
     "docs/guide/85-estimator.rst": ("sklearn", "scipy"),
+    "docs/guide/57-streaming.rst": ("sklearn", "scipy"),
 }
 for _path, _packages in _OPTIONAL.items():
     if any(importlib.util.find_spec(name) is None for name in _packages):

@@ -325,3 +325,27 @@ def test_fit_on_cuda_with_audio_and_figure(tmp_path, capsys):
     with wave.open(str(tmp_path / "tones.nmf.component1.wav")) as handle:
         assert handle.getnframes() == length
     assert png_size(tmp_path / "f.png") == (1300, 700)
+
+
+@pytest.mark.parametrize("label", ["npy", "sparse npz"])
+def test_stream_gives_the_in_memory_result(tmp_path, capsys, matrix, label):
+    path = write_formats(tmp_path, matrix)[label]
+    common = ("-r", 3, "--max-iter", 15, "--tol", 0, "-q")
+    status, out, _ = fit(capsys, path, *common, "-o", tmp_path / "memory.npz")
+    assert status == 0
+    status, out, err = fit(capsys, path, *common, "--block-rows", 5, "-o", tmp_path / "streamed.npz")
+    assert status == 0, err
+    assert "streamed in row blocks" in out
+    memory, streamed = np.load(tmp_path / "memory.npz"), np.load(tmp_path / "streamed.npz")
+    np.testing.assert_allclose(streamed["W"], memory["W"], rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(streamed["loss_history"], memory["loss_history"], rtol=1e-8)
+
+
+def test_stream_shows_a_bar_over_rows_and_refuses_what_needs_memory(tmp_path, capsys, matrix):
+    path = write_formats(tmp_path, matrix)["npy"]
+    status, _, err = fit(capsys, path, "-r", 2, "--max-iter", 2, "--stream", "--block-rows", 4)
+    assert status == 0 and "rows" in err
+    status, _, err = fit(capsys, path, "-r", 2, "--stream", "--init", "nndsvd")
+    assert status == 1 and "--stream supports --init random only" in err
+    status, _, err = fit(capsys, path, "-r", 2, "--stream", "--model", "nmfd")
+    assert status == 1 and "--stream supports --model nmf only" in err

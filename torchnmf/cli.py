@@ -120,6 +120,13 @@ def _build_parser():
                      help="STFT frame length for .wav input (default %(default)s)")
     fit.add_argument("--hop", type=_positive_int, default=None,
                      help="STFT hop for .wav input (default n_fft / 4)")
+    fit.add_argument("--stream", action="store_true",
+                     help="read INPUT in blocks of rows every iteration instead of loading it "
+                     "(.npy memory-mapped, sparse .npz or a directory of .npz shards, .mtx, "
+                     ".h5ad); for matrices larger than memory, same result")
+    fit.add_argument("--block-rows", type=_positive_int, default=None, metavar="N",
+                     help="rows per block with --stream (implies it; default about 64 MiB "
+                     "of data per block)")
     fit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     fit.add_argument("--checkpoint", default=None, metavar="PATH",
                      help="save the fit there every --checkpoint-every iterations, and resume "
@@ -205,6 +212,44 @@ def _initialise(model, V, method, seed):
     model.initialize_(V, method, generator=torch.Generator().manual_seed(seed))
 
 
+def _open_streamed(args, dtype, device, note):
+    """``torchnmf fit --stream``: the row source, its description and a model whose
+    random start is scaled to the data's mean (found in one pass over the blocks)."""
+    import torch
+
+    from .io import open_rows
+    from .nmf import NMF
+
+    if args.model != "nmf":
+        raise CommandError("--stream supports --model nmf only")
+    if args.plot:
+        raise CommandError("--plot needs the data in memory; leave out --stream")
+    if args.init != "random":
+        raise CommandError(f"--stream supports --init random only (--init {args.init} needs "
+                           f"the whole matrix for its SVD)")
+    source = open_rows(args.input, key=args.key)
+    N, C = source.shape
+    dtype = dtype or (source.dtype if source.dtype.is_floating_point else torch.get_default_dtype())
+    kind = "sparse" if source.is_sparse else "dense"
+    description = (f"{Path(args.input).name}: {kind} {N} x {C} "
+                   f"{str(source.dtype).replace('torch.', '')}, streamed in row blocks")
+    step = args.block_rows or max(1, (64 << 20) // max(C * 8, 1))
+    total = 0.0
+    for _, _, block in source.blocks(step):
+        total += float((block.values() if block.layout != torch.strided else block)
+                       .sum(dtype=torch.float64))
+    if not total > 0:
+        raise CommandError(f"{Path(args.input).name} has no positive entry to factorise")
+    # as torchnmf.init.initialize_random: uniform on [0, 2s], s = sqrt(mean / rank)
+    scale = 2 * (total / (N * C) / args.rank) ** 0.5
+    generator = torch.Generator().manual_seed(args.seed)
+    model = NMF((N, C), rank=args.rank).to(dtype=dtype)
+    with torch.no_grad():
+        for factor in (model.W, model.H):
+            factor.copy_(torch.rand(factor.shape, generator=generator, dtype=dtype) * scale)
+    return source, description, model.to(device)
+
+
 def _fit(model, V, args, note):
     import torch
 
@@ -213,12 +258,14 @@ def _fit(model, V, args, note):
     if getattr(args, "checkpoint", None):
         options.update(checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                        resume=_resume_path(args.checkpoint))
+    if args.stream:
+        options["block_rows"] = args.block_rows
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             n_iter = model.fit(V, **options)
         except NotImplementedError as error:
-            if V.layout == torch.strided:
+            if args.stream or V.layout == torch.strided:
                 raise
             # FALLBACK until sparse targets land in NMF.fit: fit the dense equivalent.
             note(f"this version cannot fit sparse targets ({error}); fitting the densified "
@@ -393,17 +440,24 @@ def run_fit(args, out=print, note=None):
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise CommandError("--plot needs matplotlib; pip install 'torchnmf[plot]'")
     device = _device(args.device)
-    target = io.load(args.input, key=args.key, n_fft=args.n_fft, hop=args.hop, dtype=dtype)
-    out(f"read {target.description}")
-    V = _model_layout(target.V, args.model, note).to(device)
-    torch.manual_seed(args.seed)
-    model = _build_model(V, args)
-    # before initialising, so that data the fit refuses gets the fit's message
-    check_beta_with_zeros(V, args.beta)
-    _initialise(model, V, args.init, args.seed)
+    args.stream = args.stream or args.block_rows is not None
+    if args.stream:
+        V, description, model = _open_streamed(args, dtype, device, note)
+        target = io.Target(V=None, description=description)
+        out(f"read {description}")
+    else:
+        target = io.load(args.input, key=args.key, n_fft=args.n_fft, hop=args.hop, dtype=dtype)
+        out(f"read {target.description}")
+        V = _model_layout(target.V, args.model, note).to(device)
+        torch.manual_seed(args.seed)
+        model = _build_model(V, args)
+        # before initialising, so that data the fit refuses gets the fit's message
+        check_beta_with_zeros(V, args.beta)
+        _initialise(model, V, args.init, args.seed)
+    V_dtype = model.W.dtype
     kind = "NMF" if args.model == "nmf" else f"NMFD (T={model.W.shape[2]})"
     out(f"{kind} rank {args.rank}, beta {args.beta:g}, solver {args.solver}, init {args.init}, "
-        f"{str(V.dtype).replace('torch.', '')} on {device}")
+        f"{str(V_dtype).replace('torch.', '')} on {device}")
     n_iter, V = _fit(model, V, args, note)
     history = model.loss_history
     out(f"fit: {n_iter} iterations, loss {history[0]:.6g} -> {history[-1]:.6g}")

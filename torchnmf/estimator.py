@@ -9,8 +9,10 @@ codes (the output of :meth:`TorchNMF.transform`) are torchnmf's ``H`` and its
 ``components_`` are torchnmf's ``W`` transposed.  Names follow scikit-learn in
 this module only.
 
-One class; its length is scikit-learn's parameter documentation and the
-conversions between the two libraries' conventions.
+Two classes: :class:`TorchNMF` (full-batch fits) and :class:`TorchMiniBatchNMF`
+(online fits with scikit-learn's ``MiniBatchNMF`` interface); their length is
+scikit-learn's parameter documentation and the conversions between the two
+libraries' conventions.
 """
 import math
 import numbers
@@ -31,7 +33,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
     def _validate_data(estimator, X, **kwargs):
         return estimator._validate_data(X, **kwargs)
 
-__all__ = ["TorchNMF"]
+__all__ = ["TorchNMF", "TorchMiniBatchNMF"]
 
 BETA_LOSSES = {"frobenius": 2.0, "kullback-leibler": 1.0, "itakura-saito": 0.0}
 INITS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
@@ -452,3 +454,280 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     @property
     def _n_features_out(self):
         return self.components_.shape[0]
+
+
+class TorchMiniBatchNMF(TorchNMF):
+    r"""Minibatch (online) NMF with scikit-learn's ``MiniBatchNMF`` interface, for every beta.
+
+    Learns the components from batches of ``batch_size`` samples: each batch's
+    codes are solved by multiplicative updates with the components fixed, then
+    the components take one majorisation-minimisation step on the statistics
+    of the batches seen so far, the older ones down-weighted by
+    ``forget_factor`` (Mairal et al. 2010; Lefèvre, Bach & Févotte 2011; see
+    :mod:`torchnmf.solvers.online`).  Runs on PyTorch, on any ``device``, with
+    dense or sparse ``X``; :meth:`partial_fit` takes one batch at a time.
+
+    Parameters
+    ----------
+    n_components, init, beta_loss, tol, random_state, alpha_W, alpha_H, l1_ratio, verbose, device, dtype
+        As in :class:`TorchNMF`; ``tol`` stops the fit once the relative change
+        of the components between two steps falls under it (0 disables).
+    batch_size : int, default=1024
+        Samples per batch.
+    max_iter : int, default=200
+        The most passes over the data.
+    max_no_improvement : int or None, default=10
+        Stop after this many batches without improvement of the smoothed batch
+        cost; None disables.
+    forget_factor : float, default=0.7
+        The weight of the past statistics after each batch, in [0, 1].
+    fresh_restarts : bool, default=False
+        Solve each batch's codes from a fresh start, by up to
+        ``fresh_restarts_max_iter`` updates, at every step; else each step
+        takes one update of the codes the samples had after the previous pass
+        (at first, those of the initialisation): cheaper steps, more passes.
+    fresh_restarts_max_iter : int, default=30
+        The most multiplicative updates of a batch's codes with fresh restarts
+        (and in :meth:`partial_fit`); they stop early once an update changes the
+        codes by at most ``tol`` of their norm.
+    transform_max_iter : int or None, default=None
+        The most updates of the codes in :meth:`transform`; None: ``max_iter``.
+
+    Attributes
+    ----------
+    components_, n_components_, reconstruction_err_, n_features_in_, feature_names_in_
+        As in :class:`TorchNMF`.
+    n_iter_ : int
+        Passes over the data (started) of the fit.
+    n_steps_ : int
+        Batches processed (minibatch steps).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from torchnmf.estimator import TorchMiniBatchNMF
+    >>> X = np.random.default_rng(0).random((60, 8))
+    >>> model = TorchMiniBatchNMF(n_components=3, batch_size=20, random_state=0, max_iter=5)
+    >>> model.fit_transform(X).shape
+    (60, 3)
+    """
+
+    solver = "mu"
+
+    def __init__(
+        self,
+        n_components=None,
+        *,
+        init=None,
+        batch_size=1024,
+        beta_loss="frobenius",
+        tol=1e-4,
+        max_no_improvement=10,
+        max_iter=200,
+        alpha_W=0.0,
+        alpha_H="same",
+        l1_ratio=0.0,
+        forget_factor=0.7,
+        fresh_restarts=False,
+        fresh_restarts_max_iter=30,
+        transform_max_iter=None,
+        random_state=None,
+        verbose=0,
+        device=None,
+        dtype=None,
+    ):
+        self.n_components = n_components
+        self.init = init
+        self.batch_size = batch_size
+        self.beta_loss = beta_loss
+        self.tol = tol
+        self.max_no_improvement = max_no_improvement
+        self.max_iter = max_iter
+        self.alpha_W = alpha_W
+        self.alpha_H = alpha_H
+        self.l1_ratio = l1_ratio
+        self.forget_factor = forget_factor
+        self.fresh_restarts = fresh_restarts
+        self.fresh_restarts_max_iter = fresh_restarts_max_iter
+        self.transform_max_iter = transform_max_iter
+        self.random_state = random_state
+        self.verbose = verbose
+        self.device = device
+        self.dtype = dtype
+
+    def _check_minibatch_params(self):
+        checked = self._check_params()
+        for name in ("batch_size", "fresh_restarts_max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_no_improvement", "transform_max_iter"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        rho = self.forget_factor
+        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 <= rho <= 1:
+            raise ValueError(f"forget_factor must be a number in [0, 1], got {rho!r}")
+        return checked
+
+    # -- pieces ------------------------------------------------------------------------
+    @staticmethod
+    def _rows(V, start, stop):
+        """Rows start:stop of a dense tensor, or of a sparse one (as CSR)."""
+        if V.layout == torch.strided:
+            return V[start:stop]
+        crow = V.crow_indices()
+        low, high = int(crow[start]), int(crow[stop])
+        return torch.sparse_csr_tensor(
+            crow[start:stop + 1] - low, V.col_indices()[low:high], V.values()[low:high],
+            (stop - start, V.shape[1]), check_invariants=False,
+        )
+
+    @staticmethod
+    def _flat_codes(V, rank):
+        """The codes every batch starts from without a previous pass: constant
+        ``sqrt(mean(V) / rank)`` (the reconstruction then has ``V``'s mean)."""
+        total = V.values().sum() if V.layout != torch.strided else V.sum()
+        mean = float(total) / (V.shape[0] * V.shape[1])
+        value = math.sqrt(max(mean, 0.0) / rank) or 1e-3
+        return torch.full((V.shape[0], rank), value, dtype=V.dtype, device=V.device)
+
+    def _online(self, W, beta, alpha_W, alpha_H, n_samples, n_features):
+        from .solvers.online import OnlineMU
+        from .solvers.penalty import Penalty
+
+        return OnlineMU(
+            W, beta, self.forget_factor,
+            penalty_W=Penalty(alpha_H * n_samples, self.l1_ratio),
+            penalty_H=Penalty(alpha_W * n_features, self.l1_ratio),
+            max_iter_H=self.fresh_restarts_max_iter, tol_H=self.tol,
+        )
+
+    def _prepared(self, X, reset):
+        V = self._to_torch(X, reset=reset)
+        if V.layout != torch.strided:
+            from .targets.sparse import to_csr
+
+            V = to_csr(V)
+        return V
+
+    def _finish(self, online, V, codes, beta, rank):
+        W = online.W
+        self._online_state = online
+        self._templates = NMF(W=W, trainable_W=False)
+        self.components_ = W.T.cpu().numpy()
+        self.n_components_ = rank
+        divergence = self._divergence(V, codes, W, beta)
+        self.reconstruction_err_ = math.sqrt(2 * max(divergence, 0.0))
+
+    @staticmethod
+    def _divergence(V, codes, W, beta):
+        from .targets import statistics
+
+        return float(statistics(V, beta).divergence(codes, W))
+
+    # -- fitting -----------------------------------------------------------------------
+    def _fit(self, X, W_custom, H_custom):
+        beta, (alpha_W, alpha_H) = self._check_minibatch_params()
+        V = self._prepared(X, reset=True)
+        N, C = V.shape
+        rank = self.n_components or (np.shape(H_custom)[0] if H_custom is not None else C)
+        generator = self._generator()
+        dense_for_start = V if V.layout == torch.strided else V.to_sparse_coo().coalesce()
+        W, codes = self._start(dense_for_start, rank, self.init, W_custom, H_custom, generator)
+        online = self._online(W.contiguous(), beta, alpha_W, alpha_H, min(self.batch_size, N), C)
+        codes = codes.contiguous()
+        inner = self.fresh_restarts_max_iter if self.fresh_restarts else 1
+        batch = min(self.batch_size, N)
+        smoothed, best, stale, steps, epochs = None, math.inf, 0, 0, 0
+        stop = False
+        for epochs in range(1, self.max_iter + 1):
+            for start in range(0, N, batch):
+                end = min(start + batch, N)
+                V_batch = self._rows(V, start, end)
+                start_codes = (self._flat_codes(V_batch, rank) if self.fresh_restarts
+                               else codes[start:end].clone())
+                previous = online.W.clone()
+                watch = self.max_no_improvement is not None  # the batch cost is for it alone
+                H_batch, cost = online.partial_fit(V_batch, start_codes, inner, cost=watch)
+                codes[start:end] = H_batch
+                steps += 1
+                if watch:
+                    cost /= end - start
+                    smoothed = cost if smoothed is None else 0.9 * smoothed + 0.1 * cost
+                change = float((online.W - previous).norm() / previous.norm().clamp_min(1e-300))
+                if self.tol > 0 and steps > 1 and change < self.tol:
+                    stop = True
+                if watch and smoothed < best:
+                    best, stale = smoothed, 0
+                elif watch:
+                    stale += 1
+                    if stale >= self.max_no_improvement:
+                        stop = True
+                if stop:
+                    break
+            if stop:
+                break
+        self.n_iter_, self.n_steps_ = epochs, steps
+        # the codes of the last pass, refined against the final components
+        codes = self._solve_codes(V, online, rank, codes)
+        self._finish(online, V, codes, beta, rank)
+        return codes
+
+    def _solve_codes(self, V, online, rank, codes=None):
+        from .solvers.online import solve_activations
+
+        max_iter = self.transform_max_iter or self.max_iter
+        codes = self._flat_codes(V, rank) if codes is None else codes
+        return solve_activations(V, online.W, codes, online.beta, online.penalty_H, max_iter,
+                                 self.tol, with_constant=False)[0]
+
+    def partial_fit(self, X, y=None, W=None, H=None):
+        """One minibatch step on the samples ``X`` (the first call also initialises).
+
+        Parameters
+        ----------
+        X : array-like, sparse matrix or torch.Tensor of shape (n_samples, n_features)
+        y : Ignored
+        W, H : array-like, optional
+            For ``init='custom'`` on the first call: starting codes and components.
+
+        Returns
+        -------
+        self : TorchMiniBatchNMF
+        """
+        first = not hasattr(self, "_online_state")
+        beta, (alpha_W, alpha_H) = self._check_minibatch_params()
+        V = self._prepared(X, reset=first)
+        rank = self.n_components or (np.shape(H)[0] if H is not None else V.shape[1])
+        if first:
+            start = V if V.layout == torch.strided else V.to_sparse_coo().coalesce()
+            W_start, _ = self._start(start, rank, self.init if self.init != "nndsvda" or
+                                     rank <= min(V.shape) else "random", W, H, self._generator())
+            online = self._online(W_start.contiguous(), beta, alpha_W, alpha_H, V.shape[0], V.shape[1])
+            self.n_steps_ = 0
+        else:
+            online = self._online_state
+            V = V.to(online.W.device, online.W.dtype)
+        codes, _ = online.partial_fit(V, self._flat_codes(V, online.W.shape[1]))
+        self.n_steps_ += 1
+        self.n_iter_ = 1
+        self._finish(online, V, codes, beta, online.W.shape[1])
+        return self
+
+    def transform(self, X):
+        """The codes of ``X`` with the learned components held fixed.
+
+        Every sample starts from the same constant code and takes at most
+        ``transform_max_iter`` (else ``max_iter``) multiplicative updates.
+
+        Returns
+        -------
+        W : ndarray or torch.Tensor of shape (n_samples, n_components)
+        """
+        check_is_fitted(self)
+        self._check_minibatch_params()
+        online = self._online_state
+        V = self._prepared(X, reset=False).to(online.W.device, online.W.dtype)
+        return self._output(self._solve_codes(V, online, online.W.shape[1]), X)

@@ -21,6 +21,10 @@ Every malformed file raises ``ValueError`` naming the file and what is wrong
 with it; a file that cannot be opened raises ``OSError``.  scipy is needed
 only for sparse ``.npz`` files and ``.mtx`` files, and imported there.
 
+:func:`open_rows` opens a matrix to be read a block of rows at a time (a
+memory-mapped ``.npy``, sparse ``.npz`` shards, ``.mtx``, an AnnData ``.h5ad``),
+for fits streamed from disk; see :mod:`torchnmf.targets.sources`.
+
 Audio helpers: :func:`read_wav`, :func:`write_wav`, :func:`stft_magnitude` and
 :meth:`Spectrogram.to_audio`, which turns the parts of a factorisation back
 into waveforms by soft masking the mixture's complex STFT.
@@ -40,12 +44,14 @@ import numpy as np
 import torch
 
 from ._validation import check_non_negative_tensor
+from .targets.sources import open_rows
 
 __all__ = [
     "SUFFIXES",
     "Target",
     "Spectrogram",
     "load",
+    "open_rows",
     "read_npy",
     "read_npz",
     "read_text",
@@ -55,7 +61,6 @@ __all__ = [
     "stft_magnitude",
     "save_factors",
     "to_numpy",
-    "open_rows",
 ]
 
 SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".mtx", ".wav")
@@ -533,49 +538,3 @@ def save_factors(path, W, H, loss_history, **extra):
     np.savez(path, **arrays)
     return path
 
-
-# -- row ranges ----------------------------------------------------------------------
-# minimal version; the out-of-core branch (issue 13) provides the full one
-class _Rows:
-    """Rows ``start:stop`` of a matrix on disk: ``shape``, ``dtype``, ``is_sparse``, ``read``."""
-
-    def __init__(self, matrix, name, is_sparse):
-        self.matrix = matrix
-        self.name = name
-        self.is_sparse = is_sparse
-        self.shape = tuple(int(n) for n in matrix.shape)
-        self.dtype = torch.from_numpy(np.zeros(0, dtype=matrix.dtype)).dtype
-
-    def read(self, start, stop):
-        """Rows ``start`` to ``stop`` as a tensor (sparse CSR for a sparse file)."""
-        block = self.matrix[start:stop]
-        if not self.is_sparse:
-            return torch.from_numpy(np.array(block))
-        block = block.tocsr()
-        with warnings.catch_warnings():  # torch's note that CSR support is in beta
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(
-                torch.from_numpy(block.indptr.astype(np.int64)),
-                torch.from_numpy(block.indices.astype(np.int64)),
-                torch.from_numpy(block.data), size=block.shape,
-            )
-
-
-def open_rows(path, *, key=None):
-    """A source of row ranges of a ``.npy`` (memory-mapped) or sparse/dense ``.npz`` file."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-        if array.ndim != 2:
-            raise ValueError(f"{path.name} holds a {array.ndim}-dimensional array; a matrix is needed")
-        return _Rows(array, path.name, False)
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            names = set(archive.files)
-        if {"format", "shape", "data"} <= names and key is None:
-            scipy = _import_scipy("sparse .npz files")
-            return _Rows(scipy.sparse.load_npz(path).tocsr(), path.name, True)
-        V = read_npz(path, key=key)
-        return _Rows(V.numpy(), path.name, False)
-    raise ValueError(f"{path.name}: reading row ranges needs a .npy or .npz file, got {suffix!r}")

@@ -47,6 +47,7 @@ from .models.provenance import record_matrix_reconstruction
 from .solvers.penalty import Penalty
 from .solvers.sparseness import SparseProjectedGradient
 from .targets import statistics
+from .targets.streamed import StreamedTarget
 
 __all__ = ["BaseComponent", "NMF", "NMFD", "NMF2D", "NMF3D"]
 
@@ -178,6 +179,7 @@ class BaseComponent(FactorModule):
         checkpoint=None,
         checkpoint_every=10,
         resume=None,
+        block_rows=None,
     ):
         r"""Fit the trainable factors to ``V`` by minimising the beta-divergence.
 
@@ -242,6 +244,19 @@ class BaseComponent(FactorModule):
             resume (str or path, keyword-only): continue the fit saved there
                 (same settings); the result equals the uninterrupted fit's, and
                 ``max_iter`` counts the iterations already run.
+            block_rows (int, keyword-only): stream ``V`` in blocks of this many
+                rows (:class:`NMF` only).  ``V`` may also be a matrix that is
+                not in memory: a ``numpy.memmap`` (``np.load(path,
+                mmap_mode="r")``), a row source of :func:`torchnmf.io.open_rows`
+                (``.npy``, sparse ``.npz`` shards, ``.mtx``, ``.h5ad``) or a list
+                of row blocks; it is then read block by block every iteration
+                (default blocks of about 64 MiB), with the same result as in
+                memory, and ``mask`` may be such a matrix too.  See
+                :mod:`torchnmf.targets.streamed` for the memory it takes.
+                ``H`` stays in memory; for the largest cases it may be a
+                parameter over a memory-mapped file (``model.H =
+                nn.Parameter(torch.from_numpy(np.lib.format.open_memmap(path,
+                "w+", dtype, (N, R))))``), which the fit updates in place.
 
         Returns:
             int: the number of iterations run. The objective after each is in
@@ -278,7 +293,8 @@ class BaseComponent(FactorModule):
             fixed_H = check_components(fixed_H, self.rank, "fixed_H")
             update_H, update_W = self.H.requires_grad, self.W.requires_grad
             V, mask = prepare_fit_target(
-                self, V, mask, missing, rows=update_H, columns=update_W and not distributed
+                self, V, mask, missing, rows=update_H, columns=update_W and not distributed,
+                block_rows=block_rows, progress=verbose,
             )
             if distributed:
                 check_target_for_beta(V, mask, beta)
@@ -345,6 +361,7 @@ class BaseComponent(FactorModule):
         generator=None,
         process_group=None,
         timeout=None,
+        block_rows=None,
     ):
         r"""Activations for new data ``V`` with the templates ``W`` held fixed.
 
@@ -367,6 +384,8 @@ class BaseComponent(FactorModule):
                 process passes its rows of ``V`` and gets its rows of the
                 activations; the default start is the rows of the
                 single-process one from the same generator state.
+            block_rows (int, keyword-only): stream ``V`` in row blocks, as in
+                :meth:`fit` (which lists the matrices that are streamed anyway).
 
         Returns:
             Tensor: the activations for ``V`` (a new tensor, not a parameter).
@@ -390,6 +409,7 @@ class BaseComponent(FactorModule):
             V, mask = prepare_fit_target(
                 self, V, mask, missing, rows=True, columns=False,
                 expected=lambda V: self._output_shape_for(self._activation_shape(V)),
+                block_rows=block_rows, progress=verbose,
             )
             shape = self._activation_shape(V)
             if H is not None:
@@ -715,7 +735,9 @@ class NMF3D(_ConvNMF):
 
 
 def _sum(V):
-    """The sum of every entry of a dense or sparse ``V``."""
+    """The sum of every entry of a dense or sparse ``V`` (observed entries of a streamed one)."""
+    if isinstance(V, StreamedTarget):
+        return torch.tensor(V.mean * V.observed, dtype=V.dtype, device=V.device)
     if V.layout == torch.sparse_coo:
         return V._values().sum()
     if V.layout != torch.strided:
@@ -724,7 +746,10 @@ def _sum(V):
 
 
 def _mean(V):
-    """The mean entry of a dense or (coalesced COO) sparse ``V``."""
+    """The mean entry of a dense or (coalesced COO) sparse ``V``, or the mean
+    observed entry of a streamed one (found when it was validated)."""
+    if isinstance(V, StreamedTarget):
+        return torch.tensor(V.mean, dtype=V.dtype, device=V.device)
     if V.layout == torch.sparse_coo:
         return V._values().sum() / V.shape.numel()
     return V.mean()

@@ -30,6 +30,7 @@ from ..solvers.scaling import Normalisation, scaled_penalty, target_scale
 from ..solvers.registry import get_solver, require_features
 from ..targets.prepare import prepare_target
 from ..targets.residual import AccurateDivergence
+from ..targets.streamed import StreamedTarget, as_streamed_source, wants_streaming
 from .distributed import distributed_problem
 
 __all__ = [
@@ -88,7 +89,8 @@ def require_factors(model, names, action):
             )
 
 
-def prepare_fit_target(model, V, mask=None, missing="error", expected=None, rows=True, columns=True):
+def prepare_fit_target(model, V, mask=None, missing="error", expected=None, rows=True, columns=True,
+                       block_rows=None, progress=False):
     """Validate ``V`` (and its mask) against ``model``'s reconstruction.
 
     ``expected`` is the shape ``V`` must have (default the reconstruction's),
@@ -96,7 +98,16 @@ def prepare_fit_target(model, V, mask=None, missing="error", expected=None, rows
     ask that every row and column has an observed entry (the factor along that
     axis is learnt).  Returns ``(V, mask)``: ``V`` in the factors' dtype with
     zeros at the unobserved entries, ``mask`` ``None`` when all are observed.
+
+    A matrix to stream (a ``numpy.memmap``, a row source, a list of row
+    blocks, or any matrix with ``block_rows`` given) comes back as a validated
+    :class:`~torchnmf.targets.streamed.StreamedTarget` holding its mask, and
+    ``mask`` ``None``; ``progress`` shows a bar over its blocks in every pass.
     """
+    if wants_streaming(V, block_rows):
+        target = _prepare_streamed(model, V, mask, missing, expected, rows, columns, block_rows)
+        target.progress = progress and target.shape[0] > target.block_rows
+        return target, None
     V, mask = prepare_target(V, mask, missing, "V")
     if callable(expected):
         expected = expected(V)
@@ -106,8 +117,31 @@ def prepare_fit_target(model, V, mask=None, missing="error", expected=None, rows
     return V, mask
 
 
+def _prepare_streamed(model, V, mask, missing, expected, rows, columns, block_rows):
+    if not model._closed_form:
+        raise NotImplementedError(
+            f"{type(model).__name__} does not stream targets from disk yet; streaming needs "
+            f"the matrix model NMF"
+        )
+    target = StreamedTarget(
+        as_streamed_source(V), mask, missing, block_rows, device=model.W.device,
+        dtype=model.W.dtype, rows=rows, columns=columns,
+    )
+    if callable(expected):
+        expected = expected(target)
+    expected = tuple(model._output_shape() if expected is None else expected)
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"V must have the shape of the reconstruction {expected}, got {tuple(target.shape)}"
+        )
+    return target
+
+
 def check_target_for_beta(V, mask, beta):
     """``beta <= 0`` needs positive observed entries (a ``ValueError`` otherwise)."""
+    if isinstance(V, StreamedTarget):  # counted when it was validated
+        V.check_beta(beta)
+        return
     check_beta_with_zeros(V if mask is None or V.layout != torch.strided else V[mask], beta)
 
 

@@ -14,6 +14,7 @@ normalised problem a fit solves, and back), and one module per method,
 holding its mathematics as functions and its solver class: :mod:`.mu`
 (multiplicative updates), :mod:`.hals`, :mod:`.extrapolation` (with the
 template :mod:`.alternating`), :mod:`.sparseness` (Hoyer's projected
-gradient for ``sparse_fit``) and :mod:`.em` (PLCA's EM step).  A new solver
+gradient for ``sparse_fit``), :mod:`.em` (PLCA's EM step) and :mod:`.online`
+(minibatch NMF: a ``W`` step per batch of rows, outside the loop).  A new solver
 provides ``step()`` and joins :data:`~.registry.SOLVERS`.
 """

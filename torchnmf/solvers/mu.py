@@ -91,8 +91,25 @@ class MultiplicativeUpdates:
         self.problem = problem
         self.gamma = mu_exponent(problem.beta)
 
+    def _update_rows_(self, rows, negative, positive):
+        p = self.problem
+        mu_update_(rows, negative, positive, self.gamma, p.penalty_H, p.fixed_H)
+
+    def _one_pass_step(self, one_pass):
+        """The same iteration through a target that updates ``H`` row block by row
+        block while it sums the ``W`` terms (a streamed target: one read of ``V``)."""
+        p = self.problem
+        penalty = p.penalty()  # at the point before the update, as in step
+        divergence, negative, positive = one_pass(p.H, p.W, self._update_rows_, p.update_W)
+        if p.update_W:
+            mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
+        return float(divergence) + penalty
+
     def step(self):
         p = self.problem
+        one_pass = getattr(p.stats, "h_update_then_w_terms", None)
+        if one_pass is not None and p.update_H:
+            return self._one_pass_step(one_pass)
         if p.update_H:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)
             before = p.objective_before(divergence)

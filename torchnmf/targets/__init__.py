@@ -19,6 +19,8 @@ them (the ``H`` terms); a kind that wraps another (streamed from disk, summed
 across processes) relies on exactly that.
 
 Members: :mod:`~torchnmf.targets.dense` (closed forms for a dense matrix),
+:mod:`~torchnmf.targets.streamed` (row blocks read from disk or any row
+source of :mod:`~torchnmf.targets.sources`, each handed to the kinds here),
 :mod:`~torchnmf.targets.sparse` (COO/CSR/CSC matrices, never densified),
 :mod:`~torchnmf.targets.masked` (missing entries, dense or sparse),
 :mod:`~torchnmf.targets.convolution` (closed forms for the convolutional
@@ -26,7 +28,8 @@ models' forward map, dense or masked),
 :mod:`~torchnmf.targets.autograd` (any model, by vector-Jacobian products),
 :mod:`~torchnmf.targets.residual` (the divergence near an exact fit) and
 :mod:`~torchnmf.targets.prepare` (validation of ``V`` and its mask at the
-entry point).  A new kind provides the three methods above with the same
+entry point); :mod:`~torchnmf.targets.sources` holds the row sources a
+streamed target reads (files, memmaps, block sequences).  A new kind provides the three methods above with the same
 shapes and dtypes, and two for the scale (see :mod:`torchnmf.solvers.scaling`):
 ``scale_sums()``, the sum and the count of the observed entries as Python
 numbers (a wrapping kind sums its parts' over row blocks or processes), and
@@ -43,6 +46,7 @@ from .convolution import ConvStats
 from .dense import DenseMatrixStats
 from .masked import MaskedAutogradStats, MaskedMatrixStats
 from .sparse import SPARSE_LAYOUTS, SparseMatrixStats
+from .streamed import StreamedTarget
 
 __all__ = ["statistics"]
 
@@ -55,8 +59,17 @@ def statistics(V, beta, mask=None, reconstruct=None, name="fit"):
     convolutional models' forward map (``reconstruct`` is
     :func:`~torchnmf.models.forward.conv_transpose`) for dense and masked ones;
     any other forward map takes the autograd route, which needs a dense ``V``.  ``name`` names the
-    caller in the error for a sparse target on that route.
+    caller in the error for a sparse target on that route.  A
+    :class:`~.streamed.StreamedTarget` (a matrix read in row blocks) gets the
+    streamed kind, which wraps the others block by block.
     """
+    if isinstance(V, StreamedTarget):
+        if reconstruct is not None:
+            raise NotImplementedError(
+                f"{name} does not stream targets from disk yet; streaming needs the matrix "
+                f"model NMF"
+            )
+        return V.statistics(beta)
     if V.layout != torch.strided and (reconstruct is not None or V.layout not in SPARSE_LAYOUTS):
         raise NotImplementedError(f"{name} does not accept sparse targets yet; pass V.to_dense()")
     if reconstruct is None:

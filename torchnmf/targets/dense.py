@@ -105,7 +105,7 @@ class DenseMatrixStats:
     with ``V`` are one product for all members (:func:`shared_product`).
     """
 
-    def __init__(self, V, beta, block_elements=None):
+    def __init__(self, V, beta, block_elements=None, constant=None):
         self.V = V.contiguous()
         self.block_elements = block_elements
         self.beta = float(beta)
@@ -115,7 +115,14 @@ class DenseMatrixStats:
         self.rows = max(1, min(N, self.block_elements // max(C, 1)))
         self._work = None
         self._work_key = None
-        self.constant = self._divergence_constant()
+        # a wrapping kind (streamed rows) sums the constant once and passes 0 per block
+        self.constant = self._divergence_constant() if constant is None else constant
+
+    def rebind(self, V):
+        """Point these statistics at another matrix of ``V``'s shape and dtype, keeping
+        the work buffers (a wrapping kind reuses one object for its row blocks)."""
+        self.V = V.contiguous()
+        return self
 
     # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
     def scale_sums(self):
@@ -147,7 +154,7 @@ class DenseMatrixStats:
         """Work buffers for factors like ``H``, allocated on first use and reused
         for the whole fit (and again when the batch changes)."""
         batch, R = batch_shape(H), H.shape[-1]
-        if self._work_key != (batch, R):
+        if self._work_key != (batch, R, self.V.shape[0]):
             N, C = self.V.shape
             members = math.prod(batch)
             # the same elements per block as one fit's, shared by the members: larger
@@ -164,7 +171,7 @@ class DenseMatrixStats:
                 new(*batch, C, R),
                 new(*batch, C, R),
             )
-            self._work_key = (batch, R)
+            self._work_key = (batch, R, N)
         return self._work
 
     def _divergence_constant(self):

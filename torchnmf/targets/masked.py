@@ -110,9 +110,11 @@ class MaskedMatrixStats:
         mask (Tensor): ``(N, C)`` dense boolean, True = observed.
         beta (float): the divergence.
         block_elements (int, optional): elements of ``V`` per row block.
+        constant (Tensor, optional): the part of the divergence that depends on
+            ``V`` alone, when the caller has it (a wrapping kind passes 0).
     """
 
-    def __init__(self, V, mask, beta, block_elements=None):
+    def __init__(self, V, mask, beta, block_elements=None, constant=None):
         self.mask = mask.contiguous()
         self.V = V
         self.block_elements = block_elements
@@ -124,7 +126,9 @@ class MaskedMatrixStats:
         self.rows = max(1, min(N, block_elements // max(C, 1)))
         source = _DenseRows if V.layout == torch.strided else _SparseRows
         self.source = source(V, self.rows)
-        self.constant = _observed_constant(self.source.observed_values(self.mask), self.beta)
+        self.constant = _observed_constant(
+            self.source.observed_values(self.mask), self.beta
+        ) if constant is None else constant
 
     # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
     def scale_sums(self):

@@ -243,7 +243,7 @@ class SparseMatrixStats:
     divergence per member.
     """
 
-    def __init__(self, V, beta, block_elements=None):
+    def __init__(self, V, beta, block_elements=None, constant=None):
         self.V = V
         self.block_elements = block_elements
         block_elements = block_elements or SPARSE_BLOCK_ELEMENTS
@@ -253,7 +253,9 @@ class SparseMatrixStats:
         self.shape = tuple(csr.shape)
         self.by_rows = _Orientation(csr, block_elements)
         self.by_columns = _Orientation(transpose_csr(csr), block_elements)
-        self.constant = _divergence_constant(self.by_rows.values, self.beta)
+        self.constant = (
+            _divergence_constant(self.by_rows.values, self.beta) if constant is None else constant
+        )
         self._work = None
 
     # -- scale (see torchnmf.solvers.scaling) -------------------------------------------

@@ -1,0 +1,128 @@
+"""Row sources: open_rows over files, arrays and block sequences."""
+import numpy as np
+import pytest
+import torch
+
+from torchnmf.io import open_rows
+from torchnmf.nmf import NMF
+
+scipy_sparse = pytest.importorskip("scipy.sparse")
+
+
+def _matrix(seed=0, n=17, c=6, density=0.4):
+    generator = np.random.default_rng(seed)
+    dense = generator.random((n, c))
+    dense[generator.random((n, c)) > density] = 0
+    return dense
+
+
+def _assert_rows(source, dense, ranges=((0, 17), (3, 9), (16, 17), (5, 5))):
+    assert tuple(source.shape) == dense.shape
+    for start, stop in ranges:
+        block = source.read(start, stop)
+        assert block.layout == (torch.sparse_csr if source.is_sparse else torch.strided)
+        got = block.to_dense() if source.is_sparse else block
+        np.testing.assert_allclose(got.numpy(), dense[start:stop], rtol=0, atol=0)
+    # blocks may share buffers once read further: copy each as it comes
+    stacked = torch.cat([b.clone() if b.layout == torch.strided else b.to_dense()
+                         for _, _, b in source.blocks(4)])
+    np.testing.assert_allclose(stacked.numpy(), dense, rtol=0, atol=0)
+
+
+def test_npy_is_memory_mapped(tmp_path):
+    dense = _matrix()
+    np.save(tmp_path / "V.npy", dense)
+    source = open_rows(tmp_path / "V.npy")
+    assert isinstance(source.array, np.memmap) and not source.is_sparse
+    assert source.dtype == torch.float64
+    _assert_rows(source, dense)
+
+
+def test_sparse_npz_shards_and_directory(tmp_path):
+    dense = _matrix()
+    scipy_sparse.save_npz(tmp_path / "whole.npz", scipy_sparse.csr_matrix(dense))
+    _assert_rows(open_rows(tmp_path / "whole.npz"), dense)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for index, (low, high) in enumerate(((0, 5), (5, 6), (6, 17))):
+        scipy_sparse.save_npz(shards / f"part{index}.npz", scipy_sparse.csr_matrix(dense[low:high]))
+    by_directory = open_rows(shards)
+    assert by_directory.is_sparse
+    _assert_rows(by_directory, dense)
+    _assert_rows(open_rows(sorted(shards.iterdir())), dense)
+
+
+def test_mtx_and_in_memory_objects(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    dense = _matrix()
+    scipy_io.mmwrite(str(tmp_path / "V.mtx"), scipy_sparse.coo_matrix(dense))
+    _assert_rows(open_rows(tmp_path / "V.mtx"), dense)
+    _assert_rows(open_rows(scipy_sparse.csc_matrix(dense)), dense)
+    _assert_rows(open_rows(torch.from_numpy(dense)), dense)
+    _assert_rows(open_rows(torch.from_numpy(dense).to_sparse()), dense)
+    blocks = [dense[:4], torch.from_numpy(dense[4:9]), scipy_sparse.csr_matrix(dense[9:])]
+    _assert_rows(open_rows(blocks), dense)
+    _assert_rows(open_rows(blocks, shape=dense.shape), dense)
+
+
+def _write_h5ad(path, dense, sparse):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as handle:  # the AnnData on-disk layout of X
+        handle.attrs["encoding-type"] = "anndata"
+        handle.attrs["encoding-version"] = "0.1.0"
+        if sparse:
+            matrix = scipy_sparse.csr_matrix(dense.astype(np.float32))
+            group = handle.create_group("X")
+            group.attrs["encoding-type"] = "csr_matrix"
+            group.attrs["encoding-version"] = "0.1.0"
+            group.attrs["shape"] = np.array(dense.shape)
+            group["data"], group["indices"], group["indptr"] = (
+                matrix.data, matrix.indices, matrix.indptr
+            )
+        else:
+            handle["X"] = dense.astype(np.float32)
+            handle["X"].attrs["encoding-type"] = "array"
+            handle["X"].attrs["encoding-version"] = "0.2.0"
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_h5ad_dense_and_csr(tmp_path, sparse):
+    dense = _matrix().astype(np.float32)
+    _write_h5ad(tmp_path / "cells.h5ad", dense, sparse)
+    source = open_rows(tmp_path / "cells.h5ad")
+    assert source.is_sparse == sparse and source.dtype == torch.float32
+    _assert_rows(source, dense)
+    # a streamed fit from the file equals the in-memory fit
+    V = torch.from_numpy(dense).double()
+    W = torch.rand(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.1
+    H = torch.rand(17, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.1
+    memory, streamed = NMF(W=W, H=H), NMF(W=W, H=H)
+    memory.fit(V, beta=1, tol=0, max_iter=10)
+    streamed.fit(source, beta=1, tol=0, max_iter=10, block_rows=5)
+    torch.testing.assert_close(streamed.W, memory.W, rtol=1e-10, atol=1e-12)
+    source.close()
+
+
+def test_source_errors(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "bycolumn.h5ad", "w") as handle:
+        group = handle.create_group("X")
+        group.attrs["encoding-type"] = "csc_matrix"
+    with pytest.raises(NotImplementedError, match="stored as csc_matrix.*tocsr"):
+        open_rows(tmp_path / "bycolumn.h5ad")
+    (tmp_path / "V.txt").write_text("1 2\n")
+    with pytest.raises(ValueError, match="unsupported file type '.txt' for row blocks"):
+        open_rows(tmp_path / "V.txt")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        open_rows(tmp_path / "missing.npy")
+    np.save(tmp_path / "a.npy", np.ones((2, 3)))
+    np.save(tmp_path / "b.npy", np.ones((2, 4)))
+    with pytest.raises(ValueError, match="same number of columns"):
+        open_rows([tmp_path / "a.npy", tmp_path / "b.npy"])
+    with pytest.raises(ValueError, match=r"rows 3:9 are outside 0:2"):
+        open_rows(tmp_path / "a.npy").read(3, 9)
+    source = open_rows([np.ones((2, 3))], shape=(3, 3))
+    with pytest.raises(ValueError, match="the blocks hold 2 rows, but the declared shape is"):
+        list(source.blocks())
+    with pytest.raises(TypeError, match="open_rows needs a path"):
+        open_rows(3.5)

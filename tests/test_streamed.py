@@ -1,0 +1,265 @@
+"""Streamed targets: fits read in row blocks equal in-memory fits."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from torchnmf.io import open_rows
+from torchnmf.nmf import NMF, NMFD
+from torchnmf.targets.sources import TensorRows
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _data(generator, n=23, c=9, rank=3, offset=0.05):
+    H = torch.rand(n, rank, generator=generator, dtype=torch.float64)
+    W = torch.rand(c, rank, generator=generator, dtype=torch.float64)
+    return H @ W.T + offset
+
+
+def _pair(V, rank, generator):
+    W = torch.rand(V.shape[1], rank, generator=generator, dtype=torch.float64)
+    H = torch.rand(V.shape[0], rank, generator=generator, dtype=torch.float64)
+    return NMF(W=W, H=H), NMF(W=W, H=H)
+
+
+def _assert_same(a, b):
+    torch.testing.assert_close(b.W, a.W, **TOL)
+    torch.testing.assert_close(b.H, a.H, **TOL)
+    torch.testing.assert_close(torch.tensor(b.loss_history), torch.tensor(a.loss_history), **TOL)
+
+
+@pytest.mark.parametrize("solver,beta", [
+    ("mu", 2), ("mu", 1), ("mu", 0.5), ("mu", 0), ("mu", 3),
+    ("mu_extrapolated", 1), ("mu_extrapolated", 1.5), ("hals", 2),
+])
+@pytest.mark.parametrize("block_rows", [1, 5, 23])
+def test_streamed_equals_in_memory(generator, solver, beta, block_rows):
+    V = _data(generator)
+    memory, streamed = _pair(V, 3, generator)
+    options = dict(beta=beta, tol=0, max_iter=25, solver=solver, alpha=0.01, l1_ratio=0.3)
+    memory.fit(V, **options)
+    streamed.fit(V, block_rows=block_rows, **options)
+    _assert_same(memory, streamed)
+
+
+def test_fixed_components_and_separate_penalties_stream(generator):
+    V = _data(generator)
+    memory, streamed = _pair(V, 3, generator)
+    options = dict(beta=1, tol=0, max_iter=20, fixed_W=[1], fixed_H=[0], alpha_W=0.1, alpha_H=0.02)
+    memory.fit(V, **options)
+    streamed.fit(V, block_rows=4, **options)
+    _assert_same(memory, streamed)
+
+
+@pytest.mark.parametrize("beta", [2, 1, 1.5])
+def test_sparse_sources_equal_in_memory_sparse(generator, beta):
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    dense = _data(generator, offset=0)
+    dense[torch.rand(dense.shape, generator=generator) < 0.6] = 0
+    memory, from_tensor = _pair(dense, 3, generator)
+    _, from_scipy = _pair(dense, 3, generator)
+    from_scipy.W.data.copy_(memory.W)
+    from_scipy.H.data.copy_(memory.H)
+    options = dict(beta=beta, tol=0, max_iter=20)
+    memory.fit(dense.to_sparse(), **options)
+    from_tensor.fit(dense.to_sparse(), block_rows=6, **options)
+    from_scipy.fit(open_rows(scipy_sparse.csr_matrix(dense.numpy())), block_rows=7, **options)
+    _assert_same(memory, from_tensor)
+    _assert_same(memory, from_scipy)
+
+
+@pytest.mark.parametrize("solver", ["mu", "mu_extrapolated"])
+@pytest.mark.parametrize("beta", [2, 1, 0.5])
+def test_masked_streams_with_a_mask_source_and_nan(generator, solver, beta):
+    V = _data(generator)
+    observed = torch.rand(V.shape, generator=generator) > 0.3
+    observed[:, 0] = True
+    observed[0, :] = True
+    holes = V.clone()
+    holes[~observed] = float("nan")
+    memory, with_mask = _pair(V, 3, generator)
+    _, with_nan = _pair(V, 3, generator)
+    for model in (with_nan,):
+        model.W.data.copy_(memory.W)
+        model.H.data.copy_(memory.H)
+    options = dict(beta=beta, tol=0, max_iter=20, solver=solver)
+    memory.fit(V, mask=observed, **options)
+    with_mask.fit(V, mask=observed.numpy(), block_rows=4, **options)
+    with_nan.fit(holes, missing="mask", block_rows=5, **options)
+    _assert_same(memory, with_mask)
+    _assert_same(memory, with_nan)
+
+
+def test_memmap_and_list_of_blocks_are_streamed(generator, tmp_path):
+    V = _data(generator, n=30)
+    np.save(tmp_path / "V.npy", V.numpy())
+    mapped = np.load(tmp_path / "V.npy", mmap_mode="r")
+    memory, from_memmap = _pair(V, 3, generator)
+    _, from_blocks = _pair(V, 3, generator)
+    from_blocks.W.data.copy_(memory.W)
+    from_blocks.H.data.copy_(memory.H)
+    memory.fit(V, beta=1, tol=0, max_iter=15)
+    from_memmap.fit(mapped, beta=1, tol=0, max_iter=15)
+    from_blocks.fit([V[:7], V[7:8].numpy(), V[8:]], beta=1, tol=0, max_iter=15)
+    _assert_same(memory, from_memmap)
+    _assert_same(memory, from_blocks)
+
+
+@pytest.mark.parametrize("beta", [2, 1])
+def test_transform_streams(generator, beta):
+    V = _data(generator)
+    model = NMF(W=torch.rand(9, 3, generator=generator, dtype=torch.float64))
+    start = torch.rand(23, 3, generator=generator, dtype=torch.float64)
+    expected = model.transform(V, beta=beta, tol=0, max_iter=20, H=start)
+    streamed = model.transform(V, beta=beta, tol=0, max_iter=20, H=start, block_rows=4)
+    torch.testing.assert_close(streamed, expected, **TOL)
+    default = model.transform(V, beta=beta, tol=0, max_iter=20,
+                              generator=torch.Generator().manual_seed(3))
+    default_streamed = model.transform(V.numpy(), beta=beta, tol=0, max_iter=20, block_rows=6,
+                                       generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(default_streamed, default, **TOL)
+
+
+def test_streamed_fit_on_real_data(generator):
+    datasets = pytest.importorskip("sklearn.datasets")
+    V = torch.from_numpy(datasets.load_digits().data)  # 1797 x 64 pixel counts
+    memory, streamed = _pair(V, 10, generator)
+    memory.fit(V, beta=1, tol=0, max_iter=10, solver="mu_extrapolated")
+    streamed.fit(V.numpy(), beta=1, tol=0, max_iter=10, solver="mu_extrapolated", block_rows=500)
+    _assert_same(memory, streamed)
+    assert streamed.loss_history[-1] < 0.5 * streamed.loss_history[0]
+
+
+class _Recording:
+    """A row source that records the threads it is read from."""
+
+    def __init__(self, V):
+        self.inner = TensorRows(V)
+        self.shape, self.dtype, self.is_sparse = self.inner.shape, self.inner.dtype, False
+        self.threads = set()
+
+    def read(self, start, stop):
+        self.threads.add(threading.current_thread().name)
+        return self.inner.read(start, stop)
+
+
+def test_blocks_are_read_in_a_background_thread(generator):
+    V = _data(generator)
+    source = _Recording(V)
+    memory, streamed = _pair(V, 3, generator)
+    memory.fit(V, beta=2, tol=0, max_iter=3)
+    streamed.fit(source, beta=2, tol=0, max_iter=3, block_rows=5)
+    _assert_same(memory, streamed)
+    assert source.threads and all(name.startswith("torchnmf-rows") for name in source.threads)
+
+
+def test_streamed_errors(generator, tmp_path):
+    V = _data(generator)
+    model = NMF(V.shape, rank=3).double()
+    negative = V.clone()
+    negative[17, 2] = -1
+    with pytest.raises(ValueError, match=r"non-negative.*rows 15:20"):
+        model.fit(negative, block_rows=5)
+    with pytest.raises(ValueError, match="block_rows must be a positive integer, got 0"):
+        model.fit(V, block_rows=0)
+    with pytest.raises(TypeError, match="can be read only once"):
+        model.fit(open_rows(block for block in (V[:10], V[10:])))
+    with pytest.raises(ValueError, match=r"shape of the reconstruction \(23, 9\), got \(23, 8\)"):
+        model.fit(V[:, :8], block_rows=5)
+    zero = V.clone()
+    zero[3, 3] = 0
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive V, but V has 1 zero"):
+        model.fit(zero, beta=0, block_rows=5)
+    with pytest.raises(NotImplementedError, match="solver='hals' with a mask"):
+        model.fit(V, beta=2, solver="hals", mask=torch.rand(V.shape) > 0.2, block_rows=5)
+    with pytest.raises(TypeError, match="mask must be a boolean tensor"):
+        model.fit(V, mask=torch.ones(V.shape), block_rows=5)
+    with pytest.raises(NotImplementedError, match="streaming needs the matrix model NMF"):
+        NMFD((2, 9, 6), rank=2, T=2).fit([torch.rand(2, 9, 6)])
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError):
+        model.fit(negative, block_rows=5)
+    for p, kept in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), kept)
+
+
+def test_a_memmap_is_never_loaded_whole(tmp_path):
+    """Peak resident memory of a streamed fit stays far below the file's size."""
+    path = tmp_path / "big.npy"
+    rows, columns = 16384, 4096  # 256 MiB of float32
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, columns))
+    generator = np.random.default_rng(0)
+    for start in range(0, rows, 2048):
+        array[start:start + 2048] = generator.random((2048, columns), dtype=np.float32)
+    array.flush()
+    del array
+    script = textwrap.dedent(f"""
+        import numpy as np, torch
+        from torchnmf.nmf import NMF
+        def peak():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) // 1024
+        V = np.load({str(path)!r}, mmap_mode="r")
+        # warm-up on 512 rows: loads the code and the allocator's arenas
+        NMF((512, {columns}), rank=4).fit(V[:512], beta=1, tol=0, max_iter=1, block_rows=256)
+        model = NMF(({rows}, {columns}), rank=4)
+        before = peak()
+        model.fit(V, beta=1, tol=0, max_iter=2, block_rows=256)
+        print(peak() - before)
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=240)
+    assert result.returncode == 0, result.stderr
+    grown = int(result.stdout.split()[-1])
+    # the file is 256 MiB, a block 4 MiB: a few blocks mapped or read ahead, and the
+    # work buffers of one block, stay resident at a time
+    assert grown < 64, f"the streamed fit grew the peak resident memory by {grown} MiB"
+
+
+def test_h_may_live_in_a_memory_mapped_file(generator, tmp_path):
+    V = _data(generator, n=40)
+    memory, streamed = _pair(V, 3, generator)
+    mapped = np.lib.format.open_memmap(tmp_path / "H.npy", mode="w+", dtype=np.float64,
+                                       shape=(40, 3))
+    mapped[:] = memory.H.detach().numpy()
+    streamed.H = torch.nn.Parameter(torch.from_numpy(mapped))
+    memory.fit(V, beta=1, tol=0, max_iter=10)
+    streamed.fit(V.numpy(), beta=1, tol=0, max_iter=10, block_rows=7)
+    _assert_same(memory, streamed)
+    mapped.flush()
+    np.testing.assert_array_equal(np.load(tmp_path / "H.npy"), streamed.H.detach().numpy())
+
+
+@pytest.mark.parametrize("scale", [1e-30, 3e7, 1e40])
+@pytest.mark.parametrize("solver,beta", [("mu", 1), ("mu_extrapolated", 0.5), ("hals", 2)])
+def test_streamed_fits_are_scale_equivariant(generator, scale, solver, beta):
+    """The streamed kind supplies the entry point's scale (scale_sums, scaled) like the
+    in-memory kinds: a fit of scale * V streamed equals the in-memory one, and both
+    equal scale times the fit of V."""
+    V = _data(generator)
+    memory, streamed = _pair(V * scale, 3, generator)
+    reference = NMF(W=memory.W.detach().clone(), H=memory.H.detach().clone() / scale)
+    options = dict(beta=beta, tol=0, max_iter=15, solver=solver)
+    memory.fit(V * scale, **options)
+    streamed.fit(V * scale, block_rows=5, **options)
+    _assert_same(memory, streamed)
+    reference.fit(V, **options)
+    torch.testing.assert_close(streamed(), reference() * scale, rtol=1e-8, atol=0)
+
+
+def test_masked_streamed_fit_at_a_tiny_scale(generator):
+    V = _data(generator) * 1e-50
+    observed = torch.rand(V.shape, generator=generator) > 0.3
+    memory, streamed = _pair(V, 3, generator)
+    options = dict(beta=1, tol=0, max_iter=15)
+    memory.fit(V, mask=observed, **options)
+    streamed.fit(V, mask=observed.numpy(), block_rows=4, **options)
+    _assert_same(memory, streamed)

@@ -1,0 +1,158 @@
+r"""Online (minibatch) NMF for every beta: ``W`` learnt from batches of rows.
+
+Each batch :math:`V_t` (rows of the data) gets its activations :math:`H_t`
+by multiplicative updates with ``W`` fixed.  Then ``W`` takes one
+majorisation-minimisation step on the forgetting-weighted sum of the batches
+seen so far (Mairal et al. 2010, doi:10.5555/1756006.1756008; Lefèvre, Bach &
+Févotte 2011, doi:10.1109/ASPAA.2011.6082314).  With :math:`\tilde W` the
+templates when batch :math:`t` arrives and :math:`\nabla^\pm_t` the two parts
+of the gradient of :math:`D_\beta(V_t | H_t W^\top)` at :math:`\tilde W`, the
+accumulated statistics are
+
+.. math::
+
+    A_t = \rho A_{t-1} + \tilde W \odot \nabla^-_t, \qquad
+    B_t = \rho B_{t-1} + \nabla^+_t,
+
+with :math:`\rho` the forgetting factor, and
+
+.. math::
+
+    W \leftarrow \tilde W \odot \Big(\frac{A_t}{\tilde W \odot (B_t + \lambda)}\Big)^{\gamma(\beta)},
+
+(:math:`\lambda` the elastic-net gradient on ``W``).  For
+:math:`1 \le \beta \le 2` (:math:`\gamma = 1`) this is the exact minimiser of
+the surrogate
+
+.. math::
+
+    S_t(W) = \sum_{ij} \Big[ \frac{(B_t)_{ij} \tilde W_{ij}}{\beta}
+        \Big(\frac{W_{ij}}{\tilde W_{ij}}\Big)^{\beta}
+        - \frac{(A_t)_{ij}}{\beta - 1} \Big(\frac{W_{ij}}{\tilde W_{ij}}\Big)^{\beta - 1} \Big]
+
+(the auxiliary function of Févotte & Idier 2011 with the accumulated terms;
+:math:`\log` for :math:`\beta = 1`), so :math:`S_t` never increases;
+:func:`surrogate` evaluates it.  With :math:`\rho = 0` and one batch holding
+every row, a step is an iteration of the full-batch multiplicative updates.
+All tensors follow the device and dtype of ``W``; batches may be dense or
+sparse.
+"""
+import torch
+
+from ..targets.dense import DenseMatrixStats
+from ..targets.sparse import SparseMatrixStats
+from .mu import mu_exponent, mu_update_
+from .penalty import Penalty
+
+__all__ = ["solve_activations", "OnlineMU", "surrogate"]
+
+
+def _batch_statistics(V, beta, with_constant):
+    """The statistics of a dense or sparse batch; without the constant part of the
+    divergence (a pass over the batch) when no divergence is wanted."""
+    constant = None if with_constant else 0.0
+    if V.layout == torch.strided:
+        return DenseMatrixStats(V, beta, constant=constant)
+    return SparseMatrixStats(V, beta, constant=constant)
+
+
+def solve_activations(V, W, H, beta, penalty=Penalty(), max_iter=100, tol=1e-4,
+                      with_constant=True):
+    """Multiplicative updates of ``H`` (in place) for ``V ≈ H W^T`` with ``W`` fixed.
+
+    Stops after ``max_iter`` updates, or once an update changes ``H`` by at most
+    ``tol`` times its norm (no divergence is computed on the way).  Returns
+    ``(H, statistics)``: the batch's statistics object, for the ``W`` step
+    (``with_constant=False``: its divergences lack the part that depends on
+    ``V`` alone).
+    """
+    stats = _batch_statistics(V, beta, with_constant)
+    gamma = mu_exponent(beta)
+    for _ in range(max_iter):
+        previous = H.clone() if tol > 0 else None
+        negative, positive, _ = stats.h_terms(H, W, divergence=False)
+        mu_update_(H, negative, positive, gamma, penalty)
+        if previous is not None and float(previous.sub_(H).norm()) <= tol * float(H.norm()):
+            break
+    return H, stats
+
+
+def surrogate(A, B, W_reference, W, beta):
+    """:math:`S_t(W)` of the module docstring (float64), for ``1 <= beta <= 2``."""
+    ratio = (W / W_reference.clamp_min(torch.finfo(W.dtype).tiny)).double()
+    A, B, W_reference = A.double(), B.double(), W_reference.double()
+    first = (B * W_reference * ratio.pow(beta)).sum() / beta
+    if beta == 1:
+        return first - (A * ratio.log()).sum()
+    return first - (A * ratio.pow(beta - 1)).sum() / (beta - 1)
+
+
+class OnlineMU:
+    """Online multiplicative updates: :meth:`partial_fit` one batch of rows at a time.
+
+    Args:
+        W (Tensor): ``(C, R)`` starting templates, updated in place; its device
+            and dtype are those of every computation.
+        beta (float): the divergence.
+        forget_factor (float): :math:`\\rho` in [0, 1]: the weight of the past
+            statistics after each batch (0 forgets them; 1 keeps all).
+        penalty_W, penalty_H (Penalty): elastic-net penalties.
+        max_iter_H (int), tol_H (float): the multiplicative updates of each
+            batch's activations.
+
+    Attributes:
+        A, B (Tensor): the accumulated statistics (``None`` before the first batch).
+        n_batches (int): the batches seen.
+    """
+
+    def __init__(self, W, beta, forget_factor=0.7, penalty_W=Penalty(), penalty_H=Penalty(),
+                 max_iter_H=100, tol_H=1e-4):
+        self.W = W
+        self.beta = float(beta)
+        self.gamma = mu_exponent(self.beta)
+        self.forget_factor = float(forget_factor)
+        self.penalty_W, self.penalty_H = penalty_W, penalty_H
+        self.max_iter_H, self.tol_H = max_iter_H, tol_H
+        self.A = self.B = None
+        self.n_batches = 0
+
+    def activations(self, V, H):
+        """Solve ``H`` (in place, a start of shape ``(n, R)``) for the batch ``V``."""
+        return solve_activations(V, self.W, H, self.beta, self.penalty_H, self.max_iter_H,
+                                 self.tol_H)[0]
+
+    @torch.no_grad()
+    def partial_fit(self, V, H, max_iter_H=None, cost=True):
+        """One batch: solve its activations ``H`` (in place), then one ``W`` step.
+
+        Args:
+            V (Tensor): ``(n, C)``, dense or sparse, on ``W``'s device.
+            H (Tensor): ``(n, R)``, the starting activations.
+            max_iter_H (int, optional): updates of ``H`` for this batch (default
+                ``max_iter_H`` of the constructor); 1 suits activations that are
+                warm-started from the previous pass over the data.
+            cost (bool): compute the batch's divergence (two passes over the
+                batch at beta != 2); without it the second value returned is ``None``.
+
+        Returns:
+            (H, divergence): the batch's activations and :math:`D_\\beta(V | H W^T)`
+            before the ``W`` step.
+        """
+        max_iter_H = self.max_iter_H if max_iter_H is None else max_iter_H
+        H, stats = solve_activations(V, self.W, H, self.beta, self.penalty_H, max_iter_H,
+                                     self.tol_H, with_constant=cost)
+        negative, positive, *divergence = stats.w_terms(H, self.W, divergence=cost)
+        numerator = negative * self.W
+        positive = positive.expand_as(self.W)
+        if self.A is None:
+            self.A, self.B = numerator, positive.clone()
+        else:
+            self.A.mul_(self.forget_factor).add_(numerator)
+            self.B.mul_(self.forget_factor).add_(positive)
+        self.reference = self.W.clone()
+        # W <- W (A / (W (B + penalty)))^gamma: a multiplicative step whose parts are
+        # the accumulated A / W and B
+        mu_update_(self.W, self.A / self.W.clamp_min(torch.finfo(self.W.dtype).tiny),
+                   self.B, self.gamma, self.penalty_W)
+        self.n_batches += 1
+        return H, float(divergence[0]) if cost else None
