@@ -116,10 +116,11 @@ def kl_div(input, target):
 
     Args:
         input (Tensor): the reconstruction, non-negative.
-        target (Tensor): the data, non-negative, of a broadcastable shape.
+        target (Tensor): the data, non-negative, of the same shape (a ValueError otherwise).
 
     Returns:
-        Tensor: a single-element (0-dim) tensor, finite and non-negative.
+        Tensor: a single-element (0-dim) tensor, finite and non-negative; NaN
+        when an entry of either tensor is negative or NaN.
 
     Examples::
 
@@ -136,10 +137,11 @@ def euclidean(input, target):
 
     Args:
         input (Tensor): the reconstruction, non-negative.
-        target (Tensor): the data, non-negative, of a broadcastable shape.
+        target (Tensor): the data, non-negative, of the same shape (a ValueError otherwise).
 
     Returns:
-        Tensor: a single-element (0-dim) tensor, finite and non-negative.
+        Tensor: a single-element (0-dim) tensor, finite and non-negative; NaN
+        when an entry of either tensor is negative or NaN.
 
     Examples::
 
@@ -156,10 +158,11 @@ def is_div(input, target):
 
     Args:
         input (Tensor): the reconstruction, non-negative.
-        target (Tensor): the data, non-negative, of a broadcastable shape.
+        target (Tensor): the data, non-negative, of the same shape (a ValueError otherwise).
 
     Returns:
-        Tensor: a single-element (0-dim) tensor, finite and non-negative.
+        Tensor: a single-element (0-dim) tensor, finite and non-negative; NaN
+        when an entry of either tensor is negative or NaN.
 
     Examples::
 
