@@ -9,7 +9,6 @@ import math
 
 import torch
 
-from .. import metrics
 from .residual import pointwise_divergence
 
 __all__ = [
