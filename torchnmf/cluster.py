@@ -19,7 +19,18 @@ __all__ = ["pairwise_distances", "kmeans", "silhouette_score", "local_density"]
 
 
 def pairwise_distances(X):
-    """Euclidean distances between the rows of ``X`` (``(m, d)`` -> ``(m, m)``), float64."""
+    """Euclidean distances between the rows of ``X`` (``(m, d)`` -> ``(m, m)``), float64.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.cluster import pairwise_distances
+        >>> X = torch.tensor([[0., 0.], [3., 4.], [0., 1.]])
+        >>> pairwise_distances(X)
+        tensor([[0.0000, 5.0000, 1.0000],
+                [5.0000, 0.0000, 4.2426],
+                [1.0000, 4.2426, 0.0000]], dtype=torch.float64)
+    """
     X = X.to(torch.float64)
     return torch.cdist(X, X, compute_mode="donot_use_mm_for_euclid_dist")
 
@@ -75,6 +86,20 @@ def kmeans(X, k, n_init=10, max_iter=300, tol=1e-10, generator=None):
     Returns:
         (labels, centres, inertia): ``(m,)`` int64 cluster of each point,
         ``(k, d)`` centres, and the sum of squared distances to them.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.cluster import kmeans
+        >>> X = torch.tensor([[0., 0.], [0., 1.], [5., 5.], [5., 6.]])
+        >>> labels, centres, inertia = kmeans(X, 2, generator=0)
+        >>> labels
+        tensor([0, 0, 1, 1])
+        >>> centres
+        tensor([[0.0000, 0.5000],
+                [5.0000, 5.5000]], dtype=torch.float64)
+        >>> round(float(inertia), 3)
+        1.0
     """
     k = check_positive_int(k, "k")
     n_init = check_positive_int(n_init, "n_init")
@@ -98,6 +123,14 @@ def silhouette_score(X, labels, distances=None):
     to the other points of :math:`A`, :math:`b_i` the smallest mean distance
     to the points of another cluster, and :math:`s_i = (b_i - a_i)/\max(a_i, b_i)`
     (0 for a point alone in its cluster).  Needs at least two clusters.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.cluster import silhouette_score
+        >>> X = torch.tensor([[0., 0.], [0., 1.], [5., 5.], [5., 6.]])
+        >>> round(float(silhouette_score(X, torch.tensor([0, 0, 1, 1]))), 4)
+        0.8586
     """
     labels = torch.as_tensor(labels)
     distances = pairwise_distances(X) if distances is None else distances
@@ -119,7 +152,16 @@ def silhouette_score(X, labels, distances=None):
 
 
 def local_density(X, n_neighbors, distances=None):
-    """The mean distance from each row of ``X`` to its ``n_neighbors`` nearest other rows."""
+    """The mean distance from each row of ``X`` to its ``n_neighbors`` nearest other rows.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.cluster import local_density
+        >>> X = torch.tensor([[0.], [1.], [3.], [10.]])
+        >>> local_density(X, 1)
+        tensor([1., 1., 2., 7.], dtype=torch.float64)
+    """
     n_neighbors = check_positive_int(n_neighbors, "n_neighbors")
     distances = pairwise_distances(X) if distances is None else distances
     m = distances.shape[0]

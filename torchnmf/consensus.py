@@ -59,6 +59,19 @@ def consensus_matrix(H):
     Returns:
         Tensor: ``(N, N)`` float64, entry ``(i, j)`` the share of restarts in
         which rows ``i`` and ``j`` have the same largest component.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.consensus import consensus_matrix
+        >>> H = [torch.tensor([[1., 0.], [0.9, 0.1], [0., 1.], [0.2, 0.8]]),
+        ...      torch.tensor([[0., 1.], [0.1, 0.9], [1., 0.], [0.7, 0.3]]),
+        ...      torch.tensor([[1., 0.], [0., 1.], [0., 1.], [1., 0.]])]
+        >>> consensus_matrix(H)
+        tensor([[1.0000, 0.6667, 0.0000, 0.3333],
+                [0.6667, 1.0000, 0.3333, 0.0000],
+                [0.0000, 0.3333, 1.0000, 0.6667],
+                [0.3333, 0.0000, 0.6667, 1.0000]], dtype=torch.float64)
     """
     runs = list(H.unbind(0)) if isinstance(H, torch.Tensor) and H.dim() == 3 else list(H)
     if not runs:
@@ -72,7 +85,19 @@ def consensus_matrix(H):
 
 
 def dispersion(consensus):
-    r"""Kim & Park's dispersion :math:`\frac{1}{n^2}\sum_{ij} 4 (\bar C_{ij} - 1/2)^2`, in [0, 1]."""
+    r"""Kim & Park's dispersion :math:`\frac{1}{n^2}\sum_{ij} 4 (\bar C_{ij} - 1/2)^2`, in [0, 1].
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.consensus import dispersion
+        >>> round(float(dispersion(torch.eye(4))), 4)
+        1.0
+        >>> C = torch.tensor([[1., 2 / 3, 0., 1 / 3], [2 / 3, 1., 1 / 3, 0.],
+        ...                   [0., 1 / 3, 1., 2 / 3], [1 / 3, 0., 2 / 3, 1.]])
+        >>> round(float(dispersion(C)), 4)
+        0.5556
+    """
     consensus = consensus.to(torch.float64)
     return float((4 * (consensus - 0.5) ** 2).mean())
 
@@ -85,6 +110,15 @@ def cophenetic_correlation(consensus):
     joins ``i`` and ``j``.  Needs SciPy (``pip install 'torchnmf[sklearn]'``).
     A matrix whose distances are all equal has no spread to correlate and
     gives 1 (a perfectly stable, trivial clustering).
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.consensus import cophenetic_correlation
+        >>> C = torch.tensor([[1., 2 / 3, 0., 1 / 3], [2 / 3, 1., 1 / 3, 0.],
+        ...                   [0., 1 / 3, 1., 2 / 3], [1 / 3, 0., 2 / 3, 1.]])
+        >>> round(float(cophenetic_correlation(C)), 4)
+        0.866
     """
     import numpy as np
     from scipy.cluster.hierarchy import cophenet, linkage
@@ -114,6 +148,19 @@ class Consensus:
         density (Tensor): ``(m,)`` their local density.
         kept (Tensor): ``(m,)`` bool, the spectra under the density threshold.
         labels (Tensor): ``(m,)`` the cluster of each spectrum (-1 when dropped).
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.restarts import fit_restarts
+        >>> from torchnmf.consensus import consensus_from_restarts
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = torch.rand(12, 3, generator=g) @ torch.rand(3, 10, generator=g)
+        >>> c = consensus_from_restarts(V, fit_restarts(V, 3, n_restarts=4, beta=2, max_iter=50), 3)
+        >>> c.spectra.shape, c.density.shape, c.labels.shape
+        (torch.Size([12, 10]), torch.Size([12]), torch.Size([12]))
+        >>> -1 <= c.stability <= 1
+        True
     """
 
     W: torch.Tensor
@@ -171,6 +218,20 @@ def consensus_from_restarts(
 
     Returns:
         Consensus
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.restarts import fit_restarts
+        >>> from torchnmf.consensus import consensus_from_restarts
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = torch.rand(12, 3, generator=g) @ torch.rand(3, 10, generator=g)
+        >>> result = fit_restarts(V, 3, n_restarts=4, beta=2, max_iter=50)
+        >>> c = consensus_from_restarts(V, result, 3)
+        >>> c.W.shape, c.H.shape
+        (torch.Size([10, 3]), torch.Size([12, 3]))
+        >>> c.W.sum(0).round(decimals=4).tolist()
+        [1.0, 1.0, 1.0]
     """
     if not isinstance(restarts, Restarts):
         raise TypeError(f"restarts must be a Restarts result, got {type(restarts).__name__}")

@@ -246,6 +246,20 @@ def initialize_random(V, W_shape, H_shape, *, generator=None):
 
     Returns:
         (W, H) with ``V``'s floating dtype and device.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.init import initialize_random
+        >>> V = torch.full((6, 5), 2.0)
+        >>> W, H = initialize_random(V, (5, 3), (6, 3), generator=0)
+        >>> W.shape, H.shape
+        (torch.Size([5, 3]), torch.Size([6, 3]))
+        >>> bool((W >= 0).all() and (H >= 0).all())
+        True
+        >>> W, H = initialize_random(torch.rand(2, 4, 20), (4, 3, 5), (2, 3, 16), generator=0)
+        >>> W.shape, H.shape
+        (torch.Size([4, 3, 5]), torch.Size([2, 3, 16]))
     """
     V = check_target(V, "V")
     generator = _make_generator(generator, V.device)

@@ -75,6 +75,19 @@ class Target:
         description (str): one line saying what was read.
         spectrogram (Spectrogram or None): for audio, what turns parts of ``V``
             back into sound.
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from torchnmf.io import load
+        >>> path = os.path.join(tempfile.mkdtemp(), "V.npy")
+        >>> np.save(path, np.ones((4, 3)))
+        >>> target = load(path)
+        >>> target.V.shape, target.spectrogram is None
+        (torch.Size([4, 3]), True)
+        >>> target.description.startswith("V.npy")
+        True
     """
 
     V: torch.Tensor
@@ -91,6 +104,17 @@ class Spectrogram:
         stft (Tensor): the complex STFT, ``(bins, frames)``.
         sample_rate (int), n_fft (int), hop (int): the analysis settings.
         length (int): the signal's length in samples.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.io import stft_magnitude
+        >>> tone = torch.sin(2 * torch.pi * 440 * torch.arange(8000) / 8000)
+        >>> spec = stft_magnitude(tone, 8000, n_fft=256, hop=128)
+        >>> spec.magnitude.shape, spec.stft.shape
+        (torch.Size([63, 129]), torch.Size([129, 63]))
+        >>> spec.sample_rate, spec.n_fft, spec.hop, spec.length
+        (8000, 256, 128, 8000)
     """
 
     magnitude: torch.Tensor
@@ -295,7 +319,19 @@ def _from_numpy(array, name):
 
 # -- NumPy ---------------------------------------------------------------------------
 def read_npy(path):
-    """A dense array from a ``.npy`` file (never unpickled)."""
+    """A dense array from a ``.npy`` file (never unpickled).
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from torchnmf.io import read_npy
+        >>> path = os.path.join(tempfile.mkdtemp(), "V.npy")
+        >>> np.save(path, np.arange(6.0).reshape(2, 3))
+        >>> read_npy(path)
+        tensor([[0., 1., 2.],
+                [3., 4., 5.]], dtype=torch.float64)
+    """
     path = Path(path)
     with open(path, "rb") as handle:
         try:
@@ -316,7 +352,18 @@ def read_npy(path):
 
 
 def read_npz(path, *, key=None):
-    """A dense array or a scipy sparse matrix from a ``.npz`` archive (never unpickled)."""
+    """A dense array or a scipy sparse matrix from a ``.npz`` archive (never unpickled).
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from torchnmf.io import read_npz
+        >>> path = os.path.join(tempfile.mkdtemp(), "data.npz")
+        >>> np.savez(path, V=np.ones((2, 3)), labels=np.arange(2))
+        >>> read_npz(path, key="V").shape
+        torch.Size([2, 3])
+    """
     path = Path(path)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path.name} is not a .npz file (not a zip archive)")
@@ -412,6 +459,17 @@ def read_text(path, delimiter=","):
     The first line is a header when none of its fields is a number; a first
     line mixing numbers and other fields is an error naming its column (it
     would otherwise be dropped without a word, or read as a header).
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> from torchnmf.io import read_text
+        >>> path = os.path.join(tempfile.mkdtemp(), "V.csv")
+        >>> with open(path, "w") as handle:
+        ...     _ = handle.write("a,b,c\\n1,2,3\\n4,5,6\\n")
+        >>> read_text(path)   # the header line is skipped
+        tensor([[1., 2., 3.],
+                [4., 5., 6.]], dtype=torch.float64)
     """
     path = Path(path)
     with open(path, encoding="utf-8", errors="replace") as handle:
@@ -437,7 +495,23 @@ def read_text(path, delimiter=","):
 
 # -- Matrix Market -------------------------------------------------------------------
 def read_mtx(path):
-    """A Matrix Market file: a sparse COO tensor (coordinate format) or a dense one (array)."""
+    """A Matrix Market file: a sparse COO tensor (coordinate format) or a dense one (array).
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> from torchnmf.io import read_mtx
+        >>> path = os.path.join(tempfile.mkdtemp(), "V.mtx")
+        >>> with open(path, "w") as handle:
+        ...     _ = handle.write("%%MatrixMarket matrix coordinate real general\\n"
+        ...                      "2 3 2\\n1 1 1.5\\n2 3 4.0\\n")
+        >>> V = read_mtx(path)
+        >>> V.layout, V.shape
+        (torch.sparse_coo, torch.Size([2, 3]))
+        >>> V.to_dense()
+        tensor([[1.5000, 0.0000, 0.0000],
+                [0.0000, 0.0000, 4.0000]], dtype=torch.float64)
+    """
     scipy = _import_scipy(".mtx files")
 
     path = Path(path)
@@ -461,6 +535,18 @@ def read_wav(path):
 
     Returns:
         (signal, sample_rate, channels): channels are averaged into ``signal``.
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torchnmf.io import read_wav, write_wav
+        >>> path = write_wav(os.path.join(tempfile.mkdtemp(), "tone.wav"), 0.5 * torch.ones(800), 8000)
+        >>> signal, sample_rate, channels = read_wav(path)
+        >>> signal.shape, sample_rate, channels
+        (torch.Size([800]), 8000, 1)
+        >>> round(float(signal[0]), 3)
+        0.5
     """
     path = Path(path)
     try:
@@ -495,7 +581,20 @@ def read_wav(path):
 
 
 def write_wav(path, signal, sample_rate):
-    """Write a mono signal in [-1, 1] as 16-bit PCM (values beyond are clipped)."""
+    """Write a mono signal in [-1, 1] as 16-bit PCM (values beyond are clipped).
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> import torch
+        >>> from torchnmf.io import load, write_wav
+        >>> tone = torch.sin(2 * torch.pi * 440 * torch.arange(8000) / 8000)
+        >>> path = write_wav(os.path.join(tempfile.mkdtemp(), "tone.wav"), tone, 8000)
+        >>> path.suffix
+        '.wav'
+        >>> load(path, n_fft=256).V.shape   # its magnitude spectrogram
+        torch.Size([126, 129])
+    """
     samples = to_numpy(signal).astype(np.float64).reshape(-1)
     ints = np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
     with wave.open(str(path), "wb") as handle:
@@ -508,7 +607,17 @@ def write_wav(path, signal, sample_rate):
 
 # -- results -------------------------------------------------------------------------
 def to_numpy(tensor):
-    """A detached CPU NumPy copy of a (possibly sparse) tensor or an array."""
+    """A detached CPU NumPy copy of a (possibly sparse) tensor or an array.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.io import to_numpy
+        >>> V = torch.tensor([[0., 2.], [3., 0.]]).to_sparse()
+        >>> to_numpy(V)
+        array([[0., 2.],
+               [3., 0.]], dtype=float32)
+    """
     if isinstance(tensor, torch.Tensor):
         tensor = tensor.detach()
         if tensor.layout != torch.strided:
@@ -522,6 +631,20 @@ def save_factors(path, W, H, loss_history, **extra):
 
     Extra keyword arguments (numbers or strings) are stored beside them.
     Returns the path written (``.npz`` is appended when missing).
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> import torch
+        >>> from torchnmf.io import save_factors
+        >>> path = save_factors(os.path.join(tempfile.mkdtemp(), "factors"),
+        ...                     torch.ones(4, 2), torch.ones(5, 2), [3.0, 1.0], beta=2)
+        >>> path.name
+        'factors.npz'
+        >>> archive = np.load(path)
+        >>> archive["W"].shape, archive["H"].shape, float(archive["beta"])
+        ((4, 2), (5, 2), 2.0)
     """
     path = Path(path)
     if path.suffix.lower() != ".npz":

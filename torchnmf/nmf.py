@@ -72,6 +72,15 @@ class BaseComponent(FactorModule):
         kernel_size (tuple): ``W.shape[2:]``, when ``W`` exists.
         loss_history (list of float): after ``fit``, the objective after 0, 1, ...,
             n_iter iterations.
+
+    Examples::
+
+        >>> from torchnmf.nmf import BaseComponent
+        >>> component = BaseComponent(W=(4, 2), H=(5, 2))
+        >>> component.rank, component.out_channels, component.kernel_size
+        (2, 4, ())
+        >>> component.W.shape, component.H.shape
+        (torch.Size([4, 2]), torch.Size([5, 2]))
     """
 
     def __init__(self, rank=None, W=None, H=None, trainable_W=True, trainable_H=True):

@@ -97,6 +97,15 @@ class BaseComponent(FactorModule):
         loss_history (list of float): after ``fit``, the objective (KL
             divergence of the normalised target, plus the prior term) after 0,
             1, ..., n_iter iterations.
+
+    Examples::
+
+        >>> from torchnmf.plca import BaseComponent
+        >>> component = BaseComponent(rank=2, W=(4, 2), H=(5, 2))
+        >>> component.W.shape, component.H.shape
+        (torch.Size([4, 2]), torch.Size([5, 2]))
+        >>> component.W.sum(0).round(decimals=4).tolist(), component.Z.tolist()
+        ([1.0, 1.0], [0.5, 0.5])
     """
 
     def __init__(self, rank=None, W=None, H=None, Z=None, trainable_W=True, trainable_H=True,
@@ -339,6 +348,15 @@ class SIPLCA3(_ShiftInvariantPLCA):
     Shape:
         - W: :math:`(C, R, k_1, k_2, k_3)`, H: :math:`(N, R, L - k_1 + 1, \ldots)`
         - Output: :math:`(N, C, L, M, O)`
+
+    Examples::
+
+        >>> from torchnmf.plca import SIPLCA3
+        >>> model = SIPLCA3((1, 2, 8, 8, 8), rank=2, kernel_size=3)
+        >>> model.W.shape, model.H.shape
+        (torch.Size([2, 2, 3, 3, 3]), torch.Size([1, 2, 6, 6, 6]))
+        >>> model().shape
+        torch.Size([1, 2, 8, 8, 8])
     """
 
     _factor_ndim = 5

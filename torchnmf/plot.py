@@ -91,6 +91,16 @@ def plot_templates(W, ax=None, *, log=False, cmap="magma"):
 
     Returns:
         Axes
+
+    Examples::
+
+        >>> import torch
+        >>> from matplotlib.figure import Figure
+        >>> from torchnmf.plot import plot_templates
+        >>> ax = Figure().subplots()
+        >>> ax = plot_templates(torch.rand(16, 3), ax)
+        >>> type(ax).__name__
+        'Axes'
     """
     ax = _axes(ax)
     W = to_numpy(W)
@@ -121,6 +131,16 @@ def plot_activations(H, ax=None, *, labels=None):
 
     Returns:
         Axes
+
+    Examples::
+
+        >>> import torch
+        >>> from matplotlib.figure import Figure
+        >>> from torchnmf.plot import plot_activations
+        >>> ax = Figure().subplots()
+        >>> ax = plot_activations(torch.rand(50, 3), ax, labels=["bass", "snare", "hi-hat"])
+        >>> len(ax.lines) >= 3
+        True
     """
     ax = _axes(ax)
     H = to_numpy(H)
@@ -156,6 +176,16 @@ def plot_reconstruction(target, reconstruction, axes=None, *, log=False, cmap="m
 
     Returns:
         (Axes, Axes)
+
+    Examples::
+
+        >>> import torch
+        >>> from matplotlib.figure import Figure
+        >>> from torchnmf.plot import plot_reconstruction
+        >>> V = torch.rand(20, 16)
+        >>> left, right = plot_reconstruction(V, 0.9 * V, Figure().subplots(1, 2))
+        >>> left.figure is right.figure
+        True
     """
     if axes is None:
         import matplotlib.pyplot as plt
@@ -184,6 +214,14 @@ def plot_loss(history, ax=None):
 
     Returns:
         Axes
+
+    Examples::
+
+        >>> from matplotlib.figure import Figure
+        >>> from torchnmf.plot import plot_loss
+        >>> ax = plot_loss([10.0, 4.0, 2.5, 2.1, 2.0], Figure().subplots())
+        >>> ax.get_yscale()
+        'log'
     """
     ax = _axes(ax)
     history = np.asarray(history, dtype=np.float64)
@@ -206,6 +244,18 @@ def summary_figure(W, H, target, reconstruction, history, *, log=False, labels=N
 
     Returns:
         Figure
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.nmf import NMF
+        >>> from torchnmf.plot import summary_figure
+        >>> V = torch.rand(20, 16)
+        >>> model = NMF(V.shape, rank=2)
+        >>> _ = model.fit(V, max_iter=10, tol=0)
+        >>> fig = summary_figure(model.W, model.H, V, model(), model.loss_history, title="rank 2")
+        >>> type(fig).__name__
+        'Figure'
     """
     fig = Figure(figsize=figsize, layout="constrained")
     grid = fig.add_gridspec(2, 3)
@@ -234,6 +284,19 @@ def plot_rank_selection(table, ax=None):
 
     Returns:
         (Axes, Axes): the stability axes and the error axes.
+
+    Examples::
+
+        >>> import torch
+        >>> from matplotlib.figure import Figure
+        >>> from torchnmf.selection import rank_table
+        >>> from torchnmf.plot import plot_rank_selection
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = torch.rand(20, 2, generator=g) @ torch.rand(2, 15, generator=g)
+        >>> table = rank_table(V, [1, 2], n_restarts=3, max_iter=100, cv_restarts=2)
+        >>> stability_ax, error_ax = plot_rank_selection(table, Figure().subplots())
+        >>> stability_ax.figure is error_ax.figure
+        True
     """
     ax = _axes(ax)
     rows = table.rows
@@ -267,7 +330,20 @@ def plot_rank_selection(table, ax=None):
 
 
 def rank_selection_figure(table, figsize=(7, 4.5)):
-    """:func:`plot_rank_selection` on its own :class:`~matplotlib.figure.Figure` (no pyplot)."""
+    """:func:`plot_rank_selection` on its own :class:`~matplotlib.figure.Figure` (no pyplot).
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.selection import rank_table
+        >>> from torchnmf.plot import rank_selection_figure
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = torch.rand(20, 2, generator=g) @ torch.rand(2, 15, generator=g)
+        >>> table = rank_table(V, [1, 2], n_restarts=3, max_iter=100, cv_restarts=2)
+        >>> fig = rank_selection_figure(table)
+        >>> type(fig).__name__, len(fig.axes)
+        ('Figure', 2)
+    """
     fig = Figure(figsize=figsize, layout="constrained")
     plot_rank_selection(table, fig.add_subplot())
     return fig

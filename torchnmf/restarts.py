@@ -64,6 +64,19 @@ class Restarts:
         n_iter (list of int): the iterations each member ran.
         converged (list of bool): whether it stopped on ``tol``.
         beta (float): the divergence fitted.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.restarts import fit_restarts
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = torch.rand(12, 3, generator=g) @ torch.rand(3, 10, generator=g)
+        >>> result = fit_restarts(V, [2, 3], n_restarts=2, beta=2, max_iter=50)
+        >>> result.members(3), result.losses.shape
+        ([2, 3], torch.Size([4]))
+        >>> W, H = result.stacked(3)
+        >>> W.shape, H.shape
+        (torch.Size([2, 10, 3]), torch.Size([2, 12, 3]))
     """
 
     ranks: list
@@ -118,7 +131,16 @@ class Restarts:
 
 
 def check_ranks(rank):
-    """``rank`` (an int or a sequence of them) as a list of distinct positive ints."""
+    """``rank`` (an int or a sequence of them) as a list of distinct positive ints.
+
+    Examples::
+
+        >>> from torchnmf.restarts import check_ranks
+        >>> check_ranks(3)
+        [3]
+        >>> check_ranks(range(2, 5))
+        [2, 3, 4]
+    """
     if isinstance(rank, (list, tuple, range)):
         ranks = [check_positive_int(r, "rank") for r in rank]
         if not ranks:
@@ -130,7 +152,20 @@ def check_ranks(rank):
 
 
 def prepare_matrix(V, mask=None, missing="error"):
-    """The checked ``(V, mask)`` of a matrix target (see :func:`prepare_target`)."""
+    """The checked ``(V, mask)`` of a matrix target (see :func:`prepare_target`).
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.restarts import prepare_matrix
+        >>> V, mask = prepare_matrix(torch.tensor([[1., float("nan")], [0.5, 2.]]), missing="mask")
+        >>> V
+        tensor([[1.0000, 0.0000],
+                [0.5000, 2.0000]])
+        >>> mask
+        tensor([[ True, False],
+                [ True,  True]])
+    """
     V, mask = prepare_target(V, mask, missing, "V")
     if V.dim() != 2:
         raise ValueError(f"V must be a matrix (2 dimensions), got shape {tuple(V.shape)}")
@@ -247,6 +282,20 @@ def fit_restarts(
         ValueError: for a bad ``V``, mask, rank, option or start, or a solver
             that does not support ``beta``.
         NotImplementedError: for a solver that does not support masks.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.restarts import fit_restarts
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = torch.rand(12, 3, generator=g) @ torch.rand(3, 10, generator=g)
+        >>> result = fit_restarts(V, [2, 3], n_restarts=4, beta=2, max_iter=50)
+        >>> len(result), result.ranks
+        (8, [2, 2, 2, 2, 3, 3, 3, 3])
+        >>> result.W[0].shape, result.H[0].shape
+        (torch.Size([10, 2]), torch.Size([12, 2]))
+        >>> result.model(result.best(rank=3)).W.shape
+        torch.Size([10, 3])
     """
     beta, tol, max_iter, alpha, l1_ratio = check_fit_options(beta, tol, max_iter, alpha, l1_ratio)
     ranks = check_ranks(rank)

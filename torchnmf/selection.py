@@ -61,6 +61,16 @@ class CrossValidation:
         errors (Tensor): ``(n_folds, len(ranks))`` held-out divergence per entry.
         method (str): ``"entries"`` (Wold) or ``"bi"`` (Owen & Perry).
         rule (str): how :attr:`suggested` was chosen.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.selection import CrossValidation
+        >>> cv = CrossValidation([1, 2, 3], torch.tensor([[3.0, 1.00, 0.95], [3.2, 1.02, 1.03]]), "entries")
+        >>> cv.mean
+        tensor([3.1000, 1.0100, 0.9900])
+        >>> cv.suggested
+        2
     """
 
     ranks: list
@@ -85,7 +95,17 @@ class CrossValidation:
 
 
 def suggest_rank(ranks, errors):
-    """The one-standard-error rule over ``errors`` ``(n_folds, len(ranks))``."""
+    """The one-standard-error rule over ``errors`` ``(n_folds, len(ranks))``.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.selection import suggest_rank
+        >>> errors = torch.tensor([[3.0, 1.00, 0.95],   # fold 1: ranks 1, 2, 3
+        ...                        [3.2, 1.02, 1.03]])  # fold 2
+        >>> suggest_rank([1, 2, 3], errors)
+        2
+    """
     errors = torch.as_tensor(errors, dtype=torch.float64)
     mean = errors.mean(0)
     se = errors.std(0) / math.sqrt(errors.shape[0]) if errors.shape[0] > 1 else torch.zeros_like(mean)
@@ -136,6 +156,18 @@ def cross_validate(V, ranks, n_folds=5, n_restarts=4, beta=2, tol=1e-4, max_iter
 
     Returns:
         CrossValidation
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.selection import cross_validate
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = torch.rand(20, 2, generator=g) @ torch.rand(2, 15, generator=g)
+        >>> cv = cross_validate(V, [1, 2, 3], n_folds=3, n_restarts=2, max_iter=100)
+        >>> cv.errors.shape, cv.method
+        (torch.Size([3, 3]), 'entries')
+        >>> cv.suggested
+        2
     """
     ranks = check_ranks(ranks)
     n_folds = check_positive_int(n_folds, "n_folds")
@@ -187,6 +219,16 @@ def bi_cross_validate(V, ranks, row_folds=2, column_folds=2, n_restarts=4, beta=
 
     Returns:
         CrossValidation
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.selection import bi_cross_validate
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = torch.rand(20, 2, generator=g) @ torch.rand(2, 15, generator=g)
+        >>> cv = bi_cross_validate(V, [1, 2, 3], row_folds=2, column_folds=2, n_restarts=2, max_iter=100)
+        >>> cv.errors.shape, cv.method
+        (torch.Size([4, 3]), 'bi')
     """
     from .nmf import NMF
 
@@ -228,7 +270,20 @@ def bi_cross_validate(V, ranks, row_folds=2, column_folds=2, n_restarts=4, beta=
 
 @dataclass
 class RankTable:
-    """Statistics per rank (see :func:`rank_table`); ``rows`` holds one dict per rank."""
+    """Statistics per rank (see :func:`rank_table`); ``rows`` holds one dict per rank.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.selection import rank_table
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = torch.rand(20, 2, generator=g) @ torch.rand(2, 15, generator=g)
+        >>> table = rank_table(V, [1, 2], n_restarts=4, max_iter=100, cv_restarts=2)
+        >>> len(table.rows), table.cross_validation.method
+        (2, 'entries')
+        >>> print(table.format().splitlines()[0])
+        rank          loss    held-out  stability   pred. error  cophenetic  dispersion
+    """
 
     rows: list
     suggested: int
@@ -266,6 +321,18 @@ def rank_table(V, ranks, n_restarts=20, beta=2, tol=1e-4, max_iter=300, *, solve
 
     Returns:
         RankTable
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.selection import rank_table
+        >>> g = torch.Generator().manual_seed(0)
+        >>> V = torch.rand(20, 2, generator=g) @ torch.rand(2, 15, generator=g)
+        >>> table = rank_table(V, [1, 2, 3], n_restarts=4, max_iter=100, cv_restarts=2)
+        >>> [row["rank"] for row in table.rows], table.suggested
+        ([1, 2, 3], 2)
+        >>> sorted(table.rows[0])
+        ['cophenetic', 'dispersion', 'heldout', 'heldout_se', 'loss', 'prediction_error', 'rank', 'stability']
     """
     from .consensus import consensus_from_restarts, consensus_matrix, cophenetic_correlation, dispersion
 

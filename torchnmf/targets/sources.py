@@ -559,6 +559,20 @@ def open_rows(path, *, key=None, shape=None):
         ValueError: an unknown suffix, a malformed file, shards that disagree.
         OSError: a file that cannot be opened.
         NotImplementedError: an ``.h5ad`` whose matrix is stored by columns.
+
+    Examples::
+
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from torchnmf.io import open_rows
+        >>> path = os.path.join(tempfile.mkdtemp(), "V.npy")
+        >>> np.save(path, np.arange(12.0).reshape(4, 3))
+        >>> rows = open_rows(path)   # memory-mapped, read in blocks of rows
+        >>> rows.shape, rows.is_sparse
+        ((4, 3), False)
+        >>> rows.read(1, 3)
+        tensor([[3., 4., 5.],
+                [6., 7., 8.]], dtype=torch.float64)
     """
     if isinstance(path, RowSource):
         return path
