@@ -20,6 +20,16 @@ def torchrun(args, cwd):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
 
 
+def plain_fit(args, cwd):
+    """The single-process command, run in ``cwd``, writing plain.npz."""
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert main(["fit", *args, "-o", "plain.npz"]) == 0
+    finally:
+        os.chdir(here)
+
+
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 @pytest.mark.parametrize("sparse", [False, True])
 def test_torchrun_fit_equals_plain_fit(tmp_path, sparse):
@@ -36,12 +46,7 @@ def test_torchrun_fit_equals_plain_fit(tmp_path, sparse):
         name = "V.npy"
     common = [name, "-r", "3", "--max-iter", "25", "--tol", "0", "--init", "nndsvda",
               "--solver", "mu_extrapolated", "--dtype", "float64", "-q"]
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        assert main(["fit", *common, "-o", "plain.npz"]) == 0
-    finally:
-        os.chdir(cwd)
+    plain_fit(common, tmp_path)
     done = torchrun([*common, "-o", "shared.npz", "--checkpoint", "fit.ckpt",
                      "--checkpoint-every", "10"], tmp_path)
     assert done.returncode == 0, done.stderr
@@ -73,12 +78,7 @@ def test_torchrun_nccl_on_two_gpus(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "V.npy", rng.random((64, 4)) @ rng.random((4, 16)))
     common = ["V.npy", "-r", "3", "--max-iter", "20", "--tol", "0", "--dtype", "float64", "-q"]
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        assert main(["fit", *common, "-o", "plain.npz"]) == 0
-    finally:
-        os.chdir(cwd)
+    plain_fit(common, tmp_path)
     done = torchrun([*common, "--device", "cuda", "-o", "gpu.npz"], tmp_path)
     assert done.returncode == 0, done.stderr
     plain, gpu = np.load(tmp_path / "plain.npz"), np.load(tmp_path / "gpu.npz")

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "conv_transpose", "UNFOLD_LIMIT"]
+__all__ = ["linear", "conv_transpose", "padded_windows", "UNFOLD_LIMIT"]
 
 _CONV_TRANSPOSE = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
 
@@ -45,14 +45,21 @@ def conv_transpose(H, W):
     return _CONV_TRANSPOSE[W.dim()](H, W.transpose(0, 1))
 
 
-def _unfolded_conv_transpose(H, W):
-    kernel = W.shape[2:]
+def padded_windows(H, kernel):
+    """``H`` zero-padded by ``k - 1`` on both sides of each axis and unfolded into
+    sliding windows: a view ``(N, R, *out, *kernel)``, ``out = spatial + k - 1``."""
     padding = []
     for k in reversed(kernel):
         padding += [k - 1, k - 1]
     windows = F.pad(H, padding)
     for axis, k in enumerate(kernel):
-        windows = windows.unfold(2 + axis, k, 1)  # (N, R, *out, *kernel)
+        windows = windows.unfold(2 + axis, k, 1)
+    return windows
+
+
+def _unfolded_conv_transpose(H, W):
+    kernel = W.shape[2:]
+    windows = padded_windows(H, kernel)
     spatial, taps = "lmo"[: len(kernel)], "tuv"[: len(kernel)]
     equation = f"cr{taps},nr{spatial}{taps}->nc{spatial}"
     flipped = W.flip(dims=tuple(range(2, W.dim())))

@@ -36,7 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..models.forward import UNFOLD_LIMIT
+from ..models.forward import UNFOLD_LIMIT, padded_windows
 from .dense import divergence_constant
 from .residual import pointwise_divergence
 
@@ -52,12 +52,7 @@ def windows(H, kernel):
     ``u`` the flipped tap; :func:`forward_from_windows` multiplies it with the
     flipped templates.
     """
-    padding = []
-    for k in reversed(kernel):
-        padding += [k - 1, k - 1]
-    out = F.pad(H, padding)
-    for axis, k in enumerate(kernel):
-        out = out.unfold(2 + axis, k, 1)  # (N, R, *out, *kernel)
+    out = padded_windows(H, kernel)  # (N, R, *out, *kernel)
     d = len(kernel)
     order = [0, 1] + list(range(2 + d, 2 + 2 * d)) + list(range(2, 2 + d))
     N, R = H.shape[:2]
