@@ -68,6 +68,30 @@ def test_factors_and_objective(problem, data):
 
 
 @SETTINGS
+@given(st.integers(2, 9), st.integers(2, 9), st.integers(1, 3), DTYPES,
+       st.sampled_from(["dense", "sparse", "masked"]), st.integers(0, 2**16), st.data())
+def test_objective_never_rises_at_an_exact_fit(n, c, rank, dtype, kind, seed, data):
+    # V = H W^T exactly, fitted at its rank: the fit reaches the rounding floor of its
+    # iterates, where only the rounding of the objective's value may show as a rise
+    solver = data.draw(st.sampled_from(["hals", "mu_extrapolated"]))
+    g = torch.Generator().manual_seed(seed)
+    H = torch.rand(n, rank, generator=g, dtype=torch.float64) + 0.1
+    W = torch.rand(c, rank, generator=g, dtype=torch.float64) + 0.1
+    V = (H @ W.T).to(dtype)
+    W0 = (W * (torch.rand(c, rank, generator=g, dtype=torch.float64) + 0.5)).to(dtype)
+    H0 = (H * (torch.rand(n, rank, generator=g, dtype=torch.float64) + 0.5)).to(dtype)
+    options = {"mask": torch.ones(V.shape, dtype=torch.bool)} if kind == "masked" else {}
+    model = NMF(W=W0, H=H0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(V.to_sparse() if kind == "sparse" else V, beta=2, tol=0, max_iter=150,
+                  solver=solver, **options)
+    history = torch.tensor(model.loss_history, dtype=torch.float64)
+    assert (history >= 0).all() and torch.isfinite(history).all()
+    assert (history.diff() <= ROUNDING[dtype] * history[:-1]).all()
+
+
+@SETTINGS
 @given(problems(), st.data())
 def test_dense_sparse_and_fully_observed_mask_agree(problem, data):
     V, W0, H0, beta = problem

@@ -236,8 +236,12 @@ def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=Non
         if unit != 1:
             before = before * unit
         normalisation.commit()
-        seen.append(before)
+        if not converged():
+            seen.append(before)
         return before
+
+    def converged():  # the solver went back to where its previous iteration started
+        return getattr(solver, "converged", False) is True
 
     def objective():
         return problem.objective() * unit
@@ -253,7 +257,7 @@ def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=Non
         try:
             return run_fit(
                 step, objective, tol, max_iter,
-                verbose=verbose, callback=callback, desc=desc, **options,
+                verbose=verbose, callback=callback, desc=desc, converged=converged, **options,
             )
         except KeyboardInterrupt:
             normalisation.restore()

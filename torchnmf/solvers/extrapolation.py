@@ -82,6 +82,10 @@ class ExtrapolatedMU(AlternatingSolver):
 
     name = "mu_extrapolated"
     features = frozenset({"mask", "fixed"})
+    # near an exact fit the rounding of the iterates can raise the objective; an
+    # iteration that does so by more than this many epsilons is refused (see
+    # AlternatingSolver) and the fit stops as converged
+    accept_rounding = 4
 
     def __init__(self, problem):
         super().__init__(problem)

@@ -310,6 +310,10 @@ class HALS(AlternatingSolver):
     overhead = 60000
     slowdown = 1
     extrapolation = True
+    # an iteration may raise the objective by rounding alone (see the module's
+    # docstring): one that raises it by more than this many epsilons of its
+    # value is not accepted, and the fit stops as converged
+    accept_rounding = 4
 
     @staticmethod
     def supports_beta(beta):

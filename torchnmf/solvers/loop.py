@@ -55,7 +55,7 @@ def relative_decrease(previous, current):
 
 
 def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="fit",
-            history=None, after_iteration=None):
+            history=None, after_iteration=None, converged=None):
     """Iterate ``step`` until the relative decrease of the objective is under ``tol``.
 
     Args:
@@ -72,6 +72,14 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
             iteration ``len(history) + 1`` and counts them in ``max_iter``.
         after_iteration: optional ``after_iteration(n_iter, history)``, called
             after every iteration that does not end the fit (a checkpoint).
+        converged: optional callable, asked after every ``step()``; ``True``
+            when that step found that the previous iteration raised the
+            objective beyond rounding and put the factors back where that
+            iteration started (see
+            :class:`~torchnmf.solvers.alternating.AlternatingSolver`).  Then
+            the step's objective is not recorded, the previous iteration
+            counts as one that did not move (its objective is repeated at the
+            end of the history), and the fit stops without a warning.
 
     ``step()`` may return a Python number or a 0-dim tensor; tensors on an
     accelerator are read back every :data:`READ_BACK_EVERY` iterations (see
@@ -132,6 +140,10 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
     try:
         for n_iter in range(len(history) + 1, max_iter + 1):
             loss = step()
+            if converged is not None and converged():
+                n_iter -= 1
+                stopped = True
+                break
             if _on_accelerator(loss):
                 pending.append(loss)
                 if len(pending) >= every and flush():
