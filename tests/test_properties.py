@@ -73,7 +73,7 @@ def test_factors_and_objective(problem, data):
 def test_objective_never_rises_at_an_exact_fit(n, c, rank, dtype, kind, seed, data):
     # V = H W^T exactly, fitted at its rank: the fit reaches the rounding floor of its
     # iterates, where only the rounding of the objective's value may show as a rise
-    solver = data.draw(st.sampled_from(["hals", "mu_extrapolated"]))
+    solver = data.draw(st.sampled_from(["hals", "mu", "mu_extrapolated"]))
     g = torch.Generator().manual_seed(seed)
     H = torch.rand(n, rank, generator=g, dtype=torch.float64) + 0.1
     W = torch.rand(c, rank, generator=g, dtype=torch.float64) + 0.1

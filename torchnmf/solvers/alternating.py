@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .acceptance import RoundingGuard
+
 __all__ = ["ExtrapolationWeight", "AlternatingSolver"]
 
 
@@ -16,16 +18,6 @@ def _minimum(a, b):
 
 def _choose(where, new, old):
     return new if where is None else torch.where(where, new, old)
-
-
-def _explicit_threshold(problem):
-    """The objective under which the problem's statistics report the explicit
-    residual (the same on every process of a distributed fit), or ``None``."""
-    stats = getattr(problem.stats, "local", problem.stats)
-    threshold = getattr(stats, "threshold", None)
-    if threshold is not None and problem.reduction is not None:
-        threshold = problem.reduction.sum_float(threshold)
-    return threshold
 
 
 @dataclass
@@ -78,18 +70,10 @@ class AlternatingSolver:
     ``_extrapolate_`` as a ``(K, 1, 1)`` tensor.
 
     Updates that are monotone only in exact arithmetic set
-    ``accept_rounding`` (a multiple of the dtype's epsilon).  Where the
-    objective comes from the explicit residual (under the threshold of
-    :class:`~torchnmf.targets.residual.AccurateDivergence`, near an exact fit,
-    where it is accurate to far better than the dtype's rounding), an
-    iteration whose start has a higher objective than the previous
-    iteration's start by more than that fraction of its value is not
-    accepted: the rounding of the iterates, not the update, moved it.  The
-    factors go back to where the previous iteration started (a copy kept for
-    this), ``step`` returns that point's objective without updating, and
-    ``converged`` turns true: the dtype can no longer resolve a decrease.  Above the threshold the closed
-    forms' own rounding (of the size of ``V``'s) is larger than such rises,
-    and no iteration is refused.  See :class:`~.hals.HALS`.
+    ``accept_rounding`` (a multiple of the dtype's epsilon): near an exact fit
+    an iteration that rounding raised by more than that is refused and the
+    fit stops as converged (:class:`~.acceptance.RoundingGuard`; ``converged``
+    says so).
     """
 
     _extrapolate_ = None
@@ -103,12 +87,13 @@ class AlternatingSolver:
             self.weight = ExtrapolationWeight(weight=ones, ceiling=ones.clone())
         self.previous = None
         self.reference = None
-        self.start = None  # the factors where the last iteration started (accept_rounding)
-        self.converged = False
+        self.guard = None
         if self.accept_rounding is not None:
-            self.tolerance = self.accept_rounding * torch.finfo(problem.H.dtype).eps
-            # (a batched problem's statistics report closed forms only: no rule there)
-            self.explicit_below = None if problem.batched else _explicit_threshold(problem)
+            self.guard = RoundingGuard(problem, self.accept_rounding)
+
+    @property
+    def converged(self):
+        return self.guard is not None and self.guard.converged
 
     # -- the state a checkpoint keeps (see torchnmf.solvers.checkpoint) --------
     def state_dict(self):
@@ -116,14 +101,15 @@ class AlternatingSolver:
             "weight": dict(vars(self.weight)),
             "previous": None if self.previous is None else [t.clone() for t in self.previous],
             "reference": self.reference,
-            "start": None if self.start is None else [t.clone() for t in self.start],
+            "guard": None if self.guard is None else self.guard.state_dict(),
         }
 
     def load_state_dict(self, state):
         self.weight = ExtrapolationWeight(**state["weight"])
         self.previous = state["previous"]
         self.reference = state["reference"]
-        self.start = state.get("start")
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
 
     def _start(self):
         """The H terms (``None`` when H is fixed) and the objective here."""
@@ -182,21 +168,6 @@ class AlternatingSolver:
         self.previous = saved
         return terms, before
 
-    def _accept(self, before, reference):
-        """The objective where this iteration starts, after the acceptance rule of
-        ``accept_rounding`` (see the class docstring); keeps the start."""
-        factors = [f for f, _ in self._trainable()]
-        if self.explicit_below is None:
-            return before
-        if (reference is not None and reference < self.explicit_below
-                and reference * (1 + self.tolerance) < before < self.explicit_below):
-            for factor, start in zip(factors, self.start):
-                factor.copy_(start)
-            self.converged = True
-            return reference
-        self.start = [f.clone() for f in factors]
-        return before
-
     def select_(self, members):
         """Keep only the given members (int64 indices) of a batched problem."""
         self.problem = self.problem.select(members)
@@ -207,14 +178,13 @@ class AlternatingSolver:
             self.reference = self.reference[members]
 
     def step(self):
-        reference = self.reference  # the objective where the previous iteration started
         if self._extrapolate_ is None:
             terms, before = self._start()
         else:
             terms, before = self._extrapolated_start()
-        if self.accept_rounding is not None:
-            before = self._accept(before, reference)
-            if self.converged is True:
+        if self.guard is not None:
+            before = self.guard.check(before, [f for f, _ in self._trainable()])
+            if self.guard.converged:
                 return before
         self.reference = before
         if terms is not None:

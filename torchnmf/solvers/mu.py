@@ -17,6 +17,7 @@ doi:10.1162/NECO_a_00168).
 """
 import torch
 
+from .acceptance import RoundingGuard
 from .penalty import Penalty
 
 __all__ = ["mu_exponent", "mu_update_", "MultiplicativeUpdates"]
@@ -86,10 +87,32 @@ class MultiplicativeUpdates:
 
     # What this solver can do beyond a plain dense fit; see require_features.
     features = frozenset({"mask", "fixed"})
+    # near an exact fit an iteration that rounding raised by more than this many
+    # epsilons of the objective is refused, and the fit stops as converged
+    # (RoundingGuard; not for a target read once per iteration, which updates H
+    # while it computes the objective)
+    accept_rounding = 4
 
     def __init__(self, problem):
         self.problem = problem
         self.gamma = mu_exponent(problem.beta)
+        self.guard = RoundingGuard(problem, self.accept_rounding)
+
+    @property
+    def converged(self):
+        return self.guard.converged
+
+    # -- the state a checkpoint keeps (see torchnmf.solvers.checkpoint) --------
+    def state_dict(self):
+        return {"guard": self.guard.state_dict()}
+
+    def load_state_dict(self, state):
+        if state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
+
+    def _trainable(self):
+        p = self.problem
+        return [f for f, on in ((p.H, p.update_H), (p.W, p.update_W)) if on]
 
     def _update_rows_(self, rows, negative, positive):
         p = self.problem
@@ -112,10 +135,15 @@ class MultiplicativeUpdates:
             return self._one_pass_step(one_pass)
         if p.update_H:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)
-            before = p.objective_before(divergence)
+            before = self.guard.check(p.objective_before(divergence), self._trainable())
+            if self.guard.converged:
+                return before
             mu_update_(p.H, negative, positive, self.gamma, p.penalty_H, p.fixed_H)
         else:  # no float(): on a GPU the loop reads the objective back
-            before = p.objective_before(p.stats.divergence(p.H, p.W))
+            before = self.guard.check(p.objective_before(p.stats.divergence(p.H, p.W)),
+                                      self._trainable())
+            if self.guard.converged:
+                return before
         if p.update_W:
             negative, positive = p.stats.w_terms(p.H, p.W)
             mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)

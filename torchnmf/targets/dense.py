@@ -114,6 +114,7 @@ class DenseMatrixStats:
         self.rows = max(1, min(N, self.block_elements // max(C, 1)))
         self._work = None
         self._work_key = None
+        self._V64 = None  # (V, V in float64) for explicit_divergence on one block
         # a wrapping kind (streamed rows) sums the constant once and passes 0 per block
         self.constant = self._divergence_constant() if constant is None else constant
 
@@ -139,8 +140,15 @@ class DenseMatrixStats:
 
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate)."""
-        total = torch.zeros((), dtype=torch.float64, device=H.device)
         W64 = W.double()
+        if H.shape[0] <= self.rows:  # one block (a small V): its float64 copy is kept
+            if self._V64 is None or self._V64[0] is not self.V:
+                self._V64 = (self.V, self.V.double())
+            R = H.double() @ W64.T
+            if self.beta != 2:
+                R.clamp_min_(self.eps)
+            return pointwise_divergence(self._V64[1], R, self.beta).sum()
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
         for start, stop in _row_blocks(H.shape[0], self.rows):
             R = (H[start:stop].double() @ W64.T)
             if self.beta != 2:

@@ -34,6 +34,8 @@ def pointwise_divergence(V, R, beta):
     """Entry-wise :math:`d_\\beta(V | R)` in float64, non-negative, accurate near ``V == R``."""
     V = V.double()
     R = R.double()
+    if beta == 2:  # (R - V)^2 / 2: no cancellation to avoid, and zeros of V included
+        return torch.sub(R, V).square_().mul_(0.5)
     positive = V > 0
     safe_V = torch.where(positive, V, torch.ones_like(V))
     a = torch.log1p((R - safe_V) / safe_V)
