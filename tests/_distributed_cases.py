@@ -11,11 +11,11 @@ def split(n, world):
     return edges
 
 
-def problem(kind="dense", N=24, C=10, R=3, seed=0, dtype=torch.float64, scale=1.0):
+def problem(kind="dense", N=24, C=10, R=3, seed=0, dtype=torch.float64, scale=1.0, noise=0.1):
     """``(V, mask, W0, H0)``: a planted non-negative problem of the given target kind
-    (``V`` and ``H0`` times ``scale``)."""
+    (``V`` and ``H0`` times ``scale``; ``noise=0``: exactly of rank ``R``)."""
     if scale != 1.0:
-        V, mask, W0, H0 = problem(kind, N, C, R, seed, dtype)
+        V, mask, W0, H0 = problem(kind, N, C, R, seed, dtype, noise=noise)
         return V * scale, mask, W0, H0 * scale
     g = torch.Generator().manual_seed(seed)
     if kind == "digits":  # a real dataset: scikit-learn's handwritten digits
@@ -28,7 +28,7 @@ def problem(kind="dense", N=24, C=10, R=3, seed=0, dtype=torch.float64, scale=1.
         H0 = torch.rand(N, R, generator=g, dtype=dtype) + 0.1
         return V, None, W0, H0
     V = torch.rand(N, R, generator=g, dtype=dtype) @ torch.rand(R, C, generator=g, dtype=dtype)
-    V += 0.1 * torch.rand(N, C, generator=g, dtype=dtype)
+    V += noise * torch.rand(N, C, generator=g, dtype=dtype)
     mask = None
     if kind in ("sparse", "sparse_csr", "sparse_masked"):
         V = V * (torch.rand(N, C, generator=g, dtype=dtype) < 0.6)

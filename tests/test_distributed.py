@@ -72,6 +72,20 @@ def test_penalties_and_fixed_components(pool, kind, solver, beta):
     np.testing.assert_array_equal(results[0][2][:, 1], W0[:, 1].numpy())
 
 
+@pytest.mark.parametrize("solver", ["hals"])
+def test_identical_refusal_at_an_exact_fit(pool, solver):
+    # at the rounding floor an iteration that rounding raised is refused on every
+    # process at once (the objective and the threshold are sums over the processes)
+    fit = dict(beta=2, solver=solver, max_iter=3000, tol=0)
+    results = pool.run(cases.fit_case, fit=fit, problem_args={"noise": 0.0})
+    n_iter, history = results[0][0], results[0][1]
+    assert n_iter < 3000 and history[-1] == history[-2]
+    assert results[1][0] == n_iter and results[1][1] == history
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+    diffs = np.diff(history)
+    assert (diffs <= 4 * np.finfo(np.float64).eps * np.array(history[:-1])).all()
+
+
 @pytest.mark.parametrize("solver,beta", [("mu", 1), ("mu_extrapolated", 1), ("hals", 2)])
 def test_identical_stopping(pool, solver, beta):
     fit = dict(beta=beta, solver=solver, max_iter=500, tol=1e-4)
