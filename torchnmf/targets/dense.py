@@ -115,6 +115,7 @@ class DenseMatrixStats:
         self._work = None
         self._work_key = None
         self._V64 = None  # (V, V in float64) for explicit_divergence on one block
+        self._views = {}  # block shape -> (work buffer, its views); see _block_views
         # a wrapping kind (streamed rows) sums the constant once and passes 0 per block
         self.constant = self._divergence_constant() if constant is None else constant
 
@@ -217,10 +218,16 @@ class DenseMatrixStats:
     # -- other beta: blockwise powers of the reconstruction -------------------------
     def _block_views(self, H, b, work, pair):
         """The reconstruction block and the (numerator, denominator) pair for ``b``
-        rows of every member, as contiguous views of the flat work buffers."""
+        rows of every member, as contiguous views of the flat work buffers (made
+        once per block size and set of buffers: small fits pay for every call)."""
         shape = (*batch_shape(H), b, self.V.shape[1])
-        size = math.prod(shape)
-        return work[:size].view(shape), pair[0, :size].view(shape), pair[1, :size].view(shape)
+        views = self._views.get(shape)
+        if views is None or views[0] is not work:
+            size = math.prod(shape)
+            views = (work, (work[:size].view(shape), pair[0, :size].view(shape),
+                            pair[1, :size].view(shape)))
+            self._views[shape] = views
+        return views[1]
 
     def _block_powers(self, V_block, H_block, W, views, divergence=True):
         """Fill the pair of ``views`` with (V * WH^(beta-2), WH^(beta-1)) for one row block.

@@ -23,6 +23,8 @@ left is between two terms of size :math:`|a|` whose difference is about
 instead of :math:`\epsilon_{\text{dtype}} \sum V^\beta` for the closed form.
 Zeros of ``V`` contribute :math:`\hat v^\beta / \beta`.
 """
+import inspect
+
 import torch
 
 __all__ = ["pointwise_divergence", "AccurateDivergence", "CANCELLATION"]
@@ -69,6 +71,13 @@ class AccurateDivergence:
         self.threshold = None
         if self.magnitude is not None and hasattr(stats, "explicit_divergence"):
             self.threshold = CANCELLATION * torch.finfo(dtype).eps * self.magnitude
+        # once a value was replaced, the next h_terms skips the closed form's divergence
+        # (its passes over the data) where the kind can, and reports the explicit one
+        self.explicit = False
+        self.skips_divergence = (
+            self.threshold is not None
+            and "divergence" in inspect.signature(stats.h_terms).parameters
+        )
 
     def __getattr__(self, name):
         return getattr(self.stats, name)
@@ -80,11 +89,22 @@ class AccurateDivergence:
         # on an accelerator the check would read the value back every iteration
         # (a synchronisation the loop avoids): there only the final objective is checked
         if self.threshold is not None and (final or not on_device) and float(value) < self.threshold:
+            if not final:
+                self.explicit = True
             return self.stats.explicit_divergence(H, W)
+        if not final:
+            self.explicit = False
         return value.clamp_min(0) if isinstance(value, torch.Tensor) else max(value, 0.0)
 
-    def h_terms(self, H, W, *args, **kwargs):
-        terms = self.stats.h_terms(H, W, *args, **kwargs)
+    def h_terms(self, H, W, divergence=True):
+        if not divergence:
+            return self.stats.h_terms(H, W, divergence=False)
+        if self.explicit and self.skips_divergence:
+            negative, positive, _ = self.stats.h_terms(H, W, divergence=False)
+            value = self.stats.explicit_divergence(H, W)
+            self.explicit = float(value) < self.threshold
+            return negative, positive, value
+        terms = self.stats.h_terms(H, W)
         return (*terms[:2], self._checked(terms[2], H, W))
 
     def w_terms(self, H, W, *args, **kwargs):
