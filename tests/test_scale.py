@@ -139,3 +139,51 @@ def test_transform_is_scale_equivariant(scale, generator):
     codes = model.transform(V[:5], beta=1, tol=0, max_iter=30, H=H0)
     scaled = model.transform(scale * V[:5], beta=1, tol=0, max_iter=30, H=scale * H0)
     assert_close(scaled / scale, codes, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e-100), (torch.float64, 1e100),
+                                         (torch.float32, 1e-15), (torch.float32, 1e15)])
+@pytest.mark.parametrize("solver,beta", [("mu", 2), ("hals", 2), ("mu", 1)])
+def test_a_start_made_for_the_scaled_data(dtype, scale, solver, beta, generator):
+    # initialize(c V) puts both factors at sqrt(c): the normalised problem then holds one
+    # factor at sqrt(c) and the other at 1 / sqrt(c), and one side's products fell under
+    # the floors (HALS at 1e-100: relative error 1.8e19); the fit balances them first
+    V, _, _ = low_rank(24, 16, 3, generator)
+    V = V.to(dtype)
+    errors = []
+    for c in (1.0, scale):
+        W0, H0 = initialize(c * V, 3, "random", generator=0)
+        model = NMF(W=W0, H=H0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(c * V, beta=beta, solver=solver, tol=0, max_iter=100)
+        reconstruction = (model.H.detach().double() @ model.W.detach().double().T) / c
+        errors.append(float((reconstruction - V.double()).norm() / V.double().norm()))
+        assert (torch.tensor(model.loss_history) >= 0).all()
+    assert errors[1] == pytest.approx(errors[0], rel=1e-2, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e-100), (torch.float64, 2.0**300),
+                                         (torch.float32, 1e-15), (torch.float32, 1e15)])
+@pytest.mark.parametrize("solver,beta", [("mu", 2), ("hals", 2), ("mu_extrapolated", 1)])
+def test_restarts_are_scale_equivariant(dtype, scale, solver, beta, generator):
+    # fit_restarts fits the normalised problem as NMF.fit does: c V gives c times the
+    # members' reconstructions of V, and histories c^beta times theirs, never negative
+    from torchnmf.restarts import fit_restarts
+
+    V, _, _ = low_rank(24, 16, 3, generator, noise=0.1)
+    V = V.to(dtype)
+    results = []
+    for c in (1.0, scale):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results.append(fit_restarts(c * V, 3, n_restarts=2, beta=beta, solver=solver,
+                                        max_iter=60, tol=0, seed=0))
+    reference, scaled = results
+    for k in range(2):
+        rebuilt = scaled.H[k].double() @ scaled.W[k].double().T / scale
+        assert_close(rebuilt, reference.H[k].double() @ reference.W[k].double().T, **TOL[dtype])
+        history = torch.tensor(scaled.histories[k], dtype=torch.float64)
+        assert (history >= 0).all() and torch.isfinite(history).all()
+        assert_close(history / scale**beta, torch.tensor(reference.histories[k], dtype=torch.float64),
+                     rtol=TOL[dtype]["rtol"] * 10, atol=0)

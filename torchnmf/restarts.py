@@ -27,6 +27,7 @@ Examples::
     >>> model.W.shape
     torch.Size([20, 4])
 """
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -38,13 +39,15 @@ from ._validation import (
     check_observed_everywhere,
     check_positive_int,
 )
-from .models.fitting import check_fit_options
+from .models.fitting import START_MISMATCH, check_fit_options
 from .solvers.loop import run_batched_fit
 from .solvers.penalty import Penalty
 from .solvers.problem import BatchedProblem
 from .solvers.registry import get_solver, require_features
+from .solvers.scaling import balance_, objective_unit, scaled_penalty, target_scale
 from .targets import statistics
 from .targets.prepare import prepare_target
+from .targets.residual import AccurateDivergence
 
 __all__ = ["fit_restarts", "Restarts", "check_ranks", "prepare_matrix"]
 
@@ -202,6 +205,22 @@ def _given_starts(W, H, V, ranks):
     return W.detach().to(V.device, dtype).clone(), H.detach().to(V.device, dtype).clone()
 
 
+def _match_starts(H, W, mean_target, penalised):
+    """Scale each member's ``H`` by a power of two where its mean reconstruction is
+    far from the (normalised) target's, and balance its factors (without a
+    penalty), as :meth:`torchnmf.nmf.NMF.fit` does for one."""
+    entries = H.shape[1] * W.shape[1]
+    mean_start = (H.double().sum(1) * W.double().sum(1)).sum(1) / max(entries, 1)
+    for k, start in enumerate(mean_start.tolist()):
+        if not (start > 0 and mean_target > 0 and math.isfinite(start)):
+            continue
+        ratio = mean_target / start
+        if not 1 / START_MISMATCH <= ratio <= START_MISMATCH:
+            H[k].mul_(2.0 ** round(math.log2(ratio)))
+        if not penalised:
+            balance_(H[k], W[k])
+
+
 def _padded(groups):
     """One group of every member, each padded with zero components to the largest
     rank: exact for multiplicative updates (a zero component stays zero, its
@@ -316,6 +335,16 @@ def fit_restarts(
     require_features(solver_cls, solver, ["mask"] if mask is not None else [])
     stats = statistics(V, beta, mask, name="fit_restarts")
     penalty = Penalty(alpha, l1_ratio)
+    # the normalised problem of NMF.fit (torchnmf.solvers.scaling), H carrying the scale
+    total, count = stats.scale_sums()
+    scale = target_scale(total, count)
+    penalty_H = penalty_W = penalty
+    if scale != 1:
+        stats = stats.scaled(1.0 / scale)
+        penalty_H = scaled_penalty(penalty, scale, beta, True, V.dtype)
+        penalty_W = scaled_penalty(penalty, scale, beta, False, V.dtype)
+    stats = AccurateDivergence(stats, V.dtype)
+    unit = objective_unit(scale, beta)
     result = Restarts([], [], [], [], [], [], [], beta, dict(
         solver=solver, tol=tol, max_iter=max_iter, alpha=alpha, l1_ratio=l1_ratio
     ))
@@ -327,13 +356,19 @@ def fit_restarts(
     if rank_layout == "padded" and len(groups) > 1:
         groups = [_padded(groups)]
     for r, W_stack, H_stack, seeds in groups:
+        with torch.no_grad():
+            H_stack.div_(scale)
+            _match_starts(H_stack, W_stack, total / max(count, 1) / scale, bool(penalty))
         problem = BatchedProblem(
-            stats=stats, H=H_stack, W=W_stack, beta=beta, penalty_H=penalty, penalty_W=penalty,
+            stats=stats, H=H_stack, W=W_stack, beta=beta, penalty_H=penalty_H, penalty_W=penalty_W,
         )
         with torch.no_grad():
             n_iter, histories, converged = run_batched_fit(
                 solver_cls(problem), tol, max_iter, verbose, desc=f"rank {r}"
             )
+            H_stack.mul_(scale)
+        if unit != 1:
+            histories = [[value * unit for value in history] for history in histories]
         member_ranks = r if isinstance(r, list) else [r] * len(seeds)
         result.ranks += member_ranks
         result.seeds += seeds

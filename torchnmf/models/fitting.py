@@ -26,7 +26,7 @@ from ..solvers.checkpoint import Checkpointing
 from ..solvers.loop import run_fit
 from ..solvers.penalty import Penalty
 from ..solvers.problem import FitProblem
-from ..solvers.scaling import Normalisation, scaled_penalty, target_scale
+from ..solvers.scaling import Normalisation, balance_, scaled_penalty, target_scale
 from ..solvers.registry import get_solver, require_features
 from ..targets.prepare import prepare_target
 from ..targets.residual import AccurateDivergence
@@ -182,6 +182,13 @@ def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **opt
     if update_H or update_W:
         _match_start(model, normalisation, total / max(count, 1) / scale, reduction,
                      V.shape)
+    penalised = any(options.get(f"penalty_{name}") for name in ("H", "W"))
+    fixed = any(options.get(f"fixed_{name}") is not None for name in ("H", "W"))
+    if update_H and update_W and not penalised and not fixed:
+        # (a penalty is not invariant under the exchange, fixed components must stay)
+        with torch.no_grad():
+            balance_(normalisation.working["H"], normalisation.working["W"],
+                     float if reduction is None else reduction.max_float)
     problem = FitProblem(
         stats=stats, H=normalisation.working["H"], W=normalisation.working["W"], beta=beta,
         **options,

@@ -34,7 +34,8 @@ import torch
 
 from .penalty import Penalty
 
-__all__ = ["target_scale", "scaled_penalty", "Normalisation"]
+__all__ = ["target_scale", "scaled_penalty", "objective_unit", "balance_", "Normalisation",
+           "BALANCE_MISMATCH"]
 
 
 def target_scale(total, count):
@@ -61,6 +62,40 @@ def scaled_penalty(penalty, scale, beta, carries, dtype):
     return Penalty.from_weights(l1, l2)
 
 
+# Factors whose largest entries differ by more than this are balanced (see balance_).
+BALANCE_MISMATCH = 2.0**20
+
+
+def balance_(H, W, row_max=float):
+    """Multiply ``H`` by a power of two ``c`` and divide ``W`` by it, in place, when
+    their largest entries differ by more than :data:`BALANCE_MISMATCH`; returns ``c``.
+
+    The reconstruction (bilinear in ``H`` and ``W``) does not change, exactly.
+    A start with ``W`` at the data's scale and ``H`` at its inverse (the
+    normalised problem of a start made for ``1e-100 * V``) leaves one factor's
+    products under the floors ``eps`` of the updates, which then stall or blow
+    up; balanced factors keep both near the normalised scale.  ``row_max``
+    takes the largest of a float over the processes holding other rows of ``H``.
+    """
+    largest_H = row_max(float(H.max())) if H.numel() else 0.0
+    largest_W = float(W.max()) if W.numel() else 0.0
+    if not (largest_H > 0 and largest_W > 0 and math.isfinite(largest_H * largest_W)):
+        return 1.0
+    ratio = largest_W / largest_H
+    if 1 / BALANCE_MISMATCH <= ratio <= BALANCE_MISMATCH:
+        return 1.0
+    factor = 2.0 ** round(math.log2(ratio) / 2)
+    H.mul_(factor)
+    W.div_(factor)
+    return factor
+
+
+def objective_unit(scale, beta):
+    """:math:`s^\beta`: the objective of the original problem per unit of the
+    normalised one's (``inf`` where that overflows a float)."""
+    return _power(scale, beta) if scale != 1 else 1.0
+
+
 def _power(scale, exponent):
     # scale is a power of two: work on the exponent so nothing overflows on the way
     try:
@@ -83,7 +118,7 @@ class Normalisation:
         self.targets = {"H": H, "W": W}
         self.scale = scale
         self.carrier = carrier
-        self.unit = _power(scale, beta) if scale != 1 else 1.0
+        self.unit = objective_unit(scale, beta)
         self.update = {"H": update_H, "W": update_W}
         self.working = {
             name: tensor / scale if name == carrier and scale != 1 else tensor.clone()

@@ -85,6 +85,8 @@ class AccurateDivergence:
     def _checked(self, value, H, W, final=False):
         if value is None:
             return value
+        if isinstance(value, torch.Tensor) and value.dim() == 1:
+            return self._checked_members(value, H, W)
         on_device = isinstance(value, torch.Tensor) and value.device.type != "cpu"
         # on an accelerator the check would read the value back every iteration
         # (a synchronisation the loop avoids): there only the final objective is checked
@@ -96,10 +98,20 @@ class AccurateDivergence:
             self.explicit = False
         return value.clamp_min(0) if isinstance(value, torch.Tensor) else max(value, 0.0)
 
+    def _checked_members(self, values, H, W):
+        """One divergence per member of stacks ``H`` ``(K, N, R)``, ``W`` ``(K, C, R)``
+        (a batched fit, which reads them back every iteration anyway)."""
+        values = values.clamp_min(0)
+        if self.threshold is None:
+            return values
+        for k in (values < self.threshold).nonzero().flatten().tolist():
+            values[k] = self.stats.explicit_divergence(H[k], W[k])
+        return values
+
     def h_terms(self, H, W, divergence=True):
         if not divergence:
             return self.stats.h_terms(H, W, divergence=False)
-        if self.explicit and self.skips_divergence:
+        if self.explicit and self.skips_divergence and H.dim() == 2:
             negative, positive, _ = self.stats.h_terms(H, W, divergence=False)
             value = self.stats.explicit_divergence(H, W)
             self.explicit = float(value) < self.threshold
