@@ -68,10 +68,23 @@ def test_nndsvda_and_nndsvdar_fill_only_the_zeros(generator):
     W, H = initialize(V, 3, "nndsvd")
     Wa, Ha = initialize(V, 3, "nndsvda")
     assert_close(Wa[W > 0], W[W > 0])
-    assert_close(Wa[W == 0], torch.full_like(Wa[W == 0], float(V.mean())))
+    fill = float(V.mean()) ** 0.5  # the factors' scale, not V's
+    assert_close(Wa[W == 0], torch.full_like(Wa[W == 0], fill))
     Wr, Hr = initialize(V, 3, "nndsvdar", generator=0)
     assert_close(Hr[H > 0], H[H > 0])
-    assert (Hr[H == 0] <= V.mean() / 100).all()
+    assert (Hr[H == 0] <= fill / 100).all()
+
+
+@pytest.mark.parametrize("method", ["nndsvd", "nndsvda", "nndsvdar", "random"])
+@pytest.mark.parametrize("scale", [1e-12, 2.0**-40, 1e12])
+def test_starts_scale_with_the_square_root(method, scale, generator):
+    # a start for c V is sqrt(c) times the start for V (the nndsvda fill with the
+    # mean of V broke this: fits from it at 1e-12 ended 3x worse than at 1)
+    V, _, _ = low_rank(20, 15, 3, generator, noise=0.05)
+    W, H = initialize(V, 3, method, generator=0)
+    Wc, Hc = initialize(scale * V, 3, method, generator=0)
+    assert_close(Wc / scale**0.5, W, rtol=1e-9, atol=1e-12)
+    assert_close(Hc / scale**0.5, H, rtol=1e-9, atol=1e-12)
 
 
 def test_randomised_svd_agrees_with_exact(generator, monkeypatch):
