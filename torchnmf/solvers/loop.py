@@ -76,7 +76,7 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
             when that step found that the previous iteration raised the
             objective beyond rounding and put the factors back where that
             iteration started (see
-            :class:`~torchnmf.solvers.alternating.AlternatingSolver`).  Then
+            :class:`~torchnmf.solvers.acceptance.RoundingGuard`).  Then
             the step's objective is not recorded, the previous iteration
             counts as one that did not move (its objective is repeated at the
             end of the history), and the fit stops without a warning.
