@@ -43,7 +43,7 @@ def assert_terms(got, want, dtype=torch.float64):
             assert_close(g.expand_as(w), w, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("route", ["windows", "conv", None])
+@pytest.mark.parametrize("route", ["windows", "conv", "hybrid", None])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("beta", BETAS)
 def test_statistics_equal_the_autograd_route(beta, shape, route, generator):
@@ -58,7 +58,7 @@ def test_statistics_equal_the_autograd_route(beta, shape, route, generator):
     assert ours.h_terms(H, W, divergence=False)[2] is None
 
 
-@pytest.mark.parametrize("route", ["windows", "conv"])
+@pytest.mark.parametrize("route", ["windows", "conv", "hybrid"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("beta", [0, 1, 1.5, 2])
 def test_masked_statistics_equal_the_autograd_route(beta, shape, route, generator):
@@ -84,7 +84,11 @@ def test_the_route_follows_the_kernel(generator):
     V, H, W = problem(generator, 3, 2, (4,), (5,))
     assert ConvStats(V, 1)._route(H, W) == "windows"
     V2, H2, W2 = problem(generator, 3, 2, (2, 3), (5, 4))
-    assert ConvStats(V2, 1)._route(H2, W2) == "conv"
+    assert ConvStats(V2, 1)._route(H2, W2) == "hybrid"  # a small kernel
+    V3, H3, W3 = problem(generator, 3, 2, (6, 5), (5, 4))
+    assert ConvStats(V3, 1)._route(H3, W3) == "conv"  # longer than 3 taps
+    V4, H4, W4 = problem(generator, 2, 4, (3, 3, 3), (20, 20, 20), batch=1, dtype=torch.float32)
+    assert ConvStats(V4, 1)._route(H4, W4) == "conv"  # windows of 4 * 27 * 22^3 elements
 
 
 # (channels, rank, kernel, activation shape, batch): odd sizes, long enough
@@ -101,7 +105,7 @@ def block_limits(stats, H, W):
     """Limits giving blocks of batch entries, of one row and of a few rows."""
     C, R, kernel = W.shape[0], W.shape[1], W.shape[2:]
     route = stats._route(H, W)
-    per_position = 3 * C + (3 * R * math.prod(kernel) if route == "windows" else 0)
+    per_position = 3 * C + (3 * R * math.prod(kernel) if route != "conv" else 0)
     per_row = per_position * math.prod(stats.V.shape[3:])
     per_entry = per_row * stats.V.shape[2]
     limits = [per_row * (kernel[0] + 2), per_row]  # a few rows, then one row per block
@@ -110,7 +114,7 @@ def block_limits(stats, H, W):
     return limits
 
 
-@pytest.mark.parametrize("route", ["windows", "conv"])
+@pytest.mark.parametrize("route", ["windows", "conv", "hybrid"])
 @pytest.mark.parametrize("shape", BLOCKED_SHAPES)
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("masked", [False, True])
@@ -312,7 +316,7 @@ def test_cuda_fit_matches_cpu_with_deferred_read_backs(make, vshape, generator, 
     assert gpu.loss_history == pytest.approx(cpu.loss_history, rel=1e-9)
 
 
-@pytest.mark.parametrize("route", ["windows", "conv"])
+@pytest.mark.parametrize("route", ["windows", "conv", "hybrid"])
 @pytest.mark.parametrize("beta", [1, 2, 0.5])
 def test_joint_terms_equal_the_separate_ones(beta, route, generator):
     V, H, W = problem(generator, 3, 2, (4,), (5,))

@@ -46,6 +46,16 @@ __all__ = [
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# the kernel each correlation takes on each route: "hybrid" reconstructs and
+# correlates with the activations through the windows, with the templates by oneDNN
+_H_ROUTE = {"windows": "windows", "conv": "conv", "hybrid": "conv"}
+_W_ROUTE = {"windows": "windows", "conv": "conv", "hybrid": "windows"}
+
+# The hybrid route (see ConvStats._route): kernels no longer than this on every
+# axis whose windows hold at most this many elements per batch entry (2.5 MiB of
+# float32); measured: NMF2D 5x5 and NMF2D 128x128 at 3x3 are faster on oneDNN.
+HYBRID_SIDE = 3
+HYBRID_WINDOWS = 640_000
 
 # Elements of the temporaries one block of the element-wise pass may hold (64 MiB of
 # float32): every problem of the benchmarks fits in one block, so blocking costs
@@ -196,8 +206,8 @@ class ConvStats:
         V (Tensor): the target.
         beta (float): the divergence.
         mask (Tensor, optional): the observed entries.
-        route (str, optional): ``"windows"`` or ``"conv"``; by default chosen
-            per shape (windows for 1-D kernels, convolutions otherwise).
+        route (str, optional): ``"windows"``, ``"conv"`` or ``"hybrid"``; by
+            default chosen per shape (see ``_route``).
         block_elements (int, optional): the temporaries' size per block
             (default :data:`BLOCK_ELEMENTS`).
     """
@@ -252,11 +262,18 @@ class ConvStats:
 
     # -- set-up ---------------------------------------------------------------
     def _route(self, H, W):
-        """Windows for 1-D kernels, torch's convolutions for 2-D and 3-D.
+        """Windows for 1-D kernels; for 2-D and 3-D, torch's convolutions, or the
+        hybrid for small kernels over small windows.
 
-        Measured on CPU (benchmarks/bench_conv.py, docs/benchmarks.md): for NMFD
+        Measured on CPU (benchmarks/bench_deconv.py, docs/benchmarks.md): for NMFD
         the window products beat conv1d 1.3-8x; for NMF2D/NMF3D oneDNN's
-        convolutions beat the windows 2-30x (the windows grow with the kernel's area).
+        convolutions beat the windows route 2-7x (its sum over the taps grows with
+        the kernel's volume).  But oneDNN's padded convolution (the reconstruction)
+        with more than four input channels, and its correlation with the
+        activations as the kernel (:math:`J_W^\top`), are slow for small kernels
+        (NMF2D 4x64x64, rank 6, kernel 3x3: 100 and 135 us against 82 and 33 us
+        for the windows' products, windows built); the hybrid takes those two from
+        the windows and :math:`J_H^\top` from oneDNN.
         """
         return self._plan(H, W)[0]
 
@@ -271,7 +288,12 @@ class ConvStats:
 
     def _choose_route(self, H, W):
         kernel = W.shape[2:]
-        return "windows" if len(kernel) == 1 else "conv"
+        if len(kernel) == 1:
+            return "windows"
+        size = H.shape[1] * math.prod(kernel) * math.prod(self.V.shape[2:])  # per batch entry
+        if max(kernel) <= HYBRID_SIDE and size <= HYBRID_WINDOWS:
+            return "hybrid"
+        return "conv"
 
     def _block_shape(self, H, W, route):
         """``None`` (one block), ``("batch", entries)`` or ``("rows", rows)`` per block.
@@ -284,7 +306,7 @@ class ConvStats:
         C, R = W.shape[:2]
         kernel = W.shape[2:]
         out = self.V.shape[2:]
-        per_position = 3 * C + (3 * R * math.prod(kernel) if route == "windows" else 0)
+        per_position = 3 * C + (3 * R * math.prod(kernel) if route != "conv" else 0)
         per_row = per_position * math.prod(out[1:])
         N, rows = self.V.shape[0], out[0]
         if N * rows * per_row <= limit:
@@ -330,7 +352,7 @@ class ConvStats:
 
     def _block_forward(self, S, W, route, S_windows, pad, out_shape):
         """The reconstruction at a block's rows."""
-        if route == "windows":
+        if route != "conv":
             return forward_from_windows(W, S_windows, out_shape)
         kernel = W.shape[2:]
         flipped = W.flip(dims=tuple(range(2, W.dim())))
@@ -349,7 +371,7 @@ class ConvStats:
         if self.beta != 2 or self.weight is not None:
             return False
         route, shape = self._plan(H, W)
-        if route == "conv" and shape is not None:
+        if route == "hybrid" or (route == "conv" and shape is not None):
             return False
         RK = W[0].numel()
         return RK < 2 * W.shape[0]
@@ -424,19 +446,19 @@ class ConvStats:
         w_sum = variable = None
         for S, n0, n1, a, b, pad in self._blocks(H, W, route):
             V, weight = self._target_block(n0, n1, a, b)
-            S_windows = self._block_windows(S, kernel, pad, V.shape[2:]) if route == "windows" else None
+            S_windows = self._block_windows(S, kernel, pad, V.shape[2:]) if route != "conv" else None
             prediction = self._block_forward(S, W, route, S_windows, pad, V.shape[2:])
             pair = prediction.new_empty((n1 - n0, parts, *V.shape[1:]))
             value = self._powers(prediction, pair.transpose(0, 1), divergence, V, weight)
             if divergence:
                 variable = value if variable is None else variable + value
             if want_h:
-                terms = correlate_h(pair.view(-1, *V.shape[1:]), W, route, pad)
+                terms = correlate_h(pair.view(-1, *V.shape[1:]), W, _H_ROUTE[route], pad)
                 terms = terms.view(n1 - n0, parts, *terms.shape[1:]).transpose(0, 1)
                 h_sum = self._add_h(h_sum, terms, n0, n1, a)
             if want_w:
                 terms = correlate_w(pair.view(n1 - n0, parts * C, *V.shape[2:]), S, S_windows,
-                                    kernel, route, pad)
+                                    kernel, _W_ROUTE[route], pad)
                 w_sum = terms if w_sum is None else w_sum.add_(terms)
         if divergence and not (self.weight is not None or self.beta != 1):
             variable = _sum_prediction(H, W) + variable
