@@ -1,4 +1,6 @@
 """Closed-form statistics of the convolutional models against the autograd route."""
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -41,7 +43,7 @@ def assert_terms(got, want, dtype=torch.float64):
             assert_close(g.expand_as(w), w, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("route", ["windows", "conv", None])
+@pytest.mark.parametrize("route", ["windows", "conv", "hybrid", None])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("beta", BETAS)
 def test_statistics_equal_the_autograd_route(beta, shape, route, generator):
@@ -56,7 +58,7 @@ def test_statistics_equal_the_autograd_route(beta, shape, route, generator):
     assert ours.h_terms(H, W, divergence=False)[2] is None
 
 
-@pytest.mark.parametrize("route", ["windows", "conv"])
+@pytest.mark.parametrize("route", ["windows", "conv", "hybrid"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("beta", [0, 1, 1.5, 2])
 def test_masked_statistics_equal_the_autograd_route(beta, shape, route, generator):
@@ -82,13 +84,96 @@ def test_the_route_follows_the_kernel(generator):
     V, H, W = problem(generator, 3, 2, (4,), (5,))
     assert ConvStats(V, 1)._route(H, W) == "windows"
     V2, H2, W2 = problem(generator, 3, 2, (2, 3), (5, 4))
-    assert ConvStats(V2, 1)._route(H2, W2) == "conv"
+    assert ConvStats(V2, 1)._route(H2, W2) == "hybrid"  # a small kernel
+    V3, H3, W3 = problem(generator, 3, 2, (6, 5), (5, 4))
+    assert ConvStats(V3, 1)._route(H3, W3) == "conv"  # longer than 3 taps
+    V4, H4, W4 = problem(generator, 2, 4, (3, 3, 3), (20, 20, 20), batch=1, dtype=torch.float32)
+    assert ConvStats(V4, 1)._route(H4, W4) == "conv"  # windows of 4 * 27 * 22^3 elements
 
 
-def test_windows_give_way_to_convolutions_beyond_the_limit(generator, monkeypatch):
-    V, H, W = problem(generator, 3, 2, (4,), (5,))
-    monkeypatch.setattr(_convolution, "UNFOLD_LIMIT", 10)
-    assert ConvStats(V, 1)._route(H, W) == "conv"
+# (channels, rank, kernel, activation shape, batch): odd sizes, long enough
+# along the first axis for several row blocks
+BLOCKED_SHAPES = [
+    (5, 2, (4,), (23,), 2),
+    (3, 2, (1,), (9,), 3),
+    (3, 2, (3, 2), (11, 4), 2),
+    (2, 2, (2, 1, 3), (7, 3, 2), 1),
+]
+
+
+def block_limits(stats, H, W):
+    """Limits giving blocks of batch entries, of one row and of a few rows."""
+    C, R, kernel = W.shape[0], W.shape[1], W.shape[2:]
+    route = stats._route(H, W)
+    per_position = 3 * C + (3 * R * math.prod(kernel) if route != "conv" else 0)
+    per_row = per_position * math.prod(stats.V.shape[3:])
+    per_entry = per_row * stats.V.shape[2]
+    limits = [per_row * (kernel[0] + 2), per_row]  # a few rows, then one row per block
+    if stats.V.shape[0] > 1:
+        limits.append(per_entry)  # one batch entry per block
+    return limits
+
+
+@pytest.mark.parametrize("route", ["windows", "conv", "hybrid"])
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES)
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_blocked_statistics_equal_the_unblocked(beta, shape, route, masked, generator):
+    *shape, batch = shape
+    V, H, W = problem(generator, *shape, batch=batch)
+    mask = None
+    if masked:
+        mask = torch.rand(V.shape, generator=generator) > 0.3
+        V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
+    whole = ConvStats(V, beta, mask=mask, route=route)
+    assert whole._plan(H, W)[1] is None
+    for limit in block_limits(whole, H, W):
+        blocked = ConvStats(V, beta, mask=mask, route=route, block_elements=limit)
+        assert blocked._plan(H, W)[1] is not None
+        assert_terms(blocked.h_terms(H, W), whole.h_terms(H, W))
+        assert_terms(blocked.w_terms(H, W, divergence=True), whole.w_terms(H, W, divergence=True))
+        (h_neg, h_pos), (w_neg, w_pos), value = blocked.joint_terms(H, W)
+        assert_terms((h_neg, h_pos, w_neg, w_pos, value),
+                     (*whole.h_terms(H, W)[:2], *whole.w_terms(H, W), whole.divergence(H, W)))
+        assert float(blocked.divergence(H, W)) == pytest.approx(float(whole.divergence(H, W)),
+                                                                rel=1e-9)
+        assert float(blocked.explicit_divergence(H, W)) == pytest.approx(
+            float(whole.explicit_divergence(H, W)), rel=1e-9)
+
+
+@pytest.mark.parametrize("kernel,inner", [((8,), (400,)), ((3, 3), (60, 40))])
+def test_blocks_bound_the_temporaries(kernel, inner, generator):
+    """Once blocked, no tensor formed by the statistics is half the target's size (the
+    largest left are the activations' terms, 2 R / C of it)."""
+    from conftest import DenseWatcher
+
+    V, H, W = problem(generator, 16, 3, kernel, inner, batch=1, dtype=torch.float32)
+    limit = V.numel() // 8
+    for beta in (1, 0.5):
+        stats = ConvStats(V, beta, block_elements=limit)
+        with DenseWatcher() as watcher:
+            stats.h_terms(H, W)
+            stats.w_terms(H, W)
+        assert watcher.largest < V.numel() // 2
+        with DenseWatcher() as watcher:
+            ConvStats(V, beta).h_terms(H, W)
+        assert watcher.largest >= V.numel()  # the watcher sees the unblocked reconstruction
+
+
+def test_a_blocked_fit_follows_the_unblocked_one(generator, monkeypatch):
+    V = torch.rand(2, 4, 30, generator=generator, dtype=torch.float64) + 0.1
+    mask = torch.rand(V.shape, generator=generator) > 0.2
+    torch.manual_seed(0)
+    ours = NMFD(V.shape, rank=2, T=3).double()
+    reference = NMFD(V.shape, rank=2, T=3).double()
+    reference.load_state_dict(ours.state_dict())
+    reference.fit(V, beta=0.5, max_iter=5, tol=0, mask=mask)
+    # (3 C + 3 R T) = 30 elements per step: blocks of 8 - 2 (T - 1) = 4 steps
+    monkeypatch.setattr(_convolution, "BLOCK_ELEMENTS", 30 * 8)
+    ours.fit(V, beta=0.5, max_iter=5, tol=0, mask=mask)
+    assert_close(ours.W.detach(), reference.W.detach())
+    assert_close(ours.H.detach(), reference.H.detach())
+    assert ours.loss_history == pytest.approx(reference.loss_history, rel=1e-9)
 
 
 def autograd_statistics(self, V, beta, mask=None):
@@ -231,7 +316,7 @@ def test_cuda_fit_matches_cpu_with_deferred_read_backs(make, vshape, generator, 
     assert gpu.loss_history == pytest.approx(cpu.loss_history, rel=1e-9)
 
 
-@pytest.mark.parametrize("route", ["windows", "conv"])
+@pytest.mark.parametrize("route", ["windows", "conv", "hybrid"])
 @pytest.mark.parametrize("beta", [1, 2, 0.5])
 def test_joint_terms_equal_the_separate_ones(beta, route, generator):
     V, H, W = problem(generator, 3, 2, (4,), (5,))

@@ -25,10 +25,11 @@ Two kernels compute the correlations, chosen per shape by measurement:
 *windows* (the zero-padded activations unfolded into an ``(R K, L)`` matrix
 per batch entry, ``K`` taps and ``L`` output positions, so that the forward
 map and :math:`J_W^\top` are matrix products and :math:`J_H^\top` is a
-matrix product followed by a shifted sum over the taps) for 1-D kernels while
-that matrix stays under :data:`~torchnmf.models.forward.UNFOLD_LIMIT` elements,
+matrix product followed by a shifted sum over the taps) for 1-D kernels,
 and torch's convolutions (oneDNN on CPU, cuDNN on GPU) otherwise, the
-reconstruction then being a padded convolution with the flipped templates.  Nothing here reads a
+reconstruction then being a padded convolution with the flipped templates.
+Memory stays bounded: the temporaries are formed a block of
+:data:`BLOCK_ELEMENTS` at a time (see :class:`ConvStats`).  Nothing here reads a
 value back to the host.
 """
 import math
@@ -36,13 +37,30 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..models.forward import UNFOLD_LIMIT, padded_windows
+from ..models.forward import padded_windows
 from .dense import divergence_constant
 from .residual import pointwise_divergence
 
-__all__ = ["ConvStats", "windows", "correlate_h", "correlate_w", "forward_from_windows"]
+__all__ = [
+    "ConvStats", "windows", "correlate_h", "correlate_w", "forward_from_windows", "BLOCK_ELEMENTS",
+]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# the kernel each correlation takes on each route: "hybrid" reconstructs and
+# correlates with the activations through the windows, with the templates by oneDNN
+_H_ROUTE = {"windows": "windows", "conv": "conv", "hybrid": "conv"}
+_W_ROUTE = {"windows": "windows", "conv": "conv", "hybrid": "windows"}
+
+# The hybrid route (see ConvStats._route): kernels no longer than this on every
+# axis whose windows hold at most this many elements per batch entry (2.5 MiB of
+# float32); measured: NMF2D 5x5 and NMF2D 128x128 at 3x3 are faster on oneDNN.
+HYBRID_SIDE = 3
+HYBRID_WINDOWS = 640_000
+
+# Elements of the temporaries one block of the element-wise pass may hold (64 MiB of
+# float32): every problem of the benchmarks fits in one block, so blocking costs
+# them nothing; larger targets are handled in blocks of this size.
+BLOCK_ELEMENTS = 1 << 24
 
 
 def windows(H, kernel):
@@ -89,11 +107,38 @@ def _shifted_sum(Y, R, kernel, out_shape):
     return view.sum(dim=tuple(range(2, 2 + d)))
 
 
-def correlate_h(X, W, route="windows"):
-    r""":math:`J_H^\top X`, ``(N', R, *in)``, for ``X (N', C, *out)`` and ``W (C, R, *kernel)``."""
+def _taps_sum(Y, R, kernel, out_shape, pad=0):
+    """:func:`_shifted_sum` of ``Y`` as if padded by ``pad`` zeros on both sides of its
+    first spatial axis; for 1-D kernels a sum of shifted slices, without the padded copy."""
+    if not pad:
+        return _shifted_sum(Y, R, kernel, out_shape)
+    if len(kernel) > 1:
+        N = Y.shape[0]
+        Y = F.pad(Y.view(N, Y.shape[1], *out_shape), [0, 0] * (len(kernel) - 1) + [pad, pad])
+        return _shifted_sum(Y.view(N, Y.shape[1], -1), R, kernel, (out_shape[0] + 2 * pad, *out_shape[1:]))
+    N, (k,), (L,) = Y.shape[0], kernel, out_shape
+    taps = Y.view(N, R, k, L)
+    out = Y.new_zeros((N, R, L + 2 * pad - k + 1))
+    for t in range(k):
+        out[:, :, pad - t:pad - t + L] += taps[:, :, t]
+    return out
+
+
+def _first_axis_padding(pad, d):
+    """``padding`` of a convolution: ``pad`` on the first spatial axis only."""
+    return [pad] + [0] * (d - 1)
+
+
+def correlate_h(X, W, route="windows", pad=0):
+    r""":math:`J_H^\top X`, ``(N', R, *in)``, for ``X (N', C, *out)`` and ``W (C, R, *kernel)``.
+
+    With ``pad``, ``X`` stands for itself with ``pad`` zeros before and after its
+    first spatial axis (a block's rows, see :class:`ConvStats`).
+    """
     kernel = tuple(W.shape[2:])
     if route == "conv":
-        return _CONV[len(kernel)](X, W.transpose(0, 1))
+        padding = _first_axis_padding(pad, len(kernel)) if pad else 0
+        return _CONV[len(kernel)](X, W.transpose(0, 1), padding=padding)
     C, R = W.shape[:2]
     N = X.shape[0]
     columns = X.reshape(N, C, -1)
@@ -101,14 +146,19 @@ def correlate_h(X, W, route="windows"):
     Y = X.new_empty((N, W_T.shape[0], columns.shape[2]))
     for n in range(N):
         torch.mm(W_T, columns[n], out=Y[n])
-    return _shifted_sum(Y, R, kernel, tuple(X.shape[2:]))
+    return _taps_sum(Y, R, kernel, tuple(X.shape[2:]), pad)
 
 
-def correlate_w(X, H, H_windows=None, kernel=None, route="windows"):
-    r""":math:`J_W^\top X`, ``(C', R, *kernel)``, for ``X (N, C', *out)`` and ``H (N, R, *in)``."""
+def correlate_w(X, H, H_windows=None, kernel=None, route="windows", pad=0):
+    r""":math:`J_W^\top X`, ``(C', R, *kernel)``, for ``X (N, C', *out)`` and ``H (N, R, *in)``.
+
+    ``pad`` as in :func:`correlate_h`; ``H_windows`` are then those of the
+    unpadded rows of ``X``.
+    """
     if route == "conv":
         d = H.dim() - 2
-        return _CONV[d](X.transpose(0, 1), H.transpose(0, 1))
+        padding = _first_axis_padding(pad, d) if pad else 0
+        return _CONV[d](X.transpose(0, 1), H.transpose(0, 1), padding=padding)
     N, C = X.shape[:2]
     R = H.shape[1]
     columns = X.reshape(N, C, -1)
@@ -128,6 +178,12 @@ def _inner(a, b):
     return torch.dot(a.reshape(-1), b.reshape(-1)).double()
 
 
+def _pad_first_axis(H, k):
+    """``H`` with ``k - 1`` zeros before and after its first spatial axis."""
+    padding = [0, 0] * (H.dim() - 3) + [k - 1, k - 1]
+    return F.pad(H, padding)
+
+
 class ConvStats:
     """Closed-form statistics of a dense (optionally masked) target for the convolutional models.
 
@@ -137,21 +193,33 @@ class ConvStats:
     observed; ``V`` holding zeros elsewhere) the divergence and both parts
     count the observed entries only.
 
+    The element-wise pass and the kernels' temporaries (the reconstruction, the
+    two right-hand sides, the windows) are formed a block at a time, so that
+    they hold about ``block_elements`` elements whatever the size of ``V``:
+    blocks of batch entries, or, when one entry is larger than that, blocks of
+    the first spatial axis (time for NMFD), each with the ``k - 1`` activations
+    before it that reach into it; the activations' terms of neighbouring
+    blocks overlap by ``k - 1`` and are added.  A problem that fits in one
+    block takes the unblocked path.
+
     Args:
         V (Tensor): the target.
         beta (float): the divergence.
         mask (Tensor, optional): the observed entries.
-        route (str, optional): ``"windows"`` or ``"conv"``; by default chosen
-            per shape (windows while they stay under ``UNFOLD_LIMIT`` elements).
+        route (str, optional): ``"windows"``, ``"conv"`` or ``"hybrid"``; by
+            default chosen per shape (see ``_route``).
+        block_elements (int, optional): the temporaries' size per block
+            (default :data:`BLOCK_ELEMENTS`).
     """
 
-    def __init__(self, V, beta, mask=None, route=None):
+    def __init__(self, V, beta, mask=None, route=None, block_elements=None):
         self.V = V.contiguous()
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
         self.route = route
         self.mask = mask
-        self._chosen = None  # (shapes, route) of the last choice
+        self.block_elements = block_elements
+        self._chosen = None  # (shapes, route, blocks) of the last choice
         self.weight = None
         if mask is None:
             self.constant = divergence_constant(self.V, self.beta)
@@ -170,72 +238,177 @@ class ConvStats:
 
     def scaled(self, factor):
         """The same statistics for ``factor * V``."""
-        return type(self)(self.V * factor, self.beta, self.mask, self.route)
+        return type(self)(self.V * factor, self.beta, self.mask, self.route, self.block_elements)
 
     def magnitude(self):
         """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
         return float(self._observed(self.V).double().pow(self.beta).sum())
 
     def explicit_divergence(self, H, W):
-        """The divergence summed entry by entry in float64 (slow, accurate)."""
-        prediction = self._forward(H.double(), W.double(), "conv", None)
-        if self.beta != 2:
-            prediction = prediction.clamp_min(self.eps)
-        return pointwise_divergence(self._observed(self.V), self._observed(prediction), self.beta).sum()
+        """The divergence summed entry by entry in float64 (slow, accurate), block by block."""
+        H, W = H.double(), W.double()
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        for block in self._blocks(H, W, "conv"):
+            S, n0, n1, a, b, pad = block
+            prediction = self._block_forward(S, W, "conv", None, pad, None)
+            if self.beta != 2:
+                prediction = prediction.clamp_min(self.eps)
+            V, weight = self._target_block(n0, n1, a, b)
+            if weight is not None:
+                observed = weight.bool()
+                V, prediction = V[observed], prediction[observed]
+            total += pointwise_divergence(V, prediction, self.beta).sum()
+        return total
 
     # -- set-up ---------------------------------------------------------------
     def _route(self, H, W):
-        """Windows for 1-D kernels (while they fit), torch's convolutions for 2-D and 3-D.
+        """Windows for 1-D kernels; for 2-D and 3-D, torch's convolutions, or the
+        hybrid for small kernels over small windows.
 
-        Measured on CPU (benchmarks/bench_conv.py, docs/benchmarks.md): for NMFD
+        Measured on CPU (benchmarks/bench_deconv.py, docs/benchmarks.md): for NMFD
         the window products beat conv1d 1.3-8x; for NMF2D/NMF3D oneDNN's
-        convolutions beat the windows 2-30x (the windows grow with the kernel's area).
+        convolutions beat the windows route 2-7x (its sum over the taps grows with
+        the kernel's volume).  But oneDNN's padded convolution (the reconstruction)
+        with more than four input channels, and its correlation with the
+        activations as the kernel (:math:`J_W^\top`), are slow for small kernels
+        (NMF2D 4x64x64, rank 6, kernel 3x3: 100 and 135 us against 82 and 33 us
+        for the windows' products, windows built); the hybrid takes those two from
+        the windows and :math:`J_H^\top` from oneDNN.
         """
-        if self.route is not None:
-            return self.route
+        return self._plan(H, W)[0]
+
+    def _plan(self, H, W):
+        """``(route, blocks)`` for these shapes, chosen once and kept."""
         key = (H.shape, W.shape)
         if self._chosen is not None and self._chosen[0] == key:
-            return self._chosen[1]
-        route = self._choose_route(H, W)
-        self._chosen = (key, route)
-        return route
+            return self._chosen[1:]
+        route = self.route or self._choose_route(H, W)
+        self._chosen = (key, route, self._block_shape(H, W, route))
+        return self._chosen[1:]
 
     def _choose_route(self, H, W):
         kernel = W.shape[2:]
-        size = H.shape[0] * H.shape[1] * math.prod(kernel) * math.prod(self.V.shape[2:])
-        return "windows" if len(kernel) == 1 and size <= UNFOLD_LIMIT else "conv"
+        if len(kernel) == 1:
+            return "windows"
+        size = H.shape[1] * math.prod(kernel) * math.prod(self.V.shape[2:])  # per batch entry
+        if max(kernel) <= HYBRID_SIDE and size <= HYBRID_WINDOWS:
+            return "hybrid"
+        return "conv"
+
+    def _block_shape(self, H, W, route):
+        """``None`` (one block), ``("batch", entries)`` or ``("rows", rows)`` per block.
+
+        A block's temporaries per output position: the reconstruction and the
+        two right-hand sides (``3 C``), and for the windows their matrix and
+        the product of the templates with the right-hand sides (``3 R K``).
+        """
+        limit = self.block_elements or BLOCK_ELEMENTS
+        C, R = W.shape[:2]
+        kernel = W.shape[2:]
+        out = self.V.shape[2:]
+        per_position = 3 * C + (3 * R * math.prod(kernel) if route != "conv" else 0)
+        per_row = per_position * math.prod(out[1:])
+        N, rows = self.V.shape[0], out[0]
+        if N * rows * per_row <= limit:
+            return None
+        if rows * per_row <= limit:
+            return "batch", limit // (rows * per_row)
+        # the windows route's correlation pads a block of ``b`` rows to ``b + 2 (k - 1)``;
+        # blocks of equal size (the last one not a sliver)
+        most = max(1, limit // per_row - 2 * (kernel[0] - 1))
+        count = -(-rows // most)
+        return "rows", -(-rows // count)
+
+    def _blocks(self, H, W, route):
+        """``(S, n0, n1, a, b, pad)`` per block: the activations ``S`` that reach the
+        target's entries ``[n0:n1]`` and rows ``[a:b]`` of the first spatial axis;
+        the block's reconstruction is rows ``[pad:pad + b - a]`` of ``S``'s full one."""
+        shape = self._plan(H, W)[1]
+        N, rows = self.V.shape[0], self.V.shape[2]
+        if shape is None:
+            yield H, 0, N, 0, rows, 0
+        elif shape[0] == "batch":
+            for n0 in range(0, N, shape[1]):
+                yield H[n0:n0 + shape[1]], n0, min(n0 + shape[1], N), 0, rows, 0
+        else:
+            k = W.shape[2]
+            padded = _pad_first_axis(H, k)
+            for n in range(N):
+                for a in range(0, rows, shape[1]):
+                    b = min(a + shape[1], rows)
+                    yield padded[n:n + 1, :, a:b + k - 1], n, n + 1, a, b, k - 1
+
+    @staticmethod
+    def _block_windows(S, kernel, pad, out_shape):
+        """The windows of ``S`` at a block's own rows (rows ``pad:`` of its full output)."""
+        S_windows = windows(S, kernel)
+        if not pad:
+            return S_windows
+        if len(kernel) == 1:  # a strided view: the products read it in place
+            return S_windows.narrow(2, pad, out_shape[0])
+        full = [s + k - 1 for s, k in zip(S.shape[2:], kernel)]
+        rows = S_windows.view(*S_windows.shape[:2], *full).narrow(2, pad, out_shape[0])
+        return rows.reshape(*S_windows.shape[:2], -1)
+
+    def _block_forward(self, S, W, route, S_windows, pad, out_shape):
+        """The reconstruction at a block's rows."""
+        if route != "conv":
+            return forward_from_windows(W, S_windows, out_shape)
+        kernel = W.shape[2:]
+        flipped = W.flip(dims=tuple(range(2, W.dim())))
+        padding = [k - 1 for k in kernel]
+        if pad:
+            padding[0] = 0
+        return _CONV[len(kernel)](S, flipped, padding=padding)
+
+    def _target_block(self, n0, n1, a, b):
+        V = self.V[n0:n1, :, a:b]
+        return V, None if self.weight is None else self.weight[n0:n1, :, a:b]
 
     def _gram_cheaper(self, H, W):
-        """beta=2, no mask, and the auto-correlation route costs less than a reconstruction."""
+        """beta=2, no mask, and the auto-correlation route costs less than a
+        reconstruction (the windows route, or torch's convolutions in one block)."""
         if self.beta != 2 or self.weight is not None:
+            return False
+        route, shape = self._plan(H, W)
+        if route == "hybrid" or (route == "conv" and shape is not None):
             return False
         RK = W[0].numel()
         return RK < 2 * W.shape[0]
 
     def _forward(self, H, W, route, H_windows):
+        """The full reconstruction of ``H``."""
         if route == "conv":
             # a padded convolution with the flipped templates: several times faster
             # than conv_transpose*d on CPU (measured) and the same sums
             kernel = W.shape[2:]
             flipped = W.flip(dims=tuple(range(2, W.dim())))
             return _CONV[len(kernel)](H, flipped, padding=[k - 1 for k in kernel])
-        return forward_from_windows(W, H_windows, self.V.shape[2:])
+        out_shape = [s + k - 1 for s, k in zip(H.shape[2:], W.shape[2:])]
+        return forward_from_windows(W, H_windows, out_shape)
 
-    def _powers(self, prediction, pair, divergence, H, W):
-        """Fill ``pair`` with (V * WH^(beta-2), M * WH^(beta-1)); return the divergence or None.
+    def _both(self):
+        """Whether the positive parts need the reconstruction (not at beta=1 unmasked)."""
+        return self.beta != 1 or self.weight is not None
 
-        ``pair`` is ``(2, *V.shape)`` or ``None`` at beta=1 without a mask, where
-        only the first part is needed (returned alone in a ``(1, ...)`` tensor).
+    def _powers(self, prediction, pair, divergence, V, weight):
+        """Fill ``pair`` with (V * WH^(beta-2), M * WH^(beta-1)); return the divergence's
+        variable part over these entries, or None.
+
+        ``pair`` is ``(2, *V.shape)``, or ``(1, ...)`` at beta=1 without a mask,
+        where only the first part is needed; the sum of the reconstruction is then
+        left to the caller (:func:`_sum_prediction`).
         """
-        beta, V, weight = self.beta, self.V, self.weight
+        beta = self.beta
         floored = prediction.clamp_min_(self.eps)
         numer, denom = pair[0], pair[1] if pair.shape[0] > 1 else None
         variable = None
         if beta == 1:
             if divergence:
                 log = torch.log(floored)
-                total = _sum_prediction(H, W) if weight is None else _inner(weight, floored)
-                variable = total - _inner(V, log)
+                variable = -_inner(V, log)
+                if weight is not None:
+                    variable = _inner(weight, floored) + variable
             if weight is not None:
                 denom.copy_(weight)
             torch.div(V, floored, out=numer)
@@ -257,73 +430,138 @@ class ConvStats:
     def _total(self, variable):
         return (self.constant + variable).clamp_min(0)
 
-    # -- the element-wise pass shared by both factors ------------------------------
-    def _pair(self, H, W, route, H_windows, divergence):
-        """``(pair, divergence)``: ``pair (N, 2, C, *out)`` holds V * WH^(beta-2) and
-        M * WH^(beta-1) per batch entry (``(N, 1, ...)``, the first alone, at beta=1
-        without a mask, where the positive parts need no reconstruction)."""
-        prediction = self._forward(H, W, route, H_windows)
-        both = self.beta != 1 or self.weight is not None
-        pair = prediction.new_empty((self.V.shape[0], 2 if both else 1, *self.V.shape[1:]))
-        variable = self._powers(prediction, pair.transpose(0, 1), divergence, H, W)
-        return pair, self._total(variable) if divergence else None
+    # -- the element-wise pass shared by both factors, block by block -------------------
+    def _terms(self, H, W, want_h, want_w, divergence):
+        """``(h, w, divergence)`` from the ratio and the powers of the reconstruction.
 
-    def _h_from_pair(self, pair, W, route):
-        N, parts = pair.shape[:2]
-        terms = correlate_h(pair.view(N * parts, *self.V.shape[1:]), W, route)
-        terms = terms.view(N, parts, *terms.shape[1:])
-        if parts == 2:
-            return terms[:, 0], terms[:, 1]
-        ones = W.sum(dim=[0] + list(range(2, W.dim())))
-        return terms[:, 0], ones.view(1, -1, *[1] * (W.dim() - 2))
+        ``h`` and ``w`` are (negative, positive) pairs (``None`` when not
+        wanted); at beta=1 without a mask the positive parts are the sums of
+        the other factor, broadcastable.
+        """
+        route, shape = self._plan(H, W)
+        kernel = tuple(W.shape[2:])
+        parts = 2 if self._both() else 1
+        C, R = W.shape[:2]
+        h_sum = self._h_sums(H, parts) if want_h and shape is not None else None
+        w_sum = variable = None
+        for S, n0, n1, a, b, pad in self._blocks(H, W, route):
+            V, weight = self._target_block(n0, n1, a, b)
+            S_windows = self._block_windows(S, kernel, pad, V.shape[2:]) if route != "conv" else None
+            prediction = self._block_forward(S, W, route, S_windows, pad, V.shape[2:])
+            pair = prediction.new_empty((n1 - n0, parts, *V.shape[1:]))
+            value = self._powers(prediction, pair.transpose(0, 1), divergence, V, weight)
+            if divergence:
+                variable = value if variable is None else variable + value
+            if want_h:
+                terms = correlate_h(pair.view(-1, *V.shape[1:]), W, _H_ROUTE[route], pad)
+                terms = terms.view(n1 - n0, parts, *terms.shape[1:]).transpose(0, 1)
+                h_sum = self._add_h(h_sum, terms, n0, n1, a)
+            if want_w:
+                terms = correlate_w(pair.view(n1 - n0, parts * C, *V.shape[2:]), S, S_windows,
+                                    kernel, _W_ROUTE[route], pad)
+                w_sum = terms if w_sum is None else w_sum.add_(terms)
+        if divergence and not (self.weight is not None or self.beta != 1):
+            variable = _sum_prediction(H, W) + variable
+        h = w = None
+        if want_h:
+            h_sum = self._h_unpadded(h_sum, H, W)
+            ones = W.sum(dim=[0] + list(range(2, W.dim()))).view(1, -1, *[1] * len(kernel))
+            h = (h_sum[0], h_sum[1] if parts == 2 else ones)
+        if want_w:
+            ones = H.sum(dim=[0] + list(range(2, H.dim()))).view(1, -1, *[1] * len(kernel))
+            w = (w_sum[:C], w_sum[C:] if parts == 2 else ones)
+        return h, w, self._total(variable) if divergence else None
 
-    def _w_from_pair(self, pair, H, H_windows, kernel, route):
-        N, parts, C = pair.shape[:3]
-        terms = correlate_w(pair.view(N, parts * C, *self.V.shape[2:]), H, H_windows, kernel, route)
-        if parts == 2:
-            return terms[:C], terms[C:]
-        ones = H.sum(dim=[0] + list(range(2, H.dim())))
-        return terms, ones.view(1, -1, *[1] * len(kernel))
+    # -- the activations' terms, block by block ----------------------------------------
+    def _h_sums(self, H, parts):
+        """Zeros for ``parts`` sums of the ``H`` terms over blocks, in the coordinates
+        of ``H`` padded along its first axis when the blocks are rows."""
+        pad = self._plan_pad()
+        return H.new_zeros((parts, H.shape[0], H.shape[1], H.shape[2] + 2 * pad, *H.shape[3:]))
+
+    def _plan_pad(self):
+        shape, kernel = self._chosen[2], self._chosen[0][1][2:]
+        return kernel[0] - 1 if shape is not None and shape[0] == "rows" else 0
+
+    @staticmethod
+    def _add_h(h_sum, terms, n0, n1, a):
+        """Add a block's ``(parts, n, R, *S)`` terms at its entries and rows (``None``: one block)."""
+        if h_sum is None:
+            return terms
+        h_sum[:, n0:n1, :, a:a + terms.shape[3]] += terms
+        return h_sum
+
+    def _h_unpadded(self, h_sum, H, W):
+        pad = self._plan_pad()
+        return h_sum.narrow(3, pad, H.shape[2]) if pad else h_sum
+
+    # -- beta=2 from the auto-correlations -------------------------------------------
+    def _gram_terms(self, H, W, want_h, want_w):
+        r"""``(h, w)`` (negative, positive) pairs at beta=2 without the reconstruction.
+
+        The positive parts are :math:`J_H^\top J_H H` and :math:`J_W^\top J_W W`:
+        the templates' auto-correlation applied to the activations' windows, and
+        the windows' own auto-correlation (summed over blocks) applied to the
+        templates.  Torch's convolutions (one block only) reconstruct instead.
+        """
+        route = self._route(H, W)
+        kernel = tuple(W.shape[2:])
+        C, R = W.shape[:2]
+        h = w = None
+        if route == "conv":
+            prediction = self._forward(H, W, route, None)
+            if want_h:
+                h = (correlate_h(self.V, W, route), correlate_h(prediction, W, route))
+            if want_w:
+                w = (correlate_w(self.V, H, None, kernel, route),
+                     correlate_w(prediction, H, None, kernel, route))
+            return h, w
+        templates = W.reshape(C, -1).T @ _flipped_matrix(W) if want_h else None  # (R K, R K)
+        h_sum = self._h_sums(H, 2) if want_h and self._plan(H, W)[1] is not None else None
+        w_negative = gram = None
+        for S, n0, n1, a, b, pad in self._blocks(H, W, route):
+            V, _ = self._target_block(n0, n1, a, b)
+            S_windows = self._block_windows(S, kernel, pad, V.shape[2:])
+            if want_h:
+                negative = correlate_h(V, W, route, pad)
+                Y = torch.matmul(templates, S_windows)
+                positive = _taps_sum(Y, R, kernel, tuple(V.shape[2:]), pad)
+                h_sum = self._add_h(h_sum, torch.stack([negative, positive]), n0, n1, a)
+            if want_w:
+                negative = correlate_w(V, S, S_windows, kernel, route)
+                block_gram = torch.einsum("nkl,njl->kj", S_windows, S_windows)  # (R K, R K)
+                w_negative = negative if w_negative is None else w_negative.add_(negative)
+                gram = block_gram if gram is None else gram.add_(block_gram)
+        if want_h:
+            h_sum = self._h_unpadded(h_sum, H, W)
+            h = (h_sum[0], h_sum[1])
+        if want_w:
+            flat = _flipped_matrix(W) @ gram
+            w = (w_negative, flat.view(W.shape).flip(dims=tuple(range(2, W.dim()))))
+        return h, w
 
     # -- H ------------------------------------------------------------------------
     def h_terms(self, H, W, divergence=True):
         """The ``H`` terms and the divergence at (H, W) (``None`` with ``divergence=False``)."""
-        route = self._route(H, W)
-        H_windows = windows(H, W.shape[2:]) if route == "windows" else None
         if self._gram_cheaper(H, W):
-            negative = correlate_h(self.V, W, route)
-            positive = self._gram_h(H, W, H_windows, route)
+            (negative, positive), _ = self._gram_terms(H, W, True, False)
             value = None
             if divergence:
                 value = self._total(-_inner(H, negative) + _inner(H, positive) / 2)
             return negative, positive, value
-        pair, value = self._pair(H, W, route, H_windows, divergence)
-        return (*self._h_from_pair(pair, W, route), value)
-
-    def _gram_h(self, H, W, H_windows, route):
-        r""":math:`J_H^\top \hat V` without :math:`\hat V`: the templates' auto-correlation."""
-        if route == "conv":
-            return correlate_h(self._forward(H, W, route, None), W, route)
-        C, R = W.shape[:2]
-        gram = W.reshape(C, -1).T @ _flipped_matrix(W)  # (R K, R K)
-        Y = torch.matmul(gram, H_windows)
-        return _shifted_sum(Y, R, tuple(W.shape[2:]), tuple(self.V.shape[2:]))
+        h, _, value = self._terms(H, W, True, False, divergence)
+        return (*h, value)
 
     # -- W ------------------------------------------------------------------------
     def w_terms(self, H, W, divergence=False):
         """The ``W`` terms; with ``divergence=True`` also the divergence at (H, W)."""
-        route = self._route(H, W)
-        kernel = tuple(W.shape[2:])
-        H_windows = windows(H, kernel) if route == "windows" else None
         if self._gram_cheaper(H, W):
-            negative = correlate_w(self.V, H, H_windows, kernel, route)
-            positive = self._gram_w(H, W, H_windows, route)
+            _, (negative, positive) = self._gram_terms(H, W, False, True)
             if not divergence:
                 return negative, positive
             return negative, positive, self._total(-_inner(W, negative) + _inner(W, positive) / 2)
-        pair, value = self._pair(H, W, route, H_windows, divergence)
-        terms = self._w_from_pair(pair, H, H_windows, kernel, route)
-        return terms if not divergence else (*terms, value)
+        _, w, value = self._terms(H, W, False, True, divergence)
+        return w if not divergence else (*w, value)
 
     # -- both at one point ------------------------------------------------------------
     def joint_terms(self, H, W):
@@ -332,30 +570,11 @@ class ConvStats:
         For solvers that update every factor from the same point (PLCA's EM),
         where separate ``h_terms`` and ``w_terms`` would reconstruct twice.
         """
-        route = self._route(H, W)
-        kernel = tuple(W.shape[2:])
         if self._gram_cheaper(H, W):
             negative, positive, value = self.h_terms(H, W)
             return (negative, positive), self.w_terms(H, W), value
-        H_windows = windows(H, kernel) if route == "windows" else None
-        pair, value = self._pair(H, W, route, H_windows, True)
-        return (self._h_from_pair(pair, W, route),
-                self._w_from_pair(pair, H, H_windows, kernel, route), value)
-
-    def _gram_w(self, H, W, H_windows, route):
-        r""":math:`J_W^\top \hat V` without :math:`\hat V`: the activations' auto-correlation."""
-        kernel = tuple(W.shape[2:])
-        if route == "conv":
-            return correlate_w(self._forward(H, W, route, None), H, None, kernel, route)
-        gram = torch.einsum("nkl,njl->kj", H_windows, H_windows)  # (R K, R K)
-        flat = _flipped_matrix(W) @ gram
-        return flat.view(W.shape).flip(dims=tuple(range(2, W.dim())))
+        return self._terms(H, W, True, True, True)
 
     # -- divergence ---------------------------------------------------------------
     def divergence(self, H, W):
-        route = self._route(H, W)
-        H_windows = windows(H, W.shape[2:]) if route == "windows" else None
-        prediction = self._forward(H, W, route, H_windows)
-        both = self.beta != 1 or self.weight is not None
-        pair = prediction.new_empty((2 if both else 1, *self.V.shape))
-        return self._total(self._powers(prediction, pair, True, H, W))
+        return self._terms(H, W, False, False, True)[2]
