@@ -160,3 +160,28 @@ def test_convolutional_model(pool, beta):
     fit = dict(beta=beta, max_iter=10, tol=0, alpha=0.1)
     results = pool.run(cases.nmfd_case, fit=fit)
     assert_same_fit(results, cases.reference_nmfd(fit))
+
+
+@pytest.mark.parametrize("kind,fit", [
+    ("dense", dict(beta=2, sW=0.5)),            # W projected: identical on every process
+    ("dense", dict(beta=2, sH=0.6)),            # H's components run over both processes' rows
+    ("masked", dict(beta=1, sW=0.4, sH=0.5)),
+    ("sparse", dict(beta=2, sH=0.7)),
+])
+def test_sparse_fit(pool, kind, fit):
+    fit = dict(fit, max_iter=15)
+    results = pool.run(cases.sparse_fit_case, kind=kind, fit=fit)
+    reference = cases.reference_sparse_fit(kind, fit)
+    assert_same_fit(results, reference)
+    assert np.all(np.diff(reference[1]) <= 1e-12 * abs(reference[1][0]))  # never increases
+    if "sH" in fit:  # the projection was of the whole components: unit norm over all rows
+        H = np.concatenate([r[3] for r in results])
+        np.testing.assert_allclose(np.linalg.norm(H, axis=0), 1.0, rtol=1e-10)
+
+
+def test_convolutional_initialisation(pool):
+    results = pool.run(cases.conv_init_case)
+    W, H = cases.reference_conv_init()
+    for result in results:
+        np.testing.assert_allclose(result[0], W, **TOL)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), H, **TOL)
