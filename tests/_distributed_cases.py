@@ -30,7 +30,7 @@ def problem(kind="dense", N=24, C=10, R=3, seed=0, dtype=torch.float64, scale=1.
     V = torch.rand(N, R, generator=g, dtype=dtype) @ torch.rand(R, C, generator=g, dtype=dtype)
     V += 0.1 * torch.rand(N, C, generator=g, dtype=dtype)
     mask = None
-    if kind in ("sparse", "sparse_csr", "sparse_masked"):
+    if kind in ("sparse", "sparse_csr", "sparse_csc", "sparse_masked"):
         V = V * (torch.rand(N, C, generator=g, dtype=dtype) < 0.6)
     if kind in ("masked", "sparse_masked"):
         mask = torch.rand(N, C, generator=g) > 0.2
@@ -45,6 +45,8 @@ def as_kind(V, kind):
         return V.to_sparse_coo()
     if kind == "sparse_csr":
         return V.to_sparse_csr()
+    if kind == "sparse_csc":
+        return V.to_sparse_csc()
     return V
 
 

@@ -44,6 +44,20 @@ def test_two_processes_equal_one(pool, kind, solver, beta):
     assert_same_fit(results, cases.reference_fit(kind, fit))
 
 
+@pytest.mark.parametrize("kind,fit", [
+    ("sparse_csc", dict(beta=1, solver="mu")),
+    ("sparse_csc", dict(beta=2, solver="hals")),
+    # a target streamed in row blocks on each process: the wrappers compose
+    ("dense", dict(beta=1, solver="mu_extrapolated", block_rows=5)),
+    ("sparse_csr", dict(beta=0.5, solver="mu", block_rows=4)),
+])
+def test_csc_and_streamed_targets(pool, kind, fit):
+    fit = dict(fit, max_iter=15, tol=0)
+    results = pool.run(cases.fit_case, kind=kind, fit=fit)
+    fit.pop("block_rows", None)
+    assert_same_fit(results, cases.reference_fit(kind, fit))
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 @pytest.mark.parametrize("kind,solver,beta", [("dense", "mu", 1), ("sparse", "hals", 2)])
 def test_scale_is_shared_by_the_processes(pool, scale, kind, solver, beta):
