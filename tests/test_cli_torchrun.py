@@ -138,6 +138,30 @@ def test_torchrun_plot_of_a_long_sparse_matrix(tmp_path):
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_torchrun_reads_its_rows_of_an_h5ad(tmp_path):
+    # AnnData's on-disk CSR layout of X; each process reads its rows through h5py, and the
+    # result is the plain command's streamed fit of the same file
+    h5py = pytest.importorskip("h5py")
+    import scipy.sparse
+
+    rng = np.random.default_rng(3)
+    V = (rng.random((37, 3)) @ rng.random((3, 9))) * (rng.random((37, 9)) < 0.6)
+    matrix = scipy.sparse.csr_matrix(V.astype(np.float32))
+    with h5py.File(tmp_path / "cells.h5ad", "w") as handle:
+        handle.attrs["encoding-type"] = "anndata"
+        group = handle.create_group("X")
+        group.attrs["encoding-type"] = "csr_matrix"
+        group.attrs["shape"] = np.array(V.shape)
+        group["data"], group["indices"], group["indptr"] = matrix.data, matrix.indices, matrix.indptr
+    common = ["cells.h5ad", "-r", "2", "--max-iter", "12", "--tol", "0", "--dtype", "float64",
+              "--init", "random", "-q"]
+    plain_fit([*common, "--stream"], tmp_path)
+    done = torchrun([*common, "-o", "shared.npz"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_same_output(np.load(tmp_path / "plain.npz"), np.load(tmp_path / "shared.npz"))
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 def test_torchrun_nmfd_needs_sequences(tmp_path):
     np.save(tmp_path / "V.npy", np.ones((30, 6)))
     done = torchrun(["V.npy", "-r", "2", "--model", "nmfd", "-q"], tmp_path)

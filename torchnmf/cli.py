@@ -394,10 +394,10 @@ def _open_own_rows(args, world):
 
     suffix = Path(args.input).suffix.lower()
     if args.model == "nmf":
-        if suffix not in (".npy", ".npz", ".mtx"):
+        if suffix not in (".npy", ".npz", ".mtx", ".h5ad"):
             raise CommandError(
-                f"under torchrun, fit reads .npy, .npz or .mtx INPUT (each process its own "
-                f"rows), got {Path(args.input).name}"
+                f"under torchrun, fit reads .npy, .npz, .mtx or .h5ad INPUT (each process its "
+                f"own rows), got {Path(args.input).name}"
             )
         return io.open_rows(args.input, key=args.key)
     if suffix not in (".npy", ".npz"):
