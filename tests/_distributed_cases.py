@@ -294,3 +294,23 @@ def reference_conv_init(seed=2):
     V, _, _ = nmfd_problem()
     net = NMFD(V.shape, rank=2, T=3).initialize_(V, "random", generator=seed)
     return net.W.detach().numpy(), net.H.detach().numpy()
+
+
+def sparse_settings_case(rank, world, **rank1):
+    """A distributed ``sparse_fit`` whose options differ on rank 1; nothing may change."""
+    import torch.distributed as dist
+
+    from torchnmf.nmf import NMF
+
+    V, _, W0, H0 = problem()
+    edges = split(V.shape[0], world)
+    start, stop = edges[rank], edges[rank + 1]
+    options = dict(beta=2, max_iter=5, sH=0.5)
+    if rank == 1:
+        options.update(rank1)
+    net = NMF(W=W0, H=H0[start:stop])
+    before = net.H.detach().clone()
+    try:
+        net.sparse_fit(V[start:stop], process_group=dist.group.WORLD, timeout=30, **options)
+    finally:
+        assert torch.equal(net.H.detach(), before), "a refused fit changed H"

@@ -199,3 +199,12 @@ def test_convolutional_initialisation(pool):
     for result in results:
         np.testing.assert_allclose(result[0], W, **TOL)
     np.testing.assert_allclose(np.concatenate([r[1] for r in results]), H, **TOL)
+
+
+@pytest.mark.parametrize("rank1,message", [
+    (dict(sH=0.7), r"same sH, but rank 1 has sH=0.7 and rank 0 has sH=0.5"),
+    (dict(sH=1.5), r"rank 1 refused its input \(ValueError: sH must lie strictly between 0 and 1, got 1.5"),
+])
+def test_sparse_fit_disagreement_is_refused(pool, rank1, message):
+    with pytest.raises(CaseFailed, match=r"ranks \[0, 1\] failed; .*" + message):
+        pool.run(cases.sparse_settings_case, **rank1)
