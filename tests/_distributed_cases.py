@@ -30,7 +30,7 @@ def problem(kind="dense", N=24, C=10, R=3, seed=0, dtype=torch.float64, scale=1.
     V = torch.rand(N, R, generator=g, dtype=dtype) @ torch.rand(R, C, generator=g, dtype=dtype)
     V += noise * torch.rand(N, C, generator=g, dtype=dtype)
     mask = None
-    if kind in ("sparse", "sparse_csr", "sparse_masked"):
+    if kind in ("sparse", "sparse_csr", "sparse_csc", "sparse_masked"):
         V = V * (torch.rand(N, C, generator=g, dtype=dtype) < 0.6)
     if kind in ("masked", "sparse_masked"):
         mask = torch.rand(N, C, generator=g) > 0.2
@@ -45,6 +45,8 @@ def as_kind(V, kind):
         return V.to_sparse_coo()
     if kind == "sparse_csr":
         return V.to_sparse_csr()
+    if kind == "sparse_csc":
+        return V.to_sparse_csc()
     return V
 
 
@@ -239,3 +241,76 @@ def reference_nmfd(fit):
     net = NMFD(W=W0, H=H0)
     n_iter = net.fit(V, **fit)
     return n_iter, list(net.loss_history), net.W.detach().numpy(), net.H.detach().numpy()
+
+
+def sparse_fit_case(rank, world, kind="dense", fit=None):
+    """A distributed ``sparse_fit`` of this rank's rows; ``(n_iter, history, W, H rows)``."""
+    import torch.distributed as dist
+
+    from torchnmf.nmf import NMF
+
+    V, mask, W0, H0 = problem(kind)
+    edges = split(V.shape[0], world)
+    start, stop = edges[rank], edges[rank + 1]
+    net = NMF(W=W0 if rank == 0 else W0 * 3, H=H0[start:stop])
+    fit = dict(fit or {})
+    if mask is not None:
+        fit["mask"] = mask[start:stop]
+    n_iter = net.sparse_fit(as_kind(V[start:stop], kind), process_group=dist.group.WORLD,
+                            timeout=30, **fit)
+    return n_iter, list(net.loss_history), net.W.detach().numpy().copy(), net.H.detach().numpy().copy()
+
+
+def reference_sparse_fit(kind="dense", fit=None):
+    from torchnmf.nmf import NMF
+
+    V, mask, W0, H0 = problem(kind)
+    net = NMF(W=W0, H=H0)
+    fit = dict(fit or {})
+    if mask is not None:
+        fit["mask"] = mask
+    n_iter = net.sparse_fit(as_kind(V, kind), **fit)
+    return n_iter, list(net.loss_history), net.W.detach().numpy(), net.H.detach().numpy()
+
+
+def conv_init_case(rank, world, seed=2):
+    """This rank's ``(W, H rows)`` of NMFD's distributed random initialisation."""
+    import torch.distributed as dist
+
+    from torchnmf.nmf import NMFD
+
+    V, _, _ = nmfd_problem()
+    edges = split(V.shape[0], world)
+    start, stop = edges[rank], edges[rank + 1]
+    net = NMFD(V[start:stop].shape, rank=2, T=3)
+    net.initialize_(V[start:stop], "random", generator=seed, process_group=dist.group.WORLD,
+                    timeout=30)
+    return net.W.detach().numpy().copy(), net.H.detach().numpy().copy()
+
+
+def reference_conv_init(seed=2):
+    from torchnmf.nmf import NMFD
+
+    V, _, _ = nmfd_problem()
+    net = NMFD(V.shape, rank=2, T=3).initialize_(V, "random", generator=seed)
+    return net.W.detach().numpy(), net.H.detach().numpy()
+
+
+def sparse_settings_case(rank, world, **rank1):
+    """A distributed ``sparse_fit`` whose options differ on rank 1; nothing may change."""
+    import torch.distributed as dist
+
+    from torchnmf.nmf import NMF
+
+    V, _, W0, H0 = problem()
+    edges = split(V.shape[0], world)
+    start, stop = edges[rank], edges[rank + 1]
+    options = dict(beta=2, max_iter=5, sH=0.5)
+    if rank == 1:
+        options.update(rank1)
+    net = NMF(W=W0, H=H0[start:stop])
+    before = net.H.detach().clone()
+    try:
+        net.sparse_fit(V[start:stop], process_group=dist.group.WORLD, timeout=30, **options)
+    finally:
+        assert torch.equal(net.H.detach(), before), "a refused fit changed H"

@@ -44,6 +44,20 @@ def test_two_processes_equal_one(pool, kind, solver, beta):
     assert_same_fit(results, cases.reference_fit(kind, fit))
 
 
+@pytest.mark.parametrize("kind,fit", [
+    ("sparse_csc", dict(beta=1, solver="mu")),
+    ("sparse_csc", dict(beta=2, solver="hals")),
+    # a target streamed in row blocks on each process: the wrappers compose
+    ("dense", dict(beta=1, solver="mu_extrapolated", block_rows=5)),
+    ("sparse_csr", dict(beta=0.5, solver="mu", block_rows=4)),
+])
+def test_csc_and_streamed_targets(pool, kind, fit):
+    fit = dict(fit, max_iter=15, tol=0)
+    results = pool.run(cases.fit_case, kind=kind, fit=fit)
+    fit.pop("block_rows", None)
+    assert_same_fit(results, cases.reference_fit(kind, fit))
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 @pytest.mark.parametrize("kind,solver,beta", [("dense", "mu", 1), ("sparse", "hals", 2)])
 def test_scale_is_shared_by_the_processes(pool, scale, kind, solver, beta):
@@ -174,3 +188,37 @@ def test_convolutional_model(pool, beta):
     fit = dict(beta=beta, max_iter=10, tol=0, alpha=0.1)
     results = pool.run(cases.nmfd_case, fit=fit)
     assert_same_fit(results, cases.reference_nmfd(fit))
+
+
+@pytest.mark.parametrize("kind,fit", [
+    ("dense", dict(beta=2, sW=0.5)),            # W projected: identical on every process
+    ("dense", dict(beta=2, sH=0.6)),            # H's components run over both processes' rows
+    ("masked", dict(beta=1, sW=0.4, sH=0.5)),
+    ("sparse", dict(beta=2, sH=0.7)),
+])
+def test_sparse_fit(pool, kind, fit):
+    fit = dict(fit, max_iter=15)
+    results = pool.run(cases.sparse_fit_case, kind=kind, fit=fit)
+    reference = cases.reference_sparse_fit(kind, fit)
+    assert_same_fit(results, reference)
+    assert np.all(np.diff(reference[1]) <= 1e-12 * abs(reference[1][0]))  # never increases
+    if "sH" in fit:  # the projection was of the whole components: unit norm over all rows
+        H = np.concatenate([r[3] for r in results])
+        np.testing.assert_allclose(np.linalg.norm(H, axis=0), 1.0, rtol=1e-10)
+
+
+def test_convolutional_initialisation(pool):
+    results = pool.run(cases.conv_init_case)
+    W, H = cases.reference_conv_init()
+    for result in results:
+        np.testing.assert_allclose(result[0], W, **TOL)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), H, **TOL)
+
+
+@pytest.mark.parametrize("rank1,message", [
+    (dict(sH=0.7), r"same sH, but rank 1 has sH=0.7 and rank 0 has sH=0.5"),
+    (dict(sH=1.5), r"rank 1 refused its input \(ValueError: sH must lie strictly between 0 and 1, got 1.5"),
+])
+def test_sparse_fit_disagreement_is_refused(pool, rank1, message):
+    with pytest.raises(CaseFailed, match=r"ranks \[0, 1\] failed; .*" + message):
+        pool.run(cases.sparse_settings_case, **rank1)

@@ -277,14 +277,22 @@ def _fit(model, V, args, note):
     return n_iter, V
 
 
-def _figure_rows(model, V, model_name, limit=2000):
-    """Target and reconstruction to draw: at most ``limit`` rows of a matrix."""
+FIGURE_ROWS = 2000
+
+
+def _figure_rows(model, V, model_name, limit=FIGURE_ROWS):
+    """Target and reconstruction to draw: at most ``limit`` rows of a matrix.
+
+    ``V`` may hold only the first ``limit`` rows of a longer target (what rank
+    0 reads under torchrun); the model's ``H`` has all of them.
+    """
     import torch
 
     with torch.no_grad():
-        if model_name == "nmf" and V.shape[0] > limit:
-            rows = torch.arange(limit, device=V.device)
-            target = V.index_select(0, rows)
+        if model_name == "nmf" and model.H.shape[0] > limit:
+            target = V
+            if V.shape[0] > limit:
+                target = V.index_select(0, torch.arange(limit, device=V.device))
             return target, model.reconstruct(model.H[:limit], model.W), f" (first {limit} rows)"
         return V, model(), ""
 
@@ -350,22 +358,100 @@ def _resume_path(checkpoint, group=None):
     return checkpoint if missing.item() == 0 else None
 
 
+class _Sequences:
+    """The ``(N, C, L)`` array of a ``.npy`` (memory-mapped) or dense ``.npz`` file, read
+    a block of sequences (dimension 0) at a time: NMFD's rows under torchrun."""
+
+    def __init__(self, path, key=None):
+        import numpy as np
+
+        path = Path(path)
+        if path.suffix.lower() == ".npy":
+            self.array = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                if "format" in archive.files and key is None:
+                    raise CommandError(f"{path.name} holds a sparse matrix; --model nmfd needs "
+                                       f"a dense (N, C, L) array")
+                key = key or (archive.files[0] if len(archive.files) == 1 else "V")
+                if key not in archive.files:
+                    raise CommandError(f"{path.name} has no array {key!r}; it holds "
+                                       f"{', '.join(archive.files)}")
+                self.array = archive[key]
+        self.shape = tuple(int(n) for n in self.array.shape)
+
+    def read(self, start, stop):
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.array(self.array[start:stop]))
+
+
+def _open_own_rows(args, world):
+    """The file's rows to split over ``world`` processes: a row source for NMF, the
+    sequences (dimension 0 of an ``(N, C, L)`` array) for NMFD."""
+    from . import io
+
+    suffix = Path(args.input).suffix.lower()
+    if args.model == "nmf":
+        if suffix not in (".npy", ".npz", ".mtx", ".h5ad"):
+            raise CommandError(
+                f"under torchrun, fit reads .npy, .npz, .mtx or .h5ad INPUT (each process its "
+                f"own rows), got {Path(args.input).name}"
+            )
+        return io.open_rows(args.input, key=args.key)
+    if suffix not in (".npy", ".npz"):
+        raise CommandError(f"under torchrun, --model nmfd reads an (N, C, L) .npy or .npz "
+                           f"INPUT, got {Path(args.input).name}")
+    source = _Sequences(args.input, args.key)
+    if len(source.shape) != 3 or source.shape[0] < world:
+        raise CommandError(
+            f"under torchrun, --model nmfd splits the sequences (dimension 0 of an (N, C, L) "
+            f"INPUT) over the {world} processes, but {Path(args.input).name} has shape "
+            f"{source.shape}; a matrix is a single sequence: run it without torchrun, or save "
+            f"N >= {world} sequences as an (N, C, L) array"
+        )
+    return source
+
+
+def _plot_gathered(args, model, H, history, source, dtype, out):
+    """Rank 0's figure of the gathered fit: the one the plain command draws."""
+    import torch
+
+    from .nmf import NMF, NMFD
+
+    N = source.shape[0]
+    # the plain command draws the first FIGURE_ROWS rows of a matrix, all of NMFD's target
+    V = source.read(0, min(N, FIGURE_ROWS) if args.model == "nmf" else N)
+    V = V.to(dtype)
+    cls = NMF if args.model == "nmf" else NMFD
+    whole = cls(W=model.W.detach().cpu(), H=H.to(dtype))
+    whole.loss_history = history
+    out(f"wrote the figure to {_write_plot(args.plot, whole, V, args, False)}")
+
+
 def _run_fit_distributed(args, out, note):
-    """``torchnmf fit`` as one of torchrun's processes: each reads its own rows, the
-    fit is shared, rank 0 gathers ``H`` and writes the single-process output."""
+    """``torchnmf fit`` as one of torchrun's processes: each reads its own rows (NMFD:
+    its sequences), the fit is shared, rank 0 gathers ``H`` and writes the
+    single-process output (and figure)."""
     import datetime
 
     import torch
     import torch.distributed as dist
 
     from . import io
-    from .nmf import NMF
 
-    if args.model != "nmf" or args.plot or Path(args.input).suffix.lower() not in (".npy", ".npz"):
-        raise CommandError(
-            "under torchrun, fit takes --model nmf, no --plot, and a .npy or .npz INPUT "
-            "(each process reads its own rows)"
-        )
+    if args.stream or args.block_rows is not None:
+        raise CommandError("under torchrun each process holds its rows in memory; leave out "
+                           "--stream and --block-rows")
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise CommandError("--plot needs matplotlib; pip install 'torchnmf[plot]'")
+        if not Path(args.plot).resolve().parent.is_dir():
+            raise CommandError(f"cannot write {args.plot}: the directory "
+                               f"{Path(args.plot).parent} does not exist")
+    world = _torchrun_world()
+    source = _open_own_rows(args, world)
     device = _device(args.device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -377,17 +463,17 @@ def _run_fit_distributed(args, out, note):
         if rank != 0:
             out = note = lambda message: None  # noqa: E731
         output = Path(args.output) if args.output else Path(args.input).with_suffix(".nmf.npz")
-        source = io.open_rows(args.input, key=args.key)
-        N, C = source.shape
+        N = source.shape[0]
         start, stop = N * rank // world, N * (rank + 1) // world
         V = source.read(start, stop)
         dtype = getattr(torch, args.dtype) if args.dtype else (
             V.dtype if V.dtype.is_floating_point else torch.get_default_dtype())
         V = V.to(dtype).to(device)
-        out(f"read {Path(args.input).name}: rows {start}..{stop} of {N} x {C} on each of "
-            f"{world} processes ({backend})")
+        what = "rows" if args.model == "nmf" else "sequences"
+        out(f"read {Path(args.input).name}: {what} {start}..{stop} of "
+            f"{' x '.join(map(str, source.shape))} on each of {world} processes ({backend})")
         torch.manual_seed(args.seed)
-        model = NMF((stop - start, C), rank=args.rank).to(device=device, dtype=dtype)
+        model = _build_model(V, args)
         group = dist.group.WORLD
         model.initialize_(V, args.init, generator=torch.Generator().manual_seed(args.seed),
                           process_group=group, timeout=args.timeout)
@@ -415,6 +501,8 @@ def _run_fit_distributed(args, out, note):
             written = io.save_factors(output, model.W, H, history, **extra)
             out(f"wrote W {tuple(model.W.shape)}, H {tuple(H.shape)} and the loss history "
                 f"({len(history)} values) to {written}")
+            if args.plot:
+                _plot_gathered(args, model, H, history, source, dtype, out)
         return 0
     finally:
         dist.destroy_process_group()

@@ -233,7 +233,7 @@ def _random(V, rank, mean, generator, reduction=None):
     return _scaled_rand((V.shape[1], rank), (V.shape[0], rank), mean, V, generator, reduction)
 
 
-def initialize_random(V, W_shape, H_shape, *, generator=None):
+def initialize_random(V, W_shape, H_shape, *, generator=None, process_group=None, timeout=None):
     r"""Uniform random factors of any model whose reconstruction has ``V``'s mean.
 
     Each output entry of the models sums ``R * prod(kernel_size)`` products of
@@ -246,6 +246,10 @@ def initialize_random(V, W_shape, H_shape, *, generator=None):
         W_shape (tuple): ``(C, R, *kernel_size)``.
         H_shape (tuple): ``(N, R, *)``.
         generator (int, torch.Generator or None, keyword-only): as in :func:`initialize`.
+        process_group, timeout (keyword-only): as in :func:`initialize`: each
+            process passes its rows of ``V`` (dimension 0) and ``H_shape`` for
+            them, and gets ``W`` and its rows of ``H``, equal to the
+            single-process result on the stacked target from the same seed.
 
     Returns:
         (W, H) with ``V``'s floating dtype and device.
@@ -264,11 +268,31 @@ def initialize_random(V, W_shape, H_shape, *, generator=None):
         >>> W.shape, H.shape
         (torch.Size([4, 3, 5]), torch.Size([2, 3, 16]))
     """
-    V = check_target(V, "V")
-    generator = _make_generator(generator, V.device)
-    mean = _positive_mean(V)
+    from .models.distributed import check_process_group, check_timeout, join
+
+    process_group = check_process_group(process_group)
+    timeout = check_timeout(timeout)
+    try:
+        V = check_target(V, "V")
+        generator = _make_generator(generator, V.device)
+        W_shape, H_shape = tuple(W_shape), tuple(H_shape)
+        if process_group is not None and H_shape[0] != V.shape[0]:
+            raise ValueError(
+                f"H_shape must have V's {V.shape[0]} rows in dimension 0 (this process's "
+                f"rows), got {H_shape}"
+            )
+    except (ValueError, TypeError) as error:
+        if process_group is None:
+            raise
+        join(process_group, timeout, None, failure=error)
+    reduction = None
+    if process_group is not None:
+        settings = {"W_shape": list(W_shape), "H_shape[1:]": list(H_shape[1:]),
+                    "dtype": str(V.dtype), "method": "random"}
+        reduction = join(process_group, timeout, settings, rows=H_shape[0])
+    mean = _positive_mean(V, reduction)
     with torch.no_grad():
-        return _scaled_rand(tuple(W_shape), tuple(H_shape), mean, V, generator)
+        return _scaled_rand(W_shape, H_shape, mean, V, generator, reduction)
 
 
 def _positive_mean(V, reduction=None):

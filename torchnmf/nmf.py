@@ -118,11 +118,6 @@ class BaseComponent(FactorModule):
 
     def _initial_factors(self, V, method, generator, process_group=None, timeout=None):
         """``(W, H)`` for :meth:`initialize_`; the convolutional models offer random only."""
-        if process_group is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__}.initialize_ does not take process_group yet; "
-                f"initialise a matrix model (NMF) across processes"
-            )
         if method != "random":
             if method not in _init.METHODS:
                 raise ValueError(f"method must be one of {list(_init.METHODS)}, got {method!r}")
@@ -130,7 +125,8 @@ class BaseComponent(FactorModule):
                 f"{type(self).__name__}.initialize_ supports method='random' only; "
                 f"method={method!r} needs a matrix model (NMF)"
             )
-        return _init.initialize_random(V, self.W.shape, self.H.shape, generator=generator)
+        return _init.initialize_random(V, self.W.shape, self.H.shape, generator=generator,
+                                       process_group=process_group, timeout=timeout)
 
     def initialize_(self, V, method="nndsvda", *, generator=None, process_group=None, timeout=None):
         r"""Re-initialise the trainable factors from the data ``V``, in place.
@@ -145,10 +141,12 @@ class BaseComponent(FactorModule):
             V (Tensor): the target ``fit`` would get; never modified.
             method (str): ``"random"``, ``"nndsvd"``, ``"nndsvda"`` or ``"nndsvdar"``.
             generator (int, torch.Generator or None, keyword-only): seed or generator.
-            process_group, timeout (keyword-only): for :class:`NMF`, initialise
-                across processes, each with its rows of ``V`` and of ``H``, as
-                the single process would on the stacked matrix (see
-                :func:`torchnmf.init.initialize`).
+            process_group, timeout (keyword-only): initialise across
+                processes, each with its rows of ``V`` and of ``H`` (dimension
+                0: the samples of the batch for the convolutional models), as
+                the single process would on the stacked target (see
+                :func:`torchnmf.init.initialize` and
+                :func:`torchnmf.init.initialize_random`).
 
         Returns:
             the module itself, so that ``NMF(V.shape, rank=8).initialize_(V)`` chains.
@@ -157,7 +155,13 @@ class BaseComponent(FactorModule):
             NotImplementedError: an SVD-based method on a convolutional model.
         """
         require_factors(self, ("W", "H"), "initialize_")
-        V, _ = prepare_fit_target(self, V)
+        try:
+            V, _ = prepare_fit_target(self, V)
+        except (ValueError, TypeError) as error:
+            if process_group is None:
+                raise
+            # the other processes fail too instead of waiting for this one
+            join(check_process_group(process_group), check_timeout(timeout), None, failure=error)
         W, H = self._initial_factors(V, method, generator, process_group, timeout)
         with torch.no_grad():
             for parameter, value in ((self.W, W), (self.H, H)):
@@ -499,7 +503,7 @@ class BaseComponent(FactorModule):
         return (H_shape[0], self.W.shape[0], *spatial)
 
     def sparse_fit(self, V, beta=2, max_iter=200, verbose=False, sW=None, sH=None, *,
-                   callback=None, mask=None, missing="error"):
+                   callback=None, mask=None, missing="error", process_group=None, timeout=None):
         r"""Fit with Hoyer's sparseness constraints on the components of ``W`` and/or ``H``.
 
         For a constrained factor, each iteration takes a gradient step of the
@@ -527,6 +531,11 @@ class BaseComponent(FactorModule):
                 entries only.
             missing (str, keyword-only): ``"mask"`` treats NaN in ``V`` as
                 missing, as in :meth:`fit`.
+            process_group, timeout (keyword-only): one fit spread over the
+                processes of a ``torch.distributed`` group, as in :meth:`fit`:
+                each passes its rows of ``V`` and keeps its rows of ``H``;
+                ``W`` comes from rank 0.  The result is the fit of the
+                stacked target.
 
         Returns:
             int: the iterations run; the objective after each is in
@@ -536,29 +545,56 @@ class BaseComponent(FactorModule):
             ValueError: ``sW``/``sH`` outside (0, 1), a constraint on a fixed
                 factor or on components of a single entry, or a bad ``V``.
         """
-        beta, _, max_iter, _, _ = check_fit_options(beta, 0, max_iter)
-        check_callback(callback)
-        require_factors(self, ("W", "H"), "sparse_fit")
-        V, mask = prepare_fit_target(self, V, mask, missing)
+        process_group = check_process_group(process_group)
+        timeout = check_timeout(timeout)
+        distributed = process_group is not None
         targets = {}
-        for name, value in (("W", sW), ("H", sH)):
-            if value is None:
-                continue
-            targets[name] = check_open_fraction(value, f"s{name}")
-            factor = getattr(self, name)
-            if not factor.requires_grad:
-                raise ValueError(
-                    f"s{name} constrains {name}, but {name} is fixed (trainable_{name}=False); "
-                    f"drop s{name} or make {name} trainable"
-                )
-            if factor.numel() // self.rank < 2:
-                raise ValueError(
-                    f"s{name} needs components of at least 2 entries, but each component of "
-                    f"{name} has {factor.numel() // self.rank}"
-                )
+        try:
+            beta, _, max_iter, _, _ = check_fit_options(beta, 0, max_iter)
+            check_callback(callback)
+            require_factors(self, ("W", "H"), "sparse_fit")
+            V, mask = prepare_fit_target(self, V, mask, missing, columns=not distributed)
+            for name, value in (("W", sW), ("H", sH)):
+                if value is None:
+                    continue
+                targets[name] = check_open_fraction(value, f"s{name}")
+                factor = getattr(self, name)
+                if not factor.requires_grad:
+                    raise ValueError(
+                        f"s{name} constrains {name}, but {name} is fixed (trainable_{name}=False); "
+                        f"drop s{name} or make {name} trainable"
+                    )
+                if factor.numel() // self.rank < 2 and not (distributed and name == "H"):
+                    raise ValueError(
+                        f"s{name} needs components of at least 2 entries, but each component of "
+                        f"{name} has {factor.numel() // self.rank}"
+                    )
+            if distributed:
+                check_target_for_beta(V, mask, beta)
+        except (ValueError, TypeError, NotImplementedError) as error:
+            if not distributed:
+                raise
+            join(process_group, timeout, None, failure=error)
         update_H, update_W = self.H.requires_grad, self.W.requires_grad
+        reduction = None
+        if distributed:
+            settings = fit_settings(
+                self, fit="sparse_fit", beta=beta, max_iter=max_iter, sW=targets.get("W"),
+                sH=targets.get("H"), update_H=update_H, update_W=update_W,
+            )
+            reduction = join(process_group, timeout, settings, rows=self.H.shape[0])
+            mask = agree_on_mask(reduction, V, mask, columns=update_W)
+            if "H" in targets:
+                entries = reduction.sum_float(self.H.numel() // self.rank)
+                if entries < 2:
+                    raise ValueError(
+                        f"sH needs components of at least 2 entries, but each component of "
+                        f"H has {int(entries)} over all processes"
+                    )
+            with torch.no_grad():
+                reduction.broadcast_(self.W.detach(), what="broadcast of W from rank 0")
         problem = make_problem(
-            self, V, mask, self.H.detach(), self.W.detach(), beta,
+            self, V, mask, self.H.detach(), self.W.detach(), beta, reduction,
             # H projected to unit norm cannot carry the scale
             carrier="W" if "H" in targets and update_W else None,
             update_H=update_H, update_W=update_W,

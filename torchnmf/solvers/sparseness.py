@@ -38,46 +38,102 @@ def l1_for_sparseness(l2, n, sparseness):
     return l2 * (root_n - sparseness * (root_n - 1))
 
 
-def _solve_norms(l1, l2, x):
-    """Hoyer's projection of each row of ``x`` onto {s >= 0, sum s = l1, |s|_2 = l2}."""
-    K, n = x.shape
+class _Rows:
+    """Sums and maxima along the rows of ``(K, n)`` tensors: local, or over the
+    processes of a ``reduction`` when each holds a block of every row's entries
+    (the components of a distributed fit's ``H``, rows of ``H`` in rank order)."""
+
+    def __init__(self, reduction=None):
+        self.reduction = reduction
+
+    def sum(self, *tensors):
+        """Each tensor summed along dimension 1, as ``(K,)``; one all-reduce for all."""
+        sums = [t.sum(1) for t in tensors]
+        if self.reduction is None:
+            return sums
+        stacked = torch.stack(sums)
+        self.reduction.sum_(stacked, what="sums of the components' entries")
+        return list(stacked.unbind(0))
+
+    def amax(self, x):
+        """The largest entry of each row (``-inf`` for a block without entries)."""
+        local = x.amax(1) if x.shape[1] else x.new_full((x.shape[0],), float("-inf"))
+        return local if self.reduction is None else self.reduction.max_(local, "maximum")
+
+    def count(self, x):
+        n = x.shape[1]
+        return n if self.reduction is None else int(self.reduction.sum_float(n))
+
+    def first_max(self, x):
+        """One at each row's first largest entry (in rank order), zero elsewhere."""
+        out = torch.zeros_like(x)
+        if x.shape[1] == 0:
+            index = torch.zeros((x.shape[0], 1), dtype=torch.long, device=x.device)
+        else:
+            index = x.argmax(1, keepdim=True)
+        if self.reduction is None:
+            return out.scatter_(1, index, 1.0)
+        largest = self.amax(x)
+        mine = self.reduction.rank
+        local = x.amax(1) if x.shape[1] else torch.full_like(largest, float("-inf"))
+        # the lowest rank holding the row's largest entry, as a maximum of -rank
+        holder = torch.where(local == largest, -float(mine), -float(self.reduction.size))
+        holder = self.reduction.max_(holder.to(torch.float64), "owner of the largest entry")
+        chosen = (holder == -float(mine)).to(x.dtype).unsqueeze(1)
+        return out.scatter_(1, index, chosen) if x.shape[1] else out
+
+
+def _solve_norms(l1, l2, x, rows=None):
+    """Hoyer's projection of each row of ``x`` onto {s >= 0, sum s = l1, |s|_2 = l2}.
+
+    ``rows`` (a :class:`_Rows`) sums along the rows; with a reduction each
+    process holds a block of every row's entries and every decision is taken
+    on the sums over all of them, so it is the same on every process.
+    """
+    rows = rows or _Rows()
+    K = x.shape[0]
+    n = rows.count(x)
     eps, tiny = torch.finfo(x.dtype).eps, torch.finfo(x.dtype).tiny
     free = torch.ones_like(x, dtype=torch.bool)
     done = torch.zeros(K, dtype=torch.bool, device=x.device)
     result = torch.zeros_like(x)
-    s = x + ((l1 - x.sum(1)) / n).unsqueeze(1)
+    (total,) = rows.sum(x)
+    s = x + ((l1 - total) / n).unsqueeze(1)
     # A tie-breaking direction for rows whose free entries are all equal: towards
     # the row's largest entry.
-    first_max = torch.zeros_like(x).scatter_(1, x.argmax(1, keepdim=True), 1.0)
+    first_max = rows.first_max(x)
+    (n_free,) = rows.sum(free.to(x.dtype))
     for _ in range(n):
-        n_free = free.sum(1).to(x.dtype)
+        # every free entry of a row holds the same midpoint: its largest magnitude
+        midpoint_size = torch.where(n_free > 0, (l1 / n_free).abs(), torch.zeros_like(n_free))
         midpoint = torch.where(free, (l1 / n_free).unsqueeze(1), torch.zeros_like(x))
         direction = s - midpoint
-        flat = direction.abs().amax(1) <= 16 * eps * midpoint.abs().amax(1) + tiny
+        flat = rows.amax(direction.abs()) <= 16 * eps * midpoint_size + tiny
         if flat.any():
-            share = (first_max * free).sum(1, keepdim=True) / n_free.unsqueeze(1)
+            (share,) = rows.sum(first_max * free)
+            share = (share / n_free).unsqueeze(1)
             fallback = torch.where(free, first_max - share, torch.zeros_like(x))
             direction = torch.where(flat.unsqueeze(1), fallback, direction)
-        a = direction.pow(2).sum(1)
-        b = 2 * (midpoint * direction).sum(1)
-        c = midpoint.pow(2).sum(1) - l2.pow(2)
+        a, b, c = rows.sum(direction.pow(2), midpoint * direction, midpoint.pow(2))
+        b, c = 2 * b, c - l2.pow(2)
         root = (b * b - 4 * a * c).clamp_min(0).sqrt()
         alpha = torch.where(a > tiny, (root - b) / (2 * a).clamp_min(tiny), torch.zeros_like(a))
         s = midpoint + alpha.unsqueeze(1) * direction
         negative = s < 0
-        finished = ~negative.any(1) & ~done
+        free &= ~negative
+        kept = torch.where(free, s, torch.zeros_like(s))
+        n_negative, total, n_free = rows.sum(negative.to(x.dtype), kept, free.to(x.dtype))
+        finished = (n_negative == 0) & ~done
         result[finished] = s[finished]
         done |= finished
         if bool(done.all()):
             break
-        free &= ~negative
-        s = torch.where(free, s, torch.zeros_like(s))
-        shift = (s.sum(1) - l1) / free.sum(1).clamp_min(1).to(x.dtype)
-        s = torch.where(free, s - shift.unsqueeze(1), torch.zeros_like(s))
+        shift = (total - l1) / n_free.clamp_min(1)
+        s = torch.where(free, kept - shift.unsqueeze(1), torch.zeros_like(s))
     return result
 
 
-def sparse_projection(x, sparseness, l2=None):
+def sparse_projection(x, sparseness, l2=None, *, reduction=None):
     r"""The closest non-negative rows with a given sparseness and L2 norm.
 
     Each row of ``x`` is projected (in the Euclidean sense) onto the set of
@@ -89,31 +145,40 @@ def sparse_projection(x, sparseness, l2=None):
         sparseness (float): the target sparseness, in (0, 1).
         l2 (float or Tensor, optional): the target L2 norm of every row (a
             scalar or ``(K,)``); by default each row keeps its own.
+        reduction (keyword-only): a
+            :class:`~torchnmf.targets.distributed.Reduction` when each process
+            holds a block of every row's entries (in rank order); the result
+            is this process's block of the projection of the whole rows.
 
     Returns:
         Tensor: ``(K, n)``, non-negative, every row with exactly the requested
         sparseness and L2 norm (to rounding).
     """
-    if x.dim() != 2 or x.shape[1] < 2:
+    rows = _Rows(reduction)
+    if x.dim() != 2 or (reduction is None and x.shape[1] < 2):
         raise ValueError(
             f"x must be a 2-D tensor of rows with at least 2 entries, got shape {tuple(x.shape)}"
         )
     if l2 is None:
-        l2 = x.norm(dim=1)
+        (squares,) = rows.sum(x.pow(2))
+        l2 = squares.sqrt()
     else:
         l2 = torch.as_tensor(l2, dtype=x.dtype, device=x.device).expand(x.shape[0])
-    l1 = l1_for_sparseness(l2, x.shape[1], sparseness)
-    return _solve_norms(l1, l2, x)
+    l1 = l1_for_sparseness(l2, rows.count(x), sparseness)
+    return _solve_norms(l1, l2, x, rows)
 
 
-def project_components_(factor, sparseness, unit_norm=False, dim=1):
+def project_components_(factor, sparseness, unit_norm=False, dim=1, reduction=None):
     """Project each component of ``factor`` (the slices along ``dim``) in place.
 
     With ``unit_norm`` every component gets L2 norm 1, otherwise each keeps its own.
+    With a ``reduction`` the components are spread over the processes (this
+    process holds a block of dimension 0, as a distributed fit's ``H``).
     """
     moved = factor.movedim(dim, 0)
     rows = moved.reshape(moved.shape[0], -1)
-    projected = sparse_projection(rows, sparseness, 1.0 if unit_norm else None)
+    projected = sparse_projection(rows, sparseness, 1.0 if unit_norm else None,
+                                  reduction=reduction)
     moved.copy_(projected.reshape(moved.shape))
     return factor
 
@@ -139,9 +204,20 @@ class SparseProjectedGradient:
         self.sparseness = {"H": sparseness_H, "W": sparseness_W}
         self.unit_norm = {"H": True, "W": False}
         self.step_size = {"H": None, "W": None}
+        # H's components run over the rows, which a distributed fit spreads over processes
+        self.reduction = {"H": problem.reduction, "W": None}
         for name in ("H", "W"):
             if self._constrained(name):
-                project_components_(getattr(problem, name), self.sparseness[name], self.unit_norm[name])
+                self._project_(name, getattr(problem, name))
+
+    def _project_(self, name, factor):
+        return project_components_(factor, self.sparseness[name], self.unit_norm[name],
+                                   reduction=self.reduction[name])
+
+    def _norm(self, name, tensor):
+        if self.reduction[name] is None:
+            return float(tensor.norm())
+        return self.reduction[name].sum_float(float(tensor.double().pow(2).sum())) ** 0.5
 
     def _constrained(self, name):
         return self.sparseness[name] is not None and getattr(self.problem, f"update_{name}")
@@ -156,11 +232,10 @@ class SparseProjectedGradient:
         gradient = positive - negative  # a fresh tensor: the statistics reuse their buffers
         step = self.step_size[name]
         if step is None:
-            step = float(factor.norm()) / max(float(gradient.norm()), torch.finfo(factor.dtype).tiny)
+            step = self._norm(name, factor) / max(self._norm(name, gradient),
+                                                  torch.finfo(factor.dtype).tiny)
         for _ in range(MAX_HALVINGS):
-            trial = project_components_(
-                factor - step * gradient, self.sparseness[name], self.unit_norm[name]
-            )
+            trial = self._project_(name, factor - step * gradient)
             value = self._divergence(trial, p.W) if name == "H" else self._divergence(p.H, trial)
             if value <= current:
                 factor.copy_(trial)

@@ -123,6 +123,11 @@ class Reduction:
         total = torch.tensor(float(value), dtype=torch.float64)
         return float(self._all_reduce(total, dist.ReduceOp.MAX, "maximum of a scalar"))
 
+    def max_(self, tensor, what="maximum"):
+        """The elementwise largest of ``tensor`` over the processes, in place."""
+        dist = _dist()
+        return self._all_reduce(tensor, dist.ReduceOp.MAX, what)
+
     def broadcast_(self, tensor, what="broadcast"):
         """Overwrite ``tensor`` with the group's rank 0's, in place."""
         dist = _dist()
