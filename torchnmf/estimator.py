@@ -628,7 +628,10 @@ class TorchMiniBatchNMF(TorchNMF):
         return float(statistics(V, beta).divergence(codes, W))
 
     # -- fitting -----------------------------------------------------------------------
-    def _fit(self, X, W_custom, H_custom):
+    def _fit(self, X, W_custom, H_custom, on_batch=None):
+        """The fit; ``on_batch(online, codes, steps)``, if given, is called after every
+        batch with the solver, the codes of every sample so far and the batches done
+        (the benchmarks read the full-data loss there, outside their timing)."""
         beta, (alpha_W, alpha_H) = self._check_minibatch_params()
         V = self._prepared(X, reset=True)
         N, C = V.shape
@@ -653,6 +656,8 @@ class TorchMiniBatchNMF(TorchNMF):
                 H_batch, cost = online.partial_fit(V_batch, start_codes, inner, cost=watch)
                 codes[start:end] = H_batch
                 steps += 1
+                if on_batch is not None:
+                    on_batch(online, codes, steps)
                 if watch:
                     cost /= end - start
                     smoothed = cost if smoothed is None else 0.9 * smoothed + 0.1 * cost
