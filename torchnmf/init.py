@@ -120,13 +120,29 @@ def _tall_orthonormal(Y, reduction):
     return Y
 
 
-def _transposed_product(V, Q):
-    """``V.mT @ Q``; for a dense ``V`` as ``(Q.mT @ V).mT``, which reads ``V`` in its
-    own layout (float32 50000 x 500 against width 20, one thread: 0.04 s
-    against 0.11 s, measured)."""
+def _products(V):
+    """``(product, transposed)``: functions giving ``V @ X`` and ``V.mT @ X``.
+
+    A dense ``V.mT @ X`` is taken as ``(X.mT @ V).mT``, which reads ``V`` in its own
+    layout (float32 50000 x 500 against width 20, one thread: 0.04 s against
+    0.11 s, measured).  A sparse ``V`` is put in compressed rows, with a
+    compressed-row copy of ``V.mT``, once: each product is then an embedding bag
+    (50000 x 20000 with 500,000 non-zeros, width 20: 0.015 s against 0.09 s for
+    the COO product and 0.2 s for ``csr.mT @ X``, measured).
+    """
     if V.layout == torch.strided:
-        return (Q.mT @ V).mT.contiguous()  # contiguous: collectives need it
-    return V.mT @ Q
+        # contiguous: collectives need it
+        return (lambda X: V @ X), (lambda X: (X.mT @ V).mT.contiguous())
+    from .targets.sparse import sparse_dense_product, to_csr, transpose_csr
+
+    by_rows = to_csr(V)
+    by_columns = transpose_csr(by_rows)
+
+    def product_with(csr):
+        parts = csr.crow_indices(), csr.col_indices(), csr.values()
+        return lambda X: sparse_dense_product(*parts, X)
+
+    return product_with(by_rows), product_with(by_columns)
 
 
 def _column_sum(X, reduction):
@@ -165,13 +181,14 @@ def _svd(V, k, generator, reduction=None):
         return _exact_svd(V, k, reduction)
     # randomised range finder with power iterations, QR after every product
     width = min(k + _OVERSAMPLE, N, C)
+    product, transposed = _products(V)
     probe = torch.randn(C, width, dtype=V.dtype, generator=generator,
                         device=V.device if generator is None else generator.device)
-    Q = _tall_orthonormal(V @ probe.to(V.device), reduction)
+    Q = _tall_orthonormal(product(probe.to(V.device)), reduction)
     for _ in range(_POWER_ITERATIONS):
-        Q = torch.linalg.qr(_column_sum(_transposed_product(V, Q), reduction)).Q
-        Q = _tall_orthonormal(V @ Q, reduction)
-    small = _column_sum(_transposed_product(V, Q), reduction).mT  # (width, C) = Q.T @ V
+        Q = torch.linalg.qr(_column_sum(transposed(Q), reduction)).Q
+        Q = _tall_orthonormal(product(Q), reduction)
+    small = _column_sum(transposed(Q), reduction).mT  # (width, C) = Q.T @ V
     U_small, S, Vh = torch.linalg.svd(small, full_matrices=False)
     return (Q @ U_small)[:, :k], S[:k], Vh[:k].mT
 
