@@ -140,7 +140,9 @@ def _products(V):
 
     def product_with(csr):
         parts = csr.crow_indices(), csr.col_indices(), csr.values()
-        return lambda X: sparse_dense_product(*parts, X)
+        # contiguous: QR's Q is column-major, and an embedding bag gathering rows of
+        # such a table is several times slower (0.17 s against 0.025 s, measured)
+        return lambda X: sparse_dense_product(*parts, X.contiguous())
 
     return product_with(by_rows), product_with(by_columns)
 
