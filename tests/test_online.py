@@ -134,14 +134,15 @@ def test_forget_factor_weighs_a_whole_pass(generator):
 
 @pytest.mark.parametrize("beta", [2, 1])
 def test_features_absent_from_the_first_batch_keep_their_templates(generator, beta):
-    # the starting templates weigh as much as the first batch: a feature with no
-    # entry in it is shrunk, not set to an exact zero (which no later batch could undo)
+    # the starting templates weigh as much as one sample: a feature with no entry
+    # in the first batch is shrunk, not set to an exact zero (which no later batch
+    # could undo)
     V = _planted(generator, n=40, c=10)
     V[:20, 7:] = 0
     W0 = torch.rand(10, 3, generator=generator, dtype=torch.float64) + 0.1
     online = OnlineMU(W0.clone(), beta, forget_factor=0.9)
     online.partial_fit(V[:20].to_sparse_csr(), torch.full((20, 3), 0.5, dtype=torch.float64))
-    assert (online.W[7:] > 0.05 * W0[7:]).all()
+    assert (online.W[7:] > 1e-3 * W0[7:]).all()
     assert (online.W[7:] < W0[7:]).all()
     online.partial_fit(V[20:].to_sparse_csr(), torch.full((20, 3), 0.5, dtype=torch.float64))
     assert (online.W[7:] > 0).all()

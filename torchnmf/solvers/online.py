@@ -14,11 +14,14 @@ accumulated statistics are
     A_t = \rho A_{t-1} + \tilde W \odot \nabla^-_t, \qquad
     B_t = \rho B_{t-1} + \nabla^+_t,
 
-with :math:`\rho` the forgetting factor, :math:`B_0 = \nabla^+_1` and
-:math:`A_0 = W_0 \odot B_0` (the starting templates weigh as much as the first
-batch, as scikit-learn's ``MiniBatchNMF`` starts from its templates: without
-this, a feature with no entry in the first batch would get an exact zero, which
-no multiplicative step can undo), and
+with :math:`\rho` the forgetting factor, :math:`B_0 = \nabla^+_1 / n_1` and
+:math:`A_0 = W_0 \odot B_0` (:math:`n_1` the rows of the first batch: the
+starting templates weigh as much as one sample; scikit-learn's ``MiniBatchNMF``
+also starts from its templates.  Without this, a feature with no entry in the
+first batch would get an exact zero, which no multiplicative step can undo.
+Heavier starts slow the first pass down: measured on the dense benchmark,
+50000 x 500, the weight of a whole batch took 1.7 passes to reach
+scikit-learn's one-pass loss, one sample 1.0), and
 
 .. math::
 
@@ -150,8 +153,8 @@ class OnlineMU:
         negative, positive, *divergence = stats.w_terms(H, self.W, divergence=cost)
         numerator = negative * self.W
         positive = positive.expand_as(self.W)
-        if self.A is None:  # the starting templates weigh as much as this first batch
-            self.B = positive.clone()
+        if self.A is None:  # the starting templates weigh as much as one sample
+            self.B = positive / V.shape[0]
             self.A = self.W * self.B
         self.A.mul_(self.forget_factor).add_(numerator)
         self.B.mul_(self.forget_factor).add_(positive)
