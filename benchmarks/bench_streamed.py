@@ -7,8 +7,9 @@ reaches after one pass (dense, beta 2 and 1, same batches).
 
 Opt-in sections (``python benchmarks/bench_streamed.py ...``):
 
-- ``--online-sparse``: the same online comparison on a sparse 1,000,000 x 20,000
-  matrix with 10,000,000 non-zeros.
+- ``--online-sparse [--rows N] [--sparse-data topics|positions]``: the same online
+  comparison on a sparse N x 20,000 matrix with about 10 N non-zeros (N = 1,000,000
+  by default), counts from a topic model or random positions.
 - ``--disk GIB [--dir DIR]``: a dense float32 ``.npy`` of GIB gibibytes written
   once to DIR (deleted afterwards), fitted streamed in a fresh process: seconds
   per iteration against the disk's read bandwidth (a pass cannot be faster),
@@ -183,17 +184,55 @@ def _online_dense(quick):
     )
 
 
-def run_online_sparse(n=1_000_000, c=20_000, nnz=10_000_000, rank=10, batch=1024):
-    """The opt-in sparse online comparison."""
+def sparse_topics(n, c, rank, tokens_per_row, seed=0):
+    """A sparse ``(n, c)`` count matrix drawn like a corpus from a topic model (scipy CSR,
+    float32): each row mixes the ``rank`` topics with Dirichlet(0.2) weights, each topic
+    is a Dirichlet(0.05) distribution over the columns, and each row draws
+    ``tokens_per_row`` columns; repeated columns add up.  Unlike random positions, the
+    pattern itself has low rank, as in a document-term matrix."""
     import scipy.sparse
-    from bench_sparse import sparse_low_rank
 
-    V = sparse_low_rank(n, c, rank, nnz).coalesce()
-    indices = V.indices().numpy()
-    X = scipy.sparse.csr_matrix((V.values().numpy(), (indices[0], indices[1])), shape=(n, c))
+    rng = np.random.default_rng(seed)
+    mixtures = torch.from_numpy(rng.gamma(0.2, size=(n, rank))).cumsum(1)
+    mixtures /= mixtures[:, -1:].clone()
+    topics = torch.from_numpy(rng.gamma(0.05, size=(rank, c)) + 1e-12).cumsum(1)
+    topics /= topics[:, -1:].clone()
+    rows = np.repeat(np.arange(n), tokens_per_row)
+    columns = np.empty(n * tokens_per_row, dtype=np.int64)
+    for start in range(0, n, 1 << 17):  # bounded temporaries
+        stop = min(start + (1 << 17), n)
+        draws = torch.from_numpy(rng.random((stop - start, tokens_per_row)))
+        topic = torch.searchsorted(mixtures[start:stop], draws).clamp_max_(rank - 1).reshape(-1)
+        chosen = torch.empty(topic.numel(), dtype=torch.int64)
+        for k in range(rank):
+            where = (topic == k).nonzero().squeeze(1)
+            chosen[where] = torch.searchsorted(topics[k], torch.from_numpy(rng.random(where.numel())))
+        columns[start * tokens_per_row:stop * tokens_per_row] = chosen.clamp_max_(c - 1).numpy()
+    X = scipy.sparse.csr_matrix((np.ones(rows.size, dtype=np.float32), (rows, columns)), shape=(n, c))
+    X.sum_duplicates()
+    return X
+
+
+def run_online_sparse(n=1_000_000, c=20_000, nnz=10_000_000, rank=10, batch=1024, generator="topics"):
+    """The opt-in sparse online comparison: ``generator`` "topics" (:func:`sparse_topics`,
+    about ``nnz / n`` draws per row) or "positions" (``bench_sparse.sparse_low_rank``:
+    random positions holding a low-rank product; a rank-``rank`` model explains almost
+    nothing of it beyond the zeros)."""
+    import scipy.sparse
+
+    if generator == "topics":
+        X = sparse_topics(n, c, rank, nnz // n)
+        about = "counts drawn from a topic model (sparse_topics)"
+    else:
+        from bench_sparse import sparse_low_rank
+
+        V = sparse_low_rank(n, c, rank, nnz).coalesce()
+        indices = V.indices().numpy()
+        X = scipy.sparse.csr_matrix((V.values().numpy(), (indices[0], indices[1])), shape=(n, c))
+        about = "random positions holding a low-rank product (sparse_low_rank)"
     return (
-        f"X: sparse {n}x{c} float32 with {X.nnz} non-zeros, {rank} components, batch_size "
-        f"{batch}.\n\n" + _online_rows(X, rank, batch)
+        f"X: sparse {n}x{c} float32 with {X.nnz} non-zeros, {about}, {rank} components, "
+        f"batch_size {batch}.\n\n" + _online_rows(X, rank, batch)
     )
 
 
@@ -344,13 +383,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--online-sparse", action="store_true")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of --online-sparse "
+                        "(10 non-zeros per row)")
+    parser.add_argument("--sparse-data", choices=("topics", "positions"), default="topics")
     parser.add_argument("--disk", type=float, metavar="GIB")
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--evict", choices=("auto", "yes", "no"), default="auto")
     parser.add_argument("--betas", default="2,1", help="comma-separated betas of --disk")
     args = parser.parse_args()
     if args.online_sparse:
-        print(run_online_sparse())
+        print(run_online_sparse(n=args.rows, nnz=10 * args.rows, generator=args.sparse_data))
     elif args.disk:
         evict = None if args.evict == "auto" else args.evict == "yes"
         print(run_disk(args.disk, args.dir, evict=evict,
