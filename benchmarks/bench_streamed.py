@@ -112,8 +112,11 @@ def _as_tensor(X):
     if isinstance(X, np.ndarray):
         return torch.from_numpy(X)
     X = X.tocsr()
-    return torch.sparse_csr_tensor(torch.from_numpy(X.indptr).long(), torch.from_numpy(X.indices).long(),
-                                   torch.from_numpy(X.data), X.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on CSR support and invariant checks
+        return torch.sparse_csr_tensor(torch.from_numpy(X.indptr).long(),
+                                       torch.from_numpy(X.indices).long(), torch.from_numpy(X.data),
+                                       X.shape, check_invariants=False)
 
 
 def _ours_until(X, rank, beta, batch_size, target, max_passes=8):
