@@ -24,6 +24,7 @@ can reuse them.
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +66,21 @@ def to_csr(V):
         return V.to_sparse_csr()
 
 
+def _stable_column_order(col, n_columns):
+    """The permutation that sorts ``col`` stably (rows stay ascending in a column).
+
+    On CPU with at most 2^16 columns, NumPy's stable sort of 16-bit keys (a radix
+    sort): 10,240 entries 0.19 ms against 1.3 ms for ``torch.sort`` (one thread,
+    measured), which an online fit pays once per batch.  Elsewhere 32-bit keys,
+    about twice as fast as 64-bit ones (2M entries: 0.13 s against 0.24 s).
+    """
+    if col.device.type == "cpu" and n_columns <= 2**16:
+        keys = col.numpy().astype(np.uint16)
+        return torch.from_numpy(np.argsort(keys, kind="stable"))
+    keys = col.to(torch.int32) if n_columns < 2**31 else col
+    return torch.sort(keys, stable=True).indices
+
+
 def transpose_csr(V_csr):
     r"""The compressed-row form of :math:`V^\top` (once per fit, or per batch online).
 
@@ -76,9 +92,7 @@ def transpose_csr(V_csr):
     """
     N, C = V_csr.shape
     crow, col = V_csr.crow_indices(), V_csr.col_indices()
-    # 32-bit keys sort about twice as fast (2M entries: 0.13 s against 0.24 s, measured)
-    keys = col.to(torch.int32) if C < 2**31 else col
-    order = torch.sort(keys, stable=True).indices
+    order = _stable_column_order(col, C)
     rows = torch.repeat_interleave(torch.arange(N, device=col.device, dtype=col.dtype), crow.diff())
     ccol = crow.new_zeros(C + 1)
     ccol[1:] = torch.bincount(col, minlength=C).cumsum(0)
