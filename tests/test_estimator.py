@@ -86,7 +86,18 @@ def test_numpy_scipy_sparse_and_torch_inputs_agree(generator):
     X[X < 0.5] = 0
     kwargs = dict(n_components=3, init="random", random_state=3, max_iter=50, tol=0)
     dense = TorchNMF(**kwargs).fit_transform(X)
-    for sparse in (scipy_sparse.csr_matrix(X), scipy_sparse.csc_array(X), scipy_sparse.coo_matrix(X)):
+    # a CSR matrix with its columns in descending order and its first entry split in two
+    rows, cols = np.nonzero(X)
+    order = np.lexsort((-cols, rows))
+    rows, cols = rows[order], cols[order]
+    values = X[rows, cols]
+    values = np.concatenate([values[:1] / 2, values[:1] / 2, values[1:]])
+    rows, cols = np.concatenate([rows[:1], rows]), np.concatenate([cols[:1], cols])
+    pointers = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=X.shape[0]))])
+    messy = scipy_sparse.csr_matrix((values, cols, pointers), shape=X.shape)
+    assert not messy.has_canonical_format
+    for sparse in (scipy_sparse.csr_matrix(X), scipy_sparse.csc_array(X), scipy_sparse.coo_matrix(X),
+                   messy):
         np.testing.assert_allclose(TorchNMF(**kwargs).fit_transform(sparse), dense, rtol=1e-10, atol=1e-12)
     est = TorchNMF(**kwargs)
     out = est.fit_transform(torch.from_numpy(X))

@@ -87,12 +87,15 @@ def test_starts_scale_with_the_square_root(method, scale, generator):
     assert_close(Hc / scale**0.5, H, rtol=1e-9, atol=1e-12)
 
 
-def test_randomised_svd_agrees_with_exact(generator, monkeypatch):
+@pytest.mark.parametrize("limit", ["_EXACT_SVD_MAX", "_EXACT_SVD_WORK"])
+def test_randomised_svd_agrees_with_exact(generator, monkeypatch, limit):
     import torchnmf.init as init_module
 
     V, _, _ = low_rank(40, 30, 3, generator, noise=0.01)
     W, H = initialize(V, 3, "nndsvd")
-    monkeypatch.setattr(init_module, "_EXACT_SVD_MAX", 0)
+    # either limit sends the SVD to the range finder (the exact one is never called)
+    monkeypatch.setattr(init_module, limit, 0)
+    monkeypatch.setattr(init_module, "_exact_svd", lambda *args: pytest.fail("exact SVD taken"))
     W2, H2 = initialize(V, 3, "nndsvd", generator=0)
     assert_close(W2 @ H2.T, W @ H.T, rtol=1e-6, atol=1e-8)
 

@@ -35,6 +35,29 @@ def test_pointwise_divergence_at_zeros():
     assert_close(pointwise_divergence(V, R, 1.5), R.pow(1.5) / 1.5)
 
 
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("beta", [2, 1.5, 1, 0.5, 0])
+def test_divergence_constant_matches_naive(beta, dtype, rtol, generator):
+    from torchnmf.targets.dense import divergence_constant
+
+    V = torch.rand(300, 70, generator=generator, dtype=torch.float64) * 3
+    if beta > 0:
+        V[V < 0.6] = 0  # zeros contribute their limit (0 log 0 = 0 at beta = 1)
+    V = V.to(dtype)
+    exact = V.double()
+    if beta == 2:
+        expected = exact.pow(2).sum() / 2
+    elif beta == 1:
+        expected = (torch.xlogy(exact, exact) - exact).sum()
+    elif beta == 0:
+        expected = -(exact.log().sum() + exact.numel())
+    else:
+        expected = exact.pow(beta).sum() / (beta * (beta - 1))
+    constant = divergence_constant(V, beta)
+    assert constant.dtype == torch.float64
+    assert_close(constant, expected, rtol=rtol, atol=0)
+
+
 CASES = [(dtype, beta, solver, kind)
          for dtype in (torch.float32, torch.float64)
          for beta, solver, kind in [

@@ -50,8 +50,9 @@ def test_online_reaches_the_full_batch_loss_on_planted_data(generator, beta, pas
         warnings.simplefilter("ignore", ConvergenceWarning)
         full.fit(V, beta=beta, tol=0, max_iter=1000)
     full_loss = full.loss_history[-1]
+    # forget_factor weighs the past after a pass (5 batches): 0.5 after each batch
     model = TorchMiniBatchNMF(n_components=5, batch_size=60, beta_loss=beta, max_iter=passes,
-                              tol=0, max_no_improvement=None, forget_factor=0.5,
+                              tol=0, max_no_improvement=None, forget_factor=0.5 ** 5,
                               random_state=0, fresh_restarts_max_iter=50)
     model.fit(V.numpy())
     online_loss = model.reconstruction_err_ ** 2 / 2
@@ -83,8 +84,8 @@ def test_minibatch_on_real_data_and_partial_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         full.fit(torch.from_numpy(X), beta=1, tol=0, max_iter=300)
-    # 20 passes of one update per batch (no fresh restarts): within 30% of 300
-    # full-batch iterations (measured 25%), and no worse than scikit-learn's
+    # 20 passes of one update per batch (no fresh restarts): within 40% of 300
+    # full-batch iterations (measured 36%), and no worse than scikit-learn's
     # MiniBatchNMF with the same batches, passes and forget factor (measured 38%)
     from sklearn.decomposition import MiniBatchNMF
 
@@ -93,7 +94,7 @@ def test_minibatch_on_real_data_and_partial_fit():
         peer = MiniBatchNMF(10, batch_size=256, beta_loss=1, max_iter=20, tol=0,
                             max_no_improvement=None, random_state=0).fit(X)
     loss = model.reconstruction_err_ ** 2 / 2
-    assert loss < 1.3 * full.loss_history[-1]
+    assert loss < 1.4 * full.loss_history[-1]
     assert loss < peer.reconstruction_err_ ** 2 / 2
     streamed = TorchMiniBatchNMF(n_components=10, beta_loss=1, random_state=0)
     for start in range(0, 1797, 256):
@@ -101,6 +102,52 @@ def test_minibatch_on_real_data_and_partial_fit():
     assert streamed.n_steps_ == 8
     transformed = streamed.transform(X[:5])
     assert transformed.shape == (5, 10)
+
+
+@pytest.mark.parametrize("beta", [2, 1])
+def test_online_reaches_the_full_batch_loss_on_digits(beta):
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data  # 1797 x 64, a real dataset
+    full = NMF(torch.Size(X.shape), rank=10).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        full.fit(torch.from_numpy(X), beta=beta, tol=0, max_iter=1000)
+    # 50 passes of 3 batches, each batch's codes solved afresh: measured 0.99 of the
+    # loss of 1000 full-batch iterations at beta 1
+    model = TorchMiniBatchNMF(n_components=10, batch_size=600, beta_loss=beta, max_iter=50, tol=0,
+                              max_no_improvement=None, forget_factor=0.1, fresh_restarts=True,
+                              random_state=0).fit(X)
+    assert model.reconstruction_err_ ** 2 / 2 < 1.05 * full.loss_history[-1]
+
+
+def test_forget_factor_weighs_a_whole_pass(generator):
+    # as scikit-learn's: after each of the n / batch_size batches, the past weighs
+    # forget_factor ** (batch_size / n), so forget_factor after a whole pass
+    X = _planted(generator, n=120, c=8).numpy()
+    model = TorchMiniBatchNMF(n_components=3, batch_size=30, forget_factor=0.6, max_iter=2, tol=0,
+                              max_no_improvement=None, random_state=0).fit(X)
+    assert model._online_state.forget_factor == pytest.approx(0.6 ** 0.25, rel=1e-12)
+    model.partial_fit(X[:60])
+    assert model._online_state.forget_factor == pytest.approx(0.6 ** 0.5, rel=1e-12)
+    model.partial_fit(X[:10])  # a call with fewer samples than batch_size: one batch
+    assert model._online_state.forget_factor == pytest.approx(0.6, rel=1e-12)
+
+
+@pytest.mark.parametrize("beta", [2, 1])
+def test_features_absent_from_the_first_batch_keep_their_templates(generator, beta):
+    # the starting templates weigh as much as one sample: a feature with no entry
+    # in the first batch is shrunk, not set to an exact zero (which no later batch
+    # could undo)
+    V = _planted(generator, n=40, c=10)
+    V[:20, 7:] = 0
+    W0 = torch.rand(10, 3, generator=generator, dtype=torch.float64) + 0.1
+    online = OnlineMU(W0.clone(), beta, forget_factor=0.9)
+    online.partial_fit(V[:20].to_sparse_csr(), torch.full((20, 3), 0.5, dtype=torch.float64))
+    assert (online.W[7:] > 1e-3 * W0[7:]).all()
+    assert (online.W[7:] < W0[7:]).all()
+    online.partial_fit(V[20:].to_sparse_csr(), torch.full((20, 3), 0.5, dtype=torch.float64))
+    assert (online.W[7:] > 0).all()
 
 
 def test_minibatch_parameter_errors():

@@ -273,3 +273,23 @@ def test_transform_of_sparse_data_equals_dense(layout, generator):
     sparse = model.transform(LAYOUTS[layout](V), beta=1, max_iter=10, tol=0, generator=starts[0])
     dense = model.transform(V, beta=1, max_iter=10, tol=0, generator=starts[1])
     torch.testing.assert_close(sparse, dense, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("columns", [31, 2**16 + 5])  # the two sorts of transpose_csr
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.3])
+def test_transpose_csr_matches_the_dense_transpose(density, index_dtype, columns, generator):
+    from torchnmf.targets.sparse import transpose_csr
+
+    dense = torch.rand(23, columns, generator=generator, dtype=torch.float64)
+    dense[dense > density] = 0
+    dense[4] = 0  # an empty row, which becomes an empty column
+    csr = dense.to_sparse_csr()
+    csr = torch.sparse_csr_tensor(csr.crow_indices().to(index_dtype),
+                                  csr.col_indices().to(index_dtype), csr.values(), csr.shape)
+    transposed = transpose_csr(csr)
+    expected = dense.T.contiguous().to_sparse_csr()
+    assert transposed.shape == (columns, 23)
+    assert torch.equal(transposed.crow_indices().long(), expected.crow_indices().long())
+    assert torch.equal(transposed.col_indices().long(), expected.col_indices().long())
+    assert torch.equal(transposed.values(), expected.values())

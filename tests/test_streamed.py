@@ -255,6 +255,60 @@ def test_streamed_fits_are_scale_equivariant(generator, scale, solver, beta):
     torch.testing.assert_close(streamed(), reference() * scale, rtol=1e-8, atol=0)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("beta", [2, 1, 0.5, 0, 3])
+def test_scaled_streamed_statistics_need_no_read(generator, beta, masked):
+    """scale_sums comes from the validation pass and the scaled constant in closed
+    form: equal to the sums and constant read from the scaled blocks."""
+    from torchnmf.targets.streamed import StreamedTarget, as_streamed_source
+
+    V = _data(generator) * 37.0
+    mask = (torch.rand(V.shape, generator=generator) > 0.3).numpy() if masked else None
+    source = _Counting(V)
+    stats = StreamedTarget(as_streamed_source(source), mask, block_rows=5).statistics(beta)
+    reads = source.passes
+    factor = 2.0 ** -5
+    scaled = stats.scaled(factor)
+    total, count = scaled.scale_sums()
+    assert source.passes == reads  # neither read a block
+    rescaled = StreamedTarget(TensorRows(V * factor), mask, block_rows=5).statistics(beta)
+    expected_total, expected_count = 0.0, 0
+    for _, _, block, block_mask in rescaled._blocks():
+        values = block if block_mask is None else block[block_mask]
+        expected_total += float(values.sum())
+        expected_count += values.numel()
+    assert count == expected_count
+    assert total == pytest.approx(expected_total, rel=1e-13)
+    torch.testing.assert_close(torch.as_tensor(scaled.constant, dtype=torch.float64),
+                               torch.as_tensor(rescaled.constant, dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+
+
+class _Counting:
+    """A row source that counts the passes over it (reads of its first row)."""
+
+    def __init__(self, V):
+        self.inner = TensorRows(V)
+        self.shape, self.dtype, self.is_sparse = self.inner.shape, self.inner.dtype, False
+        self.passes = 0
+
+    def read(self, start, stop):
+        self.passes += start == 0
+        return self.inner.read(start, stop)
+
+
+@pytest.mark.parametrize("beta", [2, 1])
+def test_a_streamed_fit_reads_v_twice_to_set_up(generator, beta):
+    # validation, then the divergence constant; the scale needs no read; then one
+    # pass per multiplicative-update iteration and one for the final objective
+    V = _data(generator) * 1000
+    for iterations in (3, 4):
+        source = _Counting(V)
+        NMF(V.shape, rank=3).double().fit(source, beta=beta, tol=0, max_iter=iterations,
+                                          block_rows=5)
+        assert source.passes == 2 + iterations + 1
+
+
 def test_masked_streamed_fit_at_a_tiny_scale(generator):
     V = _data(generator) * 1e-50
     observed = torch.rand(V.shape, generator=generator) > 0.3

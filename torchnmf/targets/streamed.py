@@ -26,6 +26,7 @@ process's resident set after they are read (``madvise``), so the peak does
 not grow with ``N``.
 """
 import concurrent.futures
+import math
 
 import numpy as np
 import torch
@@ -292,6 +293,7 @@ class StreamedTarget:
         self.masked = hidden
         self.may_hide = hidden  # no hidden entry anywhere: the plain kinds, no per-pass checks
         self.observed = observed
+        self.total = total
         self.zeros = zeros
         self.mean = total / max(observed, 1)
 
@@ -347,13 +349,13 @@ class StreamedStats:
     constant is summed once here.
     """
 
-    def __init__(self, target, beta, factor=1.0):
+    def __init__(self, target, beta, factor=1.0, constant=None):
         self.target = target
         self.beta = float(beta)
         self.factor = float(factor)
         self._h_buffers = None
         self._dense = {}
-        self.constant = self._constant()
+        self.constant = self._constant() if constant is None else constant
 
     def _blocks(self):
         """``(start, stop, block, mask)`` of the target, each block times :attr:`factor`."""
@@ -362,16 +364,24 @@ class StreamedStats:
 
     # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
     def scale_sums(self):
-        """``(sum, count)`` of the observed entries, summed over the blocks in one pass."""
-        total, count = 0.0, 0
-        for _, _, block, mask in self._blocks():
-            total += float(_observed_values(block, mask).sum(dtype=torch.float64))
-            count += block.shape[0] * block.shape[1] if mask is None else int(mask.sum())
-        return total, count
+        """``(sum, count)`` of the observed entries, from the target's validation pass
+        (no read of the blocks)."""
+        return self.target.total * self.factor, self.target.observed
 
     def scaled(self, factor):
-        """The same statistics for ``factor * V``: every block is multiplied as it is read."""
-        return type(self)(self.target, self.beta, self.factor * factor)
+        """The same statistics for ``factor * V``: every block is multiplied as it is
+        read; the divergence constant follows in closed form (no read)."""
+        factor = float(factor)
+        total, count = self.scale_sums()
+        if self.beta == 2:
+            constant = self.constant * factor**2
+        elif self.beta == 1:  # sum(fV log fV - fV) = f (sum(V log V - V)) + f log(f) sum(V)
+            constant = self.constant * factor + factor * math.log(factor) * total
+        elif self.beta == 0:  # -(sum log fV + n) = -(sum log V + n) - n log f
+            constant = self.constant - count * math.log(factor)
+        else:
+            constant = self.constant * factor**self.beta
+        return type(self)(self.target, self.beta, self.factor * factor, constant=constant)
 
     def _constant(self):
         total = torch.zeros((), dtype=torch.float64, device=self.target.device)
