@@ -13,11 +13,12 @@ A report goes to stdout, the progress bar and notes to stderr.  Exit status:
 on stderr, no traceback), 2 for a malformed command line, 130 when interrupted.
 """
 import argparse
-import importlib.util
 import os
 import sys
 import warnings
 from pathlib import Path
+
+from .cli_selection import check_outputs
 
 __all__ = ["main"]
 
@@ -444,12 +445,7 @@ def _run_fit_distributed(args, out, note):
     if args.stream or args.block_rows is not None:
         raise CommandError("under torchrun each process holds its rows in memory; leave out "
                            "--stream and --block-rows")
-    if args.plot:
-        if importlib.util.find_spec("matplotlib") is None:
-            raise CommandError("--plot needs matplotlib; pip install 'torchnmf[plot]'")
-        if not Path(args.plot).resolve().parent.is_dir():
-            raise CommandError(f"cannot write {args.plot}: the directory "
-                               f"{Path(args.plot).parent} does not exist")
+    check_outputs((), args.plot, CommandError)
     world = _torchrun_world()
     source = _open_own_rows(args, world)
     device = _device(args.device)
@@ -520,13 +516,7 @@ def run_fit(args, out=print, note=None):
         return _run_fit_distributed(args, out, note)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".nmf.npz")
-    for path in (output, args.plot):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise CommandError(
-                f"cannot write {path}: the directory {Path(path).parent} does not exist"
-            )
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise CommandError("--plot needs matplotlib; pip install 'torchnmf[plot]'")
+    check_outputs((output,), args.plot, CommandError)
     device = _device(args.device)
     args.stream = args.stream or args.block_rows is not None
     if args.stream:
