@@ -316,14 +316,14 @@ def sparse_settings_case(rank, world, **rank1):
         assert torch.equal(net.H.detach(), before), "a refused fit changed H"
 
 
-def collectives_case(rank, world, kind, dtype):
+def collectives_case(rank, world, kind, dtype, columns=10):
     """All-reduces per iteration of a ``mu`` fit (from fits of 5 and 15 iterations)."""
     import torch.distributed as dist
 
     import torchnmf.targets.distributed as distributed
     from torchnmf.nmf import NMF
 
-    V, mask, W0, H0 = problem(kind=kind, dtype=dtype)
+    V, mask, W0, H0 = problem(kind=kind, dtype=dtype, C=columns)
     edges = split(V.shape[0], world)
     start, stop = edges[rank], edges[rank + 1]
     calls = []

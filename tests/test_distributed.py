@@ -227,10 +227,14 @@ def test_sparse_fit_disagreement_is_refused(pool, rank1, message):
         pool.run(cases.sparse_settings_case, **rank1)
 
 
-@pytest.mark.parametrize("kind,dtype", [("dense", torch.float32), ("dense", torch.float64),
-                                        ("sparse", torch.float64), ("masked", torch.float32)])
-def test_one_collective_per_mu_iteration(pool, kind, dtype):
+@pytest.mark.parametrize("kind,dtype,columns,collectives", [
+    ("dense", torch.float32, 10, 1), ("dense", torch.float64, 10, 1),
+    ("sparse", torch.float64, 10, 1), ("masked", torch.float32, 10, 1),
+    # float32 W terms of more than CARRY_LIMIT values would double their bytes in float64
+    ("dense", torch.float32, 50_000, 2), ("dense", torch.float64, 50_000, 1),
+])
+def test_one_collective_per_mu_iteration(pool, kind, dtype, columns, collectives):
     # each all-reduce is a synchronisation point: multiplicative updates carry the
-    # objective of the H step with the W terms, in one all-reduce whatever the dtypes
-    counts = pool.run(cases.collectives_case, kind=kind, dtype=dtype)
-    assert counts[0] == counts[1] == 1.0
+    # objective of the H step with the W terms, in one all-reduce
+    counts = pool.run(cases.collectives_case, kind=kind, dtype=dtype, columns=columns)
+    assert counts[0] == counts[1] == collectives

@@ -150,7 +150,8 @@ class MultiplicativeUpdates:
         one_pass = getattr(p.stats, "h_update_then_w_terms", None)
         if one_pass is not None and p.update_H:
             return self._one_pass_step(one_pass)
-        if p.update_H and p.update_W and hasattr(p.stats, "h_terms_unsummed"):
+        carries = getattr(p.stats, "carries_objective", None)
+        if p.update_H and p.update_W and carries is not None and carries(p.W):
             return self._carried_step()
         if p.update_H:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)

@@ -226,6 +226,17 @@ class DistributedStats:
         self.reduction.sum_(value, what="sum of the divergence")
         return negative, positive, value[0]
 
+    # float32 W terms travel in float64 beside the objective: at most this many
+    # (C, R) values, so that at most about 1 MiB more crosses (on gloo one all-reduce
+    # costs the same up to a few hundred KiB; over a network, more bytes cost more
+    # than the latency saved); float64 ones always travel with it
+    CARRY_LIMIT = 2 ** 17
+
+    def carries_objective(self, W):
+        """Whether :meth:`h_terms_unsummed` with ``w_terms(carry=...)`` should
+        replace two all-reduces by one for factors like ``W``."""
+        return W.dtype == torch.float64 or W.numel() <= self.CARRY_LIMIT
+
     def h_terms_unsummed(self, H, W):
         """:meth:`h_terms` with this process's addend of the objective (its
         divergence and ``H`` penalty) not yet summed: pass it to
