@@ -40,6 +40,7 @@ column, :math:`x_k \leftarrow \max(\text{floor}, (R y_k + x_k \odot M y_k^2
 import numpy as np
 import torch
 
+from .. import _device as device
 from .alternating import AlternatingSolver
 from .extrapolation import extrapolate_linear_
 from .problem import check_solver_beta
@@ -170,9 +171,10 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
         sweeps = _batched_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta)
         factor.copy_(columns.mT)
         return sweeps
-    on_numpy = columns.device.type == "cpu" and columns.dtype in (torch.float32, torch.float64)
+    on_accelerator = device.on_accelerator(columns)
+    on_numpy = not on_accelerator and columns.dtype in (torch.float32, torch.float64)
     sweep = _numpy_sweep if on_numpy else _torch_sweep
-    if columns.device.type != "cpu" and max_sweeps > 1 and change_norm is None:
+    if on_accelerator and max_sweeps > 1 and change_norm is None:
         # (a distributed fit's change norm is a collective, which synchronises anyway)
         _device_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta)
         factor.copy_(columns.T)
@@ -382,11 +384,13 @@ class HALS(AlternatingSolver):
         masked_hals_update_(p.H, p.W, self.observed_V, self.observed_weight, p.penalty_H,
                             self.floor["H"], p.fixed_H)
 
-    def _masked_update_W(self):
+    def _masked_update_W(self, divergence=False):
         p = self.problem
+        value = p.stats.divergence(p.H, p.W) if divergence else None
         masked_hals_update_(p.W, p.H, self.observed_V.T, self.observed_weight.T, p.penalty_W,
                             self.floor["W"], p.fixed_W,
                             p.row_sum_ if p.reduction is not None else None)
+        return value
 
     def _extrapolate_linear_(self, factor, previous, weight):
         extrapolate_linear_(factor, previous, weight, self._floor_of(factor))
@@ -396,13 +400,20 @@ class HALS(AlternatingSolver):
         hals_update_(p.H, terms[0], p.W.mT @ p.W, p.penalty_H, self.sweeps_H, self.delta,
                      self.floor["H"], p.fixed_H, self._change_norm_H)
 
-    def _update_W(self):
+    def _update_W(self, divergence=False):
         p = self.problem
+        value = None
         fused = getattr(p.stats, "w_numerator_and_gram", None)  # across processes: one all-reduce
         if fused is not None:
             negative, gram = fused(p.H, p.W)
+            if divergence:
+                value = p.stats.divergence(p.H, p.W)
         else:
-            negative, _ = p.stats.w_terms(p.H, p.W)
+            if divergence:
+                negative, _, value = p.stats.w_terms(p.H, p.W, divergence=True)
+            else:
+                negative, _ = p.stats.w_terms(p.H, p.W)
             gram = p.H.mT @ p.H
         hals_update_(p.W, negative, gram, p.penalty_W, self.sweeps_W, self.delta,
                      self.floor["W"], p.fixed_W)
+        return value
