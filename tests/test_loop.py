@@ -123,16 +123,17 @@ def reads_in_steps(monkeypatch):
 
 @pytest.mark.parametrize("solver,beta", [("mu", 1), ("mu_extrapolated", 1), ("mu_extrapolated", 2),
                                          ("hals", 2)])
-@pytest.mark.parametrize("penalty", [0.0, 0.1])
-def test_no_read_back_inside_an_iteration(solver, beta, penalty, device_stand_in, reads_in_steps,
-                                          generator):
+@pytest.mark.parametrize("penalty,fixed", [(0.0, None), (0.1, None), (0.0, [1])])
+def test_no_read_back_inside_an_iteration(solver, beta, penalty, fixed, device_stand_in,
+                                          reads_in_steps, generator):
     """On an accelerator an iteration queues its kernels without reading anything back:
     the extrapolation's accept/reject, HALS's inner sweeps and the objective all stay on
     the device, and the loop reads the objectives once every ten iterations."""
     V = torch.rand(30, 20, generator=generator, dtype=torch.float64) + 0.1
     torch.manual_seed(0)
     model = NMF(V.shape, rank=4).double()
-    model.fit(V, beta=beta, max_iter=25, tol=1e-12, solver=solver, alpha=penalty, l1_ratio=0.5)
+    model.fit(V, beta=beta, max_iter=25, tol=1e-12, solver=solver, alpha=penalty, l1_ratio=0.5,
+              fixed_W=fixed)
     assert reads_in_steps == []
     assert device_stand_in == [10, 10, 5]
     history = torch.tensor(model.loss_history)
