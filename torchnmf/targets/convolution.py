@@ -423,7 +423,8 @@ class ConvStats:
                     variable = _inner(weight, floored)
             torch.div(V, floored, out=numer)
             if divergence:  # the reconstruction is not needed any more: its log in place
-                # (base 2: a quarter cheaper than the natural log on CPU, measured)
+                # (base 2: about 10% cheaper than the natural log on CPU, measured in place on
+                # 257k and 1M float32 entries, one thread)
                 logs = _inner(V, floored.log2_()) * _LN2
                 variable = -logs if variable is None else variable - logs
             return variable
