@@ -203,3 +203,23 @@ def test_digits_fit_keeps_no_subnormal_entries():
     for factor in (model.H.detach(), model.W.detach()):
         assert not ((factor > 0) & (factor < tiny)).any()
         assert (factor == 0).any()  # the flushed entries
+
+
+@pytest.mark.parametrize("solver,beta", [("mu_extrapolated", 1), ("hals", 2)])
+def test_a_host_decision_on_the_device_keeps_the_cpu_iterates(solver, beta, monkeypatch,
+                                                              generator):
+    """With ``refuse_on_device = False`` the device path reads each accept/reject back
+    (one read per iteration) and follows the CPU's iterates exactly."""
+    from torchnmf.solvers.alternating import AlternatingSolver
+
+    V = torch.rand(30, 20, generator=generator, dtype=torch.float64) + 0.1
+    torch.manual_seed(0)
+    cpu = NMF(V.shape, rank=4).double()
+    stand_in = NMF(V.shape, rank=4).double()
+    stand_in.load_state_dict(cpu.state_dict())
+    cpu.fit(V, beta=beta, max_iter=40, tol=0, solver=solver)
+    monkeypatch.setattr(device, "on_accelerator", lambda t: isinstance(t, torch.Tensor))
+    monkeypatch.setattr(AlternatingSolver, "refuse_on_device", False)
+    stand_in.fit(V, beta=beta, max_iter=40, tol=0, solver=solver)
+    assert stand_in.loss_history == pytest.approx(cpu.loss_history, rel=1e-12)
+    torch.testing.assert_close(stand_in.W, cpu.W)
