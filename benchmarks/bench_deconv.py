@@ -211,8 +211,11 @@ def _interleaved_ms(runners, rounds, short=10, long=30):
 
     The runners take turns, ``rounds`` times; on a shared machine the minimum
     over the rounds is the run least disturbed by other processes, and the
-    turns let a load change hit every runner alike.
+    turns let a load change hit every runner alike.  With one thread the
+    times are the process's CPU time (:func:`_clock`), which the other
+    processes of a shared machine do not inflate as they do wall time.
     """
+    clock = _clock()
     times = {name: {short: [], long: []} for name in runners}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -221,9 +224,9 @@ def _interleaved_ms(runners, rounds, short=10, long=30):
         for _ in range(rounds):
             for name, run in runners.items():
                 for n_iter in (short, long):
-                    start = time.perf_counter()
+                    start = clock()
                     run(n_iter)
-                    times[name][n_iter].append(time.perf_counter() - start)
+                    times[name][n_iter].append(clock() - start)
     ms = {
         name: max((min(t[long]) - min(t[short])) / (long - short) * 1e3, 1e-6)
         for name, t in times.items()
@@ -234,6 +237,12 @@ def _interleaved_ms(runners, rounds, short=10, long=30):
         for name, t in times.items()
     }
     return ms, rounds_ms
+
+
+def _clock():
+    """CPU time of the process with one thread (what a shared machine's other jobs
+    barely disturb); wall time with several, where CPU time would add the threads up."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 def _median(values):
@@ -267,7 +276,8 @@ def run(quick=False):
                 table.append([label, "", ours_ms, "", "", floor_ms, "", "", ours_loss, ""])
         print(f"  {label}: done", file=sys.stderr, flush=True)
     header = (
-        f"float32, {torch.get_num_threads()} threads; ms per iteration (per step for BetaMu) "
+        f"float32, {torch.get_num_threads()} threads; ms per iteration (per step for BetaMu; "
+        f"{'CPU time of the process' if torch.get_num_threads() == 1 else 'wall time'}) "
         f"from the difference of the fastest 30- and 10-iteration runs of "
         f"{1 if quick else ROUNDS} rounds in turn; loss after {iterations} iterations from the "
         f"same start (SI-PLCA: KL of V / sum V); \"per round\" is the median (and range) "

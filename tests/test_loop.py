@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from torchnmf.nmf import NMF, NMFD
+from torchnmf import _device as device
 from torchnmf.solvers import loop
 
 
 @pytest.fixture
 def device_stand_in(monkeypatch):
-    """Every tensor objective counts as living on an accelerator; read-backs are counted."""
+    """Every tensor counts as living on an accelerator (the loop and the solvers take
+    their device paths); the loop's read-backs are counted."""
     reads = []
     real_read_back = loop._read_back
 
@@ -18,7 +20,7 @@ def device_stand_in(monkeypatch):
         reads.append(len(losses))
         return real_read_back(losses)
 
-    monkeypatch.setattr(loop, "_on_accelerator", lambda loss: isinstance(loss, torch.Tensor))
+    monkeypatch.setattr(device, "on_accelerator", lambda t: isinstance(t, torch.Tensor))
     monkeypatch.setattr(loop, "_read_back", counted)
     return reads
 
@@ -83,8 +85,87 @@ def test_fits_keep_their_history_with_deferred_read_backs(solver, device_stand_i
     device_stand_in.clear()
     reference.fit(V, beta=beta, max_iter=23, tol=0, solver=solver, alpha=0.1, callback=lambda n, l: False)
     assert model.loss_history == reference.loss_history
-    if solver == "mu":  # the alternating solvers return Python floats (they decide on them)
-        assert reads == [10, 10, 3] and device_stand_in == [1] * 23
+    assert reads == [10, 10, 3] and device_stand_in == [1] * 23
+    history = torch.tensor(model.loss_history)
+    assert (history[1:] <= history[:-1]).all()
+
+
+@pytest.fixture
+def reads_in_steps(monkeypatch):
+    """Counts the host reads of a tensor (float, bool, int, item, tolist, numpy) made
+    inside a solver's ``step``: each would synchronise with an accelerator."""
+    from torchnmf.solvers.alternating import AlternatingSolver
+    from torchnmf.solvers.mu import MultiplicativeUpdates
+
+    state = {"inside": False, "reads": []}
+    for name in ("__float__", "__bool__", "__int__", "__index__", "item", "tolist", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if state["inside"]:
+                state["reads"].append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for cls in (AlternatingSolver, MultiplicativeUpdates):
+        real_step = cls.step
+
+        def step(self, _real=real_step):
+            state["inside"] = True
+            try:
+                return _real(self)
+            finally:
+                state["inside"] = False
+
+        monkeypatch.setattr(cls, "step", step)
+    return state["reads"]
+
+
+@pytest.mark.parametrize("solver,beta", [("mu", 1), ("mu_extrapolated", 1), ("mu_extrapolated", 2),
+                                         ("hals", 2)])
+@pytest.mark.parametrize("penalty,fixed", [(0.0, None), (0.1, None), (0.0, [1])])
+def test_no_read_back_inside_an_iteration(solver, beta, penalty, fixed, device_stand_in,
+                                          reads_in_steps, generator):
+    """On an accelerator an iteration queues its kernels without reading anything back:
+    the extrapolation's accept/reject, HALS's inner sweeps and the objective all stay on
+    the device, and the loop reads the objectives once every ten iterations."""
+    V = torch.rand(30, 20, generator=generator, dtype=torch.float64) + 0.1
+    torch.manual_seed(0)
+    model = NMF(V.shape, rank=4).double()
+    model.fit(V, beta=beta, max_iter=25, tol=1e-12, solver=solver, alpha=penalty, l1_ratio=0.5,
+              fixed_W=fixed)
+    assert reads_in_steps == []
+    assert device_stand_in == [10, 10, 5]
+    history = torch.tensor(model.loss_history)
+    assert (history[1:] <= history[:-1]).all()
+
+
+def test_a_refused_extrapolation_on_the_device_skips_its_h_update(device_stand_in, generator):
+    """The device path's refusal: the factors go back to where the last update ended,
+    that point's W update runs, and the objective returned is the kept point's."""
+    from torchnmf.solvers.extrapolation import ExtrapolatedMU
+    from torchnmf.solvers.problem import FitProblem
+    from torchnmf.targets.dense import DenseMatrixStats
+
+    V = torch.rand(12, 9, generator=generator, dtype=torch.float64) + 0.1
+    H = torch.rand(12, 3, generator=generator, dtype=torch.float64)
+    W = torch.rand(9, 3, generator=generator, dtype=torch.float64)
+    problem = FitProblem(DenseMatrixStats(V, 1), H, W, 1)
+    solver = ExtrapolatedMU(problem)
+    solver.step()
+    kept_H, kept_W = H.clone(), W.clone()
+    solver.reference = torch.tensor(0.0, dtype=torch.float64)  # any extrapolation is refused
+    weight = float(solver.weight.weight)
+    before = solver.step()
+    assert torch.equal(H, kept_H)
+    expected_W = kept_W.clone()
+    negative, positive = problem.stats.w_terms(kept_H, kept_W)
+    from torchnmf.solvers.mu import mu_update_
+
+    mu_update_(expected_W, negative, positive, 1)
+    torch.testing.assert_close(W, expected_W)
+    torch.testing.assert_close(before, problem.stats.divergence(kept_H, kept_W).double())
+    assert float(solver.weight.weight) == pytest.approx(weight / solver.weight.decay)
 
 
 def test_convolutional_fit_reads_back_every_ten_iterations(device_stand_in, generator):
@@ -122,3 +203,23 @@ def test_digits_fit_keeps_no_subnormal_entries():
     for factor in (model.H.detach(), model.W.detach()):
         assert not ((factor > 0) & (factor < tiny)).any()
         assert (factor == 0).any()  # the flushed entries
+
+
+@pytest.mark.parametrize("solver,beta", [("mu_extrapolated", 1), ("hals", 2)])
+def test_a_host_decision_on_the_device_keeps_the_cpu_iterates(solver, beta, monkeypatch,
+                                                              generator):
+    """With ``refuse_on_device = False`` the device path reads each accept/reject back
+    (one read per iteration) and follows the CPU's iterates exactly."""
+    from torchnmf.solvers.alternating import AlternatingSolver
+
+    V = torch.rand(30, 20, generator=generator, dtype=torch.float64) + 0.1
+    torch.manual_seed(0)
+    cpu = NMF(V.shape, rank=4).double()
+    stand_in = NMF(V.shape, rank=4).double()
+    stand_in.load_state_dict(cpu.state_dict())
+    cpu.fit(V, beta=beta, max_iter=40, tol=0, solver=solver)
+    monkeypatch.setattr(device, "on_accelerator", lambda t: isinstance(t, torch.Tensor))
+    monkeypatch.setattr(AlternatingSolver, "refuse_on_device", False)
+    stand_in.fit(V, beta=beta, max_iter=40, tol=0, solver=solver)
+    assert stand_in.loss_history == pytest.approx(cpu.loss_history, rel=1e-12)
+    torch.testing.assert_close(stand_in.W, cpu.W)

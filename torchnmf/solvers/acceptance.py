@@ -16,6 +16,8 @@ so iterates there are exactly those of the plain solver.
 """
 import torch
 
+from .. import _device as device
+
 __all__ = ["RoundingGuard", "explicit_threshold"]
 
 
@@ -72,12 +74,9 @@ class RoundingGuard:
         """
         if self.threshold is None:
             return before
-        if isinstance(before, torch.Tensor):
-            if before.device.type != "cpu":
-                return before
-            value = float(before)
-        else:
-            value = before
+        if device.on_accelerator(before):
+            return before
+        value = float(before)
         if not value < self.threshold:
             self.reference = self.start = None
             return before

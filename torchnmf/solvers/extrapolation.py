@@ -96,7 +96,8 @@ class ExtrapolatedMU(AlternatingSolver):
         p = self.problem
         mu_update_(p.H, *terms, self.gamma, p.penalty_H, p.fixed_H)
 
-    def _update_W(self):
+    def _update_W(self, divergence=False):
         p = self.problem
-        negative, positive = p.stats.w_terms(p.H, p.W)
-        mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
+        terms = p.stats.w_terms(p.H, p.W, divergence=True) if divergence else p.stats.w_terms(p.H, p.W)
+        mu_update_(p.W, terms[0], terms[1], self.gamma, p.penalty_W, p.fixed_W)
+        return terms[2] if divergence else None

@@ -40,6 +40,7 @@ column, :math:`x_k \leftarrow \max(\text{floor}, (R y_k + x_k \odot M y_k^2
 import numpy as np
 import torch
 
+from .. import _device as device
 from .alternating import AlternatingSolver
 from .extrapolation import extrapolate_linear_
 from .problem import check_solver_beta
@@ -72,6 +73,14 @@ def _numpy_sweep(columns, targets, coupling, free, floor):
         np.dot(all_rows, weights[k], out=scratch)
         np.subtract(target_rows[k], scratch, out=scratch)
         np.maximum(scratch, floor, out=all_columns[k])
+
+
+def _fixed_set(fixed):
+    """The fixed columns as a set of ints (a tensor's are read back: pass a
+    sequence of ints to avoid that on an accelerator)."""
+    if fixed is None:
+        return set()
+    return set(fixed.tolist() if isinstance(fixed, torch.Tensor) else fixed)
 
 
 def max_inner_sweeps(rows, other_rows, rank, alpha, overhead=0, slowdown=1):
@@ -142,7 +151,8 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
         floor (float or Tensor): the smallest value an entry may take.  A small
             positive floor keeps a column from becoming exactly zero, from where
             HALS (like multiplicative updates) could never bring it back.
-        fixed (Tensor, optional): int64 indices of columns left exactly as they are.
+        fixed (Tensor or sequence of int, optional): indices of columns left
+            exactly as they are.
         change_norm (callable, optional): the Frobenius norm of a sweep's
             change (a tensor) as a float; by default this tensor's own.  A
             distributed fit passes the norm over every process's rows, so that
@@ -162,7 +172,7 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
     targets.div_(denominators)
     coupling = gram / denominators
     coupling.diagonal(dim1=-2, dim2=-1).zero_()
-    skip = set() if fixed is None else set(fixed.tolist())
+    skip = _fixed_set(fixed)
     free = [k for k in range(columns.shape[-2]) if k not in skip]
     if factor.dim() == 3:
         floor = torch.as_tensor(floor, dtype=factor.dtype, device=factor.device)
@@ -170,9 +180,10 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
         sweeps = _batched_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta)
         factor.copy_(columns.mT)
         return sweeps
-    on_numpy = columns.device.type == "cpu" and columns.dtype in (torch.float32, torch.float64)
+    on_accelerator = device.on_accelerator(columns)
+    on_numpy = not on_accelerator and columns.dtype in (torch.float32, torch.float64)
     sweep = _numpy_sweep if on_numpy else _torch_sweep
-    if columns.device.type != "cpu" and max_sweeps > 1 and change_norm is None:
+    if on_accelerator and max_sweeps > 1 and change_norm is None:
         # (a distributed fit's change norm is a collective, which synchronises anyway)
         _device_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta)
         factor.copy_(columns.T)
@@ -254,7 +265,8 @@ def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None
         weight (Tensor): ``(M, K)``, the mask in ``V``'s dtype (1 = observed).
         penalty (Penalty): the elastic-net penalty on ``factor``.
         floor (float or Tensor): the smallest value an entry may take.
-        fixed (Tensor, optional): int64 indices of columns left exactly as they are.
+        fixed (Tensor or sequence of int, optional): indices of columns left
+            exactly as they are.
         column_sum_ (callable, optional): sums a tensor over the processes
             holding the other columns of ``V`` (the other rows of ``Y``), in
             place; a distributed fit passes it for the ``W`` update.
@@ -264,7 +276,7 @@ def masked_hals_update_(factor, other, V, weight, penalty, floor=0.0, fixed=None
     if factor.dim() == 3:
         floor = torch.as_tensor(floor, dtype=factor.dtype, device=factor.device)
         floor = floor.reshape(-1).expand(factor.shape[0]).reshape(-1, 1)
-    skip = set() if fixed is None else set(fixed.tolist())
+    skip = _fixed_set(fixed)
     for k in range(factor.shape[-1]):
         if k in skip:
             continue
@@ -353,6 +365,9 @@ class HALS(AlternatingSolver):
             reduction = problem.reduction
             self._change_norm_H = lambda change: reduction.sum_float(
                 change.pow(2).sum(dtype=torch.float64)) ** 0.5
+        # the fixed columns as ints, read once here rather than in every update
+        self.fixed = {name: None if f is None else tuple(f.tolist())
+                      for name, f in (("H", problem.fixed_H), ("W", problem.fixed_W))}
         if self.extrapolation:
             self._extrapolate_ = self._extrapolate_linear_
         observed_target = getattr(problem.stats, "observed_target", None)
@@ -380,13 +395,15 @@ class HALS(AlternatingSolver):
     def _masked_update_H(self, terms):
         p = self.problem
         masked_hals_update_(p.H, p.W, self.observed_V, self.observed_weight, p.penalty_H,
-                            self.floor["H"], p.fixed_H)
+                            self.floor["H"], self.fixed["H"])
 
-    def _masked_update_W(self):
+    def _masked_update_W(self, divergence=False):
         p = self.problem
+        value = p.stats.divergence(p.H, p.W) if divergence else None
         masked_hals_update_(p.W, p.H, self.observed_V.T, self.observed_weight.T, p.penalty_W,
-                            self.floor["W"], p.fixed_W,
+                            self.floor["W"], self.fixed["W"],
                             p.row_sum_ if p.reduction is not None else None)
+        return value
 
     def _extrapolate_linear_(self, factor, previous, weight):
         extrapolate_linear_(factor, previous, weight, self._floor_of(factor))
@@ -394,15 +411,22 @@ class HALS(AlternatingSolver):
     def _update_H(self, terms):
         p = self.problem
         hals_update_(p.H, terms[0], p.W.mT @ p.W, p.penalty_H, self.sweeps_H, self.delta,
-                     self.floor["H"], p.fixed_H, self._change_norm_H)
+                     self.floor["H"], self.fixed["H"], self._change_norm_H)
 
-    def _update_W(self):
+    def _update_W(self, divergence=False):
         p = self.problem
+        value = None
         fused = getattr(p.stats, "w_numerator_and_gram", None)  # across processes: one all-reduce
         if fused is not None:
             negative, gram = fused(p.H, p.W)
+            if divergence:
+                value = p.stats.divergence(p.H, p.W)
         else:
-            negative, _ = p.stats.w_terms(p.H, p.W)
+            if divergence:
+                negative, _, value = p.stats.w_terms(p.H, p.W, divergence=True)
+            else:
+                negative, _ = p.stats.w_terms(p.H, p.W)
             gram = p.H.mT @ p.H
         hals_update_(p.W, negative, gram, p.penalty_W, self.sweeps_W, self.delta,
-                     self.floor["W"], p.fixed_W)
+                     self.floor["W"], self.fixed["W"])
+        return value

@@ -20,6 +20,17 @@ each one as it happens and can stop the fit there (likewise with an
 ``after_iteration`` checkpoint).  On the CPU (or with a
 step that returns a Python number) every iteration is read at once, exactly
 as without this rule.
+
+Inside an iteration nothing is read back on an accelerator
+(:mod:`torchnmf._device`): the objective a step returns stays a tensor, the
+extrapolating solvers accept or refuse a move with ``torch.where`` on a 0-dim
+flag (see :class:`~torchnmf.solvers.alternating.AlternatingSolver` for what a
+refusal then does), HALS runs its inner sweeps with the stopping flag on the
+device, and the acceptance rule near an exact fit is left to the CPU.
+``tests/test_loop.py`` runs these paths with a stand-in device and counts the
+host reads inside every step (none) and the loop's read-backs (one per
+:data:`READ_BACK_EVERY` iterations).  Batched fits (restarts) still read
+their members' objectives every iteration, to drop finished members.
 """
 import math
 import os
@@ -29,6 +40,7 @@ import warnings
 import torch
 
 from .._validation import ConvergenceWarning
+from .. import _device as device
 
 __all__ = ["run_fit", "run_batched_fit", "relative_decrease", "READ_BACK_EVERY"]
 
@@ -39,7 +51,7 @@ READ_BACK_EVERY = 10
 
 def _on_accelerator(loss):
     """Whether ``loss`` lives on a device whose read-back synchronises."""
-    return isinstance(loss, torch.Tensor) and loss.device.type != "cpu"
+    return device.on_accelerator(loss)
 
 
 def _read_back(losses):

@@ -126,7 +126,8 @@ class MultiplicativeUpdates:
         divergence, negative, positive = one_pass(p.H, p.W, self._update_rows_, p.update_W)
         if p.update_W:
             mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
-        return float(divergence) + penalty
+        # a tensor: on an accelerator the loop reads it back (no float() here)
+        return torch.as_tensor(divergence, dtype=torch.float64) + penalty
 
     def _carried_step(self):
         """The same iteration through a distributed target, in one all-reduce: this

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _device as device
 from .penalty import Penalty
 
 __all__ = ["FitProblem", "BatchedProblem", "check_solver_beta"]
@@ -56,8 +57,11 @@ class FitProblem:
         return total
 
     def objective_value(self, divergence):
-        """:meth:`objective_before` as a float (one per member for a batched problem)."""
-        return float(self.objective_before(divergence))
+        """:meth:`objective_before` as a float (one per member for a batched
+        problem); on an accelerator a 0-dim tensor there, for decisions made
+        on the device (:mod:`~torchnmf._device`)."""
+        value = self.objective_before(divergence)
+        return value if device.on_accelerator(value) else float(value)
 
     def objective(self):
         return float(self.objective_before(self.stats.divergence(self.H, self.W)))

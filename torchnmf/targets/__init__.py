@@ -6,8 +6,8 @@ three questions about the current factors:
 - ``h_terms(H, W)``: the negative and positive parts of the gradient of
   :math:`D_\beta(V | \hat V)` with respect to ``H``, and the divergence at the
   current point (computed on the way, almost for free);
-- ``w_terms(H, W)``: the same parts with respect to ``W`` (the matrix kinds
-  also take ``divergence=True``, which adds the divergence, and
+- ``w_terms(H, W)``: the same parts with respect to ``W`` (every kind
+  also takes ``divergence=True``, which adds the divergence, and
   ``h_terms(..., divergence=False)`` skips it, for callers that update ``W``
   first);
 - ``divergence(H, W)``: the divergence alone.

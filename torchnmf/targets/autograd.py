@@ -63,13 +63,19 @@ class AutogradStats:
             prediction = prediction.clamp_min(self.eps)
         return pointwise_divergence(self.V, prediction, self.beta).sum()
 
+    def _prediction_divergence(self, prediction):
+        return metrics.beta_div(prediction, self.V, self.beta)
+
     def h_terms(self, H, W):
         negative, positive, prediction = self._parts(H, W, True)
-        return negative, positive, metrics.beta_div(prediction, self.V, self.beta)
+        return negative, positive, self._prediction_divergence(prediction)
 
-    def w_terms(self, H, W):
-        negative, positive, _ = self._parts(H, W, False)
-        return negative, positive
+    def w_terms(self, H, W, divergence=False):
+        """The ``W`` terms; with ``divergence=True`` also the divergence at (H, W)."""
+        negative, positive, prediction = self._parts(H, W, False)
+        if not divergence:
+            return negative, positive
+        return negative, positive, self._prediction_divergence(prediction)
 
     def divergence(self, H, W):
         with torch.no_grad():

@@ -62,6 +62,8 @@ HYBRID_WINDOWS = 640_000
 # them nothing; larger targets are handled in blocks of this size.
 BLOCK_ELEMENTS = 1 << 24
 
+_LN2 = math.log(2.0)
+
 
 def windows(H, kernel):
     """The zero-padded activations as ``(N, R K, L)`` windows, tap-major per component.
@@ -82,9 +84,11 @@ def _flipped_matrix(W):
     return W.flip(dims=tuple(range(2, W.dim()))).reshape(W.shape[0], -1)
 
 
-def forward_from_windows(W, H_windows, out_shape):
-    """The reconstruction ``(N, C, *out)`` from :func:`windows` of ``H``."""
-    flipped = _flipped_matrix(W)
+def forward_from_windows(W, H_windows, out_shape, flipped=None):
+    """The reconstruction ``(N, C, *out)`` from :func:`windows` of ``H``;
+    ``flipped``, when given, is ``W``'s flipped matrix (see :func:`_flipped_matrix`)."""
+    if flipped is None:
+        flipped = _flipped_matrix(W)
     N = H_windows.shape[0]
     out = H_windows.new_empty((N, W.shape[0], H_windows.shape[2]))
     for n in range(N):  # one product per batch entry: matmul's batching would copy
@@ -220,6 +224,7 @@ class ConvStats:
         self.mask = mask
         self.block_elements = block_elements
         self._chosen = None  # (shapes, route, blocks) of the last choice
+        self._flipped = None  # (W, its version, its flipped matrix): H's and W's passes share it
         self.weight = None
         if mask is None:
             self.constant = divergence_constant(self.V, self.beta)
@@ -350,10 +355,18 @@ class ConvStats:
         rows = S_windows.view(*S_windows.shape[:2], *full).narrow(2, pad, out_shape[0])
         return rows.reshape(*S_windows.shape[:2], -1)
 
+    def _templates_matrix(self, W):
+        """:func:`_flipped_matrix` of ``W``, kept while ``W`` is the same tensor,
+        unmodified (an iteration's ``H`` and ``W`` passes see the same templates)."""
+        kept = self._flipped
+        if kept is None or kept[0] is not W or kept[1] != W._version:
+            self._flipped = kept = (W, W._version, _flipped_matrix(W))
+        return kept[2]
+
     def _block_forward(self, S, W, route, S_windows, pad, out_shape):
         """The reconstruction at a block's rows."""
         if route != "conv":
-            return forward_from_windows(W, S_windows, out_shape)
+            return forward_from_windows(W, S_windows, out_shape, self._templates_matrix(W))
         kernel = W.shape[2:]
         flipped = W.flip(dims=tuple(range(2, W.dim())))
         padding = [k - 1 for k in kernel]
@@ -404,14 +417,16 @@ class ConvStats:
         numer, denom = pair[0], pair[1] if pair.shape[0] > 1 else None
         variable = None
         if beta == 1:
-            if divergence:
-                log = torch.log(floored)
-                variable = -_inner(V, log)
-                if weight is not None:
-                    variable = _inner(weight, floored) + variable
             if weight is not None:
                 denom.copy_(weight)
+                if divergence:
+                    variable = _inner(weight, floored)
             torch.div(V, floored, out=numer)
+            if divergence:  # the reconstruction is not needed any more: its log in place
+                # (base 2: about 10% cheaper than the natural log on CPU, measured in place on
+                # 257k and 1M float32 entries, one thread)
+                logs = _inner(V, floored.log2_()) * _LN2
+                variable = -logs if variable is None else variable - logs
             return variable
         torch.pow(floored, beta - 1, out=denom)
         if weight is not None:

@@ -210,15 +210,21 @@ class MaskedMatrixStats:
             total = total + part
         return negative, positive, self.constant + total
 
-    def w_terms(self, H, W):
+    def w_terms(self, H, W, divergence=False):
+        """The ``W`` terms; with ``divergence=True`` also the divergence at (H, W)."""
         negative = W.new_zeros(W.shape)
         positive = W.new_zeros(W.shape)
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
         for start, stop in self._blocks(H.shape[-2]):
-            negative_out, positive_out, _ = self._block(start, stop, H, W, with_divergence=False)
+            negative_out, positive_out, part = self._block(start, stop, H, W, divergence)
             H_block = H[..., start:stop, :]
             add_product_(negative, negative_out.mT, H_block)
             add_product_(positive, positive_out.mT, H_block)
-        return negative, positive
+            if divergence:
+                total = total + part
+        if not divergence:
+            return negative, positive
+        return negative, positive, self.constant + total
 
     def divergence(self, H, W):
         total = torch.zeros((), dtype=torch.float64, device=H.device)
@@ -268,13 +274,13 @@ class MaskedAutogradStats(AutogradStats):
             prediction = prediction.clamp_min(self.eps)
         return pointwise_divergence(self.V_observed, prediction, self.beta).sum()
 
-    def _observed_divergence(self, prediction):
+    def _prediction_divergence(self, prediction):
         return metrics.beta_div(prediction[self.mask], self.V_observed, self.beta)
 
     def h_terms(self, H, W):
         negative, positive, prediction = self._parts(H, W, True)
-        return negative, positive, self._observed_divergence(prediction)
+        return negative, positive, self._prediction_divergence(prediction)
 
     def divergence(self, H, W):
         with torch.no_grad():
-            return self._observed_divergence(self.reconstruct(H, W))
+            return self._prediction_divergence(self.reconstruct(H, W))

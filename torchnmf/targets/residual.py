@@ -27,6 +27,8 @@ import inspect
 
 import torch
 
+from .. import _device as device
+
 __all__ = ["pointwise_divergence", "AccurateDivergence", "CANCELLATION"]
 
 CANCELLATION = 1e4
@@ -87,7 +89,7 @@ class AccurateDivergence:
             return value
         if isinstance(value, torch.Tensor) and value.dim() == 1:
             return self._checked_members(value, H, W)
-        on_device = isinstance(value, torch.Tensor) and value.device.type != "cpu"
+        on_device = device.on_accelerator(value)
         # on an accelerator the check would read the value back every iteration
         # (a synchronisation the loop avoids): there only the final objective is checked
         if self.threshold is not None and (final or not on_device) and float(value) < self.threshold:
