@@ -57,7 +57,7 @@ class RoundingGuard:
         """Copies of ``factors`` where an iteration starts, for :meth:`check`'s
         ``start`` when the objective there is known only after the iteration has
         begun to move them (``None`` where nothing is ever checked)."""
-        if self.threshold is None or factors[0].device.type != "cpu":
+        if self.threshold is None or device.on_accelerator(factors[0]):
             return None
         return [f.clone() for f in factors]
 
