@@ -171,7 +171,8 @@ def test_stats_give_one_divergence_per_member(generator):
         stacked = stats.divergence(H0, W0)
         assert stacked.shape == (4,)
         for k in range(4):
-            assert_close(stacked[k], statistics(V, beta).divergence(H0[k], W0[k]), **EXACT)
+            assert_close(stacked[k], torch.as_tensor(statistics(V, beta).divergence(H0[k], W0[k]),
+                                                    dtype=torch.float64), **EXACT)
     problem = BatchedProblem(statistics(V, 2), H0, W0, 2.0, penalty_H=Penalty(0.1, 0.5))
     assert_close(problem.penalty()[1], torch.tensor(Penalty(0.1, 0.5).value(H0[1]), dtype=torch.float64))
 
