@@ -250,3 +250,22 @@ def test_padded_ranks_equal_grouped_ranks(solver, generator):
         fit_restarts(V, [2, 3], beta=2, solver="hals", rank_layout="padded")
     with pytest.raises(ValueError, match=r"rank_layout must be one of \['grouped', 'padded'\], got 'x'"):
         fit_restarts(V, [2, 3], rank_layout="x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_members_refused_at_the_rounding_floor_stop_as_converged(dtype, generator):
+    # near an exact fit a member whose iteration rounding raised goes back to where that
+    # iteration started and stops as converged, as one fit does (RoundingGuard); the
+    # iteration counts differ from the single fits' (the floor is rounding), the rule not
+    V, _, _ = low_rank(30, 20, 3, generator, dtype=dtype)
+    W0, H0 = starts(V, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConvergenceWarning: every member converged
+        result = fit_restarts(V, 3, W=W0, H=H0, beta=2, tol=1e-30, max_iter=3000, solver="hals")
+    _, n_iters = sequential(V, W0, H0, beta=2, tol=1e-30, max_iter=3000, solver="hals")
+    assert all(n < 3000 for n in n_iters + result.n_iter) and all(result.converged)
+    for k, history in enumerate(result.histories):
+        assert len(history) == result.n_iter[k] + 1
+        assert history[-1] == history[-2]  # the refused iteration did not move
+        residual = result.H[k].double() @ result.W[k].double().T - V.double()
+        assert history[-1] == pytest.approx(float(0.5 * residual.pow(2).sum()), rel=0.01)

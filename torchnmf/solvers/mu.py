@@ -147,8 +147,16 @@ class MultiplicativeUpdates:
         if p.update_W:
             negative, positive = p.stats.w_terms(p.H, p.W)
             mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
+        if p.batched:  # members whose iteration was refused stay where it started
+            self.guard.restore_refused_(self._trainable())
         return before
 
+    @property
+    def refused(self):
+        """Per member of a batched problem: whether the last step refused its iteration."""
+        return self.guard.refused
+
     def select_(self, members):
-        """Keep only the given members of a batched problem (no state of its own)."""
+        """Keep only the given members of a batched problem."""
         self.problem = self.problem.select(members)
+        self.guard.select(members)
