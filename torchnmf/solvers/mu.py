@@ -92,11 +92,17 @@ class MultiplicativeUpdates:
     # (RoundingGuard; not for a target read once per iteration, which updates H
     # while it computes the objective)
     accept_rounding = 4
+    # a target read once per iteration reports the closed form and cannot go back
+    # (H changes during the read); once that divergence is within this factor of the
+    # explicit residual's threshold, the fit goes on with the two-read step, whose
+    # objective is accurate and guarded
+    one_pass_margin = 16
 
     def __init__(self, problem):
         self.problem = problem
         self.gamma = mu_exponent(problem.beta)
         self.guard = RoundingGuard(problem, self.accept_rounding)
+        self.one_pass = True
 
     @property
     def converged(self):
@@ -104,11 +110,12 @@ class MultiplicativeUpdates:
 
     # -- the state a checkpoint keeps (see torchnmf.solvers.checkpoint) --------
     def state_dict(self):
-        return {"guard": self.guard.state_dict()}
+        return {"guard": self.guard.state_dict(), "one_pass": self.one_pass}
 
     def load_state_dict(self, state):
         if state.get("guard") is not None:
             self.guard.load_state_dict(state["guard"])
+        self.one_pass = state.get("one_pass", True)
 
     def _trainable(self):
         p = self.problem
@@ -126,12 +133,16 @@ class MultiplicativeUpdates:
         divergence, negative, positive = one_pass(p.H, p.W, self._update_rows_, p.update_W)
         if p.update_W:
             mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
-        return float(divergence) + penalty
+        divergence = max(float(divergence), 0.0)
+        threshold = self.guard.threshold
+        if threshold is not None and divergence < self.one_pass_margin * threshold:
+            self.one_pass = False
+        return divergence + penalty
 
     def step(self):
         p = self.problem
         one_pass = getattr(p.stats, "h_update_then_w_terms", None)
-        if one_pass is not None and p.update_H:
+        if one_pass is not None and p.update_H and self.one_pass:
             return self._one_pass_step(one_pass)
         if p.update_H:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)
