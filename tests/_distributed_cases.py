@@ -314,3 +314,36 @@ def sparse_settings_case(rank, world, **rank1):
         net.sparse_fit(V[start:stop], process_group=dist.group.WORLD, timeout=30, **options)
     finally:
         assert torch.equal(net.H.detach(), before), "a refused fit changed H"
+
+
+def collectives_case(rank, world, kind, dtype, columns=10):
+    """All-reduces per iteration of a ``mu`` fit (from fits of 5 and 15 iterations)."""
+    import torch.distributed as dist
+
+    import torchnmf.targets.distributed as distributed
+    from torchnmf.nmf import NMF
+
+    V, mask, W0, H0 = problem(kind=kind, dtype=dtype, C=columns)
+    edges = split(V.shape[0], world)
+    start, stop = edges[rank], edges[rank + 1]
+    calls = []
+    original = distributed.Reduction._all_reduce
+
+    def counted(self, flat, op, what):
+        calls.append(what)
+        return original(self, flat, op, what)
+
+    distributed.Reduction._all_reduce = counted
+    try:
+        counts = []
+        for max_iter in (5, 15):
+            fit = dict(beta=1, max_iter=max_iter, tol=0)
+            if mask is not None:
+                fit["mask"] = mask[start:stop]
+            del calls[:]
+            NMF(W=W0, H=H0[start:stop]).fit(as_kind(V[start:stop], kind),
+                                             process_group=dist.group.WORLD, **fit)
+            counts.append(len(calls))
+    finally:
+        distributed.Reduction._all_reduce = original
+    return (counts[1] - counts[0]) / 10

@@ -349,3 +349,21 @@ def test_stream_shows_a_bar_over_rows_and_refuses_what_needs_memory(tmp_path, ca
     assert status == 1 and "--stream supports --init random only" in err
     status, _, err = fit(capsys, path, "-r", 2, "--stream", "--model", "nmfd")
     assert status == 1 and "--stream supports --model nmf only" in err
+
+
+@pytest.mark.parametrize("command", [["fit", "ok.npy", "--rank", "2"], ["rank", "ok.npy", "--ranks", "1:2"]])
+def test_figure_checks_before_any_work(tmp_path, capsys, monkeypatch, command):
+    """fit and rank refuse a figure in a missing directory, and any figure when
+    matplotlib is missing, with one line and before reading the data."""
+    import importlib.util
+
+    monkeypatch.chdir(_bad_inputs(tmp_path))
+    assert main([*command, "-q", "--plot", "nowhere/f.png"]) == 1
+    assert "cannot write nowhere/f.png: the directory nowhere does not exist" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main([*command, "-q", "--plot", "f.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--plot needs matplotlib; pip install 'torchnmf[plot]'" in err
+    assert not (tmp_path / "f.png").exists()

@@ -168,3 +168,21 @@ def test_torchrun_nmfd_needs_sequences(tmp_path):
     assert done.returncode == 1
     assert "splits the sequences (dimension 0 of an (N, C, L) INPUT) over the 2 processes, " \
            "but V.npy has shape (30, 6)" in done.stderr
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+@pytest.mark.parametrize("solver", ["mu", "hals"])
+def test_torchrun_streams_its_rows_like_the_plain_streamed_fit(tmp_path, solver):
+    # each process reads only its rows, a block at a time (blocks that do not divide
+    # them); rank 0 writes what the single-process streamed command writes
+    rng = np.random.default_rng(5)
+    np.save(tmp_path / "V.npy", rng.random((23, 3)) @ rng.random((3, 8)))
+    common = ["V.npy", "-r", "3", "--max-iter", "15", "--tol", "0", "--dtype", "float64",
+              "--solver", solver, "--beta", "2", "-q", "--block-rows", "4"]
+    plain_fit(common, tmp_path)
+    done = torchrun([*common, "-o", "shared.npz"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_same_output(np.load(tmp_path / "plain.npz"), np.load(tmp_path / "shared.npz"))
+    refused = torchrun(["V.npy", "-r", "2", "--stream", "--init", "nndsvd", "-q"], tmp_path)
+    assert refused.returncode == 1
+    assert "--stream supports --init random only" in refused.stderr

@@ -86,12 +86,15 @@ def test_penalties_and_fixed_components(pool, kind, solver, beta):
     np.testing.assert_array_equal(results[0][2][:, 1], W0[:, 1].numpy())
 
 
-@pytest.mark.parametrize("solver", ["hals"])
-def test_identical_refusal_at_an_exact_fit(pool, solver):
+@pytest.mark.parametrize("solver,beta,rank", [("hals", 2, 3), ("mu", 2, 2), ("mu", 1, 2)])
+def test_identical_refusal_at_an_exact_fit(pool, solver, beta, rank):
     # at the rounding floor an iteration that rounding raised is refused on every
-    # process at once (the objective and the threshold are sums over the processes)
-    fit = dict(beta=2, solver=solver, max_iter=3000, tol=0)
-    results = pool.run(cases.fit_case, fit=fit, problem_args={"noise": 0.0})
+    # process at once (the objective and the threshold are sums over the processes),
+    # at the iteration where one process refuses it; mu decides after its H update
+    # (the objective travels with the W terms) and puts both factors back
+    fit = dict(beta=beta, solver=solver, max_iter=3000, tol=0)
+    args = {"noise": 0.0, "R": rank}
+    results = pool.run(cases.fit_case, fit=fit, problem_args=args)
     n_iter, history = results[0][0], results[0][1]
     assert n_iter < 3000 and history[-1] == history[-2]
     assert results[1][0] == n_iter and results[1][1] == history
@@ -222,3 +225,16 @@ def test_convolutional_initialisation(pool):
 def test_sparse_fit_disagreement_is_refused(pool, rank1, message):
     with pytest.raises(CaseFailed, match=r"ranks \[0, 1\] failed; .*" + message):
         pool.run(cases.sparse_settings_case, **rank1)
+
+
+@pytest.mark.parametrize("kind,dtype,columns,collectives", [
+    ("dense", torch.float32, 10, 1), ("dense", torch.float64, 10, 1),
+    ("sparse", torch.float64, 10, 1), ("masked", torch.float32, 10, 1),
+    # float32 W terms of more than CARRY_LIMIT values would double their bytes in float64
+    ("dense", torch.float32, 50_000, 2), ("dense", torch.float64, 50_000, 1),
+])
+def test_one_collective_per_mu_iteration(pool, kind, dtype, columns, collectives):
+    # each all-reduce is a synchronisation point: multiplicative updates carry the
+    # objective of the H step with the W terms, in one all-reduce
+    counts = pool.run(cases.collectives_case, kind=kind, dtype=dtype, columns=columns)
+    assert counts[0] == counts[1] == collectives

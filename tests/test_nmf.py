@@ -96,6 +96,12 @@ def test_construction_errors():
         NMF2D((2, 3, 4))
     with pytest.raises(ValueError, match="NMF3D expects a 5-dimensional Vshape"):
         NMF3D((2, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"Vshape must hold positive integers, got \(3, 0\)"):
+        NMF((3, 0), rank=2)
+    with pytest.raises(ValueError, match=r"Vshape must hold positive integers, got \(3, True\)"):
+        NMF((3, True), rank=2)
+    with pytest.raises(ValueError, match=r"W shape must hold positive integers, got \(3, 2.0\)"):
+        NMF(W=(3, 2.0), H=(4, 2))
     with pytest.raises(ValueError, match="longer than axis 2"):
         NMFD((2, 3, 4), T=5)
     with pytest.raises(TypeError, match="W must be a shape"):

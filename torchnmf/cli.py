@@ -13,11 +13,12 @@ A report goes to stdout, the progress bar and notes to stderr.  Exit status:
 on stderr, no traceback), 2 for a malformed command line, 130 when interrupted.
 """
 import argparse
-import importlib.util
 import os
 import sys
 import warnings
 from pathlib import Path
+
+from .cli_selection import check_outputs
 
 __all__ = ["main"]
 
@@ -212,14 +213,8 @@ def _initialise(model, V, method, seed):
     model.initialize_(V, method, generator=torch.Generator().manual_seed(seed))
 
 
-def _open_streamed(args, dtype, device, note):
-    """``torchnmf fit --stream``: the row source, its description and a model whose
-    random start is scaled to the data's mean (found in one pass over the blocks)."""
-    import torch
-
-    from .io import open_rows
-    from .nmf import NMF
-
+def _check_streamable(args):
+    """Refuse the options a streamed fit cannot serve."""
     if args.model != "nmf":
         raise CommandError("--stream supports --model nmf only")
     if args.plot:
@@ -227,26 +222,59 @@ def _open_streamed(args, dtype, device, note):
     if args.init != "random":
         raise CommandError(f"--stream supports --init random only (--init {args.init} needs "
                            f"the whole matrix for its SVD)")
-    source = open_rows(args.input, key=args.key)
-    N, C = source.shape
-    dtype = dtype or (source.dtype if source.dtype.is_floating_point else torch.get_default_dtype())
-    kind = "sparse" if source.is_sparse else "dense"
-    description = (f"{Path(args.input).name}: {kind} {N} x {C} "
-                   f"{str(source.dtype).replace('torch.', '')}, streamed in row blocks")
-    step = args.block_rows or max(1, (64 << 20) // max(C * 8, 1))
+
+
+def _stream_total(source, args):
+    """The sum of every entry of ``source``, in one pass over its blocks (float)."""
+    import torch
+
+    step = args.block_rows or max(1, (64 << 20) // max(source.shape[1] * 8, 1))
     total = 0.0
     for _, _, block in source.blocks(step):
         total += float((block.values() if block.layout != torch.strided else block)
                        .sum(dtype=torch.float64))
+    return total
+
+
+def _streamed_model(args, shape, total, dtype):
+    """The random start of a streamed fit of an ``shape`` matrix whose entries sum to
+    ``total``: as :func:`torchnmf.init.initialize_random`, uniform on [0, 2s] with
+    s = sqrt(mean / rank), ``W`` drawn first, then every row of ``H``."""
+    import torch
+
+    from .nmf import NMF
+
+    N, C = shape
     if not total > 0:
         raise CommandError(f"{Path(args.input).name} has no positive entry to factorise")
-    # as torchnmf.init.initialize_random: uniform on [0, 2s], s = sqrt(mean / rank)
     scale = 2 * (total / (N * C) / args.rank) ** 0.5
     generator = torch.Generator().manual_seed(args.seed)
     model = NMF((N, C), rank=args.rank).to(dtype=dtype)
     with torch.no_grad():
         for factor in (model.W, model.H):
             factor.copy_(torch.rand(factor.shape, generator=generator, dtype=dtype) * scale)
+    return model
+
+
+def _stream_dtype(source, dtype):
+    import torch
+
+    return dtype or (source.dtype if source.dtype.is_floating_point else torch.get_default_dtype())
+
+
+def _open_streamed(args, dtype, device, note):
+    """``torchnmf fit --stream``: the row source, its description and a model whose
+    random start is scaled to the data's mean (found in one pass over the blocks)."""
+    from .io import open_rows
+
+    _check_streamable(args)
+    source = open_rows(args.input, key=args.key)
+    N, C = source.shape
+    kind = "sparse" if source.is_sparse else "dense"
+    description = (f"{Path(args.input).name}: {kind} {N} x {C} "
+                   f"{str(source.dtype).replace('torch.', '')}, streamed in row blocks")
+    model = _streamed_model(args, source.shape, _stream_total(source, args),
+                            _stream_dtype(source, dtype))
     return source, description, model.to(device)
 
 
@@ -441,15 +469,10 @@ def _run_fit_distributed(args, out, note):
 
     from . import io
 
-    if args.stream or args.block_rows is not None:
-        raise CommandError("under torchrun each process holds its rows in memory; leave out "
-                           "--stream and --block-rows")
-    if args.plot:
-        if importlib.util.find_spec("matplotlib") is None:
-            raise CommandError("--plot needs matplotlib; pip install 'torchnmf[plot]'")
-        if not Path(args.plot).resolve().parent.is_dir():
-            raise CommandError(f"cannot write {args.plot}: the directory "
-                               f"{Path(args.plot).parent} does not exist")
+    args.stream = args.stream or args.block_rows is not None
+    if args.stream:
+        _check_streamable(args)
+    check_outputs((), args.plot, CommandError)
     world = _torchrun_world()
     source = _open_own_rows(args, world)
     device = _device(args.device)
@@ -465,25 +488,36 @@ def _run_fit_distributed(args, out, note):
         output = Path(args.output) if args.output else Path(args.input).with_suffix(".nmf.npz")
         N = source.shape[0]
         start, stop = N * rank // world, N * (rank + 1) // world
-        V = source.read(start, stop)
-        dtype = getattr(torch, args.dtype) if args.dtype else (
-            V.dtype if V.dtype.is_floating_point else torch.get_default_dtype())
-        V = V.to(dtype).to(device)
+        group = dist.group.WORLD
+        dtype = getattr(torch, args.dtype) if args.dtype else None
         what = "rows" if args.model == "nmf" else "sequences"
+        if args.stream:  # each process streams its own rows in blocks
+            V = io.RowRange(source, start, stop)
+            dtype = _stream_dtype(source, dtype)
+            total = torch.tensor(_stream_total(V, args), dtype=torch.float64)
+            dist.all_reduce(total, group=group)
+            whole = _streamed_model(args, source.shape, float(total), dtype)
+            model = type(whole)(W=whole.W.detach(), H=whole.H.detach()[start:stop].clone())
+            model = model.to(device)
+            what += ", streamed in row blocks,"
+        else:
+            V = source.read(start, stop)
+            dtype = dtype or (V.dtype if V.dtype.is_floating_point else torch.get_default_dtype())
+            V = V.to(dtype).to(device)
+            torch.manual_seed(args.seed)
+            model = _build_model(V, args)
+            model.initialize_(V, args.init, generator=torch.Generator().manual_seed(args.seed),
+                              process_group=group, timeout=args.timeout)
         out(f"read {Path(args.input).name}: {what} {start}..{stop} of "
             f"{' x '.join(map(str, source.shape))} on each of {world} processes ({backend})")
-        torch.manual_seed(args.seed)
-        model = _build_model(V, args)
-        group = dist.group.WORLD
-        model.initialize_(V, args.init, generator=torch.Generator().manual_seed(args.seed),
-                          process_group=group, timeout=args.timeout)
+        options = dict(block_rows=args.block_rows) if args.stream else {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             n_iter = model.fit(
                 V, beta=args.beta, tol=args.tol, max_iter=args.max_iter, verbose=not args.quiet,
                 solver=args.solver, process_group=group, timeout=args.timeout,
                 checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                resume=_resume_path(args.checkpoint, group),
+                resume=_resume_path(args.checkpoint, group), **options,
             )
         for warning in caught:
             note(str(warning.message))
@@ -520,13 +554,7 @@ def run_fit(args, out=print, note=None):
         return _run_fit_distributed(args, out, note)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".nmf.npz")
-    for path in (output, args.plot):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise CommandError(
-                f"cannot write {path}: the directory {Path(path).parent} does not exist"
-            )
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        raise CommandError("--plot needs matplotlib; pip install 'torchnmf[plot]'")
+    check_outputs((output,), args.plot, CommandError)
     device = _device(args.device)
     args.stream = args.stream or args.block_rows is not None
     if args.stream:

@@ -11,7 +11,18 @@ prediction error) to an ``.npz`` archive.
 import importlib.util
 from pathlib import Path
 
-__all__ = ["add_commands", "parse_ranks", "run_rank", "run_consensus"]
+__all__ = ["add_commands", "check_outputs", "parse_ranks", "run_rank", "run_consensus"]
+
+
+def check_outputs(paths, plot, error_type):
+    """Refuse, before any work, output ``paths`` (and the figure ``plot``) whose
+    directory does not exist, and a figure without matplotlib installed."""
+    for path in (*paths, plot):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise error_type(f"cannot write {path}: the directory {Path(path).parent} "
+                             f"does not exist")
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise error_type("--plot needs matplotlib; pip install 'torchnmf[plot]'")
 
 
 def parse_ranks(text):
@@ -110,12 +121,7 @@ def run_rank(args, out=print, error_type=ValueError):
     """Carry out ``torchnmf rank``; returns the exit status."""
     from .selection import rank_table
 
-    if args.plot:
-        if importlib.util.find_spec("matplotlib") is None:
-            raise error_type("--plot needs matplotlib; pip install 'torchnmf[plot]'")
-        if not Path(args.plot).resolve().parent.is_dir():
-            raise error_type(f"cannot write {args.plot}: the directory "
-                             f"{Path(args.plot).parent} does not exist")
+    check_outputs((), args.plot, error_type)
     target, V = _load(args, error_type)
     out(f"read {target.description}")
     out(f"ranks {args.ranks[0]}..{args.ranks[-1]}, {args.restarts} restarts each, beta "

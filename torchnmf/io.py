@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ._validation import check_non_negative_tensor
-from .targets.sources import open_rows
+from .targets.sources import RowRange, open_rows
 
 __all__ = [
     "SUFFIXES",
@@ -52,6 +52,7 @@ __all__ = [
     "Spectrogram",
     "load",
     "open_rows",
+    "RowRange",
     "read_npy",
     "read_npz",
     "read_text",

@@ -33,6 +33,14 @@ def factor_dtype_hint(*specs):
     return torch.get_default_dtype(), torch.device("cpu")
 
 
+def _check_sizes(shape, what):
+    """Every size of ``shape`` a positive integer (a bool is not one)."""
+    for size in shape:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
+            raise ValueError(f"{what} must hold positive integers, got {shape}")
+    return shape
+
+
 def _check_shape(shape, name):
     shape = tuple(shape)
     if len(shape) < 2:
@@ -40,10 +48,7 @@ def _check_shape(shape, name):
             f"{name} must have at least 2 dimensions (dimension 1 is the rank), "
             f"got shape {shape}"
         )
-    for size in shape:
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
-            raise ValueError(f"{name} shape must hold positive integers, got {shape}")
-    return shape
+    return _check_sizes(shape, f"{name} shape")
 
 
 def make_factor(spec, name, dtype, device, generator=None):
@@ -107,10 +112,7 @@ def check_vshape(Vshape, ndim, cls_name):
             f"{cls_name} expects a {ndim}-dimensional Vshape, got {len(Vshape)} "
             f"dimensions: {Vshape}"
         )
-    for size in Vshape:
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size <= 0:
-            raise ValueError(f"Vshape must hold positive integers, got {Vshape}")
-    return Vshape
+    return _check_sizes(Vshape, "Vshape")
 
 
 def kernel_tuple(kernel_size, dims, name="kernel_size"):

@@ -59,14 +59,24 @@ class RoundingGuard:
         self.converged = False
         self.refused = None
 
-    def check(self, before, factors):
+    def snapshot(self, factors):
+        """Copies of ``factors`` where an iteration starts, for :meth:`check`'s
+        ``start`` when the objective there is known only after the iteration has
+        begun to move them (``None`` where nothing is ever checked)."""
+        if self.threshold is None or factors[0].device.type != "cpu":
+            return None
+        return [f.clone() for f in factors]
+
+    def check(self, before, factors, start=None):
         """The objective where this iteration starts: ``before``, or, when ``before``
         rose beyond rounding from the kept start, that start's objective (the
         ``factors`` are put back there, in place, and ``converged`` turns true).
 
         ``before`` is a float or a 0-dim tensor; on an accelerator the values
         are closed forms (see :class:`~torchnmf.targets.residual.AccurateDivergence`)
-        and nothing is checked.
+        and nothing is checked.  ``start`` (from :meth:`snapshot`) is the
+        iteration's starting point when ``factors`` have moved since: kept in
+        place of a copy of ``factors``.
         """
         if self.threshold is None:
             return before
@@ -87,7 +97,7 @@ class RoundingGuard:
             self.converged = True
             return self.reference
         self.reference = value
-        self.start = [f.clone() for f in factors]
+        self.start = [f.clone() for f in factors] if start is None else start
         return before
 
     def _check_members(self, before, factors):

@@ -139,11 +139,31 @@ class MultiplicativeUpdates:
             self.one_pass = False
         return divergence + penalty
 
+    def _carried_step(self):
+        """The same iteration through a distributed target, in one all-reduce: this
+        process's objective at the start travels with the ``W`` terms, so the
+        rounding guard decides after the ``H`` update (a refused iteration puts
+        both factors back, as before it would have left them)."""
+        p = self.problem
+        negative, positive, local = p.stats.h_terms_unsummed(p.H, p.W)
+        trainable = self._trainable()
+        start = self.guard.snapshot(trainable)
+        mu_update_(p.H, negative, positive, self.gamma, p.penalty_H, p.fixed_H)
+        negative, positive, divergence = p.stats.w_terms(p.H, p.W, carry=local)
+        before = self.guard.check(p.objective_before(divergence), trainable, start=start)
+        if self.guard.converged:
+            return before
+        mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
+        return before
+
     def step(self):
         p = self.problem
         one_pass = getattr(p.stats, "h_update_then_w_terms", None)
         if one_pass is not None and p.update_H and self.one_pass:
             return self._one_pass_step(one_pass)
+        carries = getattr(p.stats, "carries_objective", None)
+        if p.update_H and p.update_W and carries is not None and carries(p.W):
+            return self._carried_step()
         if p.update_H:
             negative, positive, divergence = p.stats.h_terms(p.H, p.W)
             before = self.guard.check(p.objective_before(divergence), self._trainable())

@@ -7,7 +7,13 @@ communication) or a sum over row blocks (the ``W`` terms, the divergence, the
 ``H`` penalty).  :class:`DistributedStats` wraps *any* local statistics object
 (dense, sparse, masked, streamed from disk: anything with ``h_terms``,
 ``w_terms`` and ``divergence``) and sums exactly those sums, in one all-reduce
-per call and dtype: the ``W`` terms and the divergence travel together.  A
+per call: the ``W`` terms and the divergence travel together (packed in float64
+when the factors are float32).  Multiplicative updates carry the divergence
+of the ``H`` step into the ``W`` terms' all-reduce
+(:meth:`DistributedStats.h_terms_unsummed`), so one of their iterations
+needs one collective: each is a synchronisation point whose latency (about
+1 ms with gloo on localhost, whatever the size up to a few hundred KiB,
+measured) does not shrink with the processes' share of the work.  A
 local kind whose ``gram_form`` is true (beta=2 without a mask: the positive
 term is ``W (H^T H)``) lets the ``(R, R)`` Gram matrix travel instead of a
 second ``(C, R)`` term.  :class:`Reduction` holds the group and the timeout, and offers the
@@ -112,6 +118,25 @@ class Reduction:
                 offset += n
         return tensors
 
+    def sum_fused_(self, *tensors, what="all-reduce"):
+        """Sum the tensors over the processes, in place, in ONE all-reduce whatever
+        their dtypes: packed in the widest dtype among them (a float32 ``(C, R)``
+        term then travels, and is summed, in float64 beside a float64 objective).
+        Returns the tensors."""
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) == 1:
+            return self.sum_(*tensors, what=what)
+        wide = max(dtypes, key=lambda d: torch.finfo(d).bits)
+        flat = torch.cat([t.reshape(-1).to(self.device, wide) for t in tensors])
+        dist = _dist()
+        self._all_reduce(flat, dist.ReduceOp.SUM, what)
+        offset = 0
+        for tensor in tensors:
+            n = tensor.numel()
+            tensor.copy_(flat[offset:offset + n].view(tensor.shape))
+            offset += n
+        return tensors
+
     def sum_float(self, value):
         """A Python float summed over the processes (in float64)."""
         total = torch.tensor(float(value), dtype=torch.float64)
@@ -201,7 +226,31 @@ class DistributedStats:
         self.reduction.sum_(value, what="sum of the divergence")
         return negative, positive, value[0]
 
-    def w_terms(self, H, W, divergence=False):
+    # float32 W terms travel in float64 beside the objective: at most this many
+    # (C, R) values, so that at most about 1 MiB more crosses (on gloo one all-reduce
+    # costs the same up to a few hundred KiB; over a network, more bytes cost more
+    # than the latency saved); float64 ones always travel with it
+    CARRY_LIMIT = 2 ** 17
+
+    def carries_objective(self, W):
+        """Whether :meth:`h_terms_unsummed` with ``w_terms(carry=...)`` should
+        replace two all-reduces by one for factors like ``W``."""
+        return W.dtype == torch.float64 or W.numel() <= self.CARRY_LIMIT
+
+    def h_terms_unsummed(self, H, W):
+        """:meth:`h_terms` with this process's addend of the objective (its
+        divergence and ``H`` penalty) not yet summed: pass it to
+        ``w_terms(carry=...)``, which sums it in the ``W`` terms' all-reduce, so
+        that an iteration of multiplicative updates needs one collective."""
+        negative, positive, value = self.local.h_terms(H, W)
+        return negative, positive, self._local_divergence(value, H)
+
+    def w_terms(self, H, W, divergence=False, carry=None):
+        """The ``W`` terms of the stacked matrix (and with ``divergence`` its
+        objective); with ``carry`` (from :meth:`h_terms_unsummed`) also that
+        objective summed, in the same all-reduce: ``(negative, positive, value)``."""
+        if divergence and carry is not None:
+            raise ValueError("w_terms takes either divergence=True or carry, not both")
         if divergence:
             negative, positive, value = self.local.w_terms(H, W, divergence=True)
         else:
@@ -216,10 +265,13 @@ class DistributedStats:
         parts = [negative, summed]
         if divergence:
             value = self._local_divergence(value, H)
+        elif carry is not None:
+            value = carry
+        if divergence or carry is not None:
             parts.append(value)
-        self.reduction.sum_(*parts, what="sum of the W terms")
+        self.reduction.sum_fused_(*parts, what="sum of the W terms")
         positive = W @ summed if gram_form else summed
-        if not divergence:
+        if not divergence and carry is None:
             return negative, positive
         return negative, positive, value[0]
 

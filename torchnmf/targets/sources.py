@@ -35,6 +35,7 @@ __all__ = [
     "ShardRows",
     "H5adRows",
     "BlockRows",
+    "RowRange",
     "open_rows",
     "is_row_source",
 ]
@@ -518,6 +519,35 @@ def _csr_rows(csr, start, stop):
         crow[start:stop + 1] - low, csr.col_indices()[low:high], csr.values()[low:high],
         (stop - start, csr.shape[1]),
     )
+
+
+class RowRange(RowSource):
+    """Rows ``start:stop`` of another row source, a source of their own: each process
+    of a distributed fit streams its own rows of one file.
+
+    Examples::
+
+        >>> import torch
+        >>> from torchnmf.targets.sources import RowRange, TensorRows
+        >>> rows = RowRange(TensorRows(torch.arange(12.0).reshape(6, 2)), 2, 5)
+        >>> rows.shape, rows.read(0, 2).tolist()
+        ((3, 2), [[4.0, 5.0], [6.0, 7.0]])
+    """
+
+    def __init__(self, source, start, stop):
+        N = source.shape[0]
+        for name, value in (("start", start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+        if not 0 <= start <= stop <= N:
+            raise ValueError(f"rows {start}:{stop} are outside the source's 0:{N}")
+        self.source, self.start = source, int(start)
+        self.shape = (int(stop) - int(start), source.shape[1])
+        self.dtype, self.is_sparse = source.dtype, source.is_sparse
+
+    def read(self, start, stop):
+        self._check_range(start, stop)
+        return self.source.read(self.start + start, self.start + stop)
 
 
 def is_row_source(obj):
