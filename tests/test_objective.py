@@ -207,6 +207,7 @@ def test_streamed_objective_near_an_exact_fit(dtype, beta, solver, generator):
 def test_online_objective_near_an_exact_fit(dtype, beta, generator):
     # a batch's divergence at planted templates (it was -3e-6 in float32) and the
     # estimator's reconstruction error after an online fit of exact low-rank data
+    pytest.importorskip("sklearn")
     from torchnmf.estimator import TorchMiniBatchNMF
     from torchnmf.solvers.online import OnlineMU
 
