@@ -171,7 +171,8 @@ def test_stats_give_one_divergence_per_member(generator):
         stacked = stats.divergence(H0, W0)
         assert stacked.shape == (4,)
         for k in range(4):
-            assert_close(stacked[k], statistics(V, beta).divergence(H0[k], W0[k]), **EXACT)
+            assert_close(stacked[k], torch.as_tensor(statistics(V, beta).divergence(H0[k], W0[k]),
+                                                    dtype=torch.float64), **EXACT)
     problem = BatchedProblem(statistics(V, 2), H0, W0, 2.0, penalty_H=Penalty(0.1, 0.5))
     assert_close(problem.penalty()[1], torch.tensor(Penalty(0.1, 0.5).value(H0[1]), dtype=torch.float64))
 
@@ -249,3 +250,22 @@ def test_padded_ranks_equal_grouped_ranks(solver, generator):
         fit_restarts(V, [2, 3], beta=2, solver="hals", rank_layout="padded")
     with pytest.raises(ValueError, match=r"rank_layout must be one of \['grouped', 'padded'\], got 'x'"):
         fit_restarts(V, [2, 3], rank_layout="x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_members_refused_at_the_rounding_floor_stop_as_converged(dtype, generator):
+    # near an exact fit a member whose iteration rounding raised goes back to where that
+    # iteration started and stops as converged, as one fit does (RoundingGuard); the
+    # iteration counts differ from the single fits' (the floor is rounding), the rule not
+    V, _, _ = low_rank(30, 20, 3, generator, dtype=dtype)
+    W0, H0 = starts(V, 3, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConvergenceWarning: every member converged
+        result = fit_restarts(V, 3, W=W0, H=H0, beta=2, tol=1e-30, max_iter=3000, solver="hals")
+    _, n_iters = sequential(V, W0, H0, beta=2, tol=1e-30, max_iter=3000, solver="hals")
+    assert all(n < 3000 for n in n_iters + result.n_iter) and all(result.converged)
+    for k, history in enumerate(result.histories):
+        assert len(history) == result.n_iter[k] + 1
+        assert history[-1] == history[-2]  # the refused iteration did not move
+        residual = result.H[k].double() @ result.W[k].double().T - V.double()
+        assert history[-1] == pytest.approx(float(0.5 * residual.pow(2).sum()), rel=0.01)

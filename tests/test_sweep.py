@@ -1,10 +1,11 @@
 """Long fits never produce NaN or Inf: every beta, dtype, solver and scale.
 
-The issue asks for 10,000 iterations; at about 0.35 ms per iteration (these
-6x5 fits are per-call overhead: some 25 small torch calls per iteration) the
-90 fits took 315 s on the shared 2-core machine (one thread, 10,000 iterations,
-all passed), against about two minutes allowed, so ``make test`` runs
-``TORCHNMF_SWEEP_ITERATIONS`` (default 1,000; about 30 s) and the full sweep is
+The issue asks for 10,000 iterations; these 6x5 fits are per-call overhead
+(some 40 small torch calls per iteration).  The 90 fits took 315 s on one quiet
+thread (10,000 iterations, all passed); the per-call savings of
+``docs/benchmarks.md`` ("the long-fit sweep") cut that by a quarter (about
+235 s), still over the two minutes allowed, so ``make test`` runs
+``TORCHNMF_SWEEP_ITERATIONS`` (default 1,000; about 25 s) and the full sweep is
 ``TORCHNMF_SWEEP_ITERATIONS=10000 pytest -m slow tests/test_sweep.py``.
 """
 import os

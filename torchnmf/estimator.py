@@ -637,8 +637,10 @@ class TorchMiniBatchNMF(TorchNMF):
     @staticmethod
     def _divergence(V, codes, W, beta):
         from .targets import statistics
+        from .targets.residual import AccurateDivergence
 
-        return float(statistics(V, beta).divergence(codes, W))
+        # near an exact fit the closed form is rounding noise: the explicit residual then
+        return float(AccurateDivergence(statistics(V, beta), V.dtype).divergence(codes, W))
 
     # -- fitting -----------------------------------------------------------------------
     def _fit(self, X, W_custom, H_custom, on_batch=None):

@@ -315,6 +315,8 @@ class BetaMu(Optimizer):
             else:
                 negative, positive = stats.w_terms(H, W)
             if i == 0:
+                # a float where the statistics assemble it on the host (dense, CPU)
+                divergence = torch.as_tensor(divergence, dtype=torch.float64, device=H.device)
                 before = divergence.clamp_min(0).to(prediction.dtype)
             gradients.append((p, positive - negative))
             self._update_(group, p, negative, positive)

@@ -13,6 +13,12 @@ that copy and the fit stops as converged (the dtype can no longer resolve a
 decrease).  Above the threshold the closed forms' own rounding (of the size of
 ``V``'s, not of the objective's) exceeds any such rise and nothing is refused,
 so iterates there are exactly those of the plain solver.
+
+On a batched problem (:mod:`torchnmf.restarts`) every member follows the same
+rule on its own objective: a member whose iteration rounding raised goes back
+to where that iteration started and stops as converged (``refused`` names
+them after each check, and :meth:`RoundingGuard.restore_refused_` puts them
+back again after the step that updated every member), while the others go on.
 """
 import torch
 
@@ -23,10 +29,8 @@ __all__ = ["RoundingGuard", "explicit_threshold"]
 
 def explicit_threshold(problem):
     """The objective under which the problem's statistics report the explicit
-    residual (the same on every process of a distributed fit), or ``None``
-    (a batched problem: its statistics report closed forms only)."""
-    if problem.batched:
-        return None
+    residual (the same on every process of a distributed fit, the same for every
+    member of a batched problem), or ``None``."""
     stats = getattr(problem.stats, "local", problem.stats)
     threshold = getattr(stats, "threshold", None)
     if threshold is not None and problem.reduction is not None:
@@ -43,15 +47,19 @@ class RoundingGuard:
             objective's value.
 
     Attributes:
-        converged (bool): ``True`` once an iteration was refused.
+        converged (bool): ``True`` once an iteration was refused (one fit).
+        refused (list of bool or None): per member of a batched problem, whether
+            the last check refused its iteration.
     """
 
     def __init__(self, problem, multiple):
         self.tolerance = multiple * torch.finfo(problem.H.dtype).eps
         self.threshold = explicit_threshold(problem)
+        self.batched = problem.batched
         self.reference = None  # the objective at the kept start (under the threshold)
         self.start = None
         self.converged = False
+        self.refused = None
 
     def snapshot(self, factors):
         """Copies of ``factors`` where an iteration starts, for :meth:`check`'s
@@ -74,6 +82,8 @@ class RoundingGuard:
         """
         if self.threshold is None:
             return before
+        if self.batched:
+            return self._check_members(before, factors)
         if device.on_accelerator(before):
             return before
         value = float(before)
@@ -88,6 +98,47 @@ class RoundingGuard:
         self.reference = value
         self.start = [f.clone() for f in factors] if start is None else start
         return before
+
+    def _check_members(self, before, factors):
+        """:meth:`check` for stacks: ``before`` is ``(K,)``, each factor ``(K, n, R)``."""
+        under = before < self.threshold
+        refused = torch.zeros_like(under)
+        if self.reference is not None:
+            refused = under & (before > self.reference * (1 + self.tolerance))
+        self.refused = refused.tolist()
+        if not (under.any() or self.reference is not None):
+            return before
+        if any(self.refused):
+            before = torch.where(refused, self.reference, before)
+            self.restore_refused_(factors)
+        # members under the threshold keep this start, refused ones their old one,
+        # the others none (an infinite reference refuses nothing)
+        kept = under & ~refused
+        reference = before.masked_fill(~under, float("inf"))
+        if self.start is None:
+            self.start = [f.clone() for f in factors]
+        else:
+            for factor, start in zip(factors, self.start):
+                start[kept] = factor[kept]
+        self.reference = reference
+        return before
+
+    def restore_refused_(self, factors):
+        """Put the members refused by the last check back where their iteration
+        started, in place (a batched step updates every member after the check)."""
+        if self.refused is None or not any(self.refused):
+            return
+        refused = torch.tensor(self.refused, device=factors[0].device)
+        for factor, start in zip(factors, self.start):
+            factor[refused] = start[refused]
+
+    def select(self, members):
+        """Keep the state of the given members (int64 indices) of a batched problem."""
+        if self.reference is not None:
+            self.reference = self.reference[members]
+            self.start = [start.index_select(0, members) for start in self.start]
+        if self.refused is not None:
+            self.refused = [self.refused[i] for i in members.tolist()]
 
     def state_dict(self):
         return {"reference": self.reference,

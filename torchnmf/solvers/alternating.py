@@ -218,6 +218,14 @@ class AlternatingSolver:
             self.previous = [f.index_select(0, members) for f in self.previous]
         if self.reference is not None:
             self.reference = self.reference[members]
+        if self.guard is not None:
+            self.guard.select(members)
+
+    @property
+    def refused(self):
+        """Per member of a batched problem: whether the last step refused its
+        iteration (``None`` where nothing was checked)."""
+        return None if self.guard is None else self.guard.refused
 
     def step(self):
         refused = None
@@ -236,6 +244,9 @@ class AlternatingSolver:
             self._update_H(terms)
         if self.problem.update_W:
             self._update_W()
+        if self.guard is not None and self.problem.batched:
+            # members whose iteration was refused stay where it started
+            self.guard.restore_refused_([f for f, _ in self._trainable()])
         return before
 
     def _refusable_updates(self, terms, before, refused):

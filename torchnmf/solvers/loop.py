@@ -199,7 +199,11 @@ def run_batched_fit(solver, tol, max_iter, verbose=False, desc="restarts"):
     its history ends with the objective at its final point.  A finished
     member's factors are written back into the stacks the problem started
     with, and the member is left out of every later iteration (the solver's
-    ``select_`` keeps the others), so finished members cost nothing.
+    ``select_`` keeps the others), so finished members cost nothing.  A member
+    whose iteration the solver refused (its ``refused``, one bool per running
+    member; see :class:`~torchnmf.solvers.acceptance.RoundingGuard`) stops as
+    :func:`run_fit` stops on ``converged``: that step's objective is not
+    recorded and the previous iteration counts as one that did not move.
 
     Returns:
         (n_iter, histories, converged): per member, the iterations run, the
@@ -222,13 +226,18 @@ def run_batched_fit(solver, tol, max_iter, verbose=False, desc="restarts"):
     try:
         for iteration in range(1, max_iter + 1):
             losses = solver.step().tolist()
-            for member, loss in zip(members, losses):
-                _refuse_non_finite(loss, iteration, member)
-                histories[member].append(loss)
+            # members whose previous iteration rounding raised (RoundingGuard) are back
+            # where it started: that iteration did not move, and they stop as converged
+            refused = getattr(solver, "refused", None) or [False] * len(members)
+            for member, loss, back in zip(members, losses, refused):
+                if not back:
+                    _refuse_non_finite(loss, iteration, member)
+                    histories[member].append(loss)
             if previous is None or tol <= 0:
-                done = [False] * len(members)
+                done = list(refused)
             else:
-                done = [relative_decrease(a, b) < tol for a, b in zip(previous, losses)]
+                done = [back or relative_decrease(a, b) < tol
+                        for a, b, back in zip(previous, losses, refused)]
             last = iteration == max_iter
             if bar is not None:
                 bar.update(1)
@@ -245,7 +254,7 @@ def run_batched_fit(solver, tol, max_iter, verbose=False, desc="restarts"):
             W_out.index_copy_(0, targets, finished.W)
             for i, final in zip(finishing, finals):
                 histories[members[i]].append(final)
-                n_iter[members[i]] = iteration
+                n_iter[members[i]] = iteration - 1 if refused[i] else iteration
                 converged[members[i]] = bool(done[i])
             kept = [i for i, d in enumerate(done) if not (d or last)]
             if not kept:

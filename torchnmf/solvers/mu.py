@@ -17,6 +17,7 @@ doi:10.1162/NECO_a_00168).
 """
 import torch
 
+from .. import _device as device
 from .acceptance import RoundingGuard
 from .penalty import Penalty
 
@@ -92,11 +93,17 @@ class MultiplicativeUpdates:
     # (RoundingGuard; not for a target read once per iteration, which updates H
     # while it computes the objective)
     accept_rounding = 4
+    # a target read once per iteration reports the closed form and cannot go back
+    # (H changes during the read); once that divergence is within this factor of the
+    # explicit residual's threshold, the fit goes on with the two-read step, whose
+    # objective is accurate and guarded
+    one_pass_margin = 16
 
     def __init__(self, problem):
         self.problem = problem
         self.gamma = mu_exponent(problem.beta)
         self.guard = RoundingGuard(problem, self.accept_rounding)
+        self.one_pass = True
 
     @property
     def converged(self):
@@ -104,11 +111,12 @@ class MultiplicativeUpdates:
 
     # -- the state a checkpoint keeps (see torchnmf.solvers.checkpoint) --------
     def state_dict(self):
-        return {"guard": self.guard.state_dict()}
+        return {"guard": self.guard.state_dict(), "one_pass": self.one_pass}
 
     def load_state_dict(self, state):
         if state.get("guard") is not None:
             self.guard.load_state_dict(state["guard"])
+        self.one_pass = state.get("one_pass", True)
 
     def _trainable(self):
         p = self.problem
@@ -126,8 +134,14 @@ class MultiplicativeUpdates:
         divergence, negative, positive = one_pass(p.H, p.W, self._update_rows_, p.update_W)
         if p.update_W:
             mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
-        # a tensor: on an accelerator the loop reads it back (no float() here)
-        return torch.as_tensor(divergence, dtype=torch.float64) + penalty
+        if device.on_accelerator(divergence):
+            # a tensor: on an accelerator the loop reads it back (no float() here)
+            return torch.as_tensor(divergence, dtype=torch.float64).clamp_min(0) + penalty
+        divergence = max(float(divergence), 0.0)
+        threshold = self.guard.threshold
+        if threshold is not None and divergence < self.one_pass_margin * threshold:
+            self.one_pass = False
+        return divergence + penalty
 
     def _carried_step(self):
         """The same iteration through a distributed target, in one all-reduce: this
@@ -149,7 +163,7 @@ class MultiplicativeUpdates:
     def step(self):
         p = self.problem
         one_pass = getattr(p.stats, "h_update_then_w_terms", None)
-        if one_pass is not None and p.update_H:
+        if one_pass is not None and p.update_H and self.one_pass:
             return self._one_pass_step(one_pass)
         carries = getattr(p.stats, "carries_objective", None)
         if p.update_H and p.update_W and carries is not None and carries(p.W):
@@ -168,8 +182,16 @@ class MultiplicativeUpdates:
         if p.update_W:
             negative, positive = p.stats.w_terms(p.H, p.W)
             mu_update_(p.W, negative, positive, self.gamma, p.penalty_W, p.fixed_W)
+        if p.batched:  # members whose iteration was refused stay where it started
+            self.guard.restore_refused_(self._trainable())
         return before
 
+    @property
+    def refused(self):
+        """Per member of a batched problem: whether the last step refused its iteration."""
+        return self.guard.refused
+
     def select_(self, members):
-        """Keep only the given members of a batched problem (no state of its own)."""
+        """Keep only the given members of a batched problem."""
         self.problem = self.problem.select(members)
+        self.guard.select(members)

@@ -47,6 +47,7 @@ sparse.
 import torch
 
 from ..targets.dense import DenseMatrixStats
+from ..targets.residual import AccurateDivergence
 from ..targets.sparse import SparseMatrixStats
 from .mu import mu_exponent, mu_update_
 from .penalty import Penalty
@@ -59,8 +60,11 @@ def _batch_statistics(V, beta, with_constant):
     divergence (a pass over the batch) when no divergence is wanted."""
     constant = None if with_constant else 0.0
     if V.layout == torch.strided:
-        return DenseMatrixStats(V, beta, constant=constant)
-    return SparseMatrixStats(V, beta, constant=constant)
+        stats = DenseMatrixStats(V, beta, constant=constant)
+    else:
+        stats = SparseMatrixStats(V, beta, constant=constant)
+    # a divergence that cancellation ate near an exact fit is the explicit residual
+    return AccurateDivergence(stats, V.dtype) if with_constant else stats
 
 
 def solve_activations(V, W, H, beta, penalty=Penalty(), max_iter=100, tol=1e-4,
@@ -145,7 +149,8 @@ class OnlineMU:
 
         Returns:
             (H, divergence): the batch's activations and :math:`D_\\beta(V | H W^T)`
-            before the ``W`` step.
+            before the ``W`` step (non-negative, accurate near an exact fit:
+            :class:`~torchnmf.targets.residual.AccurateDivergence`).
         """
         max_iter_H = self.max_iter_H if max_iter_H is None else max_iter_H
         H, stats = solve_activations(V, self.W, H, self.beta, self.penalty_H, max_iter_H,

@@ -68,7 +68,10 @@ class FitProblem:
 
     def objective_before(self, divergence):
         """The objective from the divergence at the current point, as a float64
-        tensor on the factors' device (read back by the loop, not here)."""
+        tensor on the factors' device (read back by the loop, not here), or a float
+        where the statistics gave one (on the CPU)."""
+        if isinstance(divergence, float):
+            return divergence + self.penalty()
         return torch.as_tensor(divergence, dtype=torch.float64) + self.penalty()
 
     # -- sums over the rows of H, which a distributed fit spreads over processes --

@@ -12,6 +12,11 @@ three questions about the current factors:
   first);
 - ``divergence(H, W)``: the divergence alone.
 
+A divergence is a float64 0-dim tensor on the target's device, or a Python
+float where a kind assembles it on the host (the dense kind on the CPU, whose
+small fits would otherwise pay a torch call for every scalar operation), or
+float64 ``(K,)`` for stacked factors (:mod:`torchnmf.restarts`).
+
 Solvers never look at ``V`` themselves, so the kinds differ only by the object
 :func:`statistics` chooses once per fit.  Every statistic is a sum over row
 blocks of ``V`` (the ``W`` terms and the divergence) or a row-wise function of

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .residual import pointwise_divergence
+from .residual import PointwiseReference, pointwise_divergence
 
 __all__ = [
     "DenseMatrixStats",
@@ -33,6 +33,29 @@ BLOCK_ELEMENTS = 1 << 20
 def _row_blocks(n_rows, rows_per_block):
     for start in range(0, n_rows, rows_per_block):
         yield start, min(start + rows_per_block, n_rows)
+
+
+def _rows(x, start, stop):
+    """Rows ``start:stop`` of ``x`` along its second-to-last dimension: ``x`` itself
+    when that is all of them (a small ``V`` is one block, and every slice costs a
+    call per iteration)."""
+    if start == 0 and stop == x.shape[-2]:
+        return x
+    return x[..., start:stop, :]
+
+
+def host_value(value):
+    """A 0-dim float64 tensor on the CPU as a Python float, anything else unchanged.
+
+    The scalar arithmetic that assembles a divergence then runs on Python floats:
+    the same IEEE double operations, without a torch call for each (a small fit
+    pays them every iteration).  On an accelerator the value stays on the device,
+    since reading it would synchronise; a stack's values (one per member) stay a
+    tensor.
+    """
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu":
+        return value.item()
+    return value
 
 
 def inner(a, b):
@@ -115,10 +138,11 @@ class DenseMatrixStats:
         self.rows = max(1, min(N, self.block_elements // max(C, 1)))
         self._work = None
         self._work_key = None
-        self._V64 = None  # (V, V in float64) for explicit_divergence on one block
+        self._reference = None  # (V, its PointwiseReference) for explicit_divergence on one block
         self._views = {}  # block shape -> (work buffer, its views); see _block_views
         # a wrapping kind (streamed rows) sums the constant once and passes 0 per block
         self.constant = self._divergence_constant() if constant is None else constant
+        self.constant = host_value(self.constant)
 
     def rebind(self, V):
         """Point these statistics at another matrix of ``V``'s shape and dtype, keeping
@@ -143,13 +167,13 @@ class DenseMatrixStats:
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate)."""
         W64 = W.double()
-        if H.shape[0] <= self.rows:  # one block (a small V): its float64 copy is kept
-            if self._V64 is None or self._V64[0] is not self.V:
-                self._V64 = (self.V, self.V.double())
+        if H.shape[0] <= self.rows:  # one block (a small V): V's parts are kept
+            if self._reference is None or self._reference[0] is not self.V:
+                self._reference = (self.V, PointwiseReference(self.V, self.beta))
             R = H.double() @ W64.T
             if self.beta != 2:
                 R.clamp_min_(self.eps)
-            return pointwise_divergence(self._V64[1], R, self.beta).sum()
+            return host_value(self._reference[1].divergence(R).sum())
         total = torch.zeros((), dtype=torch.float64, device=H.device)
         for start, stop in _row_blocks(H.shape[0], self.rows):
             R = (H[start:stop].double() @ W64.T)
@@ -244,18 +268,18 @@ class DenseMatrixStats:
         if beta == 1:
             if divergence:
                 torch.log(WH, out=denom)
-                part = -inner(denom, V_block)
+                part = -host_value(inner(denom, V_block))
             torch.div(V_block, WH, out=numer)
             return part
         if beta == 0 and divergence:
             torch.log(WH, out=denom)
-            part = denom.sum((-2, -1), dtype=torch.float64)
+            part = host_value(denom.sum((-2, -1), dtype=torch.float64))
         torch.pow(WH, beta - 1, out=denom)
         torch.div(denom, WH, out=numer)
         numer.mul_(V_block)
         if not divergence:
             return part
-        cross = inner(denom, V_block)
+        cross = host_value(inner(denom, V_block))
         if beta == 0:
             return part + cross
         # the sum of WH^beta is added by the caller from the positive term
@@ -265,26 +289,27 @@ class DenseMatrixStats:
         """The divergence: ``total`` (the blocks' parts), the constant, and the sum of
         WH^beta taken from ``positive``, the positive term of ``factor`` (H or W)."""
         if self.beta == 1:
-            total = total + torch.linalg.vecdot(
+            total = total + host_value(torch.linalg.vecdot(
                 H.sum(-2, dtype=torch.float64), W.sum(-2, dtype=torch.float64)
-            )
+            ))
         elif self.beta != 0:
             # sum(WH^beta) = sum(WH^(beta-1) * (H W^T)) = sum((WH^(beta-1) W) * H):
             # an (N, R) or (C, R) pass over the positive term instead of an (N, C) one
-            total = total + (positive * factor).sum((-2, -1), dtype=torch.float64) / self.beta
+            total = total + host_value((positive * factor).sum((-2, -1), dtype=torch.float64)) / self.beta
         return self.constant + total
 
     def _blocked_h(self, H, W, divergence=True):
         work, pair, negative, positive, _, _ = self._buffers(H)
-        total = 0  # the blocks' parts are float64 tensors, and 0 without divergence
+        total = 0  # the blocks' parts: floats on the CPU, else float64 tensors; 0 without divergence
         for start, stop in _row_blocks(H.shape[-2], self.rows):
             views = self._block_views(H, stop - start, work, pair)
-            total = total + self._block_powers(
-                self.V[start:stop], H[..., start:stop, :], W, views, divergence
+            part = self._block_powers(
+                _rows(self.V, start, stop), _rows(H, start, stop), W, views, divergence
             )
-            matmul_into(negative[..., start:stop, :], views[1], W)
+            total = part if start == 0 else total + part
+            matmul_into(_rows(negative, start, stop), views[1], W)
             if self.beta != 1:
-                matmul_into(positive[..., start:stop, :], views[2], W)
+                matmul_into(_rows(positive, start, stop), views[2], W)
         if self.beta == 1:
             positive = W.sum(-2, keepdim=True)
         if not divergence:
@@ -293,16 +318,17 @@ class DenseMatrixStats:
 
     def _blocked_w(self, H, W, divergence=False):
         work, pair, _, _, negative, positive = self._buffers(H)
-        negative.zero_()
-        positive.zero_()
         total = 0  # as in _blocked_h: no tensor work in the W pass of a fit
         for start, stop in _row_blocks(H.shape[-2], self.rows):
             views = self._block_views(H, stop - start, work, pair)
-            H_block = H[..., start:stop, :]
-            total = total + self._block_powers(self.V[start:stop], H_block, W, views, divergence)
-            add_product_(negative, views[1].mT, H_block)
+            H_block = _rows(H, start, stop)
+            part = self._block_powers(_rows(self.V, start, stop), H_block, W, views, divergence)
+            total = part if start == 0 else total + part
+            # the first block's products are written, the others' added
+            store = matmul_into if start == 0 else add_product_
+            store(negative, views[1].mT, H_block)
             if self.beta != 1:
-                add_product_(positive, views[2].mT, H_block)
+                store(positive, views[2].mT, H_block)
         if self.beta == 1:
             positive = H.sum(-2, keepdim=True)
         if not divergence:
@@ -342,7 +368,7 @@ def gram_divergence(constant, factor, negative, positive):
     total in float64 (relative error about 1e-9 in float32, measured).
     """
     products = torch.sub(negative, positive, alpha=0.5).mul_(factor)
-    return constant - products.sum(-2).double().sum(-1)
+    return constant - host_value(products.sum(-2).double().sum(-1))
 
 
 def float64_sum(x):

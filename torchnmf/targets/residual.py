@@ -29,30 +29,51 @@ import torch
 
 from .. import _device as device
 
-__all__ = ["pointwise_divergence", "AccurateDivergence", "CANCELLATION"]
+__all__ = ["pointwise_divergence", "PointwiseReference", "AccurateDivergence", "CANCELLATION"]
 
 CANCELLATION = 1e4
 
 
 def pointwise_divergence(V, R, beta):
     """Entry-wise :math:`d_\\beta(V | R)` in float64, non-negative, accurate near ``V == R``."""
-    V = V.double()
-    R = R.double()
-    if beta == 2:  # (R - V)^2 / 2: no cancellation to avoid, and zeros of V included
-        return torch.sub(R, V).square_().mul_(0.5)
-    positive = V > 0
-    safe_V = torch.where(positive, V, torch.ones_like(V))
-    a = torch.log1p((R - safe_V) / safe_V)
-    if beta == 1:
-        phi = torch.expm1(a) - a
-    elif beta == 0:
-        phi = torch.expm1(-a) + a
-    else:
-        phi = torch.expm1(beta * a) / beta - torch.expm1((beta - 1) * a) / (beta - 1)
-    d = safe_V.pow(beta) * phi
-    if beta > 0:
-        d = torch.where(positive, d, R.pow(beta) / beta)
-    return d.clamp_min_(0)
+    return PointwiseReference(V, beta).divergence(R)
+
+
+class PointwiseReference:
+    """The parts of :func:`pointwise_divergence` that depend on ``V`` alone, computed
+    once for a ``V`` whose divergence is taken at many ``R`` (a small fit near an
+    exact fit takes it every iteration); :meth:`divergence` gives the same values.
+    """
+
+    def __init__(self, V, beta):
+        self.V = V.double()
+        self.beta = beta
+        if beta != 2:
+            self.positive = self.V > 0
+            # a V without zeros needs no separate term for them (the where would keep d)
+            self.zeros = not bool(self.positive.all())
+            self.safe_V = torch.where(self.positive, self.V, torch.ones_like(self.V))
+            self.V_power = self.safe_V.pow(beta)
+
+    def divergence(self, R):
+        """Entry-wise :math:`d_\\beta(V | R)` in float64 for ``R`` of ``V``'s shape."""
+        beta = self.beta
+        R = R.double()
+        if beta == 2:  # (R - V)^2 / 2: no cancellation to avoid, and zeros of V included
+            return torch.sub(R, self.V).square_().mul_(0.5)
+        safe_V = self.safe_V
+        a = torch.sub(R, safe_V).div_(safe_V).log1p_()
+        if beta == 1:
+            phi = torch.expm1(a).sub_(a)
+        elif beta == 0:
+            phi = torch.neg(a).expm1_().add_(a)
+        else:
+            phi = torch.mul(a, beta).expm1_().div_(beta).sub_(
+                a.mul_(beta - 1).expm1_().div_(beta - 1))
+        d = phi.mul_(self.V_power)
+        if beta > 0 and self.zeros:
+            d = torch.where(self.positive, d, R.pow(beta) / beta)
+        return d.clamp_min_(0)
 
 
 class AccurateDivergence:

@@ -349,12 +349,13 @@ class StreamedStats:
     constant is summed once here.
     """
 
-    def __init__(self, target, beta, factor=1.0, constant=None):
+    def __init__(self, target, beta, factor=1.0, constant=None, magnitude=None):
         self.target = target
         self.beta = float(beta)
         self.factor = float(factor)
         self._h_buffers = None
         self._dense = {}
+        self._magnitude = magnitude
         self.constant = self._constant() if constant is None else constant
 
     def _blocks(self):
@@ -381,12 +382,41 @@ class StreamedStats:
             constant = self.constant - count * math.log(factor)
         else:
             constant = self.constant * factor**self.beta
-        return type(self)(self.target, self.beta, self.factor * factor, constant=constant)
+        magnitude = None
+        if self._magnitude is not None:  # sum (f V)^beta = f^beta sum V^beta
+            try:
+                magnitude = self._magnitude * factor**self.beta
+            except OverflowError:
+                magnitude = math.inf
+        return type(self)(self.target, self.beta, self.factor * factor, constant=constant,
+                          magnitude=magnitude)
+
+    # -- the explicit residual (see torchnmf.targets.residual) -----------------------
+    def magnitude(self):
+        """The size of the divergence's terms, :math:`\\sum V^\\beta` over the observed
+        entries (float; summed in the read that sums the divergence constant)."""
+        if self._magnitude is None:
+            self._magnitude = sum(
+                self._local(block, mask).magnitude() for _, _, block, mask in self._blocks()
+            )
+        return self._magnitude
+
+    def explicit_divergence(self, H, W):
+        """The divergence summed entry by entry in float64, block by block (one read)."""
+        total = self._zero(H)
+        for start, stop, block, mask in self._blocks():
+            total += self._local(block, mask).explicit_divergence(H[start:stop], W)
+        return total
 
     def _constant(self):
+        """The divergence constant; the magnitude on the way (the same read)."""
         total = torch.zeros((), dtype=torch.float64, device=self.target.device)
+        magnitude = 0.0
         for _, _, block, mask in self._blocks():
-            total += divergence_constant(_observed_values(block, mask), self.beta)
+            values = _observed_values(block, mask)
+            total += divergence_constant(values, self.beta)
+            magnitude += float(values.double().pow(self.beta).sum())
+        self._magnitude = magnitude
         return total
 
     def _local(self, block, mask):
