@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from .. import _device as device
 from .residual import PointwiseReference, pointwise_divergence
 
 __all__ = [
@@ -53,7 +54,7 @@ def host_value(value):
     since reading it would synchronise; a stack's values (one per member) stay a
     tensor.
     """
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu":
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not device.on_accelerator(value):
         return value.item()
     return value
 
