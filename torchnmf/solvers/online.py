@@ -56,11 +56,13 @@ __all__ = ["solve_activations", "OnlineMU", "surrogate"]
 
 def _batch_statistics(V, beta, with_constant):
     """The statistics of a dense or sparse batch; without the constant part of the
-    divergence (a pass over the batch) when no divergence is wanted."""
+    divergence (a pass over the batch) when no divergence is wanted.  A sparse
+    batch's ``W`` terms scatter from its rows: they are taken once per batch,
+    which a transposed copy would cost more than it saves."""
     constant = None if with_constant else 0.0
     if V.layout == torch.strided:
         return DenseMatrixStats(V, beta, constant=constant)
-    return SparseMatrixStats(V, beta, constant=constant)
+    return SparseMatrixStats(V, beta, constant=constant, transposed_copy=False)
 
 
 def solve_activations(V, W, H, beta, penalty=Penalty(), max_iter=100, tol=1e-4,
