@@ -101,7 +101,9 @@ def transpose_csr(V_csr):
     rows = torch.repeat_interleave(torch.arange(N, device=col.device, dtype=col.dtype), crow.diff())
     ccol = crow.new_zeros(C + 1)
     ccol[1:] = torch.bincount(col, minlength=C).cumsum(0)
-    return torch.sparse_csr_tensor(ccol, rows[order], V_csr.values()[order], (C, N),
+    # index_select: a third of the time of indexing with a tensor (2M entries, one thread)
+    values = V_csr.values().index_select(0, order)
+    return torch.sparse_csr_tensor(ccol, rows.index_select(0, order), values, (C, N),
                                    check_invariants=False)
 
 
@@ -305,7 +307,8 @@ class _ScatteredColumns(_Orientation):
     def buffers(self, like):
         sampled, spare, positive = super().buffers(like)
         if positive.shape[-2] != self.shape[0]:
-            self.positive = positive = like.new_empty(*batch_shape(like), self.shape[0], like.shape[-1])
+            shape = (*batch_shape(like), self.shape[0], like.shape[-1])
+            self.positive = positive = like.new_empty(shape)
         return sampled, spare, self.positive
 
     def sample(self, A, B):
@@ -363,8 +366,10 @@ class SparseMatrixStats:
         without ``transposed_copy`` a view through ``V``'s rows."""
         if self._by_columns is None:
             csr, block_elements = self.by_rows.csr, self.block_elements or SPARSE_BLOCK_ELEMENTS
-            self._by_columns = (_Orientation(transpose_csr(csr), block_elements) if self.transposed_copy
-                                else _ScatteredColumns(csr, block_elements))
+            self._by_columns = (
+                _Orientation(transpose_csr(csr), block_elements) if self.transposed_copy
+                else _ScatteredColumns(csr, block_elements)
+            )
         return self._by_columns
 
     # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
@@ -408,7 +413,8 @@ class SparseMatrixStats:
     def _work_buffer(self):
         if self._work is None:
             N, C = self.shape
-            columns_rows = max(1, min(C, (self.block_elements or SPARSE_BLOCK_ELEMENTS) // max(N, 1)))
+            block = self.block_elements or SPARSE_BLOCK_ELEMENTS
+            columns_rows = max(1, min(C, block // max(N, 1)))
             size = max(self.by_rows.rows * C, columns_rows * N)
             self._work = self.by_rows.values.new_empty(size)
         return self._work
