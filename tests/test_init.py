@@ -210,3 +210,23 @@ def test_initialize_random_shapes(generator):
     W, H = initialize_random(V, (3, 4, 2, 2), (2, 4, 9, 7), generator=0)
     assert W.shape == (3, 4, 2, 2) and H.shape == (2, 4, 9, 7)
     assert (W >= 0).all() and (H >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("deficient", [False, True])
+def test_range_finder_basis_is_orthonormal_and_spans_the_columns(dtype, deficient, generator):
+    """Cholesky QR of the range finder: an orthonormal row-major basis of span(Y); a
+    numerically rank-deficient Y (shifted factorisation) still gives a projector onto it."""
+    from torchnmf.init import _tall_orthonormal
+
+    Y = torch.randn(400, 6, generator=generator, dtype=dtype)
+    if deficient:
+        Y[:, 4] = 2 * Y[:, 1]
+    Q = _tall_orthonormal(Y, None)
+    tol = {"rtol": 0, "atol": 1e-4 if dtype == torch.float32 else 1e-10}
+    assert Q.is_contiguous()
+    assert_close(Q @ (Q.mT @ Y), Y, **tol)
+    gram = Q.mT @ Q
+    assert_close(gram @ gram, gram, **tol)
+    if not deficient:
+        assert_close(gram, torch.eye(6, dtype=dtype), **tol)

@@ -294,3 +294,46 @@ def test_transpose_csr_matches_the_dense_transpose(density, index_dtype, columns
     assert torch.equal(transposed.crow_indices().long(), expected.crow_indices().long())
     assert torch.equal(transposed.col_indices().long(), expected.col_indices().long())
     assert torch.equal(transposed.values(), expected.values())
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("density", [0.0, 0.3])
+def test_transposed_product_matches_the_dense_product(density, index_dtype, generator):
+    from torchnmf.targets.sparse import transposed_product
+
+    dense = torch.rand(17, 11, generator=generator, dtype=torch.float64)
+    dense[dense > density] = 0
+    dense[3] = 0  # an empty row
+    dense[:, 5] = 0  # and an empty column
+    csr = dense.to_sparse_csr()
+    col = csr.col_indices().to(index_dtype)
+    rows = torch.repeat_interleave(torch.arange(17, dtype=index_dtype), csr.crow_indices().diff())
+    factor = torch.rand(17, 4, generator=generator, dtype=torch.float64)
+    got = transposed_product(col, rows, csr.values(), factor, 11)
+    torch.testing.assert_close(got, dense.T @ factor, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("members", [None, 3])
+def test_w_terms_without_a_transposed_copy_equal_dense_statistics(beta, members, generator, monkeypatch):
+    """The W terms read through V's rows (an online batch's statistics) equal the dense
+    ones, for one fit and for a stack, and never build the transposed copy."""
+    import torchnmf.targets.sparse as sparse_module
+
+    V, H, W = sparse_problem(generator, n=13, c=9)
+    if members is not None:
+        H = torch.rand(members, 13, 3, generator=generator, dtype=torch.float64) + 0.1
+        W = torch.rand(members, 9, 3, generator=generator, dtype=torch.float64) + 0.1
+
+    def no_copy(csr):
+        raise AssertionError("a transposed copy was built")
+
+    monkeypatch.setattr(sparse_module, "transpose_csr", no_copy)
+    sparse = SparseMatrixStats(V.to_sparse_csr(), beta, block_elements=40, transposed_copy=False)
+    dense = DenseMatrixStats(V, beta)
+    tol = TOLERANCES[torch.float64]
+    for _ in range(2):  # the buffers are reused
+        for got, want in zip(sparse.w_terms(H, W, divergence=True), dense.w_terms(H, W, divergence=True)):
+            torch.testing.assert_close(got.expand_as(want), want, **tol)
+        for got, want in zip(sparse.h_terms(H, W), dense.h_terms(H, W)):
+            torch.testing.assert_close(got.expand_as(want), want, **tol)

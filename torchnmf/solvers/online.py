@@ -57,12 +57,14 @@ __all__ = ["solve_activations", "OnlineMU", "surrogate"]
 
 def _batch_statistics(V, beta, with_constant):
     """The statistics of a dense or sparse batch; without the constant part of the
-    divergence (a pass over the batch) when no divergence is wanted."""
+    divergence (a pass over the batch) when no divergence is wanted.  A sparse
+    batch's ``W`` terms scatter from its rows: they are taken once per batch,
+    which a transposed copy would cost more than it saves."""
     constant = None if with_constant else 0.0
     if V.layout == torch.strided:
         stats = DenseMatrixStats(V, beta, constant=constant)
     else:
-        stats = SparseMatrixStats(V, beta, constant=constant)
+        stats = SparseMatrixStats(V, beta, constant=constant, transposed_copy=False)
     # a divergence that cancellation ate near an exact fit is the explicit residual
     return AccurateDivergence(stats, V.dtype) if with_constant else stats
 

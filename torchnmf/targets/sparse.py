@@ -17,7 +17,11 @@ statistics of ``V.to_dense()``:
 
 The ``W`` terms are the ``H`` terms of the transposed problem
 :math:`V^\top \approx W H^\top`, so both are computed by the same kernels on
-two compressed-row copies of ``V`` (``V`` and ``V^\top``), built once per fit.
+two compressed-row copies of ``V`` (``V`` and ``V^\top``), the second built on
+the first use of the ``W`` terms and kept for the fit.  A statistics object
+used once (an online fit's batch) may instead read ``V^\top`` through ``V``'s
+own rows, its products scattering each stored entry into its column
+(:func:`transposed_product`): no copy, at a higher cost per product.
 The kernels are plain functions so that other statistics (masked targets)
 can reuse them.
 """
@@ -39,6 +43,7 @@ __all__ = [
     "transpose_csr",
     "sampled_product_",
     "sparse_dense_product",
+    "transposed_product",
     "blocked_power_product_",
     "SPARSE_BLOCK_ELEMENTS",
 ]
@@ -96,7 +101,9 @@ def transpose_csr(V_csr):
     rows = torch.repeat_interleave(torch.arange(N, device=col.device, dtype=col.dtype), crow.diff())
     ccol = crow.new_zeros(C + 1)
     ccol[1:] = torch.bincount(col, minlength=C).cumsum(0)
-    return torch.sparse_csr_tensor(ccol, rows[order], V_csr.values()[order], (C, N),
+    # index_select: a third of the time of indexing with a tensor (2M entries, one thread)
+    values = V_csr.values().index_select(0, order)
+    return torch.sparse_csr_tensor(ccol, rows.index_select(0, order), values, (C, N),
                                    check_invariants=False)
 
 
@@ -122,6 +129,25 @@ def sparse_dense_product(crow_indices, col_indices, values, dense):
         col_indices, dense, crow_indices, mode="sum", per_sample_weights=values,
         include_last_offset=True,
     )
+
+
+def transposed_product(col_indices, rows, values, dense, n_columns):
+    r""":math:`V^\top` ``@ dense`` for the sparse ``V`` whose stored entries lie at
+    ``(rows, col_indices)`` and hold ``values``, without a transposed copy of ``V``.
+
+    Each entry adds its weighted row of ``dense`` (``(n, R)``) to row
+    ``col_indices[k]`` of the ``(n_columns, R)`` result, in one scatter over the
+    flattened result (the one-dimensional ``index_add_`` is a single loop; on a
+    matrix it runs one tensor operation per entry, measured 4x slower).  For a
+    1024-row batch of 10,240 entries and ``R = 10`` (one thread): 0.7 ms against
+    1.1 to 2.2 ms for a transposed copy and an embedding bag over it.
+    """
+    R = dense.shape[1]
+    contributions = F.embedding(rows, dense).mul_(values.unsqueeze(1))
+    targets = (col_indices * R).unsqueeze(1) + torch.arange(R, device=dense.device)
+    out = dense.new_zeros(n_columns * R)
+    out.index_add_(0, targets.view(-1), contributions.view(-1))
+    return out.view(n_columns, R)
 
 
 def blocked_power_product_(out, A, B, exponent, eps, rows, work, want_power_sum=True):
@@ -245,6 +271,51 @@ class _Orientation:
         return self.sampled_values
 
 
+class _ScatteredColumns(_Orientation):
+    """``V^\top`` read through ``V``'s compressed rows (no transposed copy).
+
+    Its stored entries are ``V``'s, in ``V``'s order: the values, the sampled
+    reconstruction and every vector of length nnz are shared with the row
+    orientation's order; a product scatters into the columns
+    (:func:`transposed_product`).
+    """
+
+    def __init__(self, csr, block_elements):
+        super().__init__(csr, block_elements)
+        N, C = csr.shape
+        self.shape = (C, N)
+        self.rows = max(1, min(C, block_elements // max(N, 1)))
+        self.entry_rows = torch.repeat_interleave(
+            torch.arange(N, device=self.col_indices.device, dtype=self.col_indices.dtype),
+            self.crow_indices.diff(),
+        )
+
+    def product(self, values, dense):
+        C = self.shape[0]
+        if dense.dim() == 2:
+            return transposed_product(self.col_indices, self.entry_rows, values, dense, C)
+        members, m, R = dense.shape
+        if values.dim() == 1:  # one product with K R columns
+            table = dense.transpose(0, 1).reshape(m, members * R)
+            product = transposed_product(self.col_indices, self.entry_rows, values, table, C)
+            return product.view(C, members, R).transpose(0, 1)
+        return torch.stack([
+            transposed_product(self.col_indices, self.entry_rows, values[k], dense[k], C)
+            for k in range(members)
+        ])
+
+    def buffers(self, like):
+        sampled, spare, positive = super().buffers(like)
+        if positive.shape[-2] != self.shape[0]:
+            shape = (*batch_shape(like), self.shape[0], like.shape[-1])
+            self.positive = positive = like.new_empty(shape)
+        return sampled, spare, self.positive
+
+    def sample(self, A, B):
+        r""":math:`(A B^\top)` at the entries of ``V^\top``: :math:`B A^\top` at ``V``'s."""
+        return super().sample(B, A)
+
+
 def _divergence_constant(values, beta):
     """The part of the divergence that depends on V alone (implicit zeros add nothing)."""
     if beta == 2:
@@ -266,22 +337,40 @@ class SparseMatrixStats:
     the entry point checks it.  Stacked factors (``H`` of shape ``(K, N, R)``,
     ``W`` of shape ``(K, C, R)``) give every term a leading ``K`` and one
     divergence per member.
+
+    ``transposed_copy`` (default) keeps a compressed-row copy of ``V^\top`` for the
+    ``W`` terms, made on their first use; without it they scatter from ``V``'s
+    rows (:func:`transposed_product`), which suits statistics used once, such as
+    an online fit's batch: 1,000,000 x 20,000 with 10M entries in batches of
+    1024 rows, the copies took 4.6 s of an 11.4 s pass.
     """
 
-    def __init__(self, V, beta, block_elements=None, constant=None):
+    def __init__(self, V, beta, block_elements=None, constant=None, transposed_copy=True):
         self.V = V
         self.block_elements = block_elements
-        block_elements = block_elements or SPARSE_BLOCK_ELEMENTS
+        self.transposed_copy = transposed_copy
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
         csr = to_csr(V)
         self.shape = tuple(csr.shape)
-        self.by_rows = _Orientation(csr, block_elements)
-        self.by_columns = _Orientation(transpose_csr(csr), block_elements)
+        self.by_rows = _Orientation(csr, block_elements or SPARSE_BLOCK_ELEMENTS)
+        self._by_columns = None
         self.constant = (
             _divergence_constant(self.by_rows.values, self.beta) if constant is None else constant
         )
         self._work = None
+
+    @property
+    def by_columns(self):
+        """The orientation of ``V^\top``, made on first use: a compressed-row copy, or
+        without ``transposed_copy`` a view through ``V``'s rows."""
+        if self._by_columns is None:
+            csr, block_elements = self.by_rows.csr, self.block_elements or SPARSE_BLOCK_ELEMENTS
+            self._by_columns = (
+                _Orientation(transpose_csr(csr), block_elements) if self.transposed_copy
+                else _ScatteredColumns(csr, block_elements)
+            )
+        return self._by_columns
 
     # -- scale (see torchnmf.solvers.scaling) -------------------------------------------
     def scale_sums(self):
@@ -290,7 +379,8 @@ class SparseMatrixStats:
 
     def scaled(self, factor):
         """The same statistics for ``factor * V``."""
-        return type(self)(self.V * factor, self.beta, self.block_elements)
+        return type(self)(self.V * factor, self.beta, self.block_elements,
+                          transposed_copy=self.transposed_copy)
 
     # -- the explicit residual (see torchnmf.targets.residual) -----------------------
     def magnitude(self):
@@ -323,7 +413,9 @@ class SparseMatrixStats:
     def _work_buffer(self):
         if self._work is None:
             N, C = self.shape
-            size = max(self.by_rows.rows * C, self.by_columns.rows * N)
+            block = self.block_elements or SPARSE_BLOCK_ELEMENTS
+            columns_rows = max(1, min(C, block // max(N, 1)))
+            size = max(self.by_rows.rows * C, columns_rows * N)
             self._work = self.by_rows.values.new_empty(size)
         return self._work
 
