@@ -23,6 +23,7 @@ back again after the step that updated every member), while the others go on.
 import torch
 
 from .. import _device as device
+from ..targets.residual import cancellation_threshold
 
 __all__ = ["RoundingGuard", "explicit_threshold"]
 
@@ -34,7 +35,12 @@ def explicit_threshold(problem):
     stats = getattr(problem.stats, "local", problem.stats)
     threshold = getattr(stats, "threshold", None)
     if threshold is not None and problem.reduction is not None:
-        threshold = problem.reduction.sum_float(threshold)
+        # the threshold of the stacked matrix, from its sums over the processes
+        magnitude = problem.reduction.sum_float(stats.magnitude)
+        squares = None
+        if stats.squares is not None:
+            squares = problem.reduction.sum_float(stats.squares)
+        threshold = cancellation_threshold(magnitude, squares, problem.H.dtype)
     return threshold
 
 

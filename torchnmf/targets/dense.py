@@ -165,6 +165,10 @@ class DenseMatrixStats:
         """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
         return float(self.V.double().pow(self.beta).sum())
 
+    def magnitude_squares(self):
+        """:math:`\\sum V^{2\\beta}`, for the closed forms' rounding noise (float)."""
+        return float(self.V.double().pow(2 * self.beta).sum())
+
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate)."""
         W64 = W.double()

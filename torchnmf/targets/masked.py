@@ -144,6 +144,10 @@ class MaskedMatrixStats:
         """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
         return float(self.source.observed_values(self.mask).double().pow(self.beta).sum())
 
+    def magnitude_squares(self):
+        """:math:`\\sum V^{2\\beta}`, for the closed forms' rounding noise (float)."""
+        return float(self.source.observed_values(self.mask).double().pow(2 * self.beta).sum())
+
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate)."""
         total = torch.zeros((), dtype=torch.float64, device=H.device)
@@ -266,6 +270,10 @@ class MaskedAutogradStats(AutogradStats):
 
     def magnitude(self):
         return float(self.V_observed.double().pow(self.beta).sum())
+
+    def magnitude_squares(self):
+        """:math:`\\sum V^{2\\beta}`, for the closed forms' rounding noise (float)."""
+        return float(self.V_observed.double().pow(2 * self.beta).sum())
 
     def explicit_divergence(self, H, W):
         with torch.no_grad():

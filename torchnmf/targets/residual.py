@@ -24,14 +24,37 @@ instead of :math:`\epsilon_{\text{dtype}} \sum V^\beta` for the closed form.
 Zeros of ``V`` contribute :math:`\hat v^\beta / \beta`.
 """
 import inspect
+import math
 
 import torch
 
 from .. import _device as device
 
-__all__ = ["pointwise_divergence", "PointwiseReference", "AccurateDivergence", "CANCELLATION"]
+__all__ = ["pointwise_divergence", "PointwiseReference", "AccurateDivergence", "CANCELLATION",
+           "NOISE", "cancellation_threshold"]
 
 CANCELLATION = 1e4
+# the closed forms' rounding noise, measured at up to about 7 epsilons times
+# sqrt(sum V^(2 beta)) (a 2 x 2 float32 fit at beta=0.5): under NOISE times that
+# spread the noise could exceed 64 epsilons of the objective's own value
+NOISE = 0.25
+
+
+def cancellation_threshold(magnitude, squares, dtype):
+    """The objective under which a closed form is rounding noise, for a target with
+    :math:`\sum V^\beta` = ``magnitude`` and :math:`\sum V^{2\beta}` = ``squares``
+    (``None``: unknown, taken as ``magnitude ** 2``).
+
+    Two bounds: the cancellation of terms as large as ``magnitude`` near an exact fit
+    (``CANCELLATION`` epsilons of it), and the rounding of every entry's terms, which
+    adds up like a random walk to a few epsilons times their root sum of squares,
+    independent of the dtype once compared with a rise of a few epsilons of the
+    objective (``NOISE`` times that root).  On a large target the first decides; on a
+    small one, where the rounding of a few entries is as large as the objective's own
+    rounding allows, the second.
+    """
+    spread = magnitude if squares is None else math.sqrt(squares)
+    return max(CANCELLATION * torch.finfo(dtype).eps * magnitude, NOISE * spread)
 
 
 def pointwise_divergence(V, R, beta):
@@ -91,9 +114,11 @@ class AccurateDivergence:
         self.stats = stats
         magnitude = getattr(stats, "magnitude", None)
         self.magnitude = magnitude() if magnitude is not None else None
+        squares = getattr(stats, "magnitude_squares", None)
+        self.squares = squares() if squares is not None and magnitude is not None else None
         self.threshold = None
         if self.magnitude is not None and hasattr(stats, "explicit_divergence"):
-            self.threshold = CANCELLATION * torch.finfo(dtype).eps * self.magnitude
+            self.threshold = cancellation_threshold(self.magnitude, self.squares, dtype)
         # once a value was replaced, the next h_terms skips the closed form's divergence
         # (its passes over the data) where the kind can, and reports the explicit one
         self.explicit = False

@@ -349,13 +349,14 @@ class StreamedStats:
     constant is summed once here.
     """
 
-    def __init__(self, target, beta, factor=1.0, constant=None, magnitude=None):
+    def __init__(self, target, beta, factor=1.0, constant=None, magnitude=None, squares=None):
         self.target = target
         self.beta = float(beta)
         self.factor = float(factor)
         self._h_buffers = None
         self._dense = {}
         self._magnitude = magnitude
+        self._squares = squares
         self.constant = self._constant() if constant is None else constant
 
     def _blocks(self):
@@ -382,14 +383,16 @@ class StreamedStats:
             constant = self.constant - count * math.log(factor)
         else:
             constant = self.constant * factor**self.beta
-        magnitude = None
+        magnitude = squares = None
         if self._magnitude is not None:  # sum (f V)^beta = f^beta sum V^beta
             try:
                 magnitude = self._magnitude * factor**self.beta
+                if self._squares is not None:
+                    squares = self._squares * factor**(2 * self.beta)
             except OverflowError:
-                magnitude = math.inf
+                magnitude = squares = math.inf
         return type(self)(self.target, self.beta, self.factor * factor, constant=constant,
-                          magnitude=magnitude)
+                          magnitude=magnitude, squares=squares)
 
     # -- the explicit residual (see torchnmf.targets.residual) -----------------------
     def magnitude(self):
@@ -401,6 +404,15 @@ class StreamedStats:
             )
         return self._magnitude
 
+    def magnitude_squares(self):
+        """:math:`\\sum V^{2\\beta}` over the observed entries, for the closed forms'
+        rounding noise (float; summed in the same read as :meth:`magnitude`)."""
+        if self._squares is None:
+            self._squares = sum(
+                self._local(block, mask).magnitude_squares() for _, _, block, mask in self._blocks()
+            )
+        return self._squares
+
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64, block by block (one read)."""
         total = self._zero(H)
@@ -411,12 +423,14 @@ class StreamedStats:
     def _constant(self):
         """The divergence constant; the magnitude on the way (the same read)."""
         total = torch.zeros((), dtype=torch.float64, device=self.target.device)
-        magnitude = 0.0
+        magnitude = squares = 0.0
         for _, _, block, mask in self._blocks():
             values = _observed_values(block, mask)
             total += divergence_constant(values, self.beta)
-            magnitude += float(values.double().pow(self.beta).sum())
-        self._magnitude = magnitude
+            powers = values.double().pow(self.beta)
+            magnitude += float(powers.sum())
+            squares += float(powers.square().sum())
+        self._magnitude, self._squares = magnitude, squares
         return total
 
     def _local(self, block, mask):
