@@ -23,24 +23,20 @@ back again after the step that updated every member), while the others go on.
 import torch
 
 from .. import _device as device
-from ..targets.residual import cancellation_threshold
 
 __all__ = ["RoundingGuard", "explicit_threshold"]
 
 
 def explicit_threshold(problem):
-    """The objective under which the problem's statistics report the explicit
-    residual (the same on every process of a distributed fit, the same for every
-    member of a batched problem), or ``None``."""
+    """The objective under which the iterates are at the rounding floor of a nearly
+    exact fit, ``CANCELLATION`` epsilons of :math:`\\sum V^\\beta` (the same on every
+    process of a distributed fit, the same for every member of a batched problem),
+    or ``None``.  The statistics report the explicit residual there (and, on small
+    targets, above it too: see :func:`~torchnmf.targets.residual.cancellation_threshold`)."""
     stats = getattr(problem.stats, "local", problem.stats)
-    threshold = getattr(stats, "threshold", None)
+    threshold = getattr(stats, "guard_threshold", None)
     if threshold is not None and problem.reduction is not None:
-        # the threshold of the stacked matrix, from its sums over the processes
-        magnitude = problem.reduction.sum_float(stats.magnitude)
-        squares = None
-        if stats.squares is not None:
-            squares = problem.reduction.sum_float(stats.squares)
-        threshold = cancellation_threshold(magnitude, squares, problem.H.dtype)
+        threshold = problem.reduction.sum_float(threshold)
     return threshold
 
 

@@ -6,8 +6,10 @@ so once the fit is nearly exact their value is rounding noise: it can be
 negative, rise when the fit improves, and mislead the stopping rule.
 :class:`AccurateDivergence` wraps a statistics object and, when a closed-form
 value is under ``CANCELLATION`` times the dtype's epsilon times the size of its
-terms (:math:`\sum V^\beta` over the observed entries), replaces it with the
-sum of the entry-wise divergences in float64 from the object's
+terms (:math:`\sum V^\beta` over the observed entries), or, on a small target,
+under ``NOISE`` times the root sum of squares of those terms (the rounding of a
+few entries' terms can then exceed a few epsilons of the objective), replaces it
+with the sum of the entry-wise divergences in float64 from the object's
 ``explicit_divergence(H, W)``.
 
 Entry-wise, with :math:`a = \log(\hat v / v) = \operatorname{log1p}((\hat v - v) / v)`,
@@ -116,9 +118,12 @@ class AccurateDivergence:
         self.magnitude = magnitude() if magnitude is not None else None
         squares = getattr(stats, "magnitude_squares", None)
         self.squares = squares() if squares is not None and magnitude is not None else None
-        self.threshold = None
+        self.threshold = self.guard_threshold = None
         if self.magnitude is not None and hasattr(stats, "explicit_divergence"):
             self.threshold = cancellation_threshold(self.magnitude, self.squares, dtype)
+            # where the iterates themselves are at the rounding floor (a nearly exact
+            # fit): the region of RoundingGuard, which refuses what rounding raised
+            self.guard_threshold = CANCELLATION * torch.finfo(dtype).eps * self.magnitude
         # once a value was replaced, the next h_terms skips the closed form's divergence
         # (its passes over the data) where the kind can, and reports the explicit one
         self.explicit = False
