@@ -149,8 +149,9 @@ class SparseGramStats:
         divergence = self.constant - float((H * negative).sum()) + 0.5 * float(((H.T @ H) * gram_W).sum())
         return negative, H @ gram_W, divergence
 
-    def w_terms(self, H, W):
-        return self.V.mT @ H, W @ (H.T @ H)
+    def w_terms(self, H, W, divergence=False):
+        terms = self.V.mT @ H, W @ (H.T @ H)
+        return (*terms, self.divergence(H, W)) if divergence else terms
 
     def divergence(self, H, W):
         return self.h_terms(H, W)[2]

@@ -69,7 +69,7 @@ class AlternatingSolver:
     statistics gives almost for free).  With ``_extrapolate_(factor, previous, weight)``
     defined, every iteration first moves the trainable factors along their
     last step and keeps the move only if the objective there is no higher than
-    where the previous iteration started (Ang & Gillis 2019; see
+    where the previous iteration's ``W`` update started (Ang & Gillis 2019; see
     :mod:`torchnmf.solvers.extrapolation`).  Both updates are monotone from any
     starting point, so the objective at the start of each iteration, which
     ``step`` returns, never increases.
@@ -239,14 +239,37 @@ class AlternatingSolver:
                 return before
         if refused is not None:
             return self._refusable_updates(terms, before, refused)
-        self.reference = before
         if terms is not None:
             self._update_H(terms)
-        if self.problem.update_W:
-            self._update_W()
+        if self._extrapolate_ is None:
+            if self.problem.update_W:
+                self._update_W()
+        else:
+            self.reference = self._updated_objective(before)
         if self.guard is not None and self.problem.batched:
             # members whose iteration was refused stay where it started
             self.guard.restore_refused_([f for f, _ in self._trainable()])
+        return before
+
+    def _updated_objective(self, before):
+        """Run the ``W`` update (where ``W`` may change) after the ``H`` update,
+        and return the objective at the point the ``W`` update started from: the
+        reference the next extrapolation must not exceed.
+
+        That point's objective comes with the ``W`` pass (``divergence=True``).
+        It is at most ``before`` (the ``H`` update is monotone) and at least
+        the objective after the ``W`` update.  Against ``before`` itself, an
+        extrapolation that undid most of the last update's progress would pass,
+        and the next update would redo it, every iteration: fits cycled between
+        a point and its extrapolation, with ``loss_history`` reporting the
+        extrapolated points (30 times the iterate's objective at beta=1).
+        """
+        p = self.problem
+        if p.update_W:
+            penalty = p.penalty()  # at the point the W update starts from
+            return p.objective_value(self._update_W(divergence=True), penalty)
+        if p.update_H:  # W is fixed: the objective after the H update
+            return p.objective_value(p.stats.divergence(p.H, p.W))
         return before
 
     def _refusable_updates(self, terms, before, refused):
@@ -261,10 +284,10 @@ class AlternatingSolver:
             p.H.copy_(torch.where(refused, start, p.H))
         if p.update_W:
             penalty = p.penalty()  # at the point the W pass starts from
-            divergence = self._update_W(divergence=True)
-            kept = torch.as_tensor(divergence, dtype=torch.float64) + penalty
+            kept = p.objective_before(self._update_W(divergence=True), penalty)
         else:  # H is back at the kept point when refused, and W never moves
             kept = p.objective_before(p.stats.divergence(p.H, p.W))
-        before = torch.where(refused, kept, before)
-        self.reference = before
-        return before
+        # ``kept`` is the objective where the W pass started: the kept point's
+        # when refused, else the point after the H update (see _updated_objective)
+        self.reference = kept
+        return torch.where(refused, kept, before)

@@ -25,9 +25,13 @@ The weight
 doi:10.1162/neco_a_01157): it grows by ``growth`` after every accepted
 extrapolation (up to a ceiling that itself creeps up by ``ceiling_growth``)
 and, when the extrapolated point has a higher objective than the point the
-last update started from, the extrapolation is undone, the ceiling drops to
-the weight that failed and the weight shrinks by ``decay``.  The objective at
-the starting point of each update therefore never increases.
+last ``W`` update started from (after the last ``H`` update), the
+extrapolation is undone, the ceiling drops to the weight that failed and the
+weight shrinks by ``decay``.  The objective at the starting point of each
+iteration therefore never increases, and never exceeds the objective the last
+iteration reached half-way (a bar at the point the last iteration started
+from let fits cycle between an iterate and its extrapolation; see
+``docs/solvers.md``).
 """
 import torch
 
@@ -75,8 +79,8 @@ class ExtrapolatedMU(AlternatingSolver):
 
     Every iteration first moves the factors further along their last step in
     log space (see the functions above), keeps the move only if the
-    objective there is no higher than where the previous iteration started,
-    and then runs one multiplicative update of ``H`` and ``W``.  Any beta;
+    objective there is no higher than where the previous iteration's ``W``
+    update started, and then runs one multiplicative update of ``H`` and ``W``.  Any beta;
     chosen for beta=1 by measurement (``docs/solvers.md``).
     """
 

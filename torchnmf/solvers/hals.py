@@ -418,9 +418,10 @@ class HALS(AlternatingSolver):
         value = None
         fused = getattr(p.stats, "w_numerator_and_gram", None)  # across processes: one all-reduce
         if fused is not None:
-            negative, gram = fused(p.H, p.W)
             if divergence:
-                value = p.stats.divergence(p.H, p.W)
+                negative, gram, value = fused(p.H, p.W, divergence=True)
+            else:
+                negative, gram = fused(p.H, p.W)
         else:
             if divergence:
                 negative, _, value = p.stats.w_terms(p.H, p.W, divergence=True)

@@ -56,23 +56,27 @@ class FitProblem:
             total += self.penalty_W.value(self.W)
         return total
 
-    def objective_value(self, divergence):
+    def objective_value(self, divergence, penalty=None):
         """:meth:`objective_before` as a float (one per member for a batched
         problem); on an accelerator a 0-dim tensor there, for decisions made
         on the device (:mod:`~torchnmf._device`)."""
-        value = self.objective_before(divergence)
+        value = self.objective_before(divergence, penalty)
         return value if device.on_accelerator(value) else float(value)
 
     def objective(self):
         return float(self.objective_before(self.stats.divergence(self.H, self.W)))
 
-    def objective_before(self, divergence):
+    def objective_before(self, divergence, penalty=None):
         """The objective from the divergence at the current point, as a float64
         tensor on the factors' device (read back by the loop, not here), or a float
-        where the statistics gave one (on the CPU)."""
+        where the statistics gave one (on the CPU).  ``penalty`` (from
+        :meth:`penalty`) is the penalty at the point the divergence was taken,
+        where the factors have moved since; by default the current one."""
+        if penalty is None:
+            penalty = self.penalty()
         if isinstance(divergence, float):
-            return divergence + self.penalty()
-        return torch.as_tensor(divergence, dtype=torch.float64) + self.penalty()
+            return divergence + penalty
+        return torch.as_tensor(divergence, dtype=torch.float64) + penalty
 
     # -- sums over the rows of H, which a distributed fit spreads over processes --
     def row_sum_(self, *tensors):
@@ -112,11 +116,11 @@ class BatchedProblem(FitProblem):
             total += self.penalty_W.member_values(self.W)
         return total
 
-    def objective_before(self, divergence):
-        return divergence.to(torch.float64) + self.penalty()
+    def objective_before(self, divergence, penalty=None):
+        return divergence.to(torch.float64) + (self.penalty() if penalty is None else penalty)
 
-    def objective_value(self, divergence):
-        return self.objective_before(divergence)
+    def objective_value(self, divergence, penalty=None):
+        return self.objective_before(divergence, penalty)
 
     def objective(self):
         return self.objective_before(self.stats.divergence(self.H, self.W))

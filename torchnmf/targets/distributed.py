@@ -275,12 +275,23 @@ class DistributedStats:
             return negative, positive
         return negative, positive, value[0]
 
-    def w_numerator_and_gram(self, H, W):
-        """``(V^T H, H^T H)`` of the stacked matrix in one all-reduce (HALS's ``W`` update)."""
-        negative, _ = self.local.w_terms(H, W)
+    def w_numerator_and_gram(self, H, W, divergence=False):
+        """``(V^T H, H^T H)`` of the stacked matrix in one all-reduce (HALS's ``W``
+        update); with ``divergence`` also the objective at ``(H, W)`` (which the
+        local kind gives from its ``W`` terms), in the same all-reduce where
+        :meth:`carries_objective`."""
+        if divergence:
+            negative, _, value = self.local.w_terms(H, W, divergence=True)
+        else:
+            negative, _ = self.local.w_terms(H, W)
         negative, gram = negative.clone(), H.T @ H
-        self.reduction.sum_(negative, gram, what="sum of the W terms")
-        return negative, gram
+        if not divergence:
+            self.reduction.sum_(negative, gram, what="sum of the W terms")
+            return negative, gram
+        value = self._local_divergence(value, H)
+        sum_ = self.reduction.sum_fused_ if self.carries_objective(W) else self.reduction.sum_
+        sum_(negative, gram, value, what="sum of the W terms")
+        return negative, gram, value[0]
 
     def divergence(self, H, W):
         value = self._local_divergence(self.local.divergence(H, W), H)

@@ -43,7 +43,7 @@ NOISE = 0.25
 
 
 def cancellation_threshold(magnitude, squares, dtype):
-    """The objective under which a closed form is rounding noise, for a target with
+    r"""The objective under which a closed form is rounding noise, for a target with
     :math:`\sum V^\beta` = ``magnitude`` and :math:`\sum V^{2\beta}` = ``squares``
     (``None``: unknown, taken as ``magnitude ** 2``).
 
