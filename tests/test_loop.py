@@ -223,3 +223,48 @@ def test_a_host_decision_on_the_device_keeps_the_cpu_iterates(solver, beta, monk
     stand_in.fit(V, beta=beta, max_iter=40, tol=0, solver=solver)
     assert stand_in.loss_history == pytest.approx(cpu.loss_history, rel=1e-12)
     torch.testing.assert_close(stand_in.W, cpu.W)
+
+
+@pytest.mark.parametrize("solver,beta", [("mu", 1), ("mu_extrapolated", 1), ("hals", 2)])
+def test_batched_fits_read_back_every_ten_iterations(solver, beta, device_stand_in,
+                                                     reads_in_steps, generator):
+    """Restarts on an accelerator: no read inside an iteration (each member's
+    extrapolation and HALS's sweeps decided on the device), the members' objectives
+    read back together every ten iterations; plain MU, which decides nothing, keeps
+    the CPU's iterates."""
+    from torchnmf.restarts import fit_restarts
+
+    V = torch.rand(30, 20, generator=generator, dtype=torch.float64) + 0.1
+    result = fit_restarts(V, 3, n_restarts=3, beta=beta, max_iter=25, tol=0, solver=solver)
+    assert reads_in_steps == []
+    assert device_stand_in == [10, 10, 5]
+    assert result.n_iter == [25, 25, 25]
+    for history in result.histories:
+        assert len(history) == 26
+        history = torch.tensor(history)
+        assert (history[1:] <= history[:-1] * (1 + 1e-12)).all()
+    if solver == "mu":
+        with pytest.MonkeyPatch.context() as cpu:
+            cpu.setattr(device, "on_accelerator", lambda t: False)
+            reference = fit_restarts(V, 3, n_restarts=3, beta=beta, max_iter=25, tol=0,
+                                     solver=solver)
+        for history, cpu_history in zip(result.histories, reference.histories):
+            assert history == pytest.approx(cpu_history, rel=1e-12)
+
+
+def test_batched_members_stop_at_the_read_back(device_stand_in, generator):
+    """A member that meets ``tol`` runs on to the next read-back, as one fit does,
+    with its history complete; the CPU stops it at once."""
+    from torchnmf.restarts import fit_restarts
+
+    V = torch.rand(30, 20, generator=generator, dtype=torch.float64) + 0.1
+    kwargs = dict(n_restarts=3, beta=1, max_iter=60, tol=1e-3, solver="mu")
+    result = fit_restarts(V, 3, **kwargs)
+    with pytest.MonkeyPatch.context() as cpu:
+        cpu.setattr(device, "on_accelerator", lambda t: False)
+        reference = fit_restarts(V, 3, **kwargs)
+    assert all(n < 60 for n in reference.n_iter)
+    for n, cpu_n, history, cpu_history in zip(result.n_iter, reference.n_iter,
+                                             result.histories, reference.histories):
+        assert n == 10 * math.ceil(cpu_n / 10) and len(history) == n + 1
+        assert history[:cpu_n] == pytest.approx(cpu_history[:cpu_n], rel=1e-12)

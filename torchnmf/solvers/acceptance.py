@@ -84,10 +84,10 @@ class RoundingGuard:
         """
         if self.threshold is None:
             return before
-        if self.batched:
-            return self._check_members(before, factors)
         if device.on_accelerator(before):
             return before
+        if self.batched:
+            return self._check_members(before, factors)
         value = float(before)
         if not value < self.threshold:
             self.reference = self.start = None

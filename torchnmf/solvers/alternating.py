@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _device as device
 from .acceptance import RoundingGuard
 
 __all__ = ["ExtrapolationWeight", "AlternatingSolver"]
@@ -91,7 +92,9 @@ class AlternatingSolver:
     stand-in device, 200x150 rank 8, six seeds: final loss after 200
     iterations 1.01 to 1.47 times the CPU's for ``"mu_extrapolated"`` at
     beta=1, 0.95 to 1.78 for ``"hals"``); ``refuse_on_device = False`` reads
-    the decision back instead and keeps the CPU's iterates.
+    the decision back instead and keeps the CPU's iterates.  A batched problem
+    on an accelerator decides every member there the same way (the CPU's
+    batched path reads whether any member refused, and recomputes the terms).
 
     Updates that are monotone only in exact arithmetic set
     ``accept_rounding`` (a multiple of the dtype's epsilon): near an exact fit
@@ -179,10 +182,17 @@ class AlternatingSolver:
                     factor.index_copy_(1, fixed, kept.index_select(1, fixed))
             terms, before = self._start()
             rejected = before > self.reference
-            if isinstance(rejected, torch.Tensor) and not self.problem.batched \
-                    and not self.refuse_on_device:
+            on_device = device.on_accelerator(rejected)
+            if on_device and not self.problem.batched and not self.refuse_on_device:
                 rejected = bool(rejected)  # one read per iteration, the CPU's iterates
-            if not isinstance(rejected, torch.Tensor):
+            if on_device and self.problem.batched:
+                # each member by its own decision, made on the device (see step)
+                refused = rejected
+                for factor, kept in zip(factors, saved):
+                    factor.copy_(torch.where(refused.view(-1, 1, 1), kept, factor))
+                self.weight.reject(refused)
+                self.weight.accept(~refused)
+            elif not isinstance(rejected, torch.Tensor):
                 if rejected:
                     for factor, kept in zip(factors, saved):
                         factor.copy_(kept)
@@ -281,7 +291,7 @@ class AlternatingSolver:
         if terms is not None:
             start = p.H.clone()
             self._update_H(terms)
-            p.H.copy_(torch.where(refused, start, p.H))
+            p.H.copy_(torch.where(refused.view(-1, 1, 1) if p.batched else refused, start, p.H))
         if p.update_W:
             penalty = p.penalty()  # at the point the W pass starts from
             kept = p.objective_before(self._update_W(divergence=True), penalty)

@@ -177,7 +177,12 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
     if factor.dim() == 3:
         floor = torch.as_tensor(floor, dtype=factor.dtype, device=factor.device)
         floor = floor.reshape(-1).expand(factor.shape[0]).reshape(-1, 1)
-        sweeps = _batched_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta)
+        if device.on_accelerator(columns) and max_sweeps > 1:
+            _device_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta,
+                           sweep=_batched_sweep)
+            sweeps = max_sweeps
+        else:
+            sweeps = _batched_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta)
         factor.copy_(columns.mT)
         return sweeps
     on_accelerator = device.on_accelerator(columns)
@@ -208,26 +213,31 @@ def hals_update_(factor, numerator, gram, penalty, max_sweeps=1, delta=0.0, floo
     return sweeps
 
 
-def _device_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta):
+def _device_sweeps(columns, targets, coupling, free, floor, max_sweeps, delta,
+                   sweep=_torch_sweep):
     """The sweeps of :func:`hals_update_` with the stopping rule kept on the device.
 
     Reading each sweep's change back to the host would synchronise once per
     sweep; instead every one of the ``max_sweeps`` sweeps runs, and those after
     the sweep that meets the rule are undone by a device-side flag, which
-    leaves exactly the factor of the host's rule.
+    leaves exactly the factor of the host's rule.  With ``sweep=_batched_sweep``
+    the columns are a stack ``(K, R, M)`` and every member has its own flag
+    (the host's rule leaves stopped members out instead).
     """
+    stacked = columns.dim() == 3
     first_change = None
     running = None
     for _ in range(max_sweeps):
         previous = columns.clone()
-        _torch_sweep(columns, targets, coupling, free, floor)
-        change = torch.linalg.vector_norm(previous - columns)
+        sweep(columns, targets, coupling, free, floor)
+        change = torch.linalg.vector_norm(previous - columns, dim=(-2, -1))
         if first_change is None:
             first_change = change
             running = change > delta * first_change
             continue
         # keep this sweep only while no earlier one met the rule
-        columns.copy_(torch.where(running, columns, previous))
+        keep = running.view(-1, 1, 1) if stacked else running
+        columns.copy_(torch.where(keep, columns, previous))
         running = running & (change > delta * first_change)
 
 

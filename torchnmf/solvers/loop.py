@@ -29,8 +29,8 @@ refusal then does), HALS runs its inner sweeps with the stopping flag on the
 device, and the acceptance rule near an exact fit is left to the CPU.
 ``tests/test_loop.py`` runs these paths with a stand-in device and counts the
 host reads inside every step (none) and the loop's read-backs (one per
-:data:`READ_BACK_EVERY` iterations).  Batched fits (restarts) still read
-their members' objectives every iteration, to drop finished members.
+:data:`READ_BACK_EVERY` iterations), for single and batched fits (restarts,
+whose finished members leave the batch at a read-back).
 """
 import math
 import os
@@ -205,6 +205,12 @@ def run_batched_fit(solver, tol, max_iter, verbose=False, desc="restarts"):
     :func:`run_fit` stops on ``converged``: that step's objective is not
     recorded and the previous iteration counts as one that did not move.
 
+    On an accelerator the members' objectives stay on the device and are read
+    back together every :data:`READ_BACK_EVERY` iterations, as :func:`run_fit`
+    reads one fit's: a member that meets ``tol`` in between runs on to the
+    read-back (its history stays complete and its ``n_iter`` counts every
+    iteration run), and finished members leave the batch there.
+
     Returns:
         (n_iter, histories, converged): per member, the iterations run, the
         objective after 0, 1, ..., n_iter iterations, and whether it stopped on
@@ -223,27 +229,39 @@ def run_batched_fit(solver, tol, max_iter, verbose=False, desc="restarts"):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=max_iter, desc=desc, unit="it", leave=True)
+    pending = []  # the members' objectives still on the device, oldest first
     try:
         for iteration in range(1, max_iter + 1):
-            losses = solver.step().tolist()
-            # members whose previous iteration rounding raised (RoundingGuard) are back
-            # where it started: that iteration did not move, and they stop as converged
-            refused = getattr(solver, "refused", None) or [False] * len(members)
-            for member, loss, back in zip(members, losses, refused):
-                if not back:
-                    _refuse_non_finite(loss, iteration, member)
-                    histories[member].append(loss)
-            if previous is None or tol <= 0:
-                done = list(refused)
-            else:
-                done = [back or relative_decrease(a, b) < tol
-                        for a, b, back in zip(previous, losses, refused)]
+            losses = solver.step()
             last = iteration == max_iter
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(running=len(members), best=f"{min(losses):.6g}", refresh=False)
+            if _on_accelerator(losses):
+                pending.append(losses)
+                if len(pending) < READ_BACK_EVERY and not last:
+                    continue
+                block = _read_back(pending)
+                pending.clear()
+                refused = [False] * len(members)  # the device refuses nothing (acceptance.py)
+            else:
+                block = [losses.tolist()]
+                # members whose previous iteration rounding raised (RoundingGuard) are
+                # back where it started: that iteration did not move, and they stop as
+                # converged
+                refused = getattr(solver, "refused", None) or [False] * len(members)
+            done = list(refused)
+            first = iteration - len(block) + 1
+            for offset, row in enumerate(block):
+                for i, (member, loss) in enumerate(zip(members, row)):
+                    if refused[i]:
+                        continue
+                    _refuse_non_finite(loss, first + offset, member)
+                    histories[member].append(loss)  # also past a stop: complete histories
+                    if not done[i] and previous is not None and tol > 0:
+                        done[i] = relative_decrease(previous[i], loss) < tol
+                previous = row
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(running=len(members), best=f"{min(row):.6g}", refresh=False)
             if not (last or any(done)):
-                previous = losses
                 continue
             finishing = [i for i, d in enumerate(done) if d or last]
             index = torch.tensor(finishing, device=H_out.device)
@@ -261,7 +279,7 @@ def run_batched_fit(solver, tol, max_iter, verbose=False, desc="restarts"):
                 break
             solver.select_(torch.tensor(kept, device=H_out.device))
             members = [members[i] for i in kept]
-            previous = [losses[i] for i in kept]
+            previous = [previous[i] for i in kept]
     finally:
         if bar is not None:
             bar.close()

@@ -139,7 +139,7 @@ class AccurateDivergence:
         if value is None:
             return value
         if isinstance(value, torch.Tensor) and value.dim() == 1:
-            return self._checked_members(value, H, W)
+            return self._checked_members(value, H, W, final)
         on_device = device.on_accelerator(value)
         # on an accelerator the check would read the value back every iteration
         # (a synchronisation the loop avoids): there only the final objective is checked
@@ -151,11 +151,11 @@ class AccurateDivergence:
             self.explicit = False
         return value.clamp_min(0) if isinstance(value, torch.Tensor) else max(value, 0.0)
 
-    def _checked_members(self, values, H, W):
-        """One divergence per member of stacks ``H`` ``(K, N, R)``, ``W`` ``(K, C, R)``
-        (a batched fit, which reads them back every iteration anyway)."""
+    def _checked_members(self, values, H, W, final=False):
+        """One divergence per member of stacks ``H`` ``(K, N, R)``, ``W`` ``(K, C, R)``;
+        on an accelerator, as for one fit, only the final objectives are checked."""
         values = values.clamp_min(0)
-        if self.threshold is None:
+        if self.threshold is None or (device.on_accelerator(values) and not final):
             return values
         for k in (values < self.threshold).nonzero().flatten().tolist():
             values[k] = self.stats.explicit_divergence(H[k], W[k])
