@@ -269,7 +269,9 @@ class DistributedStats:
             value = carry
         if divergence or carry is not None:
             parts.append(value)
-        self.reduction.sum_fused_(*parts, what="sum of the W terms")
+        # one all-reduce, the terms in float64 beside the objective, while that is cheap
+        fused = divergence is False or self.carries_objective(W)
+        (self.reduction.sum_fused_ if fused else self.reduction.sum_)(*parts, what="sum of the W terms")
         positive = W @ summed if gram_form else summed
         if not divergence and carry is None:
             return negative, positive
