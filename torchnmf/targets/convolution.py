@@ -21,18 +21,25 @@ beta=2 the positive parts come from the factors' auto-correlations (the
 Gram products of the matrix case) when that is cheaper than a
 reconstruction, and the divergence follows from the terms alone.
 
-Two kernels compute the correlations, chosen per shape by measurement:
-*windows* (the zero-padded activations unfolded into an ``(R K, L)`` matrix
-per batch entry, ``K`` taps and ``L`` output positions, so that the forward
-map and :math:`J_W^\top` are matrix products and :math:`J_H^\top` is a
-matrix product followed by a shifted sum over the taps) for 1-D kernels,
-and torch's convolutions (oneDNN on CPU, cuDNN on GPU) otherwise, the
-reconstruction then being a padded convolution with the flipped templates.
-Memory stays bounded: the temporaries are formed a block of
+Three kernels compute the correlations: *windows* (the zero-padded
+activations unfolded into an ``(R K, L)`` matrix per batch entry, ``K`` taps
+and ``L`` output positions, so that the forward map and :math:`J_W^\top` are
+matrix products and :math:`J_H^\top` is a matrix product followed by a
+shifted sum over the taps); torch's convolutions (oneDNN or unfold + GEMM on
+CPU, cuDNN on GPU) with the templates or the activations as the kernel; and
+the *adjoint* kernels of the reconstruction's convolution (its backward
+passes, ``convolution_backward``, what autograd calls).  The
+reconstruction is then a matrix product of the windows or a padded
+convolution with the flipped templates.  Which route is fastest depends on
+the shape and on the machine, so the first time a process meets a shape,
+:class:`ConvStats` times the candidate routes once on the real tensors and
+keeps the fastest (see :data:`PROBE_ROUTES`).  Memory stays bounded: the temporaries are formed a block of
 :data:`BLOCK_ELEMENTS` at a time (see :class:`ConvStats`).  Nothing here reads a
 value back to the host.
 """
 import math
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +53,22 @@ __all__ = [
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+ROUTES = ("windows", "conv", "adjoint", "hybrid")
 # the kernel each correlation takes on each route: "hybrid" reconstructs and
-# correlates with the activations through the windows, with the templates by oneDNN
-_H_ROUTE = {"windows": "windows", "conv": "conv", "hybrid": "conv"}
-_W_ROUTE = {"windows": "windows", "conv": "conv", "hybrid": "windows"}
+# correlates with the activations through the windows, with the templates by oneDNN;
+# "adjoint" reconstructs by a convolution and correlates by its backward kernels
+_H_ROUTE = {"windows": "windows", "conv": "conv", "adjoint": "adjoint", "hybrid": "conv"}
+_W_ROUTE = {"windows": "windows", "conv": "conv", "adjoint": "adjoint", "hybrid": "windows"}
+
+# Whether ConvStats times the candidate routes the first time a process meets a
+# shape (True unless the environment sets TORCHNMF_CONV_PROBE=0); without the probe,
+# or for a target of several blocks, the fixed rule of ``ConvStats._fixed_route``.
+# The routes' sums agree to rounding, not bit for bit: switch the probe off for
+# fits that must repeat exactly across machines and processes.
+PROBE_ROUTES = os.environ.get("TORCHNMF_CONV_PROBE", "1") != "0"
+PROBE_ROUNDS = 3
+# the probe's choices in this process, by shape, dtype, device, threads and statistics kind
+_PROBED = {}
 
 # The hybrid route (see ConvStats._route): kernels no longer than this on every
 # axis whose windows hold at most this many elements per batch entry (2.5 MiB of
@@ -133,13 +152,38 @@ def _first_axis_padding(pad, d):
     return [pad] + [0] * (d - 1)
 
 
-def correlate_h(X, W, route="windows", pad=0):
+def _forward_padding(kernel, pad):
+    """The reconstruction's padding: ``k - 1`` per axis, none on the first for a
+    block (whose activations ``S`` already hold the ``pad = k - 1`` rows before it)."""
+    return [0 if pad and i == 0 else k - 1 for i, k in enumerate(kernel)]
+
+
+def _adjoint(X, S, flipped, pad, which):
+    """``convolution_backward`` of ``conv(S, flipped, padding)`` (the reconstruction)
+    at the output gradient ``X``: its input gradient (:math:`J_H^\top X`) for
+    ``which == 0``, its weight gradient (:math:`J_W^\top X`, flipped) for 1."""
+    kernel = flipped.shape[2:]
+    d = len(kernel)
+    mask = [which == 0, which == 1, False]
+    return torch.ops.aten.convolution_backward(
+        X, S, flipped, None, [1] * d, _forward_padding(kernel, pad), [1] * d, False, [0] * d, 1, mask
+    )[which]
+
+
+def correlate_h(X, W, route="windows", pad=0, H=None):
     r""":math:`J_H^\top X`, ``(N', R, *in)``, for ``X (N', C, *out)`` and ``W (C, R, *kernel)``.
 
     With ``pad``, ``X`` stands for itself with ``pad`` zeros before and after its
-    first spatial axis (a block's rows, see :class:`ConvStats`).
+    first spatial axis (a block's rows, see :class:`ConvStats`).  The
+    ``"adjoint"`` route reads ``H`` (``(N', R, *in)``) for its shape only; zeros by default.
     """
     kernel = tuple(W.shape[2:])
+    if route == "adjoint":
+        if H is None:
+            inner = [o - k + 1 + (2 * pad if i == 0 else 0)
+                     for i, (o, k) in enumerate(zip(X.shape[2:], kernel))]
+            H = X.new_zeros((X.shape[0], W.shape[1], *inner))
+        return _adjoint(X, H, W.flip(dims=tuple(range(2, W.dim()))), pad, 0)
     if route == "conv":
         padding = _first_axis_padding(pad, len(kernel)) if pad else 0
         return _CONV[len(kernel)](X, W.transpose(0, 1), padding=padding)
@@ -159,6 +203,11 @@ def correlate_w(X, H, H_windows=None, kernel=None, route="windows", pad=0):
     ``pad`` as in :func:`correlate_h`; ``H_windows`` are then those of the
     unpadded rows of ``X``.
     """
+    if route == "adjoint":
+        C, R = X.shape[1], H.shape[1]
+        placeholder = H.new_zeros(()).expand(C, R, *kernel)  # read for its shape only
+        flipped = _adjoint(X, H, placeholder, pad, 1)
+        return flipped.flip(dims=tuple(range(2, 2 + len(kernel))))
     if route == "conv":
         d = H.dim() - 2
         padding = _first_axis_padding(pad, d) if pad else 0
@@ -170,6 +219,11 @@ def correlate_w(X, H, H_windows=None, kernel=None, route="windows", pad=0):
     for n in range(1, N):
         flat.addmm_(columns[n], H_windows[n].T)
     return flat.view(C, R, *kernel).flip(dims=tuple(range(2, 2 + len(kernel))))
+
+
+def _windowed(route):
+    """Whether a route reconstructs from the windows (and so builds them)."""
+    return route in ("windows", "hybrid")
 
 
 def _sum_prediction(H, W):
@@ -210,13 +264,16 @@ class ConvStats:
         V (Tensor): the target.
         beta (float): the divergence.
         mask (Tensor, optional): the observed entries.
-        route (str, optional): ``"windows"``, ``"conv"`` or ``"hybrid"``; by
-            default chosen per shape (see ``_route``).
+        route (str, optional): one of :data:`ROUTES`; by default the fastest
+            on this machine, timed once per process and shape (see
+            :data:`PROBE_ROUTES`), or the fixed rule without the probe.
         block_elements (int, optional): the temporaries' size per block
             (default :data:`BLOCK_ELEMENTS`).
     """
 
     def __init__(self, V, beta, mask=None, route=None, block_elements=None):
+        if route is not None and route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES} or None, got {route!r}")
         self.V = V.contiguous()
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
@@ -271,19 +328,7 @@ class ConvStats:
 
     # -- set-up ---------------------------------------------------------------
     def _route(self, H, W):
-        """Windows for 1-D kernels; for 2-D and 3-D, torch's convolutions, or the
-        hybrid for small kernels over small windows.
-
-        Measured on CPU (benchmarks/bench_deconv.py, docs/benchmarks.md): for NMFD
-        the window products beat conv1d 1.3-8x; for NMF2D/NMF3D oneDNN's
-        convolutions beat the windows route 2-7x (its sum over the taps grows with
-        the kernel's volume).  But oneDNN's padded convolution (the reconstruction)
-        with more than four input channels, and its correlation with the
-        activations as the kernel (:math:`J_W^\top`), are slow for small kernels
-        (NMF2D 4x64x64, rank 6, kernel 3x3: 100 and 135 us against 82 and 33 us
-        for the windows' products, windows built); the hybrid takes those two from
-        the windows and :math:`J_H^\top` from oneDNN.
-        """
+        """The route for these shapes (see :meth:`_plan`)."""
         return self._plan(H, W)[0]
 
     def _plan(self, H, W):
@@ -296,11 +341,74 @@ class ConvStats:
         return self._chosen[1:]
 
     def _choose_route(self, H, W):
+        """The fastest candidate route as timed on these tensors (:meth:`_probe`), once
+        per process and shape; the fixed rule without the probe or for several blocks."""
+        fixed = self._fixed_route(H, W)
+        if not PROBE_ROUTES or self._block_shape(H, W, fixed) is not None:
+            return fixed
+        key = (tuple(self.V.shape), tuple(H.shape), tuple(W.shape), self.V.dtype, str(self.V.device),
+               torch.get_num_threads(), self.beta, self.weight is None)
+        if key not in _PROBED:
+            _PROBED[key] = self._probe(H, W, self._candidates(H, W))
+        return _PROBED[key]
+
+    def _candidates(self, H, W):
+        """The routes worth timing: the convolutions' always; the windows' for 1-D
+        kernels and, with the hybrid, for small 2-D/3-D kernels over small windows
+        (measured: larger ones are 2-30x slower than oneDNN); each in one block."""
+        kernel = W.shape[2:]
+        routes = ["conv", "adjoint"]
+        if len(kernel) == 1:
+            routes.append("windows")
+        elif max(kernel) <= HYBRID_SIDE and self._windows_size(H, W) <= HYBRID_WINDOWS:
+            routes += ["windows", "hybrid"]
+        return [route for route in routes if self._block_shape(H, W, route) is None]
+
+    def _probe(self, H, W, candidates):
+        """The candidate whose statistics for one multiplicative update (``h_terms``
+        without the divergence, ``w_terms``) took the least time, fastest of
+        :data:`PROBE_ROUNDS` rounds in turn, on these tensors (left unchanged)."""
+        if len(candidates) == 1:
+            return candidates[0]
+        device = H.device
+        best = {}
+        key = (H.shape, W.shape)
+        with torch.no_grad():
+            for _ in range(PROBE_ROUNDS):
+                for route in candidates:
+                    self._chosen = (key, route, None)
+                    started = time.perf_counter()
+                    self.h_terms(H, W, divergence=False)
+                    self.w_terms(H, W)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    elapsed = time.perf_counter() - started
+                    best[route] = min(best.get(route, elapsed), elapsed)
+        self._chosen = None
+        return min(candidates, key=best.__getitem__)
+
+    def _windows_size(self, H, W):
+        """Elements of the windows per batch entry."""
+        return H.shape[1] * math.prod(W.shape[2:]) * math.prod(self.V.shape[2:])
+
+    def _fixed_route(self, H, W):
+        """Windows for 1-D kernels; for 2-D and 3-D, torch's convolutions, or the
+        hybrid for small kernels over small windows.
+
+        Measured on CPU on an earlier machine (docs/benchmarks.md): for NMFD the
+        window products beat conv1d 1.3-8x; for NMF2D/NMF3D oneDNN's
+        convolutions beat the windows route 2-7x (its sum over the taps grows with
+        the kernel's volume).  But oneDNN's padded convolution (the reconstruction)
+        with more than four input channels, and its correlation with the
+        activations as the kernel (:math:`J_W^\top`), are slow for small kernels
+        (NMF2D 4x64x64, rank 6, kernel 3x3: 100 and 135 us against 82 and 33 us
+        for the windows' products, windows built); the hybrid takes those two from
+        the windows and :math:`J_H^\top` from oneDNN.
+        """
         kernel = W.shape[2:]
         if len(kernel) == 1:
             return "windows"
-        size = H.shape[1] * math.prod(kernel) * math.prod(self.V.shape[2:])  # per batch entry
-        if max(kernel) <= HYBRID_SIDE and size <= HYBRID_WINDOWS:
+        if max(kernel) <= HYBRID_SIDE and self._windows_size(H, W) <= HYBRID_WINDOWS:
             return "hybrid"
         return "conv"
 
@@ -315,7 +423,7 @@ class ConvStats:
         C, R = W.shape[:2]
         kernel = W.shape[2:]
         out = self.V.shape[2:]
-        per_position = 3 * C + (3 * R * math.prod(kernel) if route != "conv" else 0)
+        per_position = 3 * C + (3 * R * math.prod(kernel) if _windowed(route) else 0)
         per_row = per_position * math.prod(out[1:])
         N, rows = self.V.shape[0], out[0]
         if N * rows * per_row <= limit:
@@ -369,7 +477,7 @@ class ConvStats:
 
     def _block_forward(self, S, W, route, S_windows, pad, out_shape):
         """The reconstruction at a block's rows."""
-        if route != "conv":
+        if _windowed(route):
             return forward_from_windows(W, S_windows, out_shape, self._templates_matrix(W))
         kernel = W.shape[2:]
         flipped = W.flip(dims=tuple(range(2, W.dim())))
@@ -388,14 +496,14 @@ class ConvStats:
         if self.beta != 2 or self.weight is not None:
             return False
         route, shape = self._plan(H, W)
-        if route == "hybrid" or (route == "conv" and shape is not None):
+        if route == "hybrid" or (not _windowed(route) and shape is not None):
             return False
         RK = W[0].numel()
         return RK < 2 * W.shape[0]
 
     def _forward(self, H, W, route, H_windows):
         """The full reconstruction of ``H``."""
-        if route == "conv":
+        if not _windowed(route):
             # a padded convolution with the flipped templates: several times faster
             # than conv_transpose*d on CPU (measured) and the same sums
             kernel = W.shape[2:]
@@ -465,14 +573,15 @@ class ConvStats:
         w_sum = variable = None
         for S, n0, n1, a, b, pad in self._blocks(H, W, route):
             V, weight = self._target_block(n0, n1, a, b)
-            S_windows = self._block_windows(S, kernel, pad, V.shape[2:]) if route != "conv" else None
+            S_windows = self._block_windows(S, kernel, pad, V.shape[2:]) if _windowed(route) else None
             prediction = self._block_forward(S, W, route, S_windows, pad, V.shape[2:])
             pair = prediction.new_empty((n1 - n0, parts, *V.shape[1:]))
             value = self._powers(prediction, pair.transpose(0, 1), divergence, V, weight)
             if divergence:
                 variable = value if variable is None else variable + value
             if want_h:
-                terms = correlate_h(pair.view(-1, *V.shape[1:]), W, _H_ROUTE[route], pad)
+                inputs = S if parts == 1 else S.repeat_interleave(parts, 0)  # "adjoint": the shape
+                terms = correlate_h(pair.view(-1, *V.shape[1:]), W, _H_ROUTE[route], pad, inputs)
                 terms = terms.view(n1 - n0, parts, *terms.shape[1:]).transpose(0, 1)
                 h_sum = self._add_h(h_sum, terms, n0, n1, a)
             if want_w:
@@ -521,16 +630,16 @@ class ConvStats:
         The positive parts are :math:`J_H^\top J_H H` and :math:`J_W^\top J_W W`:
         the templates' auto-correlation applied to the activations' windows, and
         the windows' own auto-correlation (summed over blocks) applied to the
-        templates.  Torch's convolutions (one block only) reconstruct instead.
+        templates.  The convolutions' routes (one block only) reconstruct instead.
         """
         route = self._route(H, W)
         kernel = tuple(W.shape[2:])
         C, R = W.shape[:2]
         h = w = None
-        if route == "conv":
+        if not _windowed(route):
             prediction = self._forward(H, W, route, None)
             if want_h:
-                h = (correlate_h(self.V, W, route), correlate_h(prediction, W, route))
+                h = (correlate_h(self.V, W, route, H=H), correlate_h(prediction, W, route, H=H))
             if want_w:
                 w = (correlate_w(self.V, H, None, kernel, route),
                      correlate_w(prediction, H, None, kernel, route))
