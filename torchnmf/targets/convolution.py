@@ -84,18 +84,22 @@ BLOCK_ELEMENTS = 1 << 24
 _LN2 = math.log(2.0)
 
 
-def windows(H, kernel):
+def windows(H, kernel, out=None):
     """The zero-padded activations as ``(N, R K, L)`` windows, tap-major per component.
 
     Entry ``(n, (r, u), l)`` is ``H[n, r, l + u - (k - 1)]`` (zero outside),
     ``u`` the flipped tap; :func:`forward_from_windows` multiplies it with the
-    flipped templates.
+    flipped templates.  ``out``, when given, is a contiguous tensor of that shape to fill.
     """
-    out = padded_windows(H, kernel)  # (N, R, *out, *kernel)
+    view = padded_windows(H, kernel)  # (N, R, *out, *kernel)
     d = len(kernel)
     order = [0, 1] + list(range(2 + d, 2 + 2 * d)) + list(range(2, 2 + d))
     N, R = H.shape[:2]
-    return out.permute(order).reshape(N, R * math.prod(kernel), -1)
+    view = view.permute(order)
+    if out is None:
+        return view.reshape(N, R * math.prod(kernel), -1)
+    out.view(view.shape).copy_(view)
+    return out
 
 
 def _flipped_matrix(W):
@@ -103,13 +107,15 @@ def _flipped_matrix(W):
     return W.flip(dims=tuple(range(2, W.dim()))).reshape(W.shape[0], -1)
 
 
-def forward_from_windows(W, H_windows, out_shape, flipped=None):
+def forward_from_windows(W, H_windows, out_shape, flipped=None, out=None):
     """The reconstruction ``(N, C, *out)`` from :func:`windows` of ``H``;
-    ``flipped``, when given, is ``W``'s flipped matrix (see :func:`_flipped_matrix`)."""
+    ``flipped``, when given, is ``W``'s flipped matrix (see :func:`_flipped_matrix`);
+    ``out``, when given, a contiguous tensor of ``(N, C, L)`` elements to write to."""
     if flipped is None:
         flipped = _flipped_matrix(W)
     N = H_windows.shape[0]
-    out = H_windows.new_empty((N, W.shape[0], H_windows.shape[2]))
+    shape = (N, W.shape[0], H_windows.shape[2])
+    out = H_windows.new_empty(shape) if out is None else out.view(shape)
     for n in range(N):  # one product per batch entry: matmul's batching would copy
         torch.mm(flipped, H_windows[n], out=out[n])
     return out.view(N, W.shape[0], *out_shape)
@@ -170,12 +176,13 @@ def _adjoint(X, S, flipped, pad, which):
     )[which]
 
 
-def correlate_h(X, W, route="windows", pad=0, H=None):
+def correlate_h(X, W, route="windows", pad=0, H=None, out=None):
     r""":math:`J_H^\top X`, ``(N', R, *in)``, for ``X (N', C, *out)`` and ``W (C, R, *kernel)``.
 
     With ``pad``, ``X`` stands for itself with ``pad`` zeros before and after its
     first spatial axis (a block's rows, see :class:`ConvStats`).  The
     ``"adjoint"`` route reads ``H`` (``(N', R, *in)``) for its shape only; zeros by default.
+    ``out``: the windows route's ``(N', R K, L)`` product, to write to (contiguous).
     """
     kernel = tuple(W.shape[2:])
     if route == "adjoint":
@@ -191,7 +198,8 @@ def correlate_h(X, W, route="windows", pad=0, H=None):
     N = X.shape[0]
     columns = X.reshape(N, C, -1)
     W_T = W.reshape(C, -1).T
-    Y = X.new_empty((N, W_T.shape[0], columns.shape[2]))
+    shape = (N, W_T.shape[0], columns.shape[2])
+    Y = X.new_empty(shape) if out is None else out.view(shape)
     for n in range(N):
         torch.mm(W_T, columns[n], out=Y[n])
     return _taps_sum(Y, R, kernel, tuple(X.shape[2:]), pad)
@@ -282,6 +290,7 @@ class ConvStats:
         self.block_elements = block_elements
         self._chosen = None  # (shapes, route, blocks) of the last choice
         self._flipped = None  # (W, its version, its flipped matrix): H's and W's passes share it
+        self._workspace = {}  # (name, shape): a temporary kept for the next iteration
         self.weight = None
         if mask is None:
             self.constant = divergence_constant(self.V, self.beta)
@@ -365,8 +374,9 @@ class ConvStats:
         return [route for route in routes if self._block_shape(H, W, route) is None]
 
     def _probe(self, H, W, candidates):
-        """The candidate whose statistics for one multiplicative update (``h_terms``
-        without the divergence, ``w_terms``) took the least time, fastest of
+        """The candidate whose statistics at one point (``joint_terms``: one
+        reconstruction, both correlations and the element-wise pass, or the
+        auto-correlations at beta=2) took the least time, fastest of
         :data:`PROBE_ROUNDS` rounds in turn, on these tensors (left unchanged)."""
         if len(candidates) == 1:
             return candidates[0]
@@ -378,8 +388,7 @@ class ConvStats:
                 for route in candidates:
                     self._chosen = (key, route, None)
                     started = time.perf_counter()
-                    self.h_terms(H, W, divergence=False)
-                    self.w_terms(H, W)
+                    self.joint_terms(H, W)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     elapsed = time.perf_counter() - started
@@ -456,9 +465,10 @@ class ConvStats:
                     yield padded[n:n + 1, :, a:b + k - 1], n, n + 1, a, b, k - 1
 
     @staticmethod
-    def _block_windows(S, kernel, pad, out_shape):
-        """The windows of ``S`` at a block's own rows (rows ``pad:`` of its full output)."""
-        S_windows = windows(S, kernel)
+    def _block_windows(S, kernel, pad, out_shape, out=None):
+        """The windows of ``S`` at a block's own rows (rows ``pad:`` of its full output),
+        written to ``out`` when given (see :func:`windows`)."""
+        S_windows = windows(S, kernel, out)
         if not pad:
             return S_windows
         if len(kernel) == 1:  # a strided view: the products read it in place
@@ -466,6 +476,19 @@ class ConvStats:
         full = [s + k - 1 for s, k in zip(S.shape[2:], kernel)]
         rows = S_windows.view(*S_windows.shape[:2], *full).narrow(2, pad, out_shape[0])
         return rows.reshape(*S_windows.shape[:2], -1)
+
+    def _buffer(self, name, shape, like):
+        """An uninitialised temporary, the same tensor at every call with this name and
+        shape: the element-wise pass and the products write into memory they have
+        written before (fresh 4 MB tensors cost a matrix product 1.3 to 2 times its
+        time on CPU, measured, one thread).  Nothing kept here leaves the object."""
+        key = (name, tuple(shape))
+        kept = self._workspace.get(key)
+        if kept is None or kept.dtype != like.dtype or kept.device != like.device:
+            if len(self._workspace) > 8:  # shapes come and go (blocks): keep a few
+                self._workspace.clear()
+            kept = self._workspace[key] = like.new_empty(shape)
+        return kept
 
     def _templates_matrix(self, W):
         """:func:`_flipped_matrix` of ``W``, kept while ``W`` is the same tensor,
@@ -475,10 +498,10 @@ class ConvStats:
             self._flipped = kept = (W, W._version, _flipped_matrix(W))
         return kept[2]
 
-    def _block_forward(self, S, W, route, S_windows, pad, out_shape):
-        """The reconstruction at a block's rows."""
+    def _block_forward(self, S, W, route, S_windows, pad, out_shape, out=None):
+        """The reconstruction at a block's rows (into ``out`` on the windows' routes)."""
         if _windowed(route):
-            return forward_from_windows(W, S_windows, out_shape, self._templates_matrix(W))
+            return forward_from_windows(W, S_windows, out_shape, self._templates_matrix(W), out)
         kernel = W.shape[2:]
         flipped = W.flip(dims=tuple(range(2, W.dim())))
         padding = [k - 1 for k in kernel]
@@ -569,19 +592,29 @@ class ConvStats:
         kernel = tuple(W.shape[2:])
         parts = 2 if self._both() else 1
         C, R = W.shape[:2]
+        K = math.prod(kernel)
         h_sum = self._h_sums(H, parts) if want_h and shape is not None else None
         w_sum = variable = None
         for S, n0, n1, a, b, pad in self._blocks(H, W, route):
             V, weight = self._target_block(n0, n1, a, b)
-            S_windows = self._block_windows(S, kernel, pad, V.shape[2:]) if _windowed(route) else None
-            prediction = self._block_forward(S, W, route, S_windows, pad, V.shape[2:])
-            pair = prediction.new_empty((n1 - n0, parts, *V.shape[1:]))
+            count, positions = n1 - n0, math.prod(V.shape[2:])
+            S_windows = prediction = None
+            if _windowed(route):
+                size = (count, R * K, math.prod(s + k - 1 for s, k in zip(S.shape[2:], kernel)))
+                S_windows = self._block_windows(S, kernel, pad, V.shape[2:],
+                                                self._buffer("windows", size, S))
+                prediction = self._buffer("prediction", (count, C, positions), S)
+            prediction = self._block_forward(S, W, route, S_windows, pad, V.shape[2:], prediction)
+            pair = self._buffer("pair", (count, parts, *V.shape[1:]), S)
             value = self._powers(prediction, pair.transpose(0, 1), divergence, V, weight)
             if divergence:
                 variable = value if variable is None else variable + value
             if want_h:
                 inputs = S if parts == 1 else S.repeat_interleave(parts, 0)  # "adjoint": the shape
-                terms = correlate_h(pair.view(-1, *V.shape[1:]), W, _H_ROUTE[route], pad, inputs)
+                taps = None
+                if _H_ROUTE[route] == "windows":
+                    taps = self._buffer("taps", (count * parts, R * K, positions), S)
+                terms = correlate_h(pair.view(-1, *V.shape[1:]), W, _H_ROUTE[route], pad, inputs, taps)
                 terms = terms.view(n1 - n0, parts, *terms.shape[1:]).transpose(0, 1)
                 h_sum = self._add_h(h_sum, terms, n0, n1, a)
             if want_w:
