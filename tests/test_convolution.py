@@ -59,6 +59,25 @@ def test_statistics_equal_the_autograd_route(beta, shape, route, generator):
     assert ours.h_terms(H, W, divergence=False)[2] is None
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("beta", [0, 1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_explicit_divergence_equals_the_autograd_route(beta, shape, masked, generator):
+    V, H, W = problem(generator, *shape)
+    if masked:
+        mask = torch.rand(V.shape, generator=generator) > 0.3
+        V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
+        reference = MaskedAutogradStats(V, mask, beta, conv_transpose)
+    else:
+        mask, reference = None, AutogradStats(V, beta, conv_transpose)
+    explicit = ConvStats(V.float(), beta, mask=mask).explicit_divergence(H.float(), W.float())
+    want = MaskedAutogradStats(V.float().double(), mask, beta, conv_transpose) if masked else \
+        AutogradStats(V.float().double(), beta, conv_transpose)
+    assert explicit.dtype == torch.float64
+    assert float(explicit) == pytest.approx(
+        float(want.divergence(H.float().double(), W.float().double())), rel=1e-12)
+
+
 @pytest.mark.parametrize("route", ["windows", "conv", "adjoint", "hybrid"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("beta", [0, 1, 1.5, 2])

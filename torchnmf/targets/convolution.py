@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {2: F.conv_transpose2d, 3: F.conv_transpose3d}
 ROUTES = ("windows", "conv", "adjoint", "hybrid")
 # the kernel each correlation takes on each route: "hybrid" reconstructs and
 # correlates with the activations through the windows, with the templates by oneDNN;
@@ -321,11 +322,20 @@ class ConvStats:
 
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate), block by block."""
+        self._plan(H, W)  # the blocks, chosen on the factors themselves (not their float64 copies)
         H, W = H.double(), W.double()
         total = torch.zeros((), dtype=torch.float64, device=H.device)
         for block in self._blocks(H, W, "conv"):
             S, n0, n1, a, b, pad = block
-            prediction = self._block_forward(S, W, "conv", None, pad, None)
+            if W.dim() > 3:
+                # float64 2-D/3-D: the transposed convolution, 1.5 to 5 times faster than the
+                # padded one (which takes torch's unfold path in float64; measured on CPU,
+                # one thread, NMF2D 4x64x64 at 8x8 and 16x16, NMF3D 16^3 at 5^3); in 1-D 5-9x slower
+                prediction = _CONV_TRANSPOSE[W.dim() - 2](S, W.transpose(0, 1))
+                if pad:
+                    prediction = prediction.narrow(2, pad, b - a)
+            else:
+                prediction = self._block_forward(S, W, "conv", None, pad, None)
             if self.beta != 2:
                 prediction = prediction.clamp_min(self.eps)
             V, weight = self._target_block(n0, n1, a, b)
@@ -609,6 +619,17 @@ class ConvStats:
             value = self._powers(prediction, pair.transpose(0, 1), divergence, V, weight)
             if divergence:
                 variable = value if variable is None else variable + value
+            if want_h and want_w and route == "adjoint" and parts == 1:
+                # one backward call for both correlations, as autograd makes (EM)
+                flipped = self._templates_matrix(W).view(W.shape)
+                terms_h, terms_w = torch.ops.aten.convolution_backward(
+                    pair.view(count, *V.shape[1:]), S, flipped, None, [1] * len(kernel),
+                    _forward_padding(kernel, pad), [1] * len(kernel), False, [0] * len(kernel), 1,
+                    [True, True, False])[:2]
+                h_sum = self._add_h(h_sum, terms_h.unsqueeze(0), n0, n1, a)
+                terms_w = terms_w.flip(dims=tuple(range(2, 2 + len(kernel))))
+                w_sum = terms_w if w_sum is None else w_sum.add_(terms_w)
+                continue
             if want_h:
                 inputs = S if parts == 1 else S.repeat_interleave(parts, 0)  # "adjoint": the shape
                 taps = None
