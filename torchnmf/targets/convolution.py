@@ -404,6 +404,7 @@ class ConvStats:
                     elapsed = time.perf_counter() - started
                     best[route] = min(best.get(route, elapsed), elapsed)
         self._chosen = None
+        self._workspace.clear()  # the temporaries of the routes not taken
         return min(candidates, key=best.__getitem__)
 
     def _windows_size(self, H, W):
