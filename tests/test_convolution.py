@@ -408,3 +408,18 @@ def test_joint_terms_equal_the_separate_ones(beta, route, generator):
     (h_neg, h_pos), (w_neg, w_pos), value = stats.joint_terms(H, W)
     assert_terms((h_neg, h_pos, value), stats.h_terms(H, W))
     assert_terms((w_neg, w_pos), stats.w_terms(H, W))
+
+
+def test_the_probe_passes_over_a_route_that_fails(generator, monkeypatch):
+    V, H, W = problem(generator, 3, 2, (4,), (5,))
+    _probing(monkeypatch, fastest="adjoint")
+    real = _convolution._adjoint
+
+    def unsupported(*args):
+        raise RuntimeError("no such kernel here")
+
+    monkeypatch.setattr(_convolution, "_adjoint", unsupported)
+    with pytest.raises(RuntimeError):
+        ConvStats(V, 1, route="adjoint").h_terms(H, W)
+    assert ConvStats(V, 1)._route(H, W) in ("windows", "conv")
+    monkeypatch.setattr(_convolution, "_adjoint", real)

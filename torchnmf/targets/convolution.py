@@ -168,13 +168,15 @@ def _forward_padding(kernel, pad):
 def _adjoint(X, S, flipped, pad, which):
     """``convolution_backward`` of ``conv(S, flipped, padding)`` (the reconstruction)
     at the output gradient ``X``: its input gradient (:math:`J_H^\top X`) for
-    ``which == 0``, its weight gradient (:math:`J_W^\top X`, flipped) for 1."""
+    ``which == 0``, its weight gradient (:math:`J_W^\top X`, flipped) for 1, both
+    from one call for ``which == 2``."""
     kernel = flipped.shape[2:]
     d = len(kernel)
-    mask = [which == 0, which == 1, False]
-    return torch.ops.aten.convolution_backward(
+    mask = [which != 1, which != 0, False]
+    grads = torch.ops.aten.convolution_backward(
         X, S, flipped, None, [1] * d, _forward_padding(kernel, pad), [1] * d, False, [0] * d, 1, mask
-    )[which]
+    )
+    return grads[:2] if which == 2 else grads[which]
 
 
 def correlate_h(X, W, route="windows", pad=0, H=None, out=None):
@@ -393,19 +395,29 @@ class ConvStats:
         device = H.device
         best = {}
         key = (H.shape, W.shape)
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+        failed = set()
         with torch.no_grad():
             for _ in range(PROBE_ROUNDS):
                 for route in candidates:
+                    if route in failed:
+                        continue
                     self._chosen = (key, route, None)
+                    synchronize(device)
                     started = time.perf_counter()
-                    self.joint_terms(H, W)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                    try:
+                        self.joint_terms(H, W)
+                    except RuntimeError:  # a kernel this device or dtype lacks: not a candidate
+                        failed.add(route)
+                        continue
+                    synchronize(device)
                     elapsed = time.perf_counter() - started
                     best[route] = min(best.get(route, elapsed), elapsed)
         self._chosen = None
         self._workspace.clear()  # the temporaries of the routes not taken
-        return min(candidates, key=best.__getitem__)
+        if not best:
+            return self._fixed_route(H, W)
+        return min(best, key=best.__getitem__)
 
     def _windows_size(self, H, W):
         """Elements of the windows per batch entry."""
@@ -623,10 +635,7 @@ class ConvStats:
             if want_h and want_w and route == "adjoint" and parts == 1:
                 # one backward call for both correlations, as autograd makes (EM)
                 flipped = self._templates_matrix(W).view(W.shape)
-                terms_h, terms_w = torch.ops.aten.convolution_backward(
-                    pair.view(count, *V.shape[1:]), S, flipped, None, [1] * len(kernel),
-                    _forward_padding(kernel, pad), [1] * len(kernel), False, [0] * len(kernel), 1,
-                    [True, True, False])[:2]
+                terms_h, terms_w = _adjoint(pair.view(count, *V.shape[1:]), S, flipped, pad, 2)
                 h_sum = self._add_h(h_sum, terms_h.unsqueeze(0), n0, n1, a)
                 terms_w = terms_w.flip(dims=tuple(range(2, 2 + len(kernel))))
                 w_sum = terms_w if w_sum is None else w_sum.add_(terms_w)
