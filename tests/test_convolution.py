@@ -118,9 +118,9 @@ def test_an_unknown_route_is_refused(generator):
         ConvStats(V, 1, route="fft")
 
 
-def _probing(monkeypatch, fastest=None):
+def _probing(monkeypatch, fastest=None, others=5):
     """A fresh probe cache, and (with ``fastest``) a clock under which that route's
-    statistics take 1 s and every other route's 5 s; returns the routes timed."""
+    statistics take 1 s and every other route's ``others`` s; returns the routes timed."""
     monkeypatch.setattr(_convolution, "PROBE_ROUTES", True)
     monkeypatch.setattr(_convolution, "_PROBED", {})
     timed, probing = [], []
@@ -134,7 +134,7 @@ def _probing(monkeypatch, fastest=None):
     now = [0.0]
 
     def clock():
-        now[0] += 1 if probing[-1]._chosen[1] == fastest else 5
+        now[0] += 1 if probing[-1]._chosen[1] == fastest else others
         return now[0]
 
     monkeypatch.setattr(ConvStats, "_probe", probe)
@@ -148,6 +148,15 @@ def test_the_probe_keeps_the_fastest_route(fastest, generator, monkeypatch):
     V, H, W = problem(generator, 3, 2, (4,), (5,))
     _probing(monkeypatch, fastest)
     assert ConvStats(V, 1)._route(H, W) == fastest
+
+
+@pytest.mark.parametrize("others,kept", [(1.1, "windows"), (1.25, "adjoint")])
+def test_the_probe_keeps_the_fixed_route_unless_another_is_clearly_faster(others, kept, generator,
+                                                                         monkeypatch):
+    V, H, W = problem(generator, 3, 2, (4,), (5,))  # the fixed rule: windows
+    _probing(monkeypatch, "adjoint", others)
+    assert _convolution.PROBE_MARGIN == 0.15
+    assert ConvStats(V, 1)._route(H, W) == kept
 
 
 @pytest.mark.parametrize("shape", SHAPES)
