@@ -180,6 +180,8 @@ def test_without_the_probe_the_fixed_rule(generator, monkeypatch):
     timed = _probing(monkeypatch)
     monkeypatch.setattr(_convolution, "PROBE_ROUTES", False)
     assert ConvStats(V, 1)._route(H, W) == "windows" and timed == []
+    monkeypatch.setattr(_convolution, "PROBE_ROUTES", None)  # the default: accelerators only
+    assert ConvStats(V, 1)._route(H, W) == "windows" and timed == []
     monkeypatch.setattr(_convolution, "PROBE_ROUTES", True)
     assert ConvStats(V, 1, route="conv")._route(H, W) == "conv" and timed == []  # an override
 

@@ -31,9 +31,10 @@ the *adjoint* kernels of the reconstruction's convolution (its backward
 passes, ``convolution_backward``, what autograd calls).  The
 reconstruction is then a matrix product of the windows or a padded
 convolution with the flipped templates.  Which route is fastest depends on
-the shape and on the machine, so the first time a process meets a shape,
-:class:`ConvStats` times the candidate routes once on the real tensors and
-keeps the fastest (see :data:`PROBE_ROUTES`).  Memory stays bounded: the temporaries are formed a block of
+the shape and on the machine: a fixed rule measured on CPU, and on an
+accelerator (or when asked) a probe that times the candidate routes once per
+process and shape on the real tensors and keeps the fastest (see
+:data:`PROBE_ROUTES`).  Memory stays bounded: the temporaries are formed a block of
 :data:`BLOCK_ELEMENTS` at a time (see :class:`ConvStats`).  Nothing here reads a
 value back to the host.
 """
@@ -62,11 +63,14 @@ _H_ROUTE = {"windows": "windows", "conv": "conv", "adjoint": "adjoint", "hybrid"
 _W_ROUTE = {"windows": "windows", "conv": "conv", "adjoint": "adjoint", "hybrid": "windows"}
 
 # Whether ConvStats times the candidate routes the first time a process meets a
-# shape (True unless the environment sets TORCHNMF_CONV_PROBE=0); without the probe,
-# or for a target of several blocks, the fixed rule of ``ConvStats._fixed_route``.
-# The routes' sums agree to rounding, not bit for bit: switch the probe off for
-# fits that must repeat exactly across machines and processes.
-PROBE_ROUTES = os.environ.get("TORCHNMF_CONV_PROBE", "1") != "0"
+# shape: True or False, or None (the default) for accelerators only; the environment
+# sets it with TORCHNMF_CONV_PROBE=1 or 0.  Without the probe, or for a target of
+# several blocks, the fixed rule of ``ConvStats._fixed_route``, which was the fastest
+# route on every benchmark row of two CPU machines (docs/benchmarks.md, issue 16),
+# while the probe, timing milliseconds on a loaded machine, picked a route 20% slower
+# for one of them.  The routes' sums agree to rounding, not bit for bit: leave the
+# probe off for fits that must repeat exactly across machines and processes.
+PROBE_ROUTES = {"1": True, "0": False}.get(os.environ.get("TORCHNMF_CONV_PROBE", ""))
 PROBE_ROUNDS = 3
 # The probe keeps the fixed rule's route unless another is faster by this fraction:
 # on a loaded machine routes within a few percent swap places from one probe to the
@@ -279,9 +283,9 @@ class ConvStats:
         V (Tensor): the target.
         beta (float): the divergence.
         mask (Tensor, optional): the observed entries.
-        route (str, optional): one of :data:`ROUTES`; by default the fastest
-            on this machine, timed once per process and shape (see
-            :data:`PROBE_ROUTES`), or the fixed rule without the probe.
+        route (str, optional): one of :data:`ROUTES`; by default the fixed
+            rule on CPU and, on an accelerator, the fastest route timed once
+            per process and shape (see :data:`PROBE_ROUTES`).
         block_elements (int, optional): the temporaries' size per block
             (default :data:`BLOCK_ELEMENTS`).
     """
@@ -367,9 +371,11 @@ class ConvStats:
 
     def _choose_route(self, H, W):
         """The fastest candidate route as timed on these tensors (:meth:`_probe`), once
-        per process and shape; the fixed rule without the probe or for several blocks."""
+        per process and shape, where :data:`PROBE_ROUTES` asks for it; the fixed rule
+        otherwise and for several blocks."""
         fixed = self._fixed_route(H, W)
-        if not PROBE_ROUTES or self._block_shape(H, W, fixed) is not None:
+        probe = PROBE_ROUTES if PROBE_ROUTES is not None else self.V.device.type != "cpu"
+        if not probe or self._block_shape(H, W, fixed) is not None:
             return fixed
         key = (tuple(self.V.shape), tuple(H.shape), tuple(W.shape), self.V.dtype, str(self.V.device),
                torch.get_num_threads(), self.beta, self.weight is None)
