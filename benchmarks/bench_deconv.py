@@ -24,6 +24,7 @@ from _common import markdown_table
 from torchnmf.metrics import beta_div
 from torchnmf.nmf import NMF, NMF2D, NMF3D, NMFD
 try:  # the floor needs the closed-form kernels (absent from older checkouts)
+    from torchnmf.targets import convolution
     from torchnmf.targets.convolution import ConvStats, correlate_h, correlate_w, windows
 except ImportError:
     ConvStats = None
@@ -75,32 +76,33 @@ def _plca_runner(cls, V, W0, H0, **options):
     return run
 
 
-def _conv_floor(V, W0, H0, shared=False):
+def _conv_floor(V, W0, H0, shared=False, beta=1):
     """The kernel calls one MU iteration cannot avoid: a reconstruction and one
     correlation per factor (what ConvStats calls, without the element-wise work);
     ``shared``: one reconstruction for both factors (EM)."""
     if ConvStats is None:
         return None
-    stats = ConvStats(V, 1)
+    stats = ConvStats(V, beta)  # the fit's statistics kind: the route it takes
     route = stats._route(H0, W0)
     kernel = tuple(W0.shape[2:])
 
     # the kernels of each correlation on the route (the hybrid mixes them)
-    h_route = "conv" if route == "conv" or route == "hybrid" else "windows"
-    w_route = "conv" if route == "conv" else "windows"
+    h_route, w_route = convolution._H_ROUTE[route], convolution._W_ROUTE[route]
+    windowed = route in ("windows", "hybrid")
 
     def one():
-        H_windows = windows(H0, kernel) if route != "conv" else None
+        H_windows = windows(H0, kernel) if windowed else None
         prediction = stats._forward(H0, W0, route, H_windows)
-        correlate_h(prediction, W0, h_route)
+        correlate_h(prediction, W0, h_route, **({"H": H0} if h_route == "adjoint" else {}))
         if not shared:  # MU: the W update sees the new H, so a second reconstruction
-            H_windows = windows(H0, kernel) if route != "conv" else None
+            H_windows = windows(H0, kernel) if windowed else None
             prediction = stats._forward(H0, W0, route, H_windows)
         correlate_w(prediction, H0, H_windows, kernel, w_route)
 
     def run(n_iter):
         for _ in range(n_iter):
             one()
+    run.route = route  # the route ConvStats chose for this shape in this process
     return run
 
 
@@ -166,7 +168,7 @@ def _rows(quick):
         loss = (lambda V, beta: lambda m: float(beta_div(m().detach(), V, beta)))(V, beta)
         rows.append((label, _fit_runner(ours, V, W0, H0, beta, tol=0),
                      theirs and _fit_runner(theirs, V, W0, H0, beta, tol=NO_STOP), loss,
-                     _conv_floor(V, W0, H0)))
+                     _conv_floor(V, W0, H0, beta=beta)))
     grids = [((1, 4, 64, 64), 6, (k, k)) for k in (2, 3, 5, 8, 16)]
     grids += [((1, 2, 16, 16, 16), 4, (k, k, k)) for k in (2, 3, 5)]
     if quick:
@@ -269,11 +271,13 @@ def run(quick=False):
                 theirs_loss = loss(theirs(iterations))
                 per_round = [a / b for a, b in zip(rounds_ms["ours"], rounds_ms["theirs"])]
                 spread = f"{_median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})"
-                table.append([label, theirs_ms, ours_ms, ours_ms / theirs_ms, spread, floor_ms,
+                table.append([label, getattr(floor, "route", ""), theirs_ms, ours_ms,
+                              ours_ms / theirs_ms, spread, floor_ms,
                               floor_ms / theirs_ms, theirs_loss, ours_loss,
                               ours_loss / theirs_loss])
             else:
-                table.append([label, "", ours_ms, "", "", floor_ms, "", "", ours_loss, ""])
+                table.append([label, getattr(floor, "route", ""), "", ours_ms, "", "", floor_ms, "", "",
+                              ours_loss, ""])
         print(f"  {label}: done", file=sys.stderr, flush=True)
     header = (
         f"float32, {torch.get_num_threads()} threads; ms per iteration (per step for BetaMu; "
@@ -284,13 +288,14 @@ def run(quick=False):
         f"of ours / original within each round. The floor is the work an iteration cannot avoid "
         f"on its route: a reconstruction and one correlation per factor for the "
         f"convolutional models (one reconstruction for both in SI-PLCA's EM), one evaluation and two vector-Jacobian products per "
-        f"parameter for the BetaMu chain."
+        f"parameter for the BetaMu chain. \"route\" is the kernels ConvStats chose for the shape "
+        f"in this process (timed once, see torchnmf.targets.convolution.PROBE_ROUTES)."
     )
     if not have_original:
         header += (" The original torchnmf 0.3.5 is not installed (`make bench` puts it in "
                    ".venv/peers); its columns are empty.")
     return header + "\n\n" + markdown_table(
-        ["problem", "original ms", "ours ms", "ours / original", "per round", "floor ms",
+        ["problem", "route", "original ms", "ours ms", "ours / original", "per round", "floor ms",
          "floor / original",
          "original loss", "ours loss", "loss ratio"],
         table,

@@ -1,5 +1,6 @@
 """Closed-form statistics of the convolutional models against the autograd route."""
 import math
+import types
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def assert_terms(got, want, dtype=torch.float64):
             assert_close(g.expand_as(w), w, **TOLERANCES[dtype])
 
 
-@pytest.mark.parametrize("route", ["windows", "conv", "hybrid", None])
+@pytest.mark.parametrize("route", ["windows", "conv", "adjoint", "hybrid", None])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("beta", BETAS)
 def test_statistics_equal_the_autograd_route(beta, shape, route, generator):
@@ -58,7 +59,26 @@ def test_statistics_equal_the_autograd_route(beta, shape, route, generator):
     assert ours.h_terms(H, W, divergence=False)[2] is None
 
 
-@pytest.mark.parametrize("route", ["windows", "conv", "hybrid"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("beta", [0, 1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_explicit_divergence_equals_the_autograd_route(beta, shape, masked, generator):
+    V, H, W = problem(generator, *shape)
+    if masked:
+        mask = torch.rand(V.shape, generator=generator) > 0.3
+        V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
+        reference = MaskedAutogradStats(V, mask, beta, conv_transpose)
+    else:
+        mask, reference = None, AutogradStats(V, beta, conv_transpose)
+    explicit = ConvStats(V.float(), beta, mask=mask).explicit_divergence(H.float(), W.float())
+    want = MaskedAutogradStats(V.float().double(), mask, beta, conv_transpose) if masked else \
+        AutogradStats(V.float().double(), beta, conv_transpose)
+    assert explicit.dtype == torch.float64
+    assert float(explicit) == pytest.approx(
+        float(want.divergence(H.float().double(), W.float().double())), rel=1e-12)
+
+
+@pytest.mark.parametrize("route", ["windows", "conv", "adjoint", "hybrid"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("beta", [0, 1, 1.5, 2])
 def test_masked_statistics_equal_the_autograd_route(beta, shape, route, generator):
@@ -75,12 +95,13 @@ def test_masked_statistics_equal_the_autograd_route(beta, shape, route, generato
 @pytest.mark.parametrize("beta", [1, 2])
 def test_float32_statistics(beta, generator):
     V, H, W = problem(generator, 9, 2, (3,), (11,), dtype=torch.float32)
-    for route in ("windows", "conv"):
+    for route in ("windows", "conv", "adjoint"):
         assert_terms(ConvStats(V, beta, route=route).h_terms(H, W),
                      AutogradStats(V, beta, conv_transpose).h_terms(H, W), torch.float32)
 
 
-def test_the_route_follows_the_kernel(generator):
+def test_the_fixed_route_follows_the_kernel(generator, monkeypatch):
+    monkeypatch.setattr(_convolution, "PROBE_ROUTES", False)
     V, H, W = problem(generator, 3, 2, (4,), (5,))
     assert ConvStats(V, 1)._route(H, W) == "windows"
     V2, H2, W2 = problem(generator, 3, 2, (2, 3), (5, 4))
@@ -89,6 +110,80 @@ def test_the_route_follows_the_kernel(generator):
     assert ConvStats(V3, 1)._route(H3, W3) == "conv"  # longer than 3 taps
     V4, H4, W4 = problem(generator, 2, 4, (3, 3, 3), (20, 20, 20), batch=1, dtype=torch.float32)
     assert ConvStats(V4, 1)._route(H4, W4) == "conv"  # windows of 4 * 27 * 22^3 elements
+
+
+def test_an_unknown_route_is_refused(generator):
+    V, _, _ = problem(generator, 3, 2, (4,), (5,))
+    with pytest.raises(ValueError, match=r"route must be one of .* got 'fft'"):
+        ConvStats(V, 1, route="fft")
+
+
+def _probing(monkeypatch, fastest=None, others=5):
+    """A fresh probe cache, and (with ``fastest``) a clock under which that route's
+    statistics take 1 s and every other route's ``others`` s; returns the routes timed."""
+    monkeypatch.setattr(_convolution, "PROBE_ROUTES", True)
+    monkeypatch.setattr(_convolution, "_PROBED", {})
+    timed, probing = [], []
+    real = ConvStats._probe
+
+    def probe(self, H, W, candidates):
+        timed.append(list(candidates))
+        probing.append(self)
+        return real(self, H, W, candidates)
+
+    now = [0.0]
+
+    def clock():
+        now[0] += 1 if probing[-1]._chosen[1] == fastest else others
+        return now[0]
+
+    monkeypatch.setattr(ConvStats, "_probe", probe)
+    if fastest is not None:
+        monkeypatch.setattr(_convolution, "time", types.SimpleNamespace(perf_counter=clock))
+    return timed
+
+
+@pytest.mark.parametrize("fastest", ["windows", "adjoint", "conv"])
+def test_the_probe_keeps_the_fastest_route(fastest, generator, monkeypatch):
+    V, H, W = problem(generator, 3, 2, (4,), (5,))
+    _probing(monkeypatch, fastest)
+    assert ConvStats(V, 1)._route(H, W) == fastest
+
+
+@pytest.mark.parametrize("others,kept", [(1.1, "windows"), (1.25, "adjoint")])
+def test_the_probe_keeps_the_fixed_route_unless_another_is_clearly_faster(others, kept, generator,
+                                                                         monkeypatch):
+    V, H, W = problem(generator, 3, 2, (4,), (5,))  # the fixed rule: windows
+    _probing(monkeypatch, "adjoint", others)
+    assert _convolution.PROBE_MARGIN == 0.15
+    assert ConvStats(V, 1)._route(H, W) == kept
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_probe_runs_once_per_shape_and_leaves_the_factors(shape, generator, monkeypatch):
+    V, H, W = problem(generator, *shape)
+    timed = _probing(monkeypatch)
+    H0, W0 = H.clone(), W.clone()
+    stats = ConvStats(V, 1)
+    terms = stats.h_terms(H, W)
+    route = stats._route(H, W)
+    assert len(timed) == 1 and route in timed[0] and "adjoint" in timed[0]
+    assert torch.equal(H, H0) and torch.equal(W, W0)
+    assert_terms(terms, ConvStats(V, 1, route=route).h_terms(H, W))
+    assert ConvStats(V, 1)._route(H, W) == route  # kept for the process
+    ConvStats(V, 2)._route(H, W)  # another statistics kind: timed again
+    assert len(timed) == 2
+
+
+def test_without_the_probe_the_fixed_rule(generator, monkeypatch):
+    V, H, W = problem(generator, 3, 2, (4,), (5,))
+    timed = _probing(monkeypatch)
+    monkeypatch.setattr(_convolution, "PROBE_ROUTES", False)
+    assert ConvStats(V, 1)._route(H, W) == "windows" and timed == []
+    monkeypatch.setattr(_convolution, "PROBE_ROUTES", None)  # the default: accelerators only
+    assert ConvStats(V, 1)._route(H, W) == "windows" and timed == []
+    monkeypatch.setattr(_convolution, "PROBE_ROUTES", True)
+    assert ConvStats(V, 1, route="conv")._route(H, W) == "conv" and timed == []  # an override
 
 
 # (channels, rank, kernel, activation shape, batch): odd sizes, long enough
@@ -105,7 +200,7 @@ def block_limits(stats, H, W):
     """Limits giving blocks of batch entries, of one row and of a few rows."""
     C, R, kernel = W.shape[0], W.shape[1], W.shape[2:]
     route = stats._route(H, W)
-    per_position = 3 * C + (3 * R * math.prod(kernel) if route != "conv" else 0)
+    per_position = 3 * C + (3 * R * math.prod(kernel) if _convolution._windowed(route) else 0)
     per_row = per_position * math.prod(stats.V.shape[3:])
     per_entry = per_row * stats.V.shape[2]
     limits = [per_row * (kernel[0] + 2), per_row]  # a few rows, then one row per block
@@ -114,7 +209,7 @@ def block_limits(stats, H, W):
     return limits
 
 
-@pytest.mark.parametrize("route", ["windows", "conv", "hybrid"])
+@pytest.mark.parametrize("route", ["windows", "conv", "adjoint", "hybrid"])
 @pytest.mark.parametrize("shape", BLOCKED_SHAPES)
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("masked", [False, True])
@@ -282,7 +377,7 @@ def test_the_convolutional_models_choose_the_closed_form(generator):
 @pytest.mark.parametrize("beta", [1, 2])
 def test_cuda_statistics_match_cpu(shape, beta, generator):
     V, H, W = problem(generator, *shape)
-    for route in ("windows", "conv"):
+    for route in ("windows", "conv", "adjoint"):
         cpu = ConvStats(V, beta, route=route)
         gpu = ConvStats(V.cuda(), beta, route=route)
         for got, want in zip(gpu.h_terms(H.cuda(), W.cuda()), cpu.h_terms(H, W)):
@@ -316,7 +411,7 @@ def test_cuda_fit_matches_cpu_with_deferred_read_backs(make, vshape, generator, 
     assert gpu.loss_history == pytest.approx(cpu.loss_history, rel=1e-9)
 
 
-@pytest.mark.parametrize("route", ["windows", "conv", "hybrid"])
+@pytest.mark.parametrize("route", ["windows", "conv", "adjoint", "hybrid"])
 @pytest.mark.parametrize("beta", [1, 2, 0.5])
 def test_joint_terms_equal_the_separate_ones(beta, route, generator):
     V, H, W = problem(generator, 3, 2, (4,), (5,))
@@ -324,3 +419,18 @@ def test_joint_terms_equal_the_separate_ones(beta, route, generator):
     (h_neg, h_pos), (w_neg, w_pos), value = stats.joint_terms(H, W)
     assert_terms((h_neg, h_pos, value), stats.h_terms(H, W))
     assert_terms((w_neg, w_pos), stats.w_terms(H, W))
+
+
+def test_the_probe_passes_over_a_route_that_fails(generator, monkeypatch):
+    V, H, W = problem(generator, 3, 2, (4,), (5,))
+    _probing(monkeypatch, fastest="adjoint")
+    real = _convolution._adjoint
+
+    def unsupported(*args):
+        raise RuntimeError("no such kernel here")
+
+    monkeypatch.setattr(_convolution, "_adjoint", unsupported)
+    with pytest.raises(RuntimeError):
+        ConvStats(V, 1, route="adjoint").h_terms(H, W)
+    assert ConvStats(V, 1)._route(H, W) in ("windows", "conv")
+    monkeypatch.setattr(_convolution, "_adjoint", real)

@@ -21,18 +21,26 @@ beta=2 the positive parts come from the factors' auto-correlations (the
 Gram products of the matrix case) when that is cheaper than a
 reconstruction, and the divergence follows from the terms alone.
 
-Two kernels compute the correlations, chosen per shape by measurement:
-*windows* (the zero-padded activations unfolded into an ``(R K, L)`` matrix
-per batch entry, ``K`` taps and ``L`` output positions, so that the forward
-map and :math:`J_W^\top` are matrix products and :math:`J_H^\top` is a
-matrix product followed by a shifted sum over the taps) for 1-D kernels,
-and torch's convolutions (oneDNN on CPU, cuDNN on GPU) otherwise, the
-reconstruction then being a padded convolution with the flipped templates.
-Memory stays bounded: the temporaries are formed a block of
+Three kernels compute the correlations: *windows* (the zero-padded
+activations unfolded into an ``(R K, L)`` matrix per batch entry, ``K`` taps
+and ``L`` output positions, so that the forward map and :math:`J_W^\top` are
+matrix products and :math:`J_H^\top` is a matrix product followed by a
+shifted sum over the taps); torch's convolutions (oneDNN or unfold + GEMM on
+CPU, cuDNN on GPU) with the templates or the activations as the kernel; and
+the *adjoint* kernels of the reconstruction's convolution (its backward
+passes, ``convolution_backward``, what autograd calls).  The
+reconstruction is then a matrix product of the windows or a padded
+convolution with the flipped templates.  Which route is fastest depends on
+the shape and on the machine: a fixed rule measured on CPU, and on an
+accelerator (or when asked) a probe that times the candidate routes once per
+process and shape on the real tensors and keeps the fastest (see
+:data:`PROBE_ROUTES`).  Memory stays bounded: the temporaries are formed a block of
 :data:`BLOCK_ELEMENTS` at a time (see :class:`ConvStats`).  Nothing here reads a
 value back to the host.
 """
 import math
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +54,30 @@ __all__ = [
 ]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE = {2: F.conv_transpose2d, 3: F.conv_transpose3d}
+ROUTES = ("windows", "conv", "adjoint", "hybrid")
 # the kernel each correlation takes on each route: "hybrid" reconstructs and
-# correlates with the activations through the windows, with the templates by oneDNN
-_H_ROUTE = {"windows": "windows", "conv": "conv", "hybrid": "conv"}
-_W_ROUTE = {"windows": "windows", "conv": "conv", "hybrid": "windows"}
+# correlates with the activations through the windows, with the templates by oneDNN;
+# "adjoint" reconstructs by a convolution and correlates by its backward kernels
+_H_ROUTE = {"windows": "windows", "conv": "conv", "adjoint": "adjoint", "hybrid": "conv"}
+_W_ROUTE = {"windows": "windows", "conv": "conv", "adjoint": "adjoint", "hybrid": "windows"}
+
+# Whether ConvStats times the candidate routes the first time a process meets a
+# shape: True or False, or None (the default) for accelerators only; the environment
+# sets it with TORCHNMF_CONV_PROBE=1 or 0.  Without the probe, or for a target of
+# several blocks, the fixed rule of ``ConvStats._fixed_route``, which was the fastest
+# route on every benchmark row of two CPU machines (docs/benchmarks.md, issue 16),
+# while the probe, timing milliseconds on a loaded machine, picked a route 20% slower
+# for one of them.  The routes' sums agree to rounding, not bit for bit: leave the
+# probe off for fits that must repeat exactly across machines and processes.
+PROBE_ROUTES = {"1": True, "0": False}.get(os.environ.get("TORCHNMF_CONV_PROBE", ""))
+PROBE_ROUNDS = 3
+# The probe keeps the fixed rule's route unless another is faster by this fraction:
+# on a loaded machine routes within a few percent swap places from one probe to the
+# next (measured: NMF2D 3x3 took "conv" at 1.75 ms over the hybrid's 1.60 in one run).
+PROBE_MARGIN = 0.15
+# the probe's choices in this process, by shape, dtype, device, threads and statistics kind
+_PROBED = {}
 
 # The hybrid route (see ConvStats._route): kernels no longer than this on every
 # axis whose windows hold at most this many elements per batch entry (2.5 MiB of
@@ -65,18 +93,22 @@ BLOCK_ELEMENTS = 1 << 24
 _LN2 = math.log(2.0)
 
 
-def windows(H, kernel):
+def windows(H, kernel, out=None):
     """The zero-padded activations as ``(N, R K, L)`` windows, tap-major per component.
 
     Entry ``(n, (r, u), l)`` is ``H[n, r, l + u - (k - 1)]`` (zero outside),
     ``u`` the flipped tap; :func:`forward_from_windows` multiplies it with the
-    flipped templates.
+    flipped templates.  ``out``, when given, is a contiguous tensor of that shape to fill.
     """
-    out = padded_windows(H, kernel)  # (N, R, *out, *kernel)
+    view = padded_windows(H, kernel)  # (N, R, *out, *kernel)
     d = len(kernel)
     order = [0, 1] + list(range(2 + d, 2 + 2 * d)) + list(range(2, 2 + d))
     N, R = H.shape[:2]
-    return out.permute(order).reshape(N, R * math.prod(kernel), -1)
+    view = view.permute(order)
+    if out is None:
+        return view.reshape(N, R * math.prod(kernel), -1)
+    out.view(view.shape).copy_(view)
+    return out
 
 
 def _flipped_matrix(W):
@@ -84,13 +116,15 @@ def _flipped_matrix(W):
     return W.flip(dims=tuple(range(2, W.dim()))).reshape(W.shape[0], -1)
 
 
-def forward_from_windows(W, H_windows, out_shape, flipped=None):
+def forward_from_windows(W, H_windows, out_shape, flipped=None, out=None):
     """The reconstruction ``(N, C, *out)`` from :func:`windows` of ``H``;
-    ``flipped``, when given, is ``W``'s flipped matrix (see :func:`_flipped_matrix`)."""
+    ``flipped``, when given, is ``W``'s flipped matrix (see :func:`_flipped_matrix`);
+    ``out``, when given, a contiguous tensor of ``(N, C, L)`` elements to write to."""
     if flipped is None:
         flipped = _flipped_matrix(W)
     N = H_windows.shape[0]
-    out = H_windows.new_empty((N, W.shape[0], H_windows.shape[2]))
+    shape = (N, W.shape[0], H_windows.shape[2])
+    out = H_windows.new_empty(shape) if out is None else out.view(shape)
     for n in range(N):  # one product per batch entry: matmul's batching would copy
         torch.mm(flipped, H_windows[n], out=out[n])
     return out.view(N, W.shape[0], *out_shape)
@@ -133,13 +167,41 @@ def _first_axis_padding(pad, d):
     return [pad] + [0] * (d - 1)
 
 
-def correlate_h(X, W, route="windows", pad=0):
+def _forward_padding(kernel, pad):
+    """The reconstruction's padding: ``k - 1`` per axis, none on the first for a
+    block (whose activations ``S`` already hold the ``pad = k - 1`` rows before it)."""
+    return [0 if pad and i == 0 else k - 1 for i, k in enumerate(kernel)]
+
+
+def _adjoint(X, S, flipped, pad, which):
+    """``convolution_backward`` of ``conv(S, flipped, padding)`` (the reconstruction)
+    at the output gradient ``X``: its input gradient (:math:`J_H^\top X`) for
+    ``which == 0``, its weight gradient (:math:`J_W^\top X`, flipped) for 1, both
+    from one call for ``which == 2``."""
+    kernel = flipped.shape[2:]
+    d = len(kernel)
+    mask = [which != 1, which != 0, False]
+    grads = torch.ops.aten.convolution_backward(
+        X, S, flipped, None, [1] * d, _forward_padding(kernel, pad), [1] * d, False, [0] * d, 1, mask
+    )
+    return grads[:2] if which == 2 else grads[which]
+
+
+def correlate_h(X, W, route="windows", pad=0, H=None, out=None):
     r""":math:`J_H^\top X`, ``(N', R, *in)``, for ``X (N', C, *out)`` and ``W (C, R, *kernel)``.
 
     With ``pad``, ``X`` stands for itself with ``pad`` zeros before and after its
-    first spatial axis (a block's rows, see :class:`ConvStats`).
+    first spatial axis (a block's rows, see :class:`ConvStats`).  The
+    ``"adjoint"`` route reads ``H`` (``(N', R, *in)``) for its shape only; zeros by default.
+    ``out``: the windows route's ``(N', R K, L)`` product, to write to (contiguous).
     """
     kernel = tuple(W.shape[2:])
+    if route == "adjoint":
+        if H is None:
+            inner = [o - k + 1 + (2 * pad if i == 0 else 0)
+                     for i, (o, k) in enumerate(zip(X.shape[2:], kernel))]
+            H = X.new_zeros((X.shape[0], W.shape[1], *inner))
+        return _adjoint(X, H, W.flip(dims=tuple(range(2, W.dim()))), pad, 0)
     if route == "conv":
         padding = _first_axis_padding(pad, len(kernel)) if pad else 0
         return _CONV[len(kernel)](X, W.transpose(0, 1), padding=padding)
@@ -147,7 +209,8 @@ def correlate_h(X, W, route="windows", pad=0):
     N = X.shape[0]
     columns = X.reshape(N, C, -1)
     W_T = W.reshape(C, -1).T
-    Y = X.new_empty((N, W_T.shape[0], columns.shape[2]))
+    shape = (N, W_T.shape[0], columns.shape[2])
+    Y = X.new_empty(shape) if out is None else out.view(shape)
     for n in range(N):
         torch.mm(W_T, columns[n], out=Y[n])
     return _taps_sum(Y, R, kernel, tuple(X.shape[2:]), pad)
@@ -159,6 +222,11 @@ def correlate_w(X, H, H_windows=None, kernel=None, route="windows", pad=0):
     ``pad`` as in :func:`correlate_h`; ``H_windows`` are then those of the
     unpadded rows of ``X``.
     """
+    if route == "adjoint":
+        C, R = X.shape[1], H.shape[1]
+        placeholder = H.new_zeros(()).expand(C, R, *kernel)  # read for its shape only
+        flipped = _adjoint(X, H, placeholder, pad, 1)
+        return flipped.flip(dims=tuple(range(2, 2 + len(kernel))))
     if route == "conv":
         d = H.dim() - 2
         padding = _first_axis_padding(pad, d) if pad else 0
@@ -170,6 +238,11 @@ def correlate_w(X, H, H_windows=None, kernel=None, route="windows", pad=0):
     for n in range(1, N):
         flat.addmm_(columns[n], H_windows[n].T)
     return flat.view(C, R, *kernel).flip(dims=tuple(range(2, 2 + len(kernel))))
+
+
+def _windowed(route):
+    """Whether a route reconstructs from the windows (and so builds them)."""
+    return route in ("windows", "hybrid")
 
 
 def _sum_prediction(H, W):
@@ -210,13 +283,16 @@ class ConvStats:
         V (Tensor): the target.
         beta (float): the divergence.
         mask (Tensor, optional): the observed entries.
-        route (str, optional): ``"windows"``, ``"conv"`` or ``"hybrid"``; by
-            default chosen per shape (see ``_route``).
+        route (str, optional): one of :data:`ROUTES`; by default the fixed
+            rule on CPU and, on an accelerator, the fastest route timed once
+            per process and shape (see :data:`PROBE_ROUTES`).
         block_elements (int, optional): the temporaries' size per block
             (default :data:`BLOCK_ELEMENTS`).
     """
 
     def __init__(self, V, beta, mask=None, route=None, block_elements=None):
+        if route is not None and route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES} or None, got {route!r}")
         self.V = V.contiguous()
         self.beta = float(beta)
         self.eps = torch.finfo(V.dtype).eps
@@ -225,6 +301,7 @@ class ConvStats:
         self.block_elements = block_elements
         self._chosen = None  # (shapes, route, blocks) of the last choice
         self._flipped = None  # (W, its version, its flipped matrix): H's and W's passes share it
+        self._workspace = {}  # (name, shape): a temporary kept for the next iteration
         self.weight = None
         if mask is None:
             self.constant = divergence_constant(self.V, self.beta)
@@ -255,11 +332,20 @@ class ConvStats:
 
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate), block by block."""
+        self._plan(H, W)  # the blocks, chosen on the factors themselves (not their float64 copies)
         H, W = H.double(), W.double()
         total = torch.zeros((), dtype=torch.float64, device=H.device)
         for block in self._blocks(H, W, "conv"):
             S, n0, n1, a, b, pad = block
-            prediction = self._block_forward(S, W, "conv", None, pad, None)
+            if W.dim() > 3:
+                # float64 2-D/3-D: the transposed convolution, 1.5 to 5 times faster than the
+                # padded one (which takes torch's unfold path in float64; measured on CPU,
+                # one thread, NMF2D 4x64x64 at 8x8 and 16x16, NMF3D 16^3 at 5^3); in 1-D 5-9x slower
+                prediction = _CONV_TRANSPOSE[W.dim() - 2](S, W.transpose(0, 1))
+                if pad:
+                    prediction = prediction.narrow(2, pad, b - a)
+            else:
+                prediction = self._block_forward(S, W, "conv", None, pad, None)
             if self.beta != 2:
                 prediction = prediction.clamp_min(self.eps)
             V, weight = self._target_block(n0, n1, a, b)
@@ -271,19 +357,7 @@ class ConvStats:
 
     # -- set-up ---------------------------------------------------------------
     def _route(self, H, W):
-        """Windows for 1-D kernels; for 2-D and 3-D, torch's convolutions, or the
-        hybrid for small kernels over small windows.
-
-        Measured on CPU (benchmarks/bench_deconv.py, docs/benchmarks.md): for NMFD
-        the window products beat conv1d 1.3-8x; for NMF2D/NMF3D oneDNN's
-        convolutions beat the windows route 2-7x (its sum over the taps grows with
-        the kernel's volume).  But oneDNN's padded convolution (the reconstruction)
-        with more than four input channels, and its correlation with the
-        activations as the kernel (:math:`J_W^\top`), are slow for small kernels
-        (NMF2D 4x64x64, rank 6, kernel 3x3: 100 and 135 us against 82 and 33 us
-        for the windows' products, windows built); the hybrid takes those two from
-        the windows and :math:`J_H^\top` from oneDNN.
-        """
+        """The route for these shapes (see :meth:`_plan`)."""
         return self._plan(H, W)[0]
 
     def _plan(self, H, W):
@@ -296,11 +370,92 @@ class ConvStats:
         return self._chosen[1:]
 
     def _choose_route(self, H, W):
+        """The fastest candidate route as timed on these tensors (:meth:`_probe`), once
+        per process and shape, where :data:`PROBE_ROUTES` asks for it; the fixed rule
+        otherwise and for several blocks."""
+        fixed = self._fixed_route(H, W)
+        probe = PROBE_ROUTES if PROBE_ROUTES is not None else self.V.device.type != "cpu"
+        if not probe or self._block_shape(H, W, fixed) is not None:
+            return fixed
+        key = (tuple(self.V.shape), tuple(H.shape), tuple(W.shape), self.V.dtype, str(self.V.device),
+               torch.get_num_threads(), self.beta, self.weight is None)
+        if key not in _PROBED:
+            _PROBED[key] = self._probe(H, W, self._candidates(H, W))
+        return _PROBED[key]
+
+    def _candidates(self, H, W):
+        """The routes worth timing: the convolutions' always; the windows' for 1-D
+        kernels and, with the hybrid, for small 2-D/3-D kernels over small windows
+        (measured: larger ones are 2-30x slower than oneDNN); each in one block."""
+        kernel = W.shape[2:]
+        routes = ["conv", "adjoint"]
+        if len(kernel) == 1:
+            routes.append("windows")
+        elif max(kernel) <= HYBRID_SIDE and self._windows_size(H, W) <= HYBRID_WINDOWS:
+            routes += ["windows", "hybrid"]
+        return [route for route in routes if self._block_shape(H, W, route) is None]
+
+    def _probe(self, H, W, candidates):
+        """The candidate whose statistics at one point (``joint_terms``: one
+        reconstruction, both correlations and the element-wise pass, or the
+        auto-correlations at beta=2) took the least time, fastest of
+        :data:`PROBE_ROUNDS` rounds in turn, on these tensors (left unchanged);
+        the fixed rule's route unless that one is :data:`PROBE_MARGIN` faster."""
+        if len(candidates) == 1:
+            return candidates[0]
+        device = H.device
+        best = {}
+        key = (H.shape, W.shape)
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+        failed = set()
+        with torch.no_grad():
+            for _ in range(PROBE_ROUNDS):
+                for route in candidates:
+                    if route in failed:
+                        continue
+                    self._chosen = (key, route, None)
+                    synchronize(device)
+                    started = time.perf_counter()
+                    try:
+                        self.joint_terms(H, W)
+                    except RuntimeError:  # a kernel this device or dtype lacks: not a candidate
+                        failed.add(route)
+                        continue
+                    synchronize(device)
+                    elapsed = time.perf_counter() - started
+                    best[route] = min(best.get(route, elapsed), elapsed)
+        self._chosen = None
+        self._workspace.clear()  # the temporaries of the routes not taken
+        fixed = self._fixed_route(H, W)
+        if not best:
+            return fixed
+        fastest = min(best, key=best.__getitem__)
+        if fixed in best and best[fastest] > (1 - PROBE_MARGIN) * best[fixed]:
+            return fixed
+        return fastest
+
+    def _windows_size(self, H, W):
+        """Elements of the windows per batch entry."""
+        return H.shape[1] * math.prod(W.shape[2:]) * math.prod(self.V.shape[2:])
+
+    def _fixed_route(self, H, W):
+        """Windows for 1-D kernels; for 2-D and 3-D, torch's convolutions, or the
+        hybrid for small kernels over small windows.
+
+        Measured on CPU on an earlier machine (docs/benchmarks.md): for NMFD the
+        window products beat conv1d 1.3-8x; for NMF2D/NMF3D oneDNN's
+        convolutions beat the windows route 2-7x (its sum over the taps grows with
+        the kernel's volume).  But oneDNN's padded convolution (the reconstruction)
+        with more than four input channels, and its correlation with the
+        activations as the kernel (:math:`J_W^\top`), are slow for small kernels
+        (NMF2D 4x64x64, rank 6, kernel 3x3: 100 and 135 us against 82 and 33 us
+        for the windows' products, windows built); the hybrid takes those two from
+        the windows and :math:`J_H^\top` from oneDNN.
+        """
         kernel = W.shape[2:]
         if len(kernel) == 1:
             return "windows"
-        size = H.shape[1] * math.prod(kernel) * math.prod(self.V.shape[2:])  # per batch entry
-        if max(kernel) <= HYBRID_SIDE and size <= HYBRID_WINDOWS:
+        if max(kernel) <= HYBRID_SIDE and self._windows_size(H, W) <= HYBRID_WINDOWS:
             return "hybrid"
         return "conv"
 
@@ -315,7 +470,7 @@ class ConvStats:
         C, R = W.shape[:2]
         kernel = W.shape[2:]
         out = self.V.shape[2:]
-        per_position = 3 * C + (3 * R * math.prod(kernel) if route != "conv" else 0)
+        per_position = 3 * C + (3 * R * math.prod(kernel) if _windowed(route) else 0)
         per_row = per_position * math.prod(out[1:])
         N, rows = self.V.shape[0], out[0]
         if N * rows * per_row <= limit:
@@ -348,9 +503,10 @@ class ConvStats:
                     yield padded[n:n + 1, :, a:b + k - 1], n, n + 1, a, b, k - 1
 
     @staticmethod
-    def _block_windows(S, kernel, pad, out_shape):
-        """The windows of ``S`` at a block's own rows (rows ``pad:`` of its full output)."""
-        S_windows = windows(S, kernel)
+    def _block_windows(S, kernel, pad, out_shape, out=None):
+        """The windows of ``S`` at a block's own rows (rows ``pad:`` of its full output),
+        written to ``out`` when given (see :func:`windows`)."""
+        S_windows = windows(S, kernel, out)
         if not pad:
             return S_windows
         if len(kernel) == 1:  # a strided view: the products read it in place
@@ -358,6 +514,19 @@ class ConvStats:
         full = [s + k - 1 for s, k in zip(S.shape[2:], kernel)]
         rows = S_windows.view(*S_windows.shape[:2], *full).narrow(2, pad, out_shape[0])
         return rows.reshape(*S_windows.shape[:2], -1)
+
+    def _buffer(self, name, shape, like):
+        """An uninitialised temporary, the same tensor at every call with this name and
+        shape: the element-wise pass and the products write into memory they have
+        written before (fresh 4 MB tensors cost a matrix product 1.3 to 2 times its
+        time on CPU, measured, one thread).  Nothing kept here leaves the object."""
+        key = (name, tuple(shape))
+        kept = self._workspace.get(key)
+        if kept is None or kept.dtype != like.dtype or kept.device != like.device:
+            if len(self._workspace) > 8:  # shapes come and go (blocks): keep a few
+                self._workspace.clear()
+            kept = self._workspace[key] = like.new_empty(shape)
+        return kept
 
     def _templates_matrix(self, W):
         """:func:`_flipped_matrix` of ``W``, kept while ``W`` is the same tensor,
@@ -367,10 +536,10 @@ class ConvStats:
             self._flipped = kept = (W, W._version, _flipped_matrix(W))
         return kept[2]
 
-    def _block_forward(self, S, W, route, S_windows, pad, out_shape):
-        """The reconstruction at a block's rows."""
-        if route != "conv":
-            return forward_from_windows(W, S_windows, out_shape, self._templates_matrix(W))
+    def _block_forward(self, S, W, route, S_windows, pad, out_shape, out=None):
+        """The reconstruction at a block's rows (into ``out`` on the windows' routes)."""
+        if _windowed(route):
+            return forward_from_windows(W, S_windows, out_shape, self._templates_matrix(W), out)
         kernel = W.shape[2:]
         flipped = W.flip(dims=tuple(range(2, W.dim())))
         padding = [k - 1 for k in kernel]
@@ -388,14 +557,14 @@ class ConvStats:
         if self.beta != 2 or self.weight is not None:
             return False
         route, shape = self._plan(H, W)
-        if route == "hybrid" or (route == "conv" and shape is not None):
+        if route == "hybrid" or (not _windowed(route) and shape is not None):
             return False
         RK = W[0].numel()
         return RK < 2 * W.shape[0]
 
     def _forward(self, H, W, route, H_windows):
         """The full reconstruction of ``H``."""
-        if route == "conv":
+        if not _windowed(route):
             # a padded convolution with the flipped templates: several times faster
             # than conv_transpose*d on CPU (measured) and the same sums
             kernel = W.shape[2:]
@@ -461,18 +630,37 @@ class ConvStats:
         kernel = tuple(W.shape[2:])
         parts = 2 if self._both() else 1
         C, R = W.shape[:2]
+        K = math.prod(kernel)
         h_sum = self._h_sums(H, parts) if want_h and shape is not None else None
         w_sum = variable = None
         for S, n0, n1, a, b, pad in self._blocks(H, W, route):
             V, weight = self._target_block(n0, n1, a, b)
-            S_windows = self._block_windows(S, kernel, pad, V.shape[2:]) if route != "conv" else None
-            prediction = self._block_forward(S, W, route, S_windows, pad, V.shape[2:])
-            pair = prediction.new_empty((n1 - n0, parts, *V.shape[1:]))
+            count, positions = n1 - n0, math.prod(V.shape[2:])
+            S_windows = prediction = None
+            if _windowed(route):
+                size = (count, R * K, math.prod(s + k - 1 for s, k in zip(S.shape[2:], kernel)))
+                S_windows = self._block_windows(S, kernel, pad, V.shape[2:],
+                                                self._buffer("windows", size, S))
+                prediction = self._buffer("prediction", (count, C, positions), S)
+            prediction = self._block_forward(S, W, route, S_windows, pad, V.shape[2:], prediction)
+            pair = self._buffer("pair", (count, parts, *V.shape[1:]), S)
             value = self._powers(prediction, pair.transpose(0, 1), divergence, V, weight)
             if divergence:
                 variable = value if variable is None else variable + value
+            if want_h and want_w and route == "adjoint" and parts == 1:
+                # one backward call for both correlations, as autograd makes (EM)
+                flipped = self._templates_matrix(W).view(W.shape)
+                terms_h, terms_w = _adjoint(pair.view(count, *V.shape[1:]), S, flipped, pad, 2)
+                h_sum = self._add_h(h_sum, terms_h.unsqueeze(0), n0, n1, a)
+                terms_w = terms_w.flip(dims=tuple(range(2, 2 + len(kernel))))
+                w_sum = terms_w if w_sum is None else w_sum.add_(terms_w)
+                continue
             if want_h:
-                terms = correlate_h(pair.view(-1, *V.shape[1:]), W, _H_ROUTE[route], pad)
+                inputs = S if parts == 1 else S.repeat_interleave(parts, 0)  # "adjoint": the shape
+                taps = None
+                if _H_ROUTE[route] == "windows":
+                    taps = self._buffer("taps", (count * parts, R * K, positions), S)
+                terms = correlate_h(pair.view(-1, *V.shape[1:]), W, _H_ROUTE[route], pad, inputs, taps)
                 terms = terms.view(n1 - n0, parts, *terms.shape[1:]).transpose(0, 1)
                 h_sum = self._add_h(h_sum, terms, n0, n1, a)
             if want_w:
@@ -521,16 +709,16 @@ class ConvStats:
         The positive parts are :math:`J_H^\top J_H H` and :math:`J_W^\top J_W W`:
         the templates' auto-correlation applied to the activations' windows, and
         the windows' own auto-correlation (summed over blocks) applied to the
-        templates.  Torch's convolutions (one block only) reconstruct instead.
+        templates.  The convolutions' routes (one block only) reconstruct instead.
         """
         route = self._route(H, W)
         kernel = tuple(W.shape[2:])
         C, R = W.shape[:2]
         h = w = None
-        if route == "conv":
+        if not _windowed(route):
             prediction = self._forward(H, W, route, None)
             if want_h:
-                h = (correlate_h(self.V, W, route), correlate_h(prediction, W, route))
+                h = (correlate_h(self.V, W, route, H=H), correlate_h(prediction, W, route, H=H))
             if want_w:
                 w = (correlate_w(self.V, H, None, kernel, route),
                      correlate_w(prediction, H, None, kernel, route))
