@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 from torch.testing import assert_close
@@ -63,13 +64,19 @@ def test_nndsvd_matches_naive_reference(generator):
     assert_close(H, H_ref)
 
 
-def test_nndsvda_and_nndsvdar_fill_only_the_zeros(generator):
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1])
+def test_nndsvda_and_nndsvdar_fill_only_the_zeros(density, generator):
     V, _, _ = low_rank(20, 15, 3, generator, noise=0.05)
+    V = V * (torch.rand(V.shape, generator=generator, dtype=V.dtype) < density)
     W, H = initialize(V, 3, "nndsvd")
     Wa, Ha = initialize(V, 3, "nndsvda")
     assert_close(Wa[W > 0], W[W > 0])
-    fill = float(V.mean()) ** 0.5  # the factors' scale, not V's
+    # the factors' scale (not V's); below one non-zero entry in rank, times the
+    # square root of rank times the density
+    fill = (float(V.mean()) * min(1.0, 3 * float((V != 0).double().mean()))) ** 0.5
+    assert 0 < fill < (float(V.mean()) ** 0.5 if density < 0.3 else math.inf)
     assert_close(Wa[W == 0], torch.full_like(Wa[W == 0], fill))
+    assert_close(Ha[H == 0], torch.full_like(Ha[H == 0], fill))
     Wr, Hr = initialize(V, 3, "nndsvdar", generator=0)
     assert_close(Hr[H > 0], H[H > 0])
     assert (Hr[H == 0] <= fill / 100).all()
@@ -132,6 +139,23 @@ def test_sparse_target_matches_dense(layout, generator):
     W, H = initialize(V, 3, "nndsvd")
     Ws, Hs = initialize(sparse, 3, "nndsvd", generator=0)
     assert_close(Ws @ Hs.T, W @ H.T, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_fill_counts_a_stored_zero_as_zero(generator):
+    # 3 in 10 entries non-zero, rank 2: the fill depends on the density; 12 columns
+    # <= rank + oversampling: the range finder is exact
+    V, _, _ = low_rank(60, 12, 2, generator)
+    V = V * (torch.rand(V.shape, generator=generator, dtype=V.dtype) < 0.3)
+    sparse = V.to_sparse()
+    where = (V == 0).nonzero()[:1].T
+    with_zero = torch.sparse_coo_tensor(torch.cat([sparse.indices(), where], 1),
+                                        torch.cat([sparse.values(), V.new_zeros(1)]), V.shape,
+                                        check_invariants=True)
+    Wa, Ha = initialize(V, 2, "nndsvda", generator=0)
+    for target in (sparse, with_zero, with_zero.coalesce().to_sparse_csr()):
+        Ws, Hs = initialize(target, 2, "nndsvda", generator=0)
+        assert_close(Ws @ Hs.T, Wa @ Ha.T, rtol=1e-6, atol=1e-8)
 
 
 def test_caller_tensor_unchanged(generator):
