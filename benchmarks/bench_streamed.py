@@ -83,12 +83,16 @@ def _streamed_ratio(quick, rounds=3):
 
 # -- online against scikit-learn's MiniBatchNMF -------------------------------------------------
 # Both run with the same number of threads (torch's, and a threadpoolctl limit on
-# NumPy's BLAS); each time excludes the full-data loss evaluations, which are taken
-# outside the timed region: scikit-learn's final one (timed on its own and
-# subtracted), and ours at every batch boundary (the loss of the codes so far, the
-# unvisited samples keeping their starting codes).
+# NumPy's BLAS) and are timed in CPU time of the process (other jobs on a shared
+# machine slow both alike instead of whichever runs when they do).  Each time
+# excludes the full-data loss evaluations: scikit-learn's final one and ours (the
+# fit's reconstruction_err_), each timed on its own and subtracted, and ours at
+# every batch boundary (taken outside the timed region).
 class _Reached(Exception):
     pass
+
+
+_clock = time.process_time
 
 
 def _sklearn_one_pass(X, rank, beta, batch_size):
@@ -99,12 +103,12 @@ def _sklearn_one_pass(X, rank, beta, batch_size):
         warnings.simplefilter("ignore")
         estimator = MiniBatchNMF(rank, batch_size=batch_size, beta_loss=beta, max_iter=1, tol=0,
                                  max_no_improvement=None, random_state=0)
-        started = time.perf_counter()
+        started = _clock()
         codes = estimator.fit_transform(X)
-        elapsed = time.perf_counter() - started
-        started = time.perf_counter()  # fit_transform ends with this evaluation
+        elapsed = _clock() - started
+        started = _clock()  # fit_transform ends with this evaluation
         loss = float(_beta_divergence(X, codes, estimator.components_, beta))
-        final_loss_seconds = time.perf_counter() - started
+        final_loss_seconds = _clock() - started
     return elapsed - final_loss_seconds, loss
 
 
@@ -119,6 +123,32 @@ def _as_tensor(X):
                                        X.shape, check_invariants=False)
 
 
+def _ours_one_pass(X, rank, beta, batch_size):
+    """Seconds of our one-pass ``fit_transform`` (less its final loss evaluation, as
+    scikit-learn's) and the full-data loss of the codes it returns: those of the pass,
+    refined by one update against the final components, as every fit of ours ends."""
+    from sklearn.decomposition._nmf import _beta_divergence
+    from torchnmf.estimator import TorchMiniBatchNMF
+
+    estimator = TorchMiniBatchNMF(rank, batch_size=batch_size, beta_loss=beta, max_iter=1,
+                                  tol=0, max_no_improvement=None, random_state=0)
+    divergence, final = estimator._divergence, []
+
+    def timed_divergence(*args):
+        entered = _clock()
+        value = divergence(*args)
+        final.append(_clock() - entered)
+        return value
+
+    estimator._divergence = timed_divergence
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        started = _clock()
+        codes = estimator.fit_transform(X)
+        elapsed = _clock() - started - sum(final)
+    return elapsed, float(_beta_divergence(X, codes, estimator.components_, beta))
+
+
 def _ours_until(X, rank, beta, batch_size, target, max_passes=8):
     """Seconds of our fit until the full-data loss first reaches ``target`` at a batch
     boundary (the checks outside the timing), the loss then and the batches taken."""
@@ -131,16 +161,16 @@ def _ours_until(X, rank, beta, batch_size, target, max_passes=8):
     checking, found = [0.0], {}
 
     def on_batch(online, codes, steps):
-        entered = time.perf_counter()
+        entered = _clock()
         loss = float(stats.divergence(codes, online.W))
         found.update(loss=loss, steps=steps, at=entered - checking[0])
-        checking[0] += time.perf_counter() - entered
+        checking[0] += _clock() - entered
         if loss <= target:
             raise _Reached
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        started = time.perf_counter()
+        started = _clock()
         try:
             estimator._fit(X, None, None, on_batch=on_batch)
             reached = False
@@ -150,6 +180,8 @@ def _ours_until(X, rank, beta, batch_size, target, max_passes=8):
 
 
 def _online_rows(X, rank, batch_size, betas=(2, 1), threads=None):
+    """One row per beta: scikit-learn's one pass, our one-pass fit, and our fit until the
+    first batch boundary where the loss of our codes reaches scikit-learn's."""
     from threadpoolctl import threadpool_limits
 
     threads = threads or torch.get_num_threads()
@@ -161,15 +193,20 @@ def _online_rows(X, rank, batch_size, betas=(2, 1), threads=None):
         with threadpool_limits(limits=threads):
             for beta in betas:
                 sk_time, sk_loss = _sklearn_one_pass(X, rank, beta, batch_size)
-                time_ours, loss_ours, steps, reached = _ours_until(X, rank, beta, batch_size, sk_loss)
-                passes = f"{steps / n_batches:.2f}" if reached else f"not within {steps / n_batches:.0f}"
-                rows.append([beta, sk_time, sk_loss, time_ours, loss_ours, passes,
-                             time_ours / sk_time])
+                pass_time, pass_loss = _ours_one_pass(X, rank, beta, batch_size)
+                time_ours, loss_ours, steps, reached = _ours_until(X, rank, beta, batch_size,
+                                                                   sk_loss)
+                passes = (f"{steps / n_batches:.2f}" if reached
+                          else f"not within {steps / n_batches:.0f}")
+                best = min([t for t, ok in ((pass_time, pass_loss <= sk_loss),
+                                            (time_ours, reached)) if ok], default=math.nan)
+                rows.append([beta, sk_time, sk_loss, pass_time, pass_loss, time_ours, loss_ours,
+                             passes, best / sk_time])
     finally:
         torch.set_num_threads(previous)
-    return f"{threads} thread(s) for both.\n\n" + markdown_table(
-        ["beta", "sklearn 1 pass s", "sklearn loss", "ours s", "ours loss", "our passes",
-         "ours / sklearn time"],
+    return f"{threads} thread(s) for both, CPU seconds.\n\n" + markdown_table(
+        ["beta", "sklearn 1 pass s", "sklearn loss", "ours 1 pass s", "its loss",
+         "ours until s", "its loss", "our passes", "ours / sklearn time"],
         rows,
     )
 
@@ -180,9 +217,13 @@ def _online_dense(quick):
     return (
         f"X: dense {n}x{c} float32, {rank} components, batch_size {batch}, forget_factor 0.7, "
         f"init nndsvda for both. 'sklearn 1 pass s': its one-pass fit (initialisation "
-        f"included), less its final loss evaluation; 'ours s': our fit (initialisation "
-        f"included) until the first batch boundary where the full-data loss of our codes "
-        f"is at most scikit-learn's one-pass loss (the checks outside the timing).\n\n"
+        f"included), less its final loss evaluation; 'ours 1 pass s': our one-pass fit "
+        f"likewise (its codes, refined by one update against the final components as our "
+        f"fit ends, and their full-data loss); 'ours until s': our fit until the first batch "
+        f"boundary where the full-data loss of our codes (unrefined; samples not yet "
+        f"visited keep their starting codes) is at most scikit-learn's one-pass loss (the "
+        f"checks outside the timing); the ratio takes the faster of ours that reaches "
+        f"scikit-learn's loss.\n\n"
         + _online_rows(X, rank, batch)
     )
 
