@@ -254,3 +254,43 @@ def test_range_finder_basis_is_orthonormal_and_spans_the_columns(dtype, deficien
     assert_close(gram @ gram, gram, **tol)
     if not deficient:
         assert_close(gram, torch.eye(6, dtype=dtype), **tol)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["dense", "coo", "csr"])
+@pytest.mark.parametrize("method", ["nndsvd", "nndsvda"])
+def test_sampled_rows_give_the_full_start_on_exactly_low_rank(layout, method, generator):
+    # every 4th of 200 rows spans the row space of a rank-3 V: the same SVD, the same start
+    V, _, _ = low_rank(200, 12, 3, generator)
+    target = {"dense": V, "coo": V.to_sparse(), "csr": V.to_sparse_csr()}[layout]
+    W, H = initialize(V, 3, method, generator=0)
+    Ws, Hs = initialize(target, 3, method, generator=0, sample_rows=50)
+    assert_close(Ws @ Hs.T, W @ H.T, rtol=1e-6, atol=1e-8)
+    assert_close(Ws, W, rtol=1e-6, atol=1e-8)
+
+
+def test_sampled_rows_project_on_the_sample_and_keep_every_row(generator):
+    # the sample misses part of V's row space: the start reconstructs V's projection on
+    # the sample's singular vectors, for every row, and stays non-negative and complete
+    V, _, _ = low_rank(90, 15, 6, generator, noise=0.1)
+    W, H = initialize(V, 4, "nndsvda", generator=0, sample_rows=9)
+    assert W.shape == (15, 4) and H.shape == (90, 4)
+    assert (W >= 0).all() and (H >= 0).all() and (W.amax(0) > 0).all() and (H.amax(0) > 0).all()
+    _, _, right = torch.linalg.svd(V[::10], full_matrices=False)
+    projected = V @ right[:4].T @ right[:4]
+    U, S, Vh = torch.linalg.svd(projected, full_matrices=False)
+    W1, H1 = initialize(V, 4, "nndsvd", generator=0, sample_rows=9)
+    assert_close(W1[:, 0] * H1[:, 0].norm(), S[0] * Vh[0].abs(), rtol=1e-6, atol=1e-8)
+    assert_close(H1[:, 0] * W1[:, 0].norm(), S[0] * U[:, 0].abs(), rtol=1e-6, atol=1e-8)
+
+
+def test_sample_rows_errors(generator):
+    V = torch.rand(20, 5, generator=generator)
+    with pytest.raises(ValueError, match="sample_rows must be a positive integer, got 0"):
+        initialize(V, 2, sample_rows=0)
+    with pytest.raises(TypeError, match="sample_rows must be a positive integer, got 2.5"):
+        initialize(V, 2, sample_rows=2.5)
+    W, H = initialize(V, 2, generator=0, sample_rows=15)  # at least N / 2: every row
+    W_all, H_all = initialize(V, 2, generator=0)
+    assert_close(W, W_all, rtol=0, atol=0)
+    assert_close(H, H_all, rtol=0, atol=0)

@@ -35,6 +35,7 @@ the factors exactly.
 """
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -146,7 +147,7 @@ def _tall_orthonormal(Y, reduction):
     return Y
 
 
-def _products(V):
+def _products(V, transposed=True):
     """``(product, transposed)``: functions giving ``V @ X`` and ``V.mT @ X``.
 
     A dense ``V.mT @ X`` is taken as ``(X.mT @ V).mT``, which reads ``V`` in its own
@@ -162,7 +163,7 @@ def _products(V):
     from .targets.sparse import sparse_dense_product, to_csr, transpose_csr
 
     by_rows = to_csr(V)
-    by_columns = transpose_csr(by_rows)
+    by_columns = transpose_csr(by_rows) if transposed else None
 
     def product_with(csr):
         parts = csr.crow_indices(), csr.col_indices(), csr.values()
@@ -170,7 +171,7 @@ def _products(V):
         # such a table is several times slower (0.17 s against 0.025 s, measured)
         return lambda X: sparse_dense_product(*parts, X.contiguous())
 
-    return product_with(by_rows), product_with(by_columns)
+    return product_with(by_rows), (product_with(by_columns) if transposed else None)
 
 
 def _column_sum(X, reduction):
@@ -192,6 +193,43 @@ def _exact_svd(V, k, reduction):
     S = values.clamp_min(0).sqrt()
     U = (V @ vectors) / S.clamp_min(torch.finfo(V.dtype).tiny)
     return U, S, vectors
+
+
+def _every_row(V, step):
+    """Rows ``0, step, 2 step, ...`` of a dense or compressed-row ``V``."""
+    if V.layout == torch.strided:
+        return V[::step]
+    crow = V.crow_indices()
+    starts, counts = crow[:-1:step], crow.diff()[::step]
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    positions = torch.repeat_interleave(starts - offsets[:-1], counts,
+                                        output_size=int(offsets[-1]))
+    positions += torch.arange(positions.numel(), device=positions.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(offsets, V.col_indices()[positions], V.values()[positions],
+                                       (counts.numel(), V.shape[1]), check_invariants=False)
+
+
+def _sampled_svd(V, k, generator, step):
+    """The leading triplets of ``V`` from the right singular vectors ``Vs`` of every
+    ``step``-th row: those of ``Y Vs^T``, with ``Y = V Vs`` (one product with all of
+    ``V``; its SVD from ``Y``'s small Gram matrix).  Exact when the sample spans
+    ``V``'s row space (``V`` of rank ``k``); else ``V`` projected on the sample's
+    leading right singular subspace."""
+    from .targets.sparse import to_csr
+
+    if V.layout != torch.strided:
+        V = to_csr(V)
+    _, _, right = _svd(_every_row(V, step), k, generator)
+    product, _ = _products(V, transposed=False)
+    Y = product(right)
+    gram = (Y.mT @ Y).double()
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0), vectors.flip(1)
+    S = values.clamp_min(0).sqrt()
+    U = (Y @ vectors.to(Y.dtype)) / S.to(Y.dtype).clamp_min(torch.finfo(Y.dtype).tiny)
+    return U, S.to(Y.dtype), right @ vectors.to(Y.dtype)
 
 
 def _svd(V, k, generator, reduction=None):
@@ -221,13 +259,17 @@ def _svd(V, k, generator, reduction=None):
     return (Q @ U_small)[:, :k], S[:k], Vh[:k].mT
 
 
-def _nndsvd(V, rank, generator, reduction=None):
-    """Basic NNDSVD factors; ``dead`` marks the components it could not fill."""
+def _nndsvd(V, rank, generator, reduction=None, step=1):
+    """Basic NNDSVD factors; ``dead`` marks the components it could not fill.  With
+    ``step > 1``, the singular vectors come from every ``step``-th row."""
     N, C = V.shape
     if reduction is not None:
         N = sum(reduction.rows)
-    k = min(rank, N, C)
-    U, S, Vt = _svd(V, k, generator, reduction)
+    k = min(rank, -(-N // step), C)  # the sample's rows bound the rank too
+    if step > 1:
+        U, S, Vt = _sampled_svd(V, k, generator, step)
+    else:
+        U, S, Vt = _svd(V, k, generator, reduction)
     N = U.shape[0]
     H = U.new_zeros(N, rank)
     W = U.new_zeros(C, rank)
@@ -368,7 +410,8 @@ def _check_method(method):
     return method
 
 
-def initialize(V, rank, method="nndsvda", *, generator=None, process_group=None, timeout=None):
+def initialize(V, rank, method="nndsvda", *, generator=None, sample_rows=None, process_group=None,
+               timeout=None):
     r"""Initial non-negative factors ``(W, H)`` for :math:`V \approx H W^\top`.
 
     Args:
@@ -381,6 +424,13 @@ def initialize(V, rank, method="nndsvda", *, generator=None, process_group=None,
             randomness (the random method, the fill of ``"nndsvdar"``, the
             randomised SVD of large matrices): a seed, a generator, or
             ``None`` for torch's global generator.
+        sample_rows (int, keyword-only): NNDSVD's right singular vectors from
+            about this many evenly spaced rows of ``V`` (every
+            ``N // sample_rows``-th), then its left ones from one product with
+            all of ``V``: a start at a fraction of the cost for tall ``V``,
+            exact when the sample spans ``V``'s row space, else the SVD of ``V``
+            projected on the sample's leading right singular vectors.  ``None``
+            (default) or at least ``N / 2``: every row.  Single process only.
         process_group (keyword-only): a ``torch.distributed`` group; each
             process passes its rows of ``V`` and gets ``W`` and its rows of
             ``H``, equal to the single-process result on the stacked matrix
@@ -400,7 +450,8 @@ def initialize(V, rank, method="nndsvda", *, generator=None, process_group=None,
         TypeError: ``V`` is not a tensor, ``method`` not a string, or
             ``generator`` of the wrong type.
         ValueError: ``V`` is not a non-negative matrix, has no positive entry,
-            or ``rank`` / ``method`` is not valid.
+            or ``rank`` / ``method`` / ``sample_rows`` is not valid.
+        NotImplementedError: ``sample_rows`` with a ``process_group``.
 
     Examples::
 
@@ -425,6 +476,12 @@ def initialize(V, rank, method="nndsvda", *, generator=None, process_group=None,
             )
         rank = check_positive_int(rank, "rank")
         method = _check_method(method)
+        if sample_rows is not None:
+            sample_rows = check_positive_int(sample_rows, "sample_rows")
+            if process_group is not None:
+                raise NotImplementedError(
+                    "sample_rows is for a single process; got it with a process_group"
+                )
         generator = _make_generator(generator, V.device)
     except (ValueError, TypeError) as error:
         if process_group is None:
@@ -441,7 +498,8 @@ def initialize(V, rank, method="nndsvda", *, generator=None, process_group=None,
     with torch.no_grad():
         if method == "random":
             return _random(V, rank, mean, generator, reduction)
-        W, H, dead = _nndsvd(V, rank, generator, reduction)
+        step = 1 if sample_rows is None else max(1, V.shape[0] // sample_rows)
+        W, H, dead = _nndsvd(V, rank, generator, reduction, step)
         # the fill has the factors' scale, sqrt(mean), so that a start for c V is
         # sqrt(c) times the start for V; the mean itself (Boutsidis & Gallopoulos,
         # and scikit-learn), equal to it for data of mean 1, is too small by sqrt(c)
