@@ -270,14 +270,15 @@ def test_sampled_rows_give_the_full_start_on_exactly_low_rank(layout, method, ge
 
 
 def test_sampled_rows_project_on_the_sample_and_keep_every_row(generator):
-    # the sample misses part of V's row space: the start reconstructs V's projection on
-    # the sample's singular vectors, for every row, and stays non-negative and complete
+    # the sample misses part of V's row space: the start is NNDSVD of V projected on
+    # the span of V times the sample's right singular vectors (one power iteration)
     V, _, _ = low_rank(90, 15, 6, generator, noise=0.1)
     W, H = initialize(V, 4, "nndsvda", generator=0, sample_rows=9)
     assert W.shape == (15, 4) and H.shape == (90, 4)
     assert (W >= 0).all() and (H >= 0).all() and (W.amax(0) > 0).all() and (H.amax(0) > 0).all()
     _, _, right = torch.linalg.svd(V[::10], full_matrices=False)
-    projected = V @ right[:4].T @ right[:4]
+    Q = torch.linalg.qr(V @ right[:4].T).Q
+    projected = Q @ (Q.T @ V)
     U, S, Vh = torch.linalg.svd(projected, full_matrices=False)
     W1, H1 = initialize(V, 4, "nndsvd", generator=0, sample_rows=9)
     assert_close(W1[:, 0] * H1[:, 0].norm(), S[0] * Vh[0].abs(), rtol=1e-6, atol=1e-8)

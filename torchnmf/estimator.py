@@ -686,7 +686,6 @@ class TorchMiniBatchNMF(TorchNMF):
                 V_batch = self._rows(V, start, end)
                 start_codes = (self._flat_codes(V_batch, rank) if self.fresh_restarts
                                else codes[start:end].clone())
-                previous = online.W.clone()
                 watch = self.max_no_improvement is not None  # the batch cost is for it alone
                 H_batch, cost = online.partial_fit(V_batch, start_codes, inner, cost=watch)
                 codes[start:end] = H_batch
@@ -696,9 +695,10 @@ class TorchMiniBatchNMF(TorchNMF):
                 if watch:
                     cost /= end - start
                     smoothed = cost if smoothed is None else 0.9 * smoothed + 0.1 * cost
-                change = float((online.W - previous).norm() / previous.norm().clamp_min(1e-300))
-                if self.tol > 0 and steps > 1 and change < self.tol:
-                    stop = True
+                if self.tol > 0 and steps > 1:  # W's relative change in the step
+                    previous = online.reference
+                    change = float((online.W - previous).norm() / previous.norm().clamp_min(1e-300))
+                    stop = change < self.tol
                 if watch and smoothed < best:
                     best, stale = smoothed, 0
                 elif watch:

@@ -213,23 +213,26 @@ def _every_row(V, step):
 
 def _sampled_svd(V, k, generator, step):
     """The leading triplets of ``V`` from the right singular vectors ``Vs`` of every
-    ``step``-th row: those of ``Y Vs^T``, with ``Y = V Vs`` (one product with all of
-    ``V``; its SVD from ``Y``'s small Gram matrix).  Exact when the sample spans
-    ``V``'s row space (``V`` of rank ``k``); else ``V`` projected on the sample's
-    leading right singular subspace."""
-    from .targets.sparse import to_csr
+    ``step``-th row and one power iteration over all of ``V``: ``Q``, an orthonormal
+    basis of ``V Vs``, and the SVD of ``Q (V^T Q)^T``, whose small factor comes from
+    the SVD of the ``(C, k)`` matrix ``V^T Q``.  Exact when the sample spans ``V``'s
+    row space (``V`` of rank ``k``); else ``V`` projected on the span of ``V Vs``."""
+    from .targets.sparse import to_csr, transposed_product
 
-    if V.layout != torch.strided:
+    if V.layout == torch.strided:
+        product, _ = _products(V, transposed=False)
+        transposed = lambda X: (X.mT @ V).mT  # noqa: E731
+    else:
         V = to_csr(V)
+        product, _ = _products(V, transposed=False)
+        crow = V.crow_indices()
+        rows = torch.repeat_interleave(torch.arange(V.shape[0], device=V.device), crow.diff())
+        transposed = lambda X: transposed_product(V.col_indices(), rows, V.values(), X,  # noqa: E731
+                                                  V.shape[1])
     _, _, right = _svd(_every_row(V, step), k, generator)
-    product, _ = _products(V, transposed=False)
-    Y = product(right)
-    gram = (Y.mT @ Y).double()
-    values, vectors = torch.linalg.eigh(gram)
-    values, vectors = values.flip(0), vectors.flip(1)
-    S = values.clamp_min(0).sqrt()
-    U = (Y @ vectors.to(Y.dtype)) / S.to(Y.dtype).clamp_min(torch.finfo(Y.dtype).tiny)
-    return U, S.to(Y.dtype), right @ vectors.to(Y.dtype)
+    Q = _tall_orthonormal(product(right), None)
+    U_small, S, Vh = torch.linalg.svd(transposed(Q).mT, full_matrices=False)
+    return Q @ U_small, S, Vh.mT
 
 
 def _svd(V, k, generator, reduction=None):
