@@ -219,6 +219,10 @@ class _Orientation:
         )
         return product.view(members, n, R)
 
+    def gram_product(self, A, gram, out):
+        """``A @ gram`` (the beta=2 positive term), into ``out``."""
+        return torch.matmul(A, gram, out=out)
+
     def _stacked_pattern(self, members):
         """Indices and offsets of ``members`` copies of the pattern, copy ``k``
         reading rows ``k m`` to ``(k + 1) m - 1`` of a stacked table."""
@@ -316,6 +320,16 @@ class _ScatteredColumns(_Orientation):
     def sample(self, A, B):
         r""":math:`(A B^\top)` at the entries of ``V^\top``: :math:`B A^\top` at ``V``'s."""
         return super().sample(B, A)
+
+    def gram_product(self, A, gram, out):
+        """``A @ gram`` for ``A`` with ``V``'s columns as rows, column-major: as
+        ``(gram^T A^T)^T``, several times faster for such a tall ``A`` (20000 x 10
+        times 10 x 10, one thread: 0.13 ms against 0.6 to 1.0 ms, measured; the
+        row-major result costs a transposed copy as long).  Its one reader per
+        batch, the online step's accumulation, reads it through strides."""
+        if A.dim() != 2:
+            return super().gram_product(A, gram, out)
+        return torch.mm(gram.mT, A.mT).mT
 
 
 def _divergence_constant(values, beta):
@@ -437,7 +451,7 @@ class SparseMatrixStats:
         divergence = None
         if beta == 2:
             negative = side.product(values, B)
-            torch.matmul(A, B.mT @ B, out=positive)
+            positive = side.gram_product(A, B.mT @ B, positive)
             if want_divergence:
                 divergence = gram_divergence(self.constant, A, negative, positive)
             return negative, positive, divergence
