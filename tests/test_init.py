@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 from torch.testing import assert_close
@@ -63,13 +64,19 @@ def test_nndsvd_matches_naive_reference(generator):
     assert_close(H, H_ref)
 
 
-def test_nndsvda_and_nndsvdar_fill_only_the_zeros(generator):
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1])
+def test_nndsvda_and_nndsvdar_fill_only_the_zeros(density, generator):
     V, _, _ = low_rank(20, 15, 3, generator, noise=0.05)
+    V = V * (torch.rand(V.shape, generator=generator, dtype=V.dtype) < density)
     W, H = initialize(V, 3, "nndsvd")
     Wa, Ha = initialize(V, 3, "nndsvda")
     assert_close(Wa[W > 0], W[W > 0])
-    fill = float(V.mean()) ** 0.5  # the factors' scale, not V's
+    # the factors' scale (not V's); below one non-zero entry in rank, times the
+    # square root of rank times the density
+    fill = (float(V.mean()) * min(1.0, 3 * float((V != 0).double().mean()))) ** 0.5
+    assert 0 < fill < (float(V.mean()) ** 0.5 if density < 0.3 else math.inf)
     assert_close(Wa[W == 0], torch.full_like(Wa[W == 0], fill))
+    assert_close(Ha[H == 0], torch.full_like(Ha[H == 0], fill))
     Wr, Hr = initialize(V, 3, "nndsvdar", generator=0)
     assert_close(Hr[H > 0], H[H > 0])
     assert (Hr[H == 0] <= fill / 100).all()
@@ -132,6 +139,23 @@ def test_sparse_target_matches_dense(layout, generator):
     W, H = initialize(V, 3, "nndsvd")
     Ws, Hs = initialize(sparse, 3, "nndsvd", generator=0)
     assert_close(Ws @ Hs.T, W @ H.T, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_fill_counts_a_stored_zero_as_zero(generator):
+    # 3 in 10 entries non-zero, rank 2: the fill depends on the density; 12 columns
+    # <= rank + oversampling: the range finder is exact
+    V, _, _ = low_rank(60, 12, 2, generator)
+    V = V * (torch.rand(V.shape, generator=generator, dtype=V.dtype) < 0.3)
+    sparse = V.to_sparse()
+    where = (V == 0).nonzero()[:1].T
+    with_zero = torch.sparse_coo_tensor(torch.cat([sparse.indices(), where], 1),
+                                        torch.cat([sparse.values(), V.new_zeros(1)]), V.shape,
+                                        check_invariants=True)
+    Wa, Ha = initialize(V, 2, "nndsvda", generator=0)
+    for target in (sparse, with_zero, with_zero.coalesce().to_sparse_csr()):
+        Ws, Hs = initialize(target, 2, "nndsvda", generator=0)
+        assert_close(Ws @ Hs.T, Wa @ Ha.T, rtol=1e-6, atol=1e-8)
 
 
 def test_caller_tensor_unchanged(generator):
@@ -230,3 +254,44 @@ def test_range_finder_basis_is_orthonormal_and_spans_the_columns(dtype, deficien
     assert_close(gram @ gram, gram, **tol)
     if not deficient:
         assert_close(gram, torch.eye(6, dtype=dtype), **tol)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["dense", "coo", "csr"])
+@pytest.mark.parametrize("method", ["nndsvd", "nndsvda"])
+def test_sampled_rows_give_the_full_start_on_exactly_low_rank(layout, method, generator):
+    # every 4th of 200 rows spans the row space of a rank-3 V: the same SVD, the same start
+    V, _, _ = low_rank(200, 12, 3, generator)
+    target = {"dense": V, "coo": V.to_sparse(), "csr": V.to_sparse_csr()}[layout]
+    W, H = initialize(V, 3, method, generator=0)
+    Ws, Hs = initialize(target, 3, method, generator=0, sample_rows=50)
+    assert_close(Ws @ Hs.T, W @ H.T, rtol=1e-6, atol=1e-8)
+    assert_close(Ws, W, rtol=1e-6, atol=1e-8)
+
+
+def test_sampled_rows_project_on_the_sample_and_keep_every_row(generator):
+    # the sample misses part of V's row space: the start is NNDSVD of V projected on
+    # the span of V times the sample's right singular vectors (one power iteration)
+    V, _, _ = low_rank(90, 15, 6, generator, noise=0.1)
+    W, H = initialize(V, 4, "nndsvda", generator=0, sample_rows=9)
+    assert W.shape == (15, 4) and H.shape == (90, 4)
+    assert (W >= 0).all() and (H >= 0).all() and (W.amax(0) > 0).all() and (H.amax(0) > 0).all()
+    _, _, right = torch.linalg.svd(V[::10], full_matrices=False)
+    Q = torch.linalg.qr(V @ right[:4].T).Q
+    projected = Q @ (Q.T @ V)
+    U, S, Vh = torch.linalg.svd(projected, full_matrices=False)
+    W1, H1 = initialize(V, 4, "nndsvd", generator=0, sample_rows=9)
+    assert_close(W1[:, 0] * H1[:, 0].norm(), S[0] * Vh[0].abs(), rtol=1e-6, atol=1e-8)
+    assert_close(H1[:, 0] * W1[:, 0].norm(), S[0] * U[:, 0].abs(), rtol=1e-6, atol=1e-8)
+
+
+def test_sample_rows_errors(generator):
+    V = torch.rand(20, 5, generator=generator)
+    with pytest.raises(ValueError, match="sample_rows must be a positive integer, got 0"):
+        initialize(V, 2, sample_rows=0)
+    with pytest.raises(TypeError, match="sample_rows must be a positive integer, got 2.5"):
+        initialize(V, 2, sample_rows=2.5)
+    W, H = initialize(V, 2, generator=0, sample_rows=15)  # at least N / 2: every row
+    W_all, H_all = initialize(V, 2, generator=0)
+    assert_close(W, W_all, rtol=0, atol=0)
+    assert_close(H, H_all, rtol=0, atol=0)

@@ -166,3 +166,16 @@ def test_sklearn_minibatch_estimator_checks(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         check(estimator)
+
+
+def test_minibatch_start_samples_64_batches(generator, monkeypatch):
+    # the online fit's start takes its singular vectors from 64 batches' worth of rows
+    import torchnmf.init as init
+
+    seen, original = [], init.initialize
+    monkeypatch.setattr(init, "initialize",
+                        lambda *a, **k: seen.append(k["sample_rows"]) or original(*a, **k))
+    X = _planted(generator, n=300, c=10).numpy()
+    TorchMiniBatchNMF(n_components=3, batch_size=2, max_iter=1, random_state=0).fit(X)
+    TorchMiniBatchNMF(n_components=3, batch_size=500, max_iter=1, random_state=0).fit(X)
+    assert seen == [128, 64 * 300]

@@ -296,10 +296,16 @@ def test_transpose_csr_matches_the_dense_transpose(density, index_dtype, columns
     assert torch.equal(transposed.values(), expected.values())
 
 
+@pytest.mark.parametrize("chunk", [None, 8])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("density", [0.0, 0.3])
-def test_transposed_product_matches_the_dense_product(density, index_dtype, generator):
+def test_transposed_product_matches_the_dense_product(density, index_dtype, chunk, generator,
+                                                      monkeypatch):
+    import torchnmf.targets.sparse as sparse
     from torchnmf.targets.sparse import transposed_product
+
+    if chunk is not None:  # chunks of 2 entries (8 values at R = 4): several of them
+        monkeypatch.setattr(sparse, "_TRANSPOSED_CHUNK", chunk)
 
     dense = torch.rand(17, 11, generator=generator, dtype=torch.float64)
     dense[dense > density] = 0

@@ -49,7 +49,7 @@ import torch
 from ..targets.dense import DenseMatrixStats
 from ..targets.residual import AccurateDivergence
 from ..targets.sparse import SparseMatrixStats
-from .mu import mu_exponent, mu_update_
+from .mu import _flush_subnormal_, mu_exponent, mu_update_
 from .penalty import Penalty
 
 __all__ = ["solve_activations", "OnlineMU", "surrogate"]
@@ -158,17 +158,22 @@ class OnlineMU:
         H, stats = solve_activations(V, self.W, H, self.beta, self.penalty_H, max_iter_H,
                                      self.tol_H, with_constant=cost)
         negative, positive, *divergence = stats.w_terms(H, self.W, divergence=cost)
-        numerator = negative * self.W
-        positive = positive.expand_as(self.W)
         if self.A is None:  # the starting templates weigh as much as one sample
-            self.B = positive / V.shape[0]
+            self.B = positive.expand_as(self.W) / V.shape[0]
             self.A = self.W * self.B
-        self.A.mul_(self.forget_factor).add_(numerator)
+        # the batch's terms are its own (a fresh statistics object): updated in place
+        self.A.mul_(self.forget_factor).addcmul_(negative, self.W)
         self.B.mul_(self.forget_factor).add_(positive)
         self.reference = self.W.clone()
-        # W <- W (A / (W (B + penalty)))^gamma: a multiplicative step whose parts are
-        # the accumulated A / W and B
-        mu_update_(self.W, self.A / self.W.clamp_min(torch.finfo(self.W.dtype).tiny),
-                   self.B, self.gamma, self.penalty_W)
+        if self.gamma == 1 and not self.penalty_W:
+            # the step below with gamma = 1 and no penalty: W = A / B, without the
+            # division by W and multiplication by it (two passes over W per batch)
+            torch.div(self.A, self.B.clamp_min(torch.finfo(self.W.dtype).eps), out=self.W)
+            _flush_subnormal_(self.W)
+        else:
+            # W <- W (A / (W (B + penalty)))^gamma: a multiplicative step whose parts
+            # are the accumulated A / W and B
+            mu_update_(self.W, self.A / self.W.clamp_min(torch.finfo(self.W.dtype).tiny),
+                       self.B, self.gamma, self.penalty_W)
         self.n_batches += 1
         return H, float(divergence[0]) if cost else None
