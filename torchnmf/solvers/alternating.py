@@ -277,7 +277,9 @@ class AlternatingSolver:
         p = self.problem
         if p.update_W:
             penalty = p.penalty()  # at the point the W update starts from
-            return p.objective_value(self._update_W(divergence=True), penalty)
+            value = p.objective_value(self._update_W(divergence=True), penalty)
+            # never above ``before``, whatever the rounding of either value
+            return _minimum(value, before)
         if p.update_H:  # W is fixed: the objective after the H update
             return p.objective_value(p.stats.divergence(p.H, p.W))
         return before
@@ -299,5 +301,6 @@ class AlternatingSolver:
             kept = p.objective_before(p.stats.divergence(p.H, p.W))
         # ``kept`` is the objective where the W pass started: the kept point's
         # when refused, else the point after the H update (see _updated_objective)
-        self.reference = kept
-        return torch.where(refused, kept, before)
+        before = torch.where(refused, kept, before)
+        self.reference = torch.minimum(kept, before)  # as in _updated_objective
+        return before
