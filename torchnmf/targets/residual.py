@@ -106,7 +106,13 @@ class AccurateDivergence:
 
     Delegates everything to ``stats``; replaces a divergence it returns by
     ``stats.explicit_divergence(H, W)`` when cancellation has eaten it (see the
-    module docstring), and clamps it at zero otherwise.  On an accelerator the
+    module docstring), and clamps it at zero otherwise.  Between the two bounds
+    (under the rounding-noise bound of a small target, above the cancellation
+    bound), a kind with ``pointwise_divergence(H, W)`` gives the entry-wise
+    divergence on its own reconstruction instead, in the same pass as its terms
+    (``divergence="pointwise"``) once the fit is there: its rounding is that of
+    the reconstruction weighted by the divergence's slope, small once the fit is
+    good, and it needs no float64 reconstruction.  On an accelerator the
     values that ``h_terms`` and ``w_terms`` return are only clamped (checking
     them would read them back every iteration); ``divergence``, the objective
     the fit ends with, is always checked.
@@ -124,9 +130,16 @@ class AccurateDivergence:
             # where the iterates themselves are at the rounding floor (a nearly exact
             # fit): the region of RoundingGuard, which refuses what rounding raised
             self.guard_threshold = CANCELLATION * torch.finfo(dtype).eps * self.magnitude
+        # between the two thresholds, where the closed form's trouble is the rounding of
+        # its large terms rather than a residual at the rounding floor, a kind that has
+        # it gives the entry-wise divergence on its own reconstruction (no float64 one)
+        self.pointwise = self.threshold is not None and hasattr(stats, "pointwise_divergence")
         # once a value was replaced, the next h_terms skips the closed form's divergence
-        # (its passes over the data) where the kind can, and reports the explicit one
-        self.explicit = False
+        # (its passes over the data) where the kind can, and reports the accurate one the
+        # same way: "explicit", "pointwise", or None (the closed form); the factors'
+        # dimensions of that fit (a stack of members has one more)
+        self.explicit = None
+        self._explicit_dims = None
         self.skips_divergence = (
             self.threshold is not None
             and "divergence" in inspect.signature(stats.h_terms).parameters
@@ -144,12 +157,29 @@ class AccurateDivergence:
         # on an accelerator the check would read the value back every iteration
         # (a synchronisation the loop avoids): there only the final objective is checked
         if self.threshold is not None and (final or not on_device) and float(value) < self.threshold:
-            if not final:
-                self.explicit = True
-            return self.stats.explicit_divergence(H, W)
+            if self.pointwise and float(value) >= self.guard_threshold:
+                value = self._settled(self.stats.pointwise_divergence(H, W), H, W, final)
+            else:
+                value = self._settled(None, H, W, final)
+            return value
         if not final:
-            self.explicit = False
+            self.explicit = None
         return value.clamp_min(0) if isinstance(value, torch.Tensor) else max(value, 0.0)
+
+    def _settled(self, pointwise, H, W, final=False):
+        """The accurate value at (H, W): ``pointwise`` (an entry-wise value on the
+        kind's own reconstruction, or None) unless it falls where only the float64
+        residual is accurate; and how the next h_terms finds it (unless ``final``)."""
+        value = pointwise
+        if value is None or float(value) < self.guard_threshold:
+            value = self.stats.explicit_divergence(H, W)
+        if not final:
+            found = float(value)
+            self.explicit = (None if found >= self.threshold
+                             else "pointwise" if self.pointwise and found >= self.guard_threshold
+                             else "explicit")
+            self._explicit_dims = H.dim()
+        return value
 
     def _checked_members(self, values, H, W, final=False):
         """One divergence per member of stacks ``H`` ``(K, N, R)``, ``W`` ``(K, C, R)``;
@@ -164,11 +194,12 @@ class AccurateDivergence:
     def h_terms(self, H, W, divergence=True):
         if not divergence:
             return self.stats.h_terms(H, W, divergence=False)
-        if self.explicit and self.skips_divergence and H.dim() == 2:
+        if self.explicit and self.skips_divergence and H.dim() == self._explicit_dims:
+            if self.explicit == "pointwise":
+                negative, positive, value = self.stats.h_terms(H, W, divergence="pointwise")
+                return negative, positive, self._settled(value, H, W)
             negative, positive, _ = self.stats.h_terms(H, W, divergence=False)
-            value = self.stats.explicit_divergence(H, W)
-            self.explicit = float(value) < self.threshold
-            return negative, positive, value
+            return negative, positive, self._settled(None, H, W)
         terms = self.stats.h_terms(H, W)
         return (*terms[:2], self._checked(terms[2], H, W))
 
