@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..models.forward import padded_windows
 from .dense import divergence_constant, float64_sum
-from .residual import PointwiseReference, pointwise_divergence
+from .residual import PointwiseReference
 
 __all__ = [
     "ConvStats", "windows", "correlate_h", "correlate_w", "forward_from_windows", "BLOCK_ELEMENTS",
@@ -363,10 +363,7 @@ class ConvStats:
             if self.beta != 2:
                 prediction = prediction.clamp_min(self.eps)
             V, weight = self._target_block(n0, n1, a, b)
-            if weight is not None:
-                observed = weight.bool()
-                V, prediction = V[observed], prediction[observed]
-            total += pointwise_divergence(V, prediction, self.beta).sum()
+            total += self._pointwise(V, weight, prediction, (n0, n1, a, b))
         return total
 
     def pointwise_divergence(self, H, W):

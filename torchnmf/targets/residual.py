@@ -87,14 +87,21 @@ class PointwiseReference:
         if beta == 2:  # (R - V)^2 / 2: no cancellation to avoid, and zeros of V included
             return torch.sub(R, self.V).square_().mul_(0.5)
         safe_V = self.safe_V
+        if beta == 1:  # expm1(a) is (R - V) / V itself, computed before its log
+            ratio = torch.sub(R, safe_V).div_(safe_V)
+            phi = ratio.sub_(torch.log1p(ratio))
+            return self._weighted(phi, R)
         a = torch.sub(R, safe_V).div_(safe_V).log1p_()
-        if beta == 1:
-            phi = torch.expm1(a).sub_(a)
-        elif beta == 0:
+        if beta == 0:
             phi = torch.neg(a).expm1_().add_(a)
         else:
             phi = torch.mul(a, beta).expm1_().div_(beta).sub_(
                 a.mul_(beta - 1).expm1_().div_(beta - 1))
+        return self._weighted(phi, R)
+
+    def _weighted(self, phi, R):
+        """``V^beta phi`` at the positive entries of ``V``, ``R^beta / beta`` at its zeros."""
+        beta = self.beta
         d = phi.mul_(self.V_power)
         if beta > 0 and self.zeros:
             d = torch.where(self.positive, d, R.pow(beta) / beta)
