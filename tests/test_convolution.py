@@ -462,6 +462,10 @@ def test_pointwise_divergence_equals_the_explicit_one(beta, shape, route, masked
         *w, value = stats.w_terms(H, W, divergence="pointwise")
         assert float(value) == pytest.approx(explicit, rel=1e-12)
         assert_terms(w, whole.w_terms(H, W))
+        h_joint, w_joint, value = stats.joint_terms(H, W, divergence="pointwise")
+        assert float(value) == pytest.approx(explicit, rel=1e-12)
+        assert_terms((*h_joint, *w_joint), (*h, *w))
+        assert stats.joint_terms(H, W, divergence=False)[2] is None
 
 
 def test_a_small_float32_fit_reports_its_iterates_without_a_float64_reconstruction(monkeypatch):

@@ -249,3 +249,35 @@ def test_base_component_has_no_Z_unless_asked(generator):
     assert BaseComponent(rank=2, W=W, H=H).Z is not None
     assert BaseComponent(W=W, H=H, Z=torch.tensor([0.5, 0.5])).Z is not None
     assert PLCA(W=W, H=H).Z is not None  # the models keep a uniform prior
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("make, vshape", [(PLCA, (50, 30)), (SIPLCA, (1, 30, 50))])
+def test_the_history_is_accurate_near_an_exact_fit(make, vshape, dtype, generator):
+    """On exact data each history entry is within 1% of the divergence of the factors
+    the previous iteration left (in float64), and never rises by more than 64
+    epsilons of its value: the closed form reported 7e-8 for a true 4e-11 on the
+    float32 PLCA fit and rose 1452 times (up to 8e7 epsilons; SI-PLCA 679 times,
+    measured by hand) before EM's divergence went through the explicit residual."""
+    options = {} if make is PLCA else {"T": 4}
+    truth = make(Vshape=vshape, rank=3, **options).to(dtype)
+    with torch.no_grad():
+        for factor in (truth.W, truth.H):
+            factor.copy_(torch.rand(factor.shape, generator=generator, dtype=dtype))
+        V = truth(norm=1.0).clone()
+    model = make(Vshape=vshape, rank=3, **options).to(dtype)
+    P = (V / V.sum()).double()
+    after = []
+
+    def callback(n_iter, loss):
+        with torch.no_grad():
+            R = make.reconstruct(model.H.double(), model.W.double(), model.Z.double())
+            after.append(float(kl_div(R, P)))
+
+    model.fit(V, tol=0, max_iter=1500, callback=callback)
+    history = model.loss_history
+    eps = torch.finfo(dtype).eps
+    assert after[-1] < 1e-2 * history[0]  # towards the exact fit (SI-PLCA's EM is slow)
+    for k in range(1, len(history)):
+        assert history[k] == pytest.approx(after[k - 1], rel=1e-2)
+        assert history[k] <= history[k - 1] * (1 + 64 * eps)

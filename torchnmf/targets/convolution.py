@@ -819,16 +819,17 @@ class ConvStats:
         return w if not divergence else (*w, value)
 
     # -- both at one point ------------------------------------------------------------
-    def joint_terms(self, H, W):
-        """``(h_terms, w_terms, divergence)`` at one point from one reconstruction.
+    def joint_terms(self, H, W, divergence=True):
+        """``(h_terms, w_terms, divergence)`` at one point from one reconstruction
+        (``divergence`` as for :meth:`h_terms`).
 
         For solvers that update every factor from the same point (PLCA's EM),
         where separate ``h_terms`` and ``w_terms`` would reconstruct twice.
         """
         if self._gram_cheaper(H, W):
-            negative, positive, value = self.h_terms(H, W)
+            negative, positive, value = self.h_terms(H, W, divergence)
             return (negative, positive), self.w_terms(H, W), value
-        return self._terms(H, W, True, True, True)
+        return self._terms(H, W, True, True, divergence)
 
     # -- divergence ---------------------------------------------------------------
     def divergence(self, H, W):

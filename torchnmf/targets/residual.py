@@ -153,7 +153,10 @@ class AccurateDivergence:
         )
 
     def __getattr__(self, name):
-        return getattr(self.stats, name)
+        found = getattr(self.stats, name)
+        if name == "joint_terms":  # only where the kind has it (solvers look for it)
+            return lambda H, W: self._joint_terms(found, H, W)
+        return found
 
     def _checked(self, value, H, W, final=False):
         if value is None:
@@ -209,6 +212,16 @@ class AccurateDivergence:
             return negative, positive, self._settled(None, H, W)
         terms = self.stats.h_terms(H, W)
         return (*terms[:2], self._checked(terms[2], H, W))
+
+    def _joint_terms(self, joint, H, W):
+        """The kind's ``joint_terms`` with the divergence checked as ``h_terms``'s."""
+        if self.explicit and H.dim() == self._explicit_dims and (
+                "divergence" in inspect.signature(joint).parameters):
+            pointwise = self.explicit == "pointwise"
+            h, w, value = joint(H, W, divergence="pointwise" if pointwise else False)
+            return h, w, self._settled(value if pointwise else None, H, W)
+        h, w, value = joint(H, W)
+        return h, w, self._checked(value, H, W)
 
     def w_terms(self, H, W, *args, **kwargs):
         terms = self.stats.w_terms(H, W, *args, **kwargs)
