@@ -35,6 +35,32 @@ def test_pointwise_divergence_at_zeros():
     assert_close(pointwise_divergence(V, R, 1.5), R.pow(1.5) / 1.5)
 
 
+@pytest.mark.parametrize("kept", [True, False])
+@pytest.mark.parametrize("elements", [1, 10, 23])
+@pytest.mark.parametrize("beta", [2, 1.5, 1, 0])
+def test_dense_explicit_divergence_in_blocks_of_rows(beta, elements, kept, generator,
+                                                      monkeypatch):
+    """The dense explicit residual sums blocks of ``EXPLICIT_ELEMENTS`` entries (rows of
+    one, two and four of five columns; the last block shorter), with V's parts kept
+    for a small V and built block by block otherwise: the naive float64 sum, with a
+    zero in V, at every call."""
+    from torchnmf.targets import dense
+
+    monkeypatch.setattr(dense, "EXPLICIT_ELEMENTS", elements)
+    if not kept:
+        monkeypatch.setattr(dense, "BLOCK_ELEMENTS", 10)
+    V = torch.rand(11, 5, generator=generator, dtype=torch.float64) + 0.1
+    V[3, 2] = 0.0
+    H = torch.rand(11, 3, generator=generator, dtype=torch.float64)
+    W = torch.rand(5, 3, generator=generator, dtype=torch.float64)
+    stats = dense.DenseMatrixStats(V, beta)
+    want = pointwise_divergence(V, H @ W.T, beta).sum()
+    for _ in range(2):
+        assert float(stats.explicit_divergence(H, W)) == pytest.approx(float(want), rel=1e-13)
+        H = H * 1.1
+        want = pointwise_divergence(V, H @ W.T, beta).sum()
+
+
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
 @pytest.mark.parametrize("beta", [2, 1.5, 1, 0.5, 0])
 def test_divergence_constant_matches_naive(beta, dtype, rtol, generator):
