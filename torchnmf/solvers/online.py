@@ -119,6 +119,7 @@ class OnlineMU:
 
     Attributes:
         A, B (Tensor): the accumulated statistics (``None`` before the first batch).
+        reference (Tensor): ``W`` before the last step (``None`` before the first).
         n_batches (int): the batches seen.
     """
 
@@ -138,7 +139,7 @@ class OnlineMU:
         self.forget_factor = float(forget_factor)
         self.penalty_W, self.penalty_H = penalty_W, penalty_H
         self.max_iter_H, self.tol_H = max_iter_H, tol_H
-        self.A = self.B = None
+        self.A = self.B = self.reference = None
         self.n_batches = 0
 
     def activations(self, V, H):
@@ -175,7 +176,10 @@ class OnlineMU:
         # the batch's terms are its own (a fresh statistics object): updated in place
         self.A.mul_(self.forget_factor).addcmul_(negative, self.W)
         self.B.mul_(self.forget_factor).add_(positive)
-        self.reference = self.W.clone()
+        if self.reference is None:  # the templates the step starts from, in a kept buffer
+            self.reference = self.W.clone()
+        else:
+            self.reference.copy_(self.W)
         if self.gamma == 1 and not self.penalty_W:
             # the step below with gamma = 1 and no penalty: W = A / B, without the
             # division by W and multiplication by it (two passes over W per batch)

@@ -237,9 +237,11 @@ class _Orientation:
         self.col_indices = csr.col_indices()
         self.values = csr.values()
         n, m = csr.shape
+        self.shape = (n, m)  # of the matrix this orientation reads
         self.rows = max(1, min(n, block_elements // max(m, 1)))
         self._key = None
         self._stacked = None
+        self.positive = None
 
     def product(self, values, dense, layout_of=None):
         """The product with ``dense`` of the matrix of this pattern holding ``values``
@@ -261,9 +263,17 @@ class _Orientation:
         )
         return product.view(members, n, R)
 
-    def gram_product(self, A, gram, out):
-        """``A @ gram`` (the beta=2 positive term), into ``out``."""
-        return torch.matmul(A, gram, out=out)
+    def gram_product(self, A, gram):
+        """``A @ gram`` (the beta=2 positive term), into the kept output buffer."""
+        return torch.matmul(A, gram, out=self.positive_buffer(A))
+
+    def positive_buffer(self, like):
+        """The ``(n, R)`` (or ``(K, n, R)``) output of the positive term for factors
+        like ``like``, kept for the fit."""
+        shape = (*batch_shape(like), self.shape[0], like.shape[-1])
+        if self.positive is None or tuple(self.positive.shape) != shape:
+            self.positive = like.new_empty(shape)
+        return self.positive
 
     def _stacked_pattern(self, members):
         """Indices and offsets of ``members`` copies of the pattern, copy ``k``
@@ -300,9 +310,8 @@ class _Orientation:
             ]
             self.sampled_values = values.view(*batch, nnz)
             self.spare = torch.empty_like(self.sampled_values)
-            self.positive = like.new_empty(*batch, self.csr.shape[0], R)
             self._key = key
-        return self.sampled_values, self.spare, self.positive
+        return self.sampled_values, self.spare, self.positive_buffer(like)
 
     def sample(self, A, B):
         r""":math:`(A B^\top)` at the stored entries, into the sampled values buffer
@@ -355,25 +364,18 @@ class _ScatteredColumns(_Orientation):
             for k in range(members)
         ])
 
-    def buffers(self, like):
-        sampled, spare, positive = super().buffers(like)
-        if positive.shape[-2] != self.shape[0]:
-            shape = (*batch_shape(like), self.shape[0], like.shape[-1])
-            self.positive = positive = like.new_empty(shape)
-        return sampled, spare, self.positive
-
     def sample(self, A, B):
         r""":math:`(A B^\top)` at the entries of ``V^\top``: :math:`B A^\top` at ``V``'s."""
         return super().sample(B, A)
 
-    def gram_product(self, A, gram, out):
+    def gram_product(self, A, gram):
         """``A @ gram`` for ``A`` with ``V``'s columns as rows, column-major: as
         ``(gram^T A^T)^T``, several times faster for such a tall ``A`` (20000 x 10
         times 10 x 10, one thread: 0.13 ms against 0.6 to 1.0 ms, measured; the
         row-major result costs a transposed copy as long).  Its one reader per
         batch, the online step's accumulation, reads it through strides."""
         if A.dim() != 2:
-            return super().gram_product(A, gram, out)
+            return super().gram_product(A, gram)
         return torch.mm(gram.mT, A.mT).mT
 
 
@@ -492,15 +494,15 @@ class SparseMatrixStats:
         unless asked for.
         """
         beta, values = self.beta, side.values
-        _, spare, positive = side.buffers(A)
         divergence = None
-        if beta == 2:
+        if beta == 2:  # no sampled reconstruction: of the buffers, the positive term's at most
             negative = side.product(values, B, layout_of=A)
-            positive = side.gram_product(A, B.mT @ B, positive)
+            positive = side.gram_product(A, B.mT @ B)
             if want_divergence:
                 divergence = gram_divergence(self.constant, A, negative, positive)
             return negative, positive, divergence
 
+        _, spare, positive = side.buffers(A)
         recon = side.sample(A, B)
         recon.clamp_min_(self.eps)
         if beta == 1:
