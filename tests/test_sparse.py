@@ -368,3 +368,18 @@ def test_w_terms_without_a_transposed_copy_equal_dense_statistics(beta, members,
             # a divergence may be a Python float on the CPU
             got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
             torch.testing.assert_close(got.expand_as(want), want, **tol)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_entry_rows_name_each_stored_entrys_row(index_dtype, generator):
+    from torchnmf.targets.sparse import entry_rows
+
+    dense = torch.rand(9, 7, generator=generator)
+    dense[dense < 0.6] = 0
+    dense[[0, 4, 8]] = 0  # empty rows, first and last among them
+    dense[2, 3] = 1.0
+    csr = dense.to_sparse_csr()
+    crow = csr.crow_indices().to(index_dtype)
+    rows = entry_rows(crow, csr.values().shape[0])
+    assert rows.dtype == index_dtype
+    assert torch.equal(rows.long(), dense.nonzero()[:, 0])  # nonzero lists row by row

@@ -221,7 +221,7 @@ def _sampled_svd(V, k, generator, step):
     basis of ``V Vs``, and the SVD of ``Q (V^T Q)^T``, whose small factor comes from
     the SVD of the ``(C, k)`` matrix ``V^T Q``.  Exact when the sample spans ``V``'s
     row space (``V`` of rank ``k``); else ``V`` projected on the span of ``V Vs``."""
-    from .targets.sparse import to_csr, transposed_product
+    from .targets.sparse import entry_rows, to_csr, transposed_product
 
     if V.layout == torch.strided:
         product, _ = _products(V, transposed=False)
@@ -229,8 +229,7 @@ def _sampled_svd(V, k, generator, step):
     else:
         V = to_csr(V)
         product, _ = _products(V, transposed=False)
-        crow = V.crow_indices()
-        rows = torch.repeat_interleave(torch.arange(V.shape[0], device=V.device), crow.diff())
+        rows = entry_rows(V.crow_indices(), V.col_indices().shape[0])
         transposed = lambda X: transposed_product(V.col_indices(), rows, V.values(), X,  # noqa: E731
                                                   V.shape[1], column_major=True)
     _, _, right = _svd(_every_row(V, step), k, generator)

@@ -45,6 +45,7 @@ __all__ = [
     "sparse_dense_product",
     "transposed_product",
     "is_column_major",
+    "entry_rows",
     "blocked_power_product_",
     "SPARSE_BLOCK_ELEMENTS",
 ]
@@ -68,6 +69,13 @@ def is_column_major(matrix):
 
 
 # -- kernels -------------------------------------------------------------------------
+def entry_rows(crow_indices, nnz):
+    """The row of each of the ``nnz`` stored entries of a compressed-row matrix (in its
+    index dtype).  The repeat counts alone give these indices directly; repeating
+    ``arange(N)`` gathers them from it afterwards (2M entries: 17 against 23 ms)."""
+    return torch.repeat_interleave(crow_indices.diff(), output_size=nnz)
+
+
 def to_csr(V):
     """A compressed-row copy (or view) of a 2-D sparse ``V`` with sorted, unique indices."""
     if V.layout == torch.sparse_csr:
@@ -106,7 +114,7 @@ def transpose_csr(V_csr):
     N, C = V_csr.shape
     crow, col = V_csr.crow_indices(), V_csr.col_indices()
     order = _stable_column_order(col, C)
-    rows = torch.repeat_interleave(torch.arange(N, device=col.device, dtype=col.dtype), crow.diff())
+    rows = entry_rows(crow, col.shape[0])
     ccol = crow.new_zeros(C + 1)
     ccol[1:] = torch.bincount(col, minlength=C).cumsum(0)
     # index_select: a third of the time of indexing with a tensor (2M entries, one thread)
@@ -342,10 +350,7 @@ class _ScatteredColumns(_Orientation):
         N, C = csr.shape
         self.shape = (C, N)
         self.rows = max(1, min(C, block_elements // max(N, 1)))
-        self.entry_rows = torch.repeat_interleave(
-            torch.arange(N, device=self.col_indices.device, dtype=self.col_indices.dtype),
-            self.crow_indices.diff(),
-        )
+        self.entry_rows = entry_rows(self.crow_indices, self.col_indices.shape[0])
 
     def product(self, values, dense, layout_of=None):
         """As :meth:`_Orientation.product`; column-major when ``layout_of`` is (a
