@@ -288,26 +288,28 @@ def _nndsvd(V, rank, generator, reduction=None, step=1):
     # The leading singular vectors of a non-negative matrix have one sign.
     H[:, 0] = S[0].sqrt() * U[:, 0].abs()
     W[:, 0] = S[0].sqrt() * Vt[:, 0].abs()
+    # Each later pair keeps the positive or the negative parts of its singular
+    # vectors, whichever carries more mass, normalised: the chosen part of x is
+    # max(0, sign x), written at once as max(0, x sign scale / norm) (two passes over
+    # each (N, k) factor instead of five, for the online start's 200,000 rows).
     x, y = U[:, 1:k], Vt[:, 1:k]
-    xp, xn = x.clamp_min(0), (-x).clamp_min(0)
-    yp, yn = y.clamp_min(0), (-y).clamp_min(0)
     if reduction is None:
-        xp_norm, xn_norm = xp.norm(dim=0), xn.norm(dim=0)
+        xp_norm, xn_norm = x.clamp_min(0).norm(dim=0), x.clamp_max(0).norm(dim=0)
     else:  # the norms of the columns of U over every process's rows
-        squares = torch.stack([xp.pow(2).sum(0), xn.pow(2).sum(0)])
+        squares = torch.stack([x.clamp_min(0).pow(2).sum(0), x.clamp_max(0).pow(2).sum(0)])
         reduction.sum_(squares, what="norms of the singular vectors")
         xp_norm, xn_norm = squares.sqrt()
-    yp_norm, yn_norm = yp.norm(dim=0), yn.norm(dim=0)
+    yp_norm, yn_norm = y.clamp_min(0).norm(dim=0), y.clamp_max(0).norm(dim=0)
     positive_mass = xp_norm * yp_norm
     negative_mass = xn_norm * yn_norm
     use_positive = positive_mass >= negative_mass
     tiny = torch.finfo(V.dtype).tiny
-    u = torch.where(use_positive, xp / xp_norm.clamp_min(tiny), xn / xn_norm.clamp_min(tiny))
-    v = torch.where(use_positive, yp / yp_norm.clamp_min(tiny), yn / yn_norm.clamp_min(tiny))
-    sigma = torch.where(use_positive, positive_mass, negative_mass)
-    scale = (S[1:k] * sigma).sqrt()
-    H[:, 1:k] = u * scale
-    W[:, 1:k] = v * scale
+    sign = torch.where(use_positive, 1.0, -1.0).to(V.dtype)
+    scale = (S[1:k] * torch.where(use_positive, positive_mass, negative_mass)).sqrt() * sign
+    x_norm = torch.where(use_positive, xp_norm, xn_norm).clamp_min(tiny)
+    y_norm = torch.where(use_positive, yp_norm, yn_norm).clamp_min(tiny)
+    torch.mul(x, scale / x_norm, out=H[:, 1:k]).clamp_min_(0)
+    torch.mul(y, scale / y_norm, out=W[:, 1:k]).clamp_min_(0)
     # A component is dead when either factor's column is zero or its singular
     # value is numerically zero (V has lower rank than requested).
     n_rows = N if reduction is None else sum(reduction.rows)
