@@ -104,10 +104,13 @@ class OnlineMU:
     """Online multiplicative updates: :meth:`partial_fit` one batch of rows at a time.
 
     Args:
-        W (Tensor): ``(C, R)`` starting templates, updated in place; its device
-            and dtype are those of every computation.  At ``beta = 2`` a
-            row-major ``W`` is first copied to column-major storage (the
-            attribute ``W`` is then that copy; its products are faster so).
+        W (Tensor): ``(C, R)`` starting templates; its device and dtype are
+            those of every computation.  The attribute ``W`` holds the current
+            templates; the tensor passed in is not kept up to date (a step
+            without a penalty at ``1 <= beta <= 2`` writes the new templates to
+            a second buffer and keeps the previous ones as ``reference``, and at
+            ``beta = 2`` a row-major ``W`` is first copied to column-major
+            storage, where its products are faster).
         beta (float): the divergence.
         forget_factor (float): :math:`\\rho` in [0, 1]: the weight of the past
             statistics after each batch (0 forgets them; 1 keeps all).  The
@@ -176,16 +179,20 @@ class OnlineMU:
         # the batch's terms are its own (a fresh statistics object): updated in place
         self.A.mul_(self.forget_factor).addcmul_(negative, self.W)
         self.B.mul_(self.forget_factor).add_(positive)
-        if self.reference is None:  # the templates the step starts from, in a kept buffer
-            self.reference = self.W.clone()
-        else:
-            self.reference.copy_(self.W)
         if self.gamma == 1 and not self.penalty_W:
             # the step below with gamma = 1 and no penalty: W = A / B, without the
-            # division by W and multiplication by it (two passes over W per batch)
-            torch.div(self.A, self.B.clamp_min(torch.finfo(self.W.dtype).eps), out=self.W)
-            _flush_subnormal_(self.W)
+            # division by W and multiplication by it (two passes over W per batch),
+            # written into a second buffer: the templates the step started from stay
+            # where they are as the reference, without a copy
+            new = torch.empty_like(self.W) if self.reference is None else self.reference
+            torch.div(self.A, self.B.clamp_min(torch.finfo(self.W.dtype).eps), out=new)
+            _flush_subnormal_(new)
+            self.reference, self.W = self.W, new
         else:
+            if self.reference is None:  # the templates the step starts from, kept
+                self.reference = self.W.clone()
+            else:
+                self.reference.copy_(self.W)
             # W <- W (A / (W (B + penalty)))^gamma: a multiplicative step whose parts
             # are the accumulated A / W and B
             mu_update_(self.W, self.A / self.W.clamp_min(torch.finfo(self.W.dtype).tiny),
