@@ -141,12 +141,14 @@ def sparse_dense_product(crow_indices, col_indices, values, dense):
     embedding bag; on CPU that kernel is about twice as fast as the CSR
     product (see ``benchmarks/bench_sparse.py``).  A column-major ``dense`` (an
     online fit's ``W`` at beta 2) is gathered through its strides when the
-    product is small, else copied to rows first: a strided gather costs about
-    0.015 us more per stored entry at ``R = 10``, the copy about 0.0013 us per
-    element of ``dense`` (one thread, 20000 x 10: 10,217 entries 0.19 ms
+    product is small, else copied to rows first: on CPU a strided gather costs
+    about 0.015 us more per stored entry at ``R = 10``, the copy about 0.0013 us
+    per element of ``dense`` (one thread, 20000 x 10: 10,217 entries 0.19 ms
     strided against 0.28 ms with the copy; 2M entries 53 ms against 5.6 ms).
+    Other devices, where this was not measured, always copy.
     """
-    if is_column_major(dense) and values.shape[0] * 8 > dense.numel():
+    if is_column_major(dense) and (dense.device.type != "cpu"  # measured on CPU only
+                                   or values.shape[0] * 8 > dense.numel()):
         dense = dense.contiguous()
     return F.embedding_bag(
         col_indices, dense, crow_indices, mode="sum", per_sample_weights=values,
