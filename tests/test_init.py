@@ -236,19 +236,24 @@ def test_initialize_random_shapes(generator):
     assert (W >= 0).all() and (H >= 0).all()
 
 
+@pytest.mark.parametrize("column_major", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("deficient", [False, True])
-def test_range_finder_basis_is_orthonormal_and_spans_the_columns(dtype, deficient, generator):
-    """Cholesky QR of the range finder: an orthonormal row-major basis of span(Y); a
-    numerically rank-deficient Y (shifted factorisation) still gives a projector onto it."""
+def test_range_finder_basis_is_orthonormal_and_spans_the_columns(dtype, deficient, column_major,
+                                                                 generator):
+    """Cholesky QR of the range finder: an orthonormal basis of span(Y), row-major or
+    column-major as asked; a numerically rank-deficient Y (shifted factorisation)
+    still gives a projector onto it."""
     from torchnmf.init import _tall_orthonormal
 
     Y = torch.randn(400, 6, generator=generator, dtype=dtype)
     if deficient:
         Y[:, 4] = 2 * Y[:, 1]
-    Q = _tall_orthonormal(Y, None)
+    Q = _tall_orthonormal(Y, None, column_major=column_major)
     tol = {"rtol": 0, "atol": 1e-4 if dtype == torch.float32 else 1e-10}
-    assert Q.is_contiguous()
+    assert Q.mT.is_contiguous() if column_major else Q.is_contiguous()
+    if not deficient:  # the same basis either way (a deficient Y's is rounding's choice)
+        assert_close(Q, _tall_orthonormal(Y, None), **tol)
     assert_close(Q @ (Q.mT @ Y), Y, **tol)
     gram = Q.mT @ Q
     assert_close(gram @ gram, gram, **tol)

@@ -59,17 +59,46 @@ def test_online_reaches_the_full_batch_loss_on_planted_data(generator, beta, pas
     assert online_loss < 1.05 * full_loss, (online_loss, full_loss)
 
 
-def test_sparse_batches_give_the_dense_result(generator):
+@pytest.mark.parametrize("beta", [1, 2])
+def test_sparse_batches_give_the_dense_result(generator, beta):
     V = _planted(generator, n=90, c=10)
     V[V < 0.8] = 0
-    dense = OnlineMU(torch.rand(10, 3, generator=generator, dtype=torch.float64) + 0.1, 1)
-    sparse = OnlineMU(dense.W.clone(), 1)
+    dense = OnlineMU(torch.rand(10, 3, generator=generator, dtype=torch.float64) + 0.1, beta)
+    sparse = OnlineMU(dense.W.clone(), beta)
     for start in range(0, 90, 30):
         start_codes = torch.full((30, 3), 0.3, dtype=torch.float64)
         H_dense, _ = dense.partial_fit(V[start:start + 30], start_codes.clone())
         H_sparse, _ = sparse.partial_fit(V[start:start + 30].to_sparse_csr(), start_codes.clone())
         torch.testing.assert_close(H_sparse, H_dense, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(sparse.W, dense.W, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_a_beta_2_step_is_its_formula(generator, layout):
+    """At beta 2 the state is column-major (its products are faster so); the steps are
+    still the formulas of the module docstring, written out here on dense tensors."""
+    V = _planted(generator, n=40, c=9)
+    V[V < 0.6] = 0
+    W = torch.rand(9, 3, generator=generator, dtype=torch.float64) + 0.1
+    online = OnlineMU(W.clone(), 2, forget_factor=0.6)
+    assert online.W.stride() == (1, 9)  # column-major, the caller's W copied
+    A = B = None
+    for start in (0, 20):
+        batch = V[start:start + 20]
+        H = torch.full((20, 3), 0.3, dtype=torch.float64)
+        H_expected = H * (batch @ W) / (H @ (W.T @ W))  # one update of the codes
+        negative, positive = batch.T @ H_expected, W @ (H_expected.T @ H_expected)
+        if A is None:  # the starting templates weigh one sample
+            B = positive / 20
+            A = W * B
+        A, B = 0.6 * A + W * negative, 0.6 * B + positive
+        W = A / B
+        got, _ = online.partial_fit(batch.to_sparse_csr() if layout == "sparse" else batch,
+                                    H.clone(), max_iter_H=1)
+        torch.testing.assert_close(got, H_expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(online.W, W, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(online.A, A, rtol=1e-12, atol=1e-14)
+        assert online.W.stride() == online.A.stride() == online.B.stride() == (1, 9)
 
 
 def test_minibatch_on_real_data_and_partial_fit():

@@ -296,11 +296,12 @@ def test_transpose_csr_matches_the_dense_transpose(density, index_dtype, columns
     assert torch.equal(transposed.values(), expected.values())
 
 
+@pytest.mark.parametrize("column_major", [False, True])
 @pytest.mark.parametrize("chunk", [None, 8])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("density", [0.0, 0.3])
-def test_transposed_product_matches_the_dense_product(density, index_dtype, chunk, generator,
-                                                      monkeypatch):
+def test_transposed_product_matches_the_dense_product(density, index_dtype, chunk, column_major,
+                                                      generator, monkeypatch):
     import torchnmf.targets.sparse as sparse
     from torchnmf.targets.sparse import transposed_product
 
@@ -315,8 +316,31 @@ def test_transposed_product_matches_the_dense_product(density, index_dtype, chun
     col = csr.col_indices().to(index_dtype)
     rows = torch.repeat_interleave(torch.arange(17, dtype=index_dtype), csr.crow_indices().diff())
     factor = torch.rand(17, 4, generator=generator, dtype=torch.float64)
-    got = transposed_product(col, rows, csr.values(), factor, 11)
+    got = transposed_product(col, rows, csr.values(), factor, 11, column_major=column_major)
     torch.testing.assert_close(got, dense.T @ factor, **TOLERANCES[torch.float64])
+    assert got.stride() == ((1, 11) if column_major else (4, 1))
+
+
+@pytest.mark.parametrize("rows", [2, 17])
+def test_sparse_dense_product_of_a_column_major_factor(rows, generator):
+    """A column-major factor gives the row-major one's product, gathered through its
+    strides (2 rows: 5 stored entries, under an eighth of its 48 elements) or copied
+    to rows first (17 rows: about 50)."""
+    from torchnmf.targets.sparse import is_column_major, sparse_dense_product
+
+    dense = torch.rand(rows, 12, generator=generator, dtype=torch.float64)
+    dense[dense < 0.75] = 0
+    if rows == 2:
+        dense.zero_()
+        dense[0, [1, 4, 11]] = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+        dense[1, [4, 7]] = 3.0
+    csr = dense.to_sparse_csr()
+    assert (csr.values().numel() * 8 > 48) == (rows == 17)
+    factor = torch.rand(12, 4, generator=generator, dtype=torch.float64)
+    column_major = factor.mT.contiguous().mT
+    assert is_column_major(column_major) and not is_column_major(factor)
+    got = sparse_dense_product(csr.crow_indices(), csr.col_indices(), csr.values(), column_major)
+    torch.testing.assert_close(got, dense @ factor, **TOLERANCES[torch.float64])
 
 
 @pytest.mark.parametrize("beta", BETAS)
@@ -344,3 +368,18 @@ def test_w_terms_without_a_transposed_copy_equal_dense_statistics(beta, members,
             # a divergence may be a Python float on the CPU
             got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
             torch.testing.assert_close(got.expand_as(want), want, **tol)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_entry_rows_name_each_stored_entrys_row(index_dtype, generator):
+    from torchnmf.targets.sparse import entry_rows
+
+    dense = torch.rand(9, 7, generator=generator)
+    dense[dense < 0.6] = 0
+    dense[[0, 4, 8]] = 0  # empty rows, first and last among them
+    dense[2, 3] = 1.0
+    csr = dense.to_sparse_csr()
+    crow = csr.crow_indices().to(index_dtype)
+    rows = entry_rows(crow, csr.values().shape[0])
+    assert rows.dtype == index_dtype
+    assert torch.equal(rows.long(), dense.nonzero()[:, 0])  # nonzero lists row by row

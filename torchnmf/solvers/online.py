@@ -48,7 +48,7 @@ import torch
 
 from ..targets.dense import DenseMatrixStats
 from ..targets.residual import AccurateDivergence
-from ..targets.sparse import SparseMatrixStats
+from ..targets.sparse import SparseMatrixStats, is_column_major
 from .mu import _flush_subnormal_, mu_exponent, mu_update_
 from .penalty import Penalty
 
@@ -104,8 +104,13 @@ class OnlineMU:
     """Online multiplicative updates: :meth:`partial_fit` one batch of rows at a time.
 
     Args:
-        W (Tensor): ``(C, R)`` starting templates, updated in place; its device
-            and dtype are those of every computation.
+        W (Tensor): ``(C, R)`` starting templates; its device and dtype are
+            those of every computation.  The attribute ``W`` holds the current
+            templates; the tensor passed in is not kept up to date (a step
+            without a penalty at ``1 <= beta <= 2`` writes the new templates to
+            a second buffer and keeps the previous ones as ``reference``, and at
+            ``beta = 2`` a row-major ``W`` is first copied to column-major
+            storage, where its products are faster).
         beta (float): the divergence.
         forget_factor (float): :math:`\\rho` in [0, 1]: the weight of the past
             statistics after each batch (0 forgets them; 1 keeps all).  The
@@ -117,18 +122,27 @@ class OnlineMU:
 
     Attributes:
         A, B (Tensor): the accumulated statistics (``None`` before the first batch).
+        reference (Tensor): ``W`` before the last step (``None`` before the first).
         n_batches (int): the batches seen.
     """
 
     def __init__(self, W, beta, forget_factor=0.7, penalty_W=Penalty(), penalty_H=Penalty(),
                  max_iter_H=100, tol_H=1e-4):
-        self.W = W
         self.beta = float(beta)
+        if self.beta == 2 and W.dim() == 2 and not is_column_major(W):
+            # column-major at beta 2: the step's Gram matrix W^T W, its positive term
+            # (H^T H W^T)^T and a sparse batch's scattered V^T H are all faster so, and
+            # A, B and W then share one layout (20000 x 10, one thread: the Gram 0.15
+            # against 0.35 ms, W = A / B 0.07 against 0.40 ms with B column-major and
+            # A row-major, the scatter 0.19 against 0.36 ms), for 0.15 ms more in the
+            # embedding bag of V W, which copies W to rows
+            W = W.mT.contiguous().mT
+        self.W = W
         self.gamma = mu_exponent(self.beta)
         self.forget_factor = float(forget_factor)
         self.penalty_W, self.penalty_H = penalty_W, penalty_H
         self.max_iter_H, self.tol_H = max_iter_H, tol_H
-        self.A = self.B = None
+        self.A = self.B = self.reference = None
         self.n_batches = 0
 
     def activations(self, V, H):
@@ -159,18 +173,26 @@ class OnlineMU:
                                      self.tol_H, with_constant=cost)
         negative, positive, *divergence = stats.w_terms(H, self.W, divergence=cost)
         if self.A is None:  # the starting templates weigh as much as one sample
-            self.B = positive.expand_as(self.W) / V.shape[0]
-            self.A = self.W * self.B
+            # A and B in W's layout (empty_like keeps its strides)
+            self.B = torch.div(positive.expand_as(self.W), V.shape[0], out=torch.empty_like(self.W))
+            self.A = torch.mul(self.W, self.B, out=torch.empty_like(self.W))
         # the batch's terms are its own (a fresh statistics object): updated in place
         self.A.mul_(self.forget_factor).addcmul_(negative, self.W)
         self.B.mul_(self.forget_factor).add_(positive)
-        self.reference = self.W.clone()
         if self.gamma == 1 and not self.penalty_W:
             # the step below with gamma = 1 and no penalty: W = A / B, without the
-            # division by W and multiplication by it (two passes over W per batch)
-            torch.div(self.A, self.B.clamp_min(torch.finfo(self.W.dtype).eps), out=self.W)
-            _flush_subnormal_(self.W)
+            # division by W and multiplication by it (two passes over W per batch),
+            # written into a second buffer: the templates the step started from stay
+            # where they are as the reference, without a copy
+            new = torch.empty_like(self.W) if self.reference is None else self.reference
+            torch.div(self.A, self.B.clamp_min(torch.finfo(self.W.dtype).eps), out=new)
+            _flush_subnormal_(new)
+            self.reference, self.W = self.W, new
         else:
+            if self.reference is None:  # the templates the step starts from, kept
+                self.reference = self.W.clone()
+            else:
+                self.reference.copy_(self.W)
             # W <- W (A / (W (B + penalty)))^gamma: a multiplicative step whose parts
             # are the accumulated A / W and B
             mu_update_(self.W, self.A / self.W.clamp_min(torch.finfo(self.W.dtype).tiny),
