@@ -208,3 +208,24 @@ def test_minibatch_start_samples_64_batches(generator, monkeypatch):
     TorchMiniBatchNMF(n_components=3, batch_size=2, max_iter=1, random_state=0).fit(X)
     TorchMiniBatchNMF(n_components=3, batch_size=500, max_iter=1, random_state=0).fit(X)
     assert seen == [128, 64 * 300]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+@pytest.mark.parametrize("beta", [1, 2])
+def test_cuda_online_matches_cpu(generator, beta, layout):
+    """Online updates on CUDA (dense and CSR batches) follow the CPU's (``make gpu-check``)."""
+    V = _planted(generator, n=90, c=10)
+    V[V < 0.8] = 0
+    W0 = torch.rand(10, 3, generator=generator, dtype=torch.float64) + 0.1
+    cpu, gpu = OnlineMU(W0.clone(), beta), OnlineMU(W0.cuda(), beta)
+    for start in range(0, 90, 30):
+        batch = V[start:start + 30]
+        codes = torch.full((30, 3), 0.3, dtype=torch.float64)
+        H_cpu, _ = cpu.partial_fit(batch if layout == "dense" else batch.to_sparse_csr(),
+                                   codes.clone())
+        batch = batch.cuda()
+        H_gpu, _ = gpu.partial_fit(batch if layout == "dense" else batch.to_sparse_csr(),
+                                   codes.clone().cuda())
+        torch.testing.assert_close(H_gpu.cpu(), H_cpu, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gpu.W.cpu(), cpu.W, rtol=1e-8, atol=1e-10)

@@ -319,3 +319,18 @@ def test_masked_streamed_fit_at_a_tiny_scale(generator):
     memory.fit(V, mask=observed, **options)
     streamed.fit(V, mask=observed.numpy(), block_rows=4, **options)
     _assert_same(memory, streamed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("solver,beta", [("mu", 1), ("mu", 2), ("hals", 2)])
+def test_cuda_streamed_fit_matches_cpu(generator, solver, beta, tmp_path):
+    """A model on CUDA streams host rows (a memmap: pinned blocks, non-blocking copies)
+    to the same fit as in memory on the CPU (``make gpu-check`` runs it)."""
+    V = _data(generator, n=30)
+    np.save(tmp_path / "V.npy", V.numpy())
+    memory, streamed = _pair(V, 3, generator)
+    options = dict(beta=beta, tol=0, max_iter=15, solver=solver)
+    memory.fit(V, **options)
+    streamed.cuda().fit(np.load(tmp_path / "V.npy", mmap_mode="r"), block_rows=7, **options)
+    torch.testing.assert_close(streamed.W.detach().cpu(), memory.W.detach(), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(streamed.H.detach().cpu(), memory.H.detach(), rtol=1e-8, atol=1e-10)
