@@ -35,6 +35,8 @@ BLOCK_ELEMENTS = 1 << 20
 # BLOCK_ELEMENTS entries keeps its blocks' float64 parts between calls (a power at
 # beta outside {0, 1, 2} costs more than the rest).
 EXPLICIT_ELEMENTS = 1 << 17
+# Entries per part of divergence_constant's float64 terms.
+CONSTANT_ELEMENTS = 1 << 15
 
 
 def _row_blocks(n_rows, rows_per_block):
@@ -403,13 +405,21 @@ def divergence_constant(V, beta):
     """The part of :math:`D_\\beta(V | \\hat V)` that depends on ``V`` alone (float64).
 
     ``V`` is non-negative (``V log V`` is taken as ``V log max(V, tiny)``: 0 at 0).
+    Its terms are taken in float64 at beta != 2 (once per fit): in float32 their
+    logs' and powers' rounding did not average out (20 epsilons of the root sum of
+    squares of V on NMF2D 4x64x64, against 2 for a random walk; measured).
     """
     if beta == 2:
         return float64_sum(V * V) / 2
-    if beta == 1:
-        # the log, then V log V - V, in one buffer (torch.xlogy is several times slower)
-        terms = torch.log(V.clamp_min(torch.finfo(V.dtype).tiny)).mul_(V).sub_(V)
-        return float64_sum(terms)
-    if beta == 0:
-        return -(float64_sum(V.log()) + V.numel())
-    return float64_sum(V.pow(beta)) / (beta * (beta - 1))
+    tiny = torch.finfo(V.dtype).tiny
+    total = torch.zeros((), dtype=torch.float64, device=V.device)
+    for part in V.reshape(-1).split(CONSTANT_ELEMENTS):  # float64 temporaries of 256 KiB
+        part = part.double()
+        if beta == 1:
+            # the log, then V log V - V, in one buffer (torch.xlogy is several times slower)
+            total += torch.log(part.clamp_min(tiny)).mul_(part).sub_(part).sum()
+        elif beta == 0:
+            total -= part.log().sum() + part.numel()
+        else:
+            total += part.pow(beta).sum() / (beta * (beta - 1))
+    return total
