@@ -145,8 +145,8 @@ class AccurateDivergence:
         # (its passes over the data) where the kind can, and reports the accurate one the
         # same way: "explicit", "pointwise", or None (the closed form); the factors'
         # dimensions of that fit (a stack of members has one more)
-        self.explicit = None
-        self._explicit_dims = None
+        self.accurate = None
+        self._accurate_dims = None
         self.skips_divergence = (
             self.threshold is not None
             and "divergence" in inspect.signature(stats.h_terms).parameters
@@ -173,7 +173,7 @@ class AccurateDivergence:
                 value = self._settled(None, H, W, final)
             return value
         if not final:
-            self.explicit = None
+            self.accurate = None
         return value.clamp_min(0) if isinstance(value, torch.Tensor) else max(value, 0.0)
 
     def _settled(self, pointwise, H, W, final=False):
@@ -185,10 +185,10 @@ class AccurateDivergence:
             value = self.stats.explicit_divergence(H, W)
         if not final:
             found = float(value)
-            self.explicit = (None if found >= self.threshold
+            self.accurate = (None if found >= self.threshold
                              else "pointwise" if self.pointwise and found >= self.guard_threshold
                              else "explicit")
-            self._explicit_dims = H.dim()
+            self._accurate_dims = H.dim()
         return value
 
     def _checked_members(self, values, H, W, final=False):
@@ -204,8 +204,8 @@ class AccurateDivergence:
     def h_terms(self, H, W, divergence=True):
         if not divergence:
             return self.stats.h_terms(H, W, divergence=False)
-        if self.explicit and self.skips_divergence and H.dim() == self._explicit_dims:
-            if self.explicit == "pointwise":
+        if self.accurate and self.skips_divergence and H.dim() == self._accurate_dims:
+            if self.accurate == "pointwise":
                 negative, positive, value = self.stats.h_terms(H, W, divergence="pointwise")
                 return negative, positive, self._settled(value, H, W)
             negative, positive, _ = self.stats.h_terms(H, W, divergence=False)
@@ -215,9 +215,9 @@ class AccurateDivergence:
 
     def _joint_terms(self, joint, H, W):
         """The kind's ``joint_terms`` with the divergence checked as ``h_terms``'s."""
-        if self.explicit and H.dim() == self._explicit_dims and (
+        if self.accurate and H.dim() == self._accurate_dims and (
                 "divergence" in inspect.signature(joint).parameters):
-            pointwise = self.explicit == "pointwise"
+            pointwise = self.accurate == "pointwise"
             h, w, value = joint(H, W, divergence="pointwise" if pointwise else False)
             return h, w, self._settled(value if pointwise else None, H, W)
         h, w, value = joint(H, W)
