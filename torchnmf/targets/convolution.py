@@ -622,7 +622,7 @@ class ConvStats:
             if weight is not None:
                 denom.copy_(weight)
                 if divergence:
-                    variable = float64_sum(torch.mul(weight, floored))
+                    variable = _inner(weight, floored)
             torch.div(V, floored, out=numer)
             if divergence:  # the reconstruction is not needed any more: its log in place
                 # (base 2: about 10% cheaper than the natural log on CPU, measured in place on
