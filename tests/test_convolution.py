@@ -11,6 +11,7 @@ from torchnmf.models.forward import conv_transpose
 from torchnmf.targets import convolution as _convolution
 from torchnmf.targets.autograd import AutogradStats
 from torchnmf.targets.convolution import ConvStats
+from torchnmf.targets.dense import float64_sum
 from torchnmf.targets.masked import MaskedAutogradStats
 from torchnmf.nmf import NMF2D, NMF3D, NMFD
 from torchnmf.plca import SIPLCA, SIPLCA2
@@ -234,6 +235,49 @@ def test_blocked_statistics_equal_the_unblocked(beta, shape, route, masked, gene
                                                                 rel=1e-9)
         assert float(blocked.explicit_divergence(H, W)) == pytest.approx(
             float(whole.explicit_divergence(H, W)), rel=1e-9)
+
+
+@pytest.mark.parametrize("beta", [0, 1, 1.5, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_channels_last_statistics_equal_the_autograd_route(beta, masked, generator, monkeypatch):
+    """Long 2-D kernels in float32 on CPU reconstruct and correlate with the templates in
+    channels-last memory (here every 2-D kernel does): the terms, the closed-form,
+    entry-wise and explicit divergences and the blocked pass are those of the float64
+    autograd route on the same float32 numbers."""
+    monkeypatch.setattr(_convolution, "CHANNELS_LAST_SIDE", 2)
+    V, H, W = problem(generator, 3, 2, (3, 2), (11, 4), dtype=torch.float32)
+    mask = None
+    reference = AutogradStats(V.double(), beta, conv_transpose)
+    if masked:
+        mask = torch.rand(V.shape, generator=generator) > 0.3
+        V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
+        reference = MaskedAutogradStats(V.double(), mask, beta, conv_transpose)
+    assert _convolution._convolution_forward(H, W).is_contiguous(memory_format=torch.channels_last)
+    assert _convolution._convolution_forward(H, W[:1]).is_contiguous()  # one channel: not faster
+    Hd, Wd = H.double(), W.double()
+    want_h, want_w = reference.h_terms(Hd, Wd), reference.w_terms(Hd, Wd)
+    want = float(reference.divergence(Hd, Wd))
+    whole = ConvStats(V, beta, mask=mask, route="conv")
+    for limit in [None] + block_limits(whole, H, W):
+        stats = ConvStats(V, beta, mask=mask, route="conv", block_elements=limit)
+        negative, positive, value = stats.h_terms(H, W)
+        assert_terms((negative.double(), positive.double(), value), want_h, torch.float32)
+        assert_terms([t.double() for t in stats.w_terms(H, W)], want_w, torch.float32)
+        h, w, value = stats.joint_terms(H, W)
+        assert_terms([t.double() for t in (*h, *w)], (*want_h[:2], *want_w), torch.float32)
+        assert float(value) == pytest.approx(want, rel=1e-4)
+        assert float(stats.pointwise_divergence(H, W)) == pytest.approx(want, rel=1e-5)
+        assert float(stats.explicit_divergence(H, W)) == pytest.approx(want, rel=1e-12)
+
+
+def test_float64_sum_follows_the_memory(generator):
+    """A channels-last tensor is summed along its memory's rows, as a contiguous one."""
+    x = torch.rand(2, 5, 7, 9, generator=generator)
+    last = x.contiguous(memory_format=torch.channels_last)
+    exact = float(x.double().sum())
+    assert float(float64_sum(last)) == pytest.approx(exact, rel=1e-7)
+    assert float(float64_sum(x.transpose(2, 3))) == pytest.approx(exact, rel=1e-7)
+    assert float64_sum(last).dtype == torch.float64
 
 
 @pytest.mark.parametrize("kernel,inner", [((8,), (400,)), ((3, 3), (60, 40))])

@@ -86,6 +86,18 @@ _PROBED = {}
 HYBRID_SIDE = 3
 HYBRID_WINDOWS = 640_000
 
+# 2-D kernels with a side of at least this many taps, over two channels or more,
+# reconstruct and correlate with the templates in channels-last memory (float32 on
+# CPU), where oneDNN's kernels are faster than the transposed convolution, which slows
+# down sharply from 10 taps (measured, one thread: the three products of a fit over
+# 1-16 channels, ranks 4 and 10, 64^2 and 128^2 images, from 10 taps: 0.16 to 1.0 of
+# the time at 3 and 16 channels, most under 0.6 (4.9 ms against 0.9 for one
+# reconstruction at 16 channels, 10x10); 0.5 to 1.05 at 6 and 8 taps, where whole fits
+# gained nothing at 4 channels; 0.9 to 2.2 for one channel.  Whole fits
+# of NMF2D 4x64x64, rank 6, per iteration: 8x8 1.07 of the contiguous layout's time,
+# 10x10 0.67, 12x12 0.67, 16x16 0.57, 24x24 0.51; 3x128x128 at 10x10 0.57-0.80).
+CHANNELS_LAST_SIDE = 10
+
 # Elements of the temporaries one block of the element-wise pass may hold (64 MiB of
 # float32): every problem of the benchmarks fits in one block, so blocking costs
 # them nothing; larger targets are handled in blocks of this size.
@@ -205,7 +217,10 @@ def correlate_h(X, W, route="windows", pad=0, H=None, out=None):
         return _adjoint(X, H, W.flip(dims=tuple(range(2, W.dim()))), pad, 0)
     if route == "conv":
         padding = _first_axis_padding(pad, len(kernel)) if pad else 0
-        return _CONV[len(kernel)](X, W.transpose(0, 1), padding=padding)
+        W_T = W.transpose(0, 1)
+        if _channels_last(X, W):
+            X, W_T = (T.contiguous(memory_format=torch.channels_last) for T in (X, W_T))
+        return _CONV[len(kernel)](X, W_T, padding=padding)
     C, R = W.shape[:2]
     N = X.shape[0]
     columns = X.reshape(N, C, -1)
@@ -259,6 +274,13 @@ def _inner(a, b):
     return float64_sum(torch.mul(a, b))
 
 
+def _channels_last(X, W):
+    """Whether the convolutions with the templates ``W`` take ``X`` in channels-last
+    memory (see :data:`CHANNELS_LAST_SIDE`)."""
+    return (W.dim() == 4 and max(W.shape[2:]) >= CHANNELS_LAST_SIDE and W.shape[0] > 1
+            and X.dtype == torch.float32 and X.device.type == "cpu")
+
+
 def _convolution_forward(S, W, pad=0):
     """The reconstruction of activations ``S`` by torch's convolutions; ``pad``: ``S``
     is a block of rows already padded by ``pad`` along its first axis, and only the
@@ -268,8 +290,16 @@ def _convolution_forward(S, W, pad=0):
     convolution with the flipped templates at kernels of 5 and more (float32, CPU, one
     thread: NMF2D 4x64x64 at 8x8 0.48 ms against 1.50, NMF3D 16^3 at 5^3 0.62 against
     2.10; float64 1.5 to 5 times, where the padded one takes torch's unfold path); in
-    1-D the padded convolution (the transposed one is 17 to 25 times slower there)."""
+    1-D the padded convolution (the transposed one is 17 to 25 times slower there).
+    For long 2-D kernels in float32 on CPU (:data:`CHANNELS_LAST_SIDE`) the padded
+    convolution in channels-last memory, faster than either (16x16: 1.39 ms against
+    2.87 for the transposed one); its result is in that layout."""
     kernel = W.shape[2:]
+    if _channels_last(S, W):  # the padded convolution, faster in that layout for long kernels
+        layout = torch.channels_last
+        return F.conv2d(S.contiguous(memory_format=layout),
+                        W.flip(dims=(2, 3)).contiguous(memory_format=layout),
+                        padding=_forward_padding(kernel, pad))
     if len(kernel) > 1:
         cropped = [pad] + [0] * (len(kernel) - 1)  # the transposed convolution's crop
         return _CONV_TRANSPOSE[len(kernel)](S, W.transpose(0, 1), padding=cropped)
@@ -546,17 +576,24 @@ class ConvStats:
         rows = S_windows.view(*S_windows.shape[:2], *full).narrow(2, pad, out_shape[0])
         return rows.reshape(*S_windows.shape[:2], -1)
 
-    def _buffer(self, name, shape, like):
+    def _buffer(self, name, shape, like, channels_last=False):
         """An uninitialised temporary, the same tensor at every call with this name and
         shape: the element-wise pass and the products write into memory they have
         written before (fresh 4 MB tensors cost a matrix product 1.3 to 2 times its
-        time on CPU, measured, one thread).  Nothing kept here leaves the object."""
-        key = (name, tuple(shape))
+        time on CPU, measured, one thread).  Nothing kept here leaves the object.
+        ``channels_last``: a ``(N, P, C, h, w)`` buffer whose ``(N P, C, h, w)`` view
+        is in channels-last memory (the right-hand sides of :data:`CHANNELS_LAST_SIDE`)."""
+        key = (name, tuple(shape), channels_last)
         kept = self._workspace.get(key)
         if kept is None or kept.dtype != like.dtype or kept.device != like.device:
             if len(self._workspace) > 8:  # shapes come and go (blocks): keep a few
                 self._workspace.clear()
-            kept = self._workspace[key] = like.new_empty(shape)
+            if channels_last:
+                N, P, C, *spatial = shape
+                kept = like.new_empty((N, P, *spatial, C)).permute(0, 1, 4, 2, 3)
+            else:
+                kept = like.new_empty(shape)
+            self._workspace[key] = kept
         return kept
 
     def _templates_matrix(self, W):
@@ -687,7 +724,8 @@ class ConvStats:
                                                 self._buffer("windows", size, S))
                 prediction = self._buffer("prediction", (count, C, positions), S)
             prediction = self._block_forward(S, W, route, S_windows, pad, V.shape[2:], prediction)
-            pair = self._buffer("pair", (count, parts, *V.shape[1:]), S)
+            pair = self._buffer("pair", (count, parts, *V.shape[1:]), S,
+                                _H_ROUTE[route] == "conv" and _channels_last(S, W))
             value = self._powers(prediction, pair.transpose(0, 1), divergence, V, weight,
                                  (n0, n1, a, b))
             if divergence:
@@ -708,8 +746,8 @@ class ConvStats:
                 terms = correlate_h(pair.view(-1, *V.shape[1:]), W, _H_ROUTE[route], pad, inputs, taps)
                 terms = terms.view(n1 - n0, parts, *terms.shape[1:]).transpose(0, 1)
                 h_sum = self._add_h(h_sum, terms, n0, n1, a)
-            if want_w:
-                terms = correlate_w(pair.view(n1 - n0, parts * C, *V.shape[2:]), S, S_windows,
+            if want_w:  # (a copy for a channels-last pair of two parts)
+                terms = correlate_w(pair.reshape(n1 - n0, parts * C, *V.shape[2:]), S, S_windows,
                                     kernel, _W_ROUTE[route], pad)
                 w_sum = terms if w_sum is None else w_sum.add_(terms)
         pointwise = divergence == "pointwise"

@@ -394,11 +394,22 @@ def float64_sum(x):
     ``x.sum(dtype=torch.float64)`` converts every element on the way and is
     over ten times slower on CPU (float32, 50000 x 500, one thread: 0.14 s
     against 0.011 s, measured); torch's float reductions sum in a cascade, so a
-    row sum keeps nearly the dtype's precision.
+    row sum keeps nearly the dtype's precision.  The rows are those of ``x``'s
+    memory (for a channels-last tensor, runs over its columns and channels).
     """
     if x.dim() == 0:
         return x.double()
+    if not x.is_contiguous() and x.dim() > 1:  # channels last: rows of columns x channels
+        x = _memory_order(x).flatten(-2)
     return x.sum(-1).sum(dtype=torch.float64)
+
+
+def _memory_order(x):
+    """``x`` permuted so that its axes run from the largest stride to the smallest
+    (a contiguous view for a dense tensor of any layout), or ``x`` itself."""
+    order = sorted(range(x.dim()), key=lambda axis: -x.stride(axis))
+    view = x.permute(order)
+    return view if view.is_contiguous() else x
 
 
 def divergence_constant(V, beta):
