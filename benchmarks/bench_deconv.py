@@ -169,7 +169,8 @@ def _rows(quick):
         rows.append((label, _fit_runner(ours, V, W0, H0, beta, tol=0),
                      theirs and _fit_runner(theirs, V, W0, H0, beta, tol=NO_STOP), loss,
                      _conv_floor(V, W0, H0, beta=beta)))
-    grids = [((1, 4, 64, 64), 6, (k, k)) for k in (2, 3, 5, 8, 16)]
+    grids = [((1, 4, 64, 64), 6, (k, k)) for k in (2, 3, 5, 8, 12, 16)]
+    grids.append(((1, 16, 64, 64), 10, (10, 10)))  # many channels, a long kernel
     grids += [((1, 2, 16, 16, 16), 4, (k, k, k)) for k in (2, 3, 5)]
     if quick:
         grids = [((1, 4, 32, 32), 3, (4, 4)), ((1, 2, 12, 12, 12), 2, (3, 3, 3))]

@@ -31,8 +31,11 @@ the *adjoint* kernels of the reconstruction's convolution (its backward
 passes, ``convolution_backward``, what autograd calls).  The
 reconstruction is then a matrix product of the windows, or torch's
 transposed convolution in 2-D and 3-D and a padded convolution with the
-flipped templates in 1-D (see :func:`_convolution_forward`).  Which route is fastest depends on
-the shape and on the machine: a fixed rule measured on CPU, and on an
+flipped templates in 1-D (see :func:`_convolution_forward`); long 2-D
+kernels over several channels reconstruct and correlate with the templates in
+channels-last memory, where torch's kernels for them are faster (see
+:data:`CHANNELS_LAST_SIDE`).  Which route is fastest depends on the shape and
+on the machine: a fixed rule measured on CPU, and on an
 accelerator (or when asked) a probe that times the candidate routes once per
 process and shape on the real tensors and keeps the fastest (see
 :data:`PROBE_ROUTES`).  Memory stays bounded: the temporaries are formed a block of
