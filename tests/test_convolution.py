@@ -79,6 +79,32 @@ def test_explicit_divergence_equals_the_autograd_route(beta, shape, masked, gene
         float(want.divergence(H.float().double(), W.float().double())), rel=1e-12)
 
 
+@pytest.mark.parametrize("beta", [0, 1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_padded_float64_reconstruction(beta, masked, generator, monkeypatch):
+    """Float64 reconstructions of many channels take the padded convolution (here
+    every one does): the explicit residual, the statistics of the convolutions' route
+    and their blocks are those of the autograd route."""
+    monkeypatch.setattr(_convolution, "PADDED_CHANNELS", 1)
+    monkeypatch.setattr(_convolution, "_CONV_TRANSPOSE", {})  # not taken
+    for shape in SHAPES[2:] + BLOCKED_SHAPES[2:]:
+        channels, rank, kernel, inner = shape[:4]
+        V, H, W = problem(generator, channels, rank, kernel, inner)
+        mask = None
+        reference = AutogradStats(V, beta, conv_transpose)
+        if masked:
+            mask = torch.rand(V.shape, generator=generator) > 0.3
+            V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
+            reference = MaskedAutogradStats(V, mask, beta, conv_transpose)
+        want = float(reference.divergence(H, W))
+        whole = ConvStats(V, beta, mask=mask, route="conv")
+        for limit in [None] + block_limits(whole, H, W)[:2]:
+            stats = ConvStats(V, beta, mask=mask, route="conv", block_elements=limit)
+            assert float(stats.explicit_divergence(H, W)) == pytest.approx(want, rel=1e-12)
+            assert_terms(stats.h_terms(H, W), reference.h_terms(H, W))
+            assert_terms(stats.w_terms(H, W), reference.w_terms(H, W))
+
+
 @pytest.mark.parametrize("route", ["windows", "conv", "adjoint", "hybrid"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("beta", [0, 1, 1.5, 2])

@@ -101,6 +101,16 @@ HYBRID_WINDOWS = 640_000
 # 10x10 0.67, 12x12 0.67, 16x16 0.57, 24x24 0.51; 3x128x128 at 10x10 0.57-0.80).
 CHANNELS_LAST_SIDE = 10
 
+# Reconstructions in float64 (the explicit residual's, see ConvStats.explicit_divergence)
+# of at least this many channels take the padded convolution rather than the transposed
+# one, which torch runs without oneDNN in that dtype and which slows down with the
+# channels (measured, one thread, ms: NMF2D 16x64x64, rank 10, 10x10 27-40 against
+# 12-14, 32 channels 79 against 16, 12 channels at 8x8 7.1 against 3.9, NMF3D 16
+# channels at 3^3 5.5 against 1.0 and at 5^3 6.8 against 6.2; at 2 to 8 channels the
+# transposed one was as fast or up to 6 times faster: 3 channels 128^2 at 10x10 33
+# against 88, 4 channels at 16x16 7.8 against 45).
+PADDED_CHANNELS = 12
+
 # Elements of the temporaries one block of the element-wise pass may hold (64 MiB of
 # float32): every problem of the benchmarks fits in one block, so blocking costs
 # them nothing; larger targets are handled in blocks of this size.
@@ -296,18 +306,21 @@ def _convolution_forward(S, W, pad=0):
     1-D the padded convolution (the transposed one is 17 to 25 times slower there).
     For long 2-D kernels in float32 on CPU (:data:`CHANNELS_LAST_SIDE`) the padded
     convolution in channels-last memory, faster than either (16x16: 1.39 ms against
-    2.87 for the transposed one); its result is in that layout."""
+    2.87 for the transposed one); its result is in that layout.  In float64 (the
+    explicit residual's reconstruction), with :data:`PADDED_CHANNELS` channels or
+    more, the padded convolution."""
     kernel = W.shape[2:]
     if _channels_last(S, W):  # the padded convolution, faster in that layout for long kernels
         layout = torch.channels_last
         return F.conv2d(S.contiguous(memory_format=layout),
                         W.flip(dims=(2, 3)).contiguous(memory_format=layout),
                         padding=_forward_padding(kernel, pad))
-    if len(kernel) > 1:
+    padded = len(kernel) == 1 or (S.dtype == torch.float64 and W.shape[0] >= PADDED_CHANNELS)
+    if not padded:
         cropped = [pad] + [0] * (len(kernel) - 1)  # the transposed convolution's crop
         return _CONV_TRANSPOSE[len(kernel)](S, W.transpose(0, 1), padding=cropped)
-    padding = [0 if pad else kernel[0] - 1]
-    return _CONV[1](S, W.flip(dims=(2,)), padding=padding)
+    flipped = W.flip(dims=tuple(range(2, W.dim())))
+    return _CONV[len(kernel)](S, flipped, padding=_forward_padding(kernel, pad))
 
 
 def _pad_first_axis(H, k):
