@@ -414,6 +414,29 @@ def test_nmfd_on_digits_decreases_and_recovers_strokes(beta):
     assert history[-1] < 0.4 * history[0]
 
 
+def test_nmf2d_on_a_photograph_in_channels_last_memory(monkeypatch):
+    """A real image (scikit-learn's china.jpg: 3 colour channels, float32) with 10x10
+    templates, which take the channels-last kernels: the fit follows the contiguous
+    layout's and its objective decreases."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    pytest.importorskip("PIL")
+    image = torch.tensor(datasets.load_sample_image("china.jpg"), dtype=torch.float32)
+    V = torch.nn.functional.avg_pool2d(image.permute(2, 0, 1)[None], 8) / 255 + 0.01
+    histories = []
+    for side in (_convolution.CHANNELS_LAST_SIDE, 10 ** 9):
+        monkeypatch.setattr(_convolution, "CHANNELS_LAST_SIDE", side)
+        torch.manual_seed(0)
+        model = NMF2D(V.shape, rank=4, kernel_size=(10, 10))
+        if side < 10 ** 9:
+            assert _convolution._channels_last(V, model.W)
+        model.fit(V, beta=1, max_iter=20, tol=0)
+        histories.append(torch.tensor(model.loss_history, dtype=torch.float64))
+    last, contiguous = histories
+    assert (last[1:] <= last[:-1] * (1 + 1e-6)).all()
+    assert_close(last, contiguous, rtol=1e-5, atol=0)
+    assert last[-1] < 0.5 * last[0]
+
+
 def test_planted_convolutive_factors_are_recovered(generator):
     """Exact planted data: the fit reaches a near-zero divergence."""
     W = torch.rand(6, 2, 4, generator=generator, dtype=torch.float64)
