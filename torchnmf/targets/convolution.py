@@ -101,8 +101,9 @@ HYBRID_WINDOWS = 640_000
 # 10x10 0.67, 12x12 0.67, 16x16 0.57, 24x24 0.51; 3x128x128 at 10x10 0.57-0.80).
 CHANNELS_LAST_SIDE = 10
 
-# Reconstructions in float64 (the explicit residual's, see ConvStats.explicit_divergence)
-# of at least this many channels take the padded convolution rather than the transposed
+# Reconstructions in float64 on CPU (the explicit residual's, see
+# ConvStats.explicit_divergence) of at least this many channels take the padded
+# convolution rather than the transposed
 # one, which torch runs without oneDNN in that dtype and which slows down with the
 # channels (measured, one thread, ms: NMF2D 16x64x64, rank 10, 10x10 27-40 against
 # 12-14, 32 channels 79 against 16, 12 channels at 8x8 7.1 against 3.9, NMF3D 16
@@ -306,16 +307,17 @@ def _convolution_forward(S, W, pad=0):
     1-D the padded convolution (the transposed one is 17 to 25 times slower there).
     For long 2-D kernels in float32 on CPU (:data:`CHANNELS_LAST_SIDE`) the padded
     convolution in channels-last memory, faster than either (16x16: 1.39 ms against
-    2.87 for the transposed one); its result is in that layout.  In float64 (the
-    explicit residual's reconstruction), with :data:`PADDED_CHANNELS` channels or
-    more, the padded convolution."""
+    2.87 for the transposed one); its result is in that layout.  In float64 on CPU
+    (the explicit residual's reconstruction), with :data:`PADDED_CHANNELS` channels
+    or more, the padded convolution."""
     kernel = W.shape[2:]
     if _channels_last(S, W):  # the padded convolution, faster in that layout for long kernels
         layout = torch.channels_last
         return F.conv2d(S.contiguous(memory_format=layout),
                         W.flip(dims=(2, 3)).contiguous(memory_format=layout),
                         padding=_forward_padding(kernel, pad))
-    padded = len(kernel) == 1 or (S.dtype == torch.float64 and W.shape[0] >= PADDED_CHANNELS)
+    padded = len(kernel) == 1 or (S.dtype == torch.float64 and W.shape[0] >= PADDED_CHANNELS
+                                  and S.device.type == "cpu")
     if not padded:
         cropped = [pad] + [0] * (len(kernel) - 1)  # the transposed convolution's crop
         return _CONV_TRANSPOSE[len(kernel)](S, W.transpose(0, 1), padding=cropped)
