@@ -629,6 +629,8 @@ class ConvStats:
         return _convolution_forward(S, W, pad)
 
     def _target_block(self, n0, n1, a, b):
+        if n0 == 0 and a == 0 and n1 == self.V.shape[0] and b == self.V.shape[2]:
+            return self.V, self.weight  # one block: no views to make
         V = self.V[n0:n1, :, a:b]
         return V, None if self.weight is None else self.weight[n0:n1, :, a:b]
 
@@ -682,8 +684,8 @@ class ConvStats:
             if divergence:  # the reconstruction is not needed any more: its log in place
                 # (base 2: about 10% cheaper than the natural log on CPU, measured in place on
                 # 257k and 1M float32 entries, one thread)
-                logs = float64_sum(floored.log2_().mul_(V)) * _LN2
-                variable = -logs if variable is None else variable - logs
+                logs = float64_sum(floored.log2_().mul_(V)).mul_(-_LN2)  # minus the log's sum
+                variable = logs if variable is None else variable.add_(logs)
             return variable
         torch.pow(floored, beta - 1, out=denom)
         if weight is not None:
@@ -757,7 +759,9 @@ class ConvStats:
                 w_sum = terms_w if w_sum is None else w_sum.add_(terms_w)
                 continue
             if want_h:
-                inputs = S if parts == 1 else S.repeat_interleave(parts, 0)  # "adjoint": the shape
+                inputs = None  # the "adjoint" route reads the activations' shape from it
+                if _H_ROUTE[route] == "adjoint":
+                    inputs = S if parts == 1 else S.repeat_interleave(parts, 0)
                 taps = None
                 if _H_ROUTE[route] == "windows":
                     taps = self._buffer("taps", (count * parts, R * K, positions), S)

@@ -164,6 +164,10 @@ class AccurateDivergence:
         if isinstance(value, torch.Tensor) and value.dim() == 1:
             return self._checked_members(value, H, W, final)
         on_device = device.on_accelerator(value)
+        if not on_device:
+            # on the CPU a float: the loop reads it anyway, and a tensor would cost a torch
+            # call for each step of arithmetic on its way there (the clamp, the penalty)
+            value = float(value)
         # on an accelerator the check would read the value back every iteration
         # (a synchronisation the loop avoids): there only the final objective is checked
         if self.threshold is not None and (final or not on_device) and float(value) < self.threshold:
@@ -174,7 +178,7 @@ class AccurateDivergence:
             return value
         if not final:
             self.accurate = None
-        return value.clamp_min(0) if isinstance(value, torch.Tensor) else max(value, 0.0)
+        return value.clamp_min(0) if on_device else max(value, 0.0)
 
     def _settled(self, pointwise, H, W, final=False):
         """The accurate value at (H, W): ``pointwise`` (an entry-wise value on the
