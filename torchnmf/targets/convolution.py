@@ -311,17 +311,15 @@ def _convolution_forward(S, W, pad=0):
     (the explicit residual's reconstruction), with :data:`PADDED_CHANNELS` channels
     or more, the padded convolution."""
     kernel = W.shape[2:]
-    if _channels_last(S, W):  # the padded convolution, faster in that layout for long kernels
-        layout = torch.channels_last
-        return F.conv2d(S.contiguous(memory_format=layout),
-                        W.flip(dims=(2, 3)).contiguous(memory_format=layout),
-                        padding=_forward_padding(kernel, pad))
-    padded = len(kernel) == 1 or (S.dtype == torch.float64 and W.shape[0] >= PADDED_CHANNELS
-                                  and S.device.type == "cpu")
+    channels_last = _channels_last(S, W)
+    padded = channels_last or len(kernel) == 1 or (
+        S.dtype == torch.float64 and W.shape[0] >= PADDED_CHANNELS and S.device.type == "cpu")
     if not padded:
         cropped = [pad] + [0] * (len(kernel) - 1)  # the transposed convolution's crop
         return _CONV_TRANSPOSE[len(kernel)](S, W.transpose(0, 1), padding=cropped)
     flipped = W.flip(dims=tuple(range(2, W.dim())))
+    if channels_last:
+        S, flipped = (T.contiguous(memory_format=torch.channels_last) for T in (S, flipped))
     return _CONV[len(kernel)](S, flipped, padding=_forward_padding(kernel, pad))
 
 
