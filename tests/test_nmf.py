@@ -108,6 +108,33 @@ def test_construction_errors():
         NMF(W="big")
     with pytest.raises(TypeError, match="trainable_W must be a bool"):
         NMF((3, 3), trainable_W=1)
+    with pytest.raises(TypeError, match="T must be a positive integer or a sequence of 1, got 2.5"):
+        NMFD((2, 3, 8), T=2.5)
+    with pytest.raises(TypeError, match="kernel_size must be a positive integer or a sequence of 3"):
+        NMF3D((1, 2, 8, 8, 8), kernel_size=None)
+
+
+def test_forward_errors_name_the_factor(generator):
+    """Factors given to forward that the map cannot combine fail at the entry, with
+    the shapes, not inside torch's kernels."""
+    model = NMFD((1, 8, 20), rank=2, T=3)
+    with pytest.raises(ValueError, match=r"same rank \(dimension 1 of each\), got H of shape \(1, 3, 18\)"):
+        model(torch.rand(1, 3, 18, generator=generator))
+    with pytest.raises(ValueError, match=r"NMF2D needs a 4-dimensional H, got shape \(2, 14, 14\)"):
+        NMF2D((1, 4, 16, 16), rank=2, kernel_size=3)(torch.rand(2, 14, 14, generator=generator))
+    with pytest.raises(ValueError, match="NMFD needs a 3-dimensional W"):
+        model(W=torch.rand(8, 2, generator=generator))
+    matrix = NMF((5, 4), rank=2)
+    with pytest.raises(ValueError, match=r"dimension 1 of W, the last of H\), got H of shape \(5, 3\)"):
+        matrix(torch.rand(5, 3, generator=generator))
+    with pytest.raises(TypeError, match="H must be a tensor, got list"):
+        matrix([[1.0, 2.0]])
+    with pytest.raises(TypeError, match="same dtype, got torch.float64 and torch.float32"):
+        matrix(torch.rand(5, 2, generator=generator, dtype=torch.float64))
+    # what the map accepts still works: batch dimensions before a matrix model's rank
+    H = torch.rand(7, 5, 2, generator=generator)
+    assert_close(matrix(H), H @ matrix.W.detach().T)
+    assert model(W=model.W.detach() * 2).shape == (1, 8, 20)
 
 
 def test_fit_errors(generator):

@@ -168,6 +168,8 @@ def test_errors(generator):
         PLCA((5, 4), rank=2, Z="uniform")
     with pytest.raises(ValueError, match="PLCA expects a 2-dimensional Vshape"):
         PLCA((5, 4, 3))
+    with pytest.raises(ValueError, match=r"same rank \(dimension 1 of each\)"):
+        SIPLCA((1, 8, 20), rank=2, T=3)(torch.rand(1, 3, 18, generator=generator))
     with pytest.raises(ValueError, match="SIPLCA needs a 3-dimensional W"):
         SIPLCA(W=torch.rand(4, 2))
     with pytest.raises(TypeError, match="trainable_Z must be a bool"):

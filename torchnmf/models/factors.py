@@ -18,6 +18,7 @@ __all__ = [
     "factor_dtype_hint",
     "check_vshape",
     "conv_factor_shapes",
+    "check_forward_factors",
     "kernel_tuple",
     "default_rank",
     "shapes_from_vshape",
@@ -119,12 +120,46 @@ def kernel_tuple(kernel_size, dims, name="kernel_size"):
     """An int or a sequence of ``dims`` positive ints, as a tuple."""
     if isinstance(kernel_size, numbers.Integral) and not isinstance(kernel_size, bool):
         kernel_size = (int(kernel_size),) * dims
+    if not isinstance(kernel_size, (tuple, list, torch.Size)):
+        raise TypeError(
+            f"{name} must be a positive integer or a sequence of {dims}, got {kernel_size!r}"
+        )
     kernel_size = tuple(kernel_size)
     if len(kernel_size) != dims:
         raise ValueError(f"{name} must be an int or {dims} ints, got {kernel_size}")
     for k in kernel_size:
         check_positive_int(k, name)
     return kernel_size
+
+
+def check_forward_factors(H, W, ndim, cls_name):
+    """Errors, naming the argument, for factors given to ``forward`` that the forward
+    map cannot combine: not tensors, the wrong number of dimensions (``ndim``, when the
+    model fixes it), different ranks (dimension 1 of both; the last of a matrix
+    model's ``H``, which may carry batch dimensions before it), dtypes or devices."""
+    for name, factor in (("H", H), ("W", W)):
+        if not isinstance(factor, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(factor).__name__}")
+        if ndim is not None and factor.dim() != ndim:
+            raise ValueError(
+                f"{cls_name} needs a {ndim}-dimensional {name}, got shape {tuple(factor.shape)}"
+            )
+    if W.dim() < 2 or (H.dim() < 2 and ndim is not None):
+        short = "W" if W.dim() < 2 else "H"
+        raise ValueError(
+            f"{short} needs a rank dimension: at least 2 dimensions, got shape "
+            f"{tuple((W if short == 'W' else H).shape)}"
+        )
+    h_rank = H.shape[1] if ndim is not None else H.shape[-1]
+    if h_rank != W.shape[1]:
+        raise ValueError(
+            f"H and W must have the same rank ({'dimension 1 of each' if ndim else 'dimension 1 of W, the last of H'}), "
+            f"got H of shape {tuple(H.shape)} and W of shape {tuple(W.shape)}"
+        )
+    if H.dtype != W.dtype:
+        raise TypeError(f"H and W must have the same dtype, got {H.dtype} and {W.dtype}")
+    if H.device != W.device:
+        raise ValueError(f"H and W must be on the same device, got {H.device} and {W.device}")
 
 
 def conv_factor_shapes(Vshape, rank, kernel):
@@ -226,7 +261,9 @@ class FactorModule(nn.Module):
         return ", ".join(parts)
 
     def _own_factors(self, H, W):
-        """``H`` and ``W``, falling back to the module's own; an error if one is missing."""
+        """``H`` and ``W``, falling back to the module's own; an error if one is missing
+        or if a given one cannot meet the other (see :func:`check_forward_factors`)."""
+        given = H is not None or W is not None
         H = self.H if H is None else H
         W = self.W if W is None else W
         if H is None or W is None:
@@ -235,6 +272,8 @@ class FactorModule(nn.Module):
                 f"{missing} is needed: the module has no {missing} parameter, so pass it "
                 f"to forward"
             )
+        if given:  # the module's own pair was checked when it was made
+            check_forward_factors(H, W, self._factor_ndim, type(self).__name__)
         return H, W
 
     def _output_shape(self):
