@@ -73,6 +73,10 @@ def test_silhouette_and_density_against_naive_loops(generator):
         silhouette_score(X, torch.zeros(9, dtype=torch.int64))
     with pytest.raises(ValueError, match="n_neighbors must be below the number of points 9, got 9"):
         local_density(X, 9)
+    with pytest.raises(ValueError, match=r"a \(K, N, R\) stack .* got a tensor of shape \(5, 2\)"):
+        consensus_matrix(torch.rand(5, 2))
+    with pytest.raises(ValueError, match=r"H\[1\] has shape \(4, 2\), H\[0\] \(5, 2\)"):
+        consensus_matrix([torch.rand(5, 2), torch.rand(4, 2)])
 
 
 def test_silhouette_matches_scikit_learn(generator):

@@ -86,3 +86,12 @@ def test_errors(generator):
         rank_table(V, [2], method="x")
     with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
         cross_validate(V, [0, 2])
+    # folds that would hold nothing out, and ranks above the held-in block D
+    with pytest.raises(ValueError, match=r"n_folds must be at most the number of entries of V \(200\)"):
+        cross_validate(V, [2], n_folds=201)
+    with pytest.raises(ValueError, match=r"row_folds must be at most the number of rows of V \(20\), got 21"):
+        bi_cross_validate(V, [2], row_folds=21)
+    with pytest.raises(ValueError, match=r"column_folds must be at most the number of columns of V \(10\)"):
+        bi_cross_validate(V, [2], column_folds=11)
+    with pytest.raises(ValueError, match=r"smallest held-in block D \(5 for V of shape \(20, 10\)"):
+        bi_cross_validate(V, [2, 6])

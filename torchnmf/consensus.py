@@ -73,9 +73,23 @@ def consensus_matrix(H):
                 [0.0000, 0.3333, 1.0000, 0.6667],
                 [0.3333, 0.0000, 0.6667, 1.0000]], dtype=torch.float64)
     """
-    runs = list(H.unbind(0)) if isinstance(H, torch.Tensor) and H.dim() == 3 else list(H)
+    if isinstance(H, torch.Tensor) and H.dim() != 3:
+        raise ValueError(
+            f"H must be a (K, N, R) stack or a sequence of (N, R) activations, got a tensor "
+            f"of shape {tuple(H.shape)}"
+        )
+    runs = list(H.unbind(0)) if isinstance(H, torch.Tensor) else list(H)
     if not runs:
         raise ValueError("H must hold at least one factorisation, got none")
+    for k, activations in enumerate(runs):
+        if not isinstance(activations, torch.Tensor):
+            raise TypeError(f"H[{k}] must be a tensor, got {type(activations).__name__}")
+        if activations.dim() != 2 or activations.shape[0] != runs[0].shape[0]:
+            raise ValueError(
+                f"H must hold (N, R) activations with the same N, or be a (K, N, R) stack; "
+                f"H[{k}] has shape {tuple(activations.shape)}"
+                + ("" if k == 0 else f", H[0] {tuple(runs[0].shape)}")
+            )
     total = None
     for activations in runs:
         labels = activations.detach().argmax(-1)

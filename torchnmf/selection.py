@@ -174,6 +174,11 @@ def cross_validate(V, ranks, n_folds=5, n_restarts=4, beta=2, tol=1e-4, max_iter
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}")
     V, mask = prepare_matrix(V, mask)
+    if n_folds > V.shape[0] * V.shape[1]:
+        raise ValueError(
+            f"n_folds must be at most the number of entries of V ({V.shape[0] * V.shape[1]}): "
+            f"every fold holds out at least one, got {n_folds}"
+        )
     generator = torch.Generator().manual_seed(seed)
     folds = _entry_folds(V.shape, n_folds, generator, V.device)
     observed = torch.ones(V.shape, dtype=torch.bool, device=V.device) if mask is None else mask
@@ -212,7 +217,8 @@ def bi_cross_validate(V, ranks, row_folds=2, column_folds=2, n_restarts=4, beta=
 
     Args:
         V (Tensor): the ``(N, C)`` target, dense or sparse.
-        ranks (sequence of int): the ranks to try (each below the size of ``D``).
+        ranks (sequence of int): the ranks to try, each at most the smaller side of
+            the held-in block ``D`` (the rows and columns outside one fold's groups).
         row_folds, column_folds (int): the groups of rows and of columns; each
             of their ``row_folds * column_folds`` blocks is one fold.
         n_restarts, beta, tol, max_iter, solver, seed: as in :func:`cross_validate`.
@@ -238,6 +244,18 @@ def bi_cross_validate(V, ranks, row_folds=2, column_folds=2, n_restarts=4, beta=
             raise ValueError(f"{name} must be at least 2, got {value}")
     V, _ = prepare_matrix(V)
     N, C = V.shape
+    for folds, size, name, axis in ((row_folds, N, "row_folds", "rows"),
+                                    (column_folds, C, "column_folds", "columns")):
+        if folds > size:
+            raise ValueError(f"{name} must be at most the number of {axis} of V ({size}), got {folds}")
+    # the smallest D: all rows but a largest group's, all columns but a largest group's
+    smallest = min(N - -(-N // row_folds), C - -(-C // column_folds))
+    if max(ranks) > smallest:
+        raise ValueError(
+            f"ranks must be at most the smaller side of the smallest held-in block D "
+            f"({smallest} for V of shape {tuple(V.shape)} with {row_folds} x {column_folds} "
+            f"folds), got {max(ranks)}"
+        )
     generator = torch.Generator().manual_seed(seed)
     row_groups, column_groups = _groups(N, row_folds, generator), _groups(C, column_folds, generator)
     errors = torch.zeros(row_folds * column_folds, len(ranks), dtype=torch.float64)
