@@ -239,7 +239,7 @@ class BaseComponent(FactorModule):
         with torch.no_grad():
             n_iter, history = run_fit(
                 em.step, em.objective, tol, max_iter, verbose=verbose, callback=callback,
-                desc=type(self).__name__,
+                desc=type(self).__name__, converged=lambda: em.converged,
             )
         self.loss_history = history
         return n_iter, total

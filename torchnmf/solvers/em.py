@@ -25,6 +25,9 @@ decreases).
 """
 import torch
 
+from .acceptance import RoundingGuard
+from .problem import FitProblem
+
 __all__ = ["normalise_components_", "ExpectationMaximisation"]
 
 
@@ -55,12 +58,25 @@ class ExpectationMaximisation:
     factor is trained.
     """
 
+    # without priors EM never raises the divergence in exact arithmetic: near an exact
+    # fit an iteration that rounding raised by more than this many epsilons of it is
+    # refused and the fit stops as converged (see torchnmf.solvers.acceptance)
+    accept_rounding = 4
+
     def __init__(self, stats, H, W, Z, update, alphas):
         self.stats = stats
         self.factors = {"H": H, "W": W, "Z": Z}
         self.update = update
         self.alphas = alphas
         self._z_shape = (1, -1) + (1,) * (H.dim() - 2)
+        self.guard = None
+        if all(not isinstance(alpha, torch.Tensor) and alpha == 1 for alpha in alphas.values()):
+            self.guard = RoundingGuard(FitProblem(stats, H, W, 1.0), self.accept_rounding)
+
+    @property
+    def converged(self):
+        """Whether an iteration was refused (the fit is at its rounding floor)."""
+        return self.guard is not None and self.guard.converged
 
     def _weighted_H(self):
         return self.factors["H"] * self.factors["Z"].view(self._z_shape)
@@ -90,6 +106,10 @@ class ExpectationMaximisation:
         else:
             negative, _, divergence = self.stats.h_terms(weighted, W)
         before = torch.as_tensor(divergence, dtype=torch.float64) + self._prior()  # read back by the loop
+        if self.guard is not None:
+            before = self.guard.check(before, [H, W, Z])
+            if self.guard.converged:
+                return before
         counts_W = None
         if self.update["W"]:
             if negative_W is None:
