@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from ..models.forward import padded_windows
 from .dense import divergence_constant, float64_sum
+from . import spectral
 from .residual import PointwiseReference
 
 __all__ = [
@@ -371,6 +372,7 @@ class ConvStats:
         self._flipped = None  # (W, its version, its flipped matrix): H's and W's passes share it
         self._workspace = {}  # (name, shape): a temporary kept for the next iteration
         self._references = {}  # a block's rows: its PointwiseReference (pointwise_divergence)
+        self._fft_refused = False  # the FFTs' rounding was too large for the explicit residual
         self.weight = None
         if mask is None:
             self.constant = divergence_constant(self.V, self.beta)
@@ -400,18 +402,44 @@ class ConvStats:
         return float(self._observed(self.V).double().pow(2 * self.beta).sum())
 
     def explicit_divergence(self, H, W):
-        """The divergence summed entry by entry in float64 (slow, accurate), block by block."""
+        """The divergence summed entry by entry in float64 (slow, accurate), block by block.
+
+        The float64 reconstruction is torch's convolution, or, for long 2-D and 3-D
+        templates of a float32 fit on CPU, FFTs wherever their rounding provably
+        stays under :data:`~torchnmf.targets.spectral.SHARE` epsilons of the value
+        (see :mod:`torchnmf.targets.spectral`; near an exact fit it does not, and the
+        convolution is taken from then on)."""
         self._plan(H, W)  # the blocks, chosen on the factors themselves (not their float64 copies)
+        fit_dtype = H.dtype
         H, W = H.double(), W.double()
         total = torch.zeros((), dtype=torch.float64, device=H.device)
         for block in self._blocks(H, W, "conv"):
             S, n0, n1, a, b, pad = block
-            prediction = _convolution_forward(S, W, pad)
-            if self.beta != 2:
-                prediction = prediction.clamp_min(self.eps)
             V, weight = self._target_block(n0, n1, a, b)
-            total += self._pointwise(V, weight, prediction, (n0, n1, a, b))
+            value = None
+            if not self._fft_refused and spectral.fft_cheaper(S, W, fit_dtype, BLOCK_ELEMENTS // 4):
+                value = self._spectral_divergence(S, W, pad, V, weight, (n0, n1, a, b))
+            if value is None:
+                prediction = _convolution_forward(S, W, pad)
+                if self.beta != 2:
+                    prediction = prediction.clamp_min(self.eps)
+                value = self._pointwise(V, weight, prediction, (n0, n1, a, b))
+            total += value
         return total
+
+    def _spectral_divergence(self, S, W, pad, V, weight, rows):
+        """A block's entry-wise divergence on the FFTs' reconstruction, or None (and no
+        FFTs for the rest of the fit) where their rounding could reach
+        :data:`~torchnmf.targets.spectral.SHARE` epsilons of it."""
+        prediction = spectral.fft_reconstruction(S, W, pad, rows[3] - rows[2])
+        if self.beta != 2:
+            prediction = prediction.clamp_min_(self.eps)
+        value = self._pointwise(V, weight, prediction, rows)
+        reach = spectral.error_bound(S, W).mul_(spectral.slope_norms(V, prediction, self.beta, weight))
+        if float(reach.sum()) > spectral.SHARE * self.eps * float(value):
+            self._fft_refused = True  # the fit only gets closer: keep the convolution
+            return None
+        return value
 
     def pointwise_divergence(self, H, W):
         r"""The divergence summed entry by entry in float64 on the reconstruction in
