@@ -561,6 +561,82 @@ def test_pointwise_divergence_equals_the_explicit_one(beta, shape, route, masked
         assert stats.joint_terms(H, W, divergence=False)[2] is None
 
 
+@pytest.mark.parametrize("route", ["windows", "conv", "adjoint", "hybrid", None])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("beta", [0, 1, 1.5, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_explicit_residual_in_the_terms_pass(beta, shape, route, masked, generator):
+    """With ``divergence="explicit"`` the terms' pass gives the explicit residual's
+    value itself, and terms from its float64 reconstruction rounded to float32: those
+    of the float32 reconstruction to float32's rounding (the first shape at beta=2
+    takes the auto-correlation route), block by block too."""
+    V, H, W = problem(generator, *shape, dtype=torch.float32)
+    mask = None
+    if masked:
+        mask = torch.rand(V.shape, generator=generator) > 0.3
+        V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
+    whole = ConvStats(V, beta, mask=mask, route=route)
+    explicit = float(whole.explicit_divergence(H, W))
+    limits = [None] + (block_limits(whole, H, W)[:1] if V.dim() > 3 else [])
+    for limit in limits:
+        stats = ConvStats(V, beta, mask=mask, route=route, block_elements=limit)
+        *h, value = stats.h_terms(H, W, divergence="explicit")
+        assert value.dtype == torch.float64
+        assert float(value) == pytest.approx(explicit, rel=1e-12)
+        assert_terms(h, whole.h_terms(H, W, divergence=False)[:2], torch.float32)
+        *w, value = stats.w_terms(H, W, divergence="explicit")
+        assert float(value) == pytest.approx(explicit, rel=1e-12)
+        assert_terms(w, whole.w_terms(H, W), torch.float32)
+        h_joint, w_joint, value = stats.joint_terms(H, W, divergence="explicit")
+        assert float(value) == pytest.approx(explicit, rel=1e-12)
+        assert_terms((*h_joint, *w_joint), (*h, *w), torch.float32)
+
+
+def test_a_fit_in_the_explicit_residual_reconstructs_once_per_pass(monkeypatch):
+    """Below the guard threshold the H pass takes its terms from the explicit
+    residual's float64 reconstruction: no float32 one, no second pass; the history is
+    the one of separate passes to float32's rounding, and never rises."""
+    from torchnmf.targets.residual import AccurateDivergence
+
+    g = torch.Generator().manual_seed(0)
+    H_true = torch.rand(1, 3, 20, 20, generator=g).pow_(4)
+    W_true = torch.rand(2, 3, 3, 3, generator=g)
+    V = NMF2D.reconstruct(H_true, W_true) + 1e-3
+    W0 = W_true * (1 + 0.05 * torch.rand(W_true.shape, generator=g))
+    H0 = H_true * (1 + 0.05 * torch.rand(H_true.shape, generator=g))
+    histories, forwards = [], []
+    block_forward = ConvStats._block_forward
+
+    def counted(self, *args):
+        forwards[-1] += 1
+        return block_forward(self, *args)
+
+    monkeypatch.setattr(ConvStats, "_block_forward", counted)
+    for in_pass in (True, False):
+        monkeypatch.setattr(AccurateDivergence, "__init__", _with_in_pass(in_pass))
+        forwards.append(0)
+        model = NMF2D(W=W0.clone(), H=H0.clone())
+        model.fit(V, beta=1, max_iter=30, tol=0)
+        histories.append(torch.tensor(model.loss_history, dtype=torch.float64))
+    assert forwards[0] < forwards[1] - 20  # the H passes of the explicit iterations
+    together, separate = histories
+    assert (together[1:] <= together[:-1] * (1 + 4 * 1.2e-7)).all()
+    # the relative residual is about 1e-3: iterates that differ by float32's rounding
+    # (6e-8) move the objective, the residual's square, by about 1e-4 of itself
+    assert_close(together, separate, rtol=1e-3, atol=0)
+
+
+def _with_in_pass(in_pass):
+    from torchnmf.targets.residual import AccurateDivergence
+
+    init = AccurateDivergence.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.explicit_in_pass = self.explicit_in_pass and in_pass
+    return patched
+
+
 def test_a_small_float32_fit_reports_its_iterates_without_a_float64_reconstruction(monkeypatch):
     """Under the rounding-noise bound of a small target (and above the cancellation
     bound) every entry of the history is the objective of the factors the previous

@@ -359,6 +359,10 @@ class ConvStats:
             (default :data:`BLOCK_ELEMENTS`).
     """
 
+    # h_terms, w_terms and joint_terms take divergence="explicit" (the explicit residual
+    # from the reconstruction their terms use; see AccurateDivergence)
+    explicit_in_pass = True
+
     def __init__(self, V, beta, mask=None, route=None, block_elements=None):
         if route is not None and route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES} or None, got {route!r}")
@@ -408,27 +412,32 @@ class ConvStats:
         templates of a float32 fit on CPU, FFTs wherever their rounding provably
         stays under :data:`~torchnmf.targets.spectral.SHARE` epsilons of the value
         (see :mod:`torchnmf.targets.spectral`; near an exact fit it does not, and the
-        convolution is taken from then on)."""
+        convolution is taken from then on).  ``h_terms`` and ``w_terms`` give the
+        same value with ``divergence="explicit"``, from the same reconstruction as
+        their terms."""
         self._plan(H, W)  # the blocks, chosen on the factors themselves (not their float64 copies)
         fit_dtype = H.dtype
         H, W = H.double(), W.double()
         total = torch.zeros((), dtype=torch.float64, device=H.device)
-        for block in self._blocks(H, W, "conv"):
-            S, n0, n1, a, b, pad = block
+        for S, n0, n1, a, b, pad in self._blocks(H, W, "conv"):
             V, weight = self._target_block(n0, n1, a, b)
-            value = None
-            if not self._fft_refused and spectral.fft_cheaper(S, W, fit_dtype, BLOCK_ELEMENTS // 4):
-                value = self._spectral_divergence(S, W, pad, V, weight, (n0, n1, a, b))
-            if value is None:
-                prediction = _convolution_forward(S, W, pad)
-                if self.beta != 2:
-                    prediction = prediction.clamp_min(self.eps)
-                value = self._pointwise(V, weight, prediction, (n0, n1, a, b))
-            total += value
+            total += self._explicit_block(S, W, pad, V, weight, (n0, n1, a, b), fit_dtype)[0]
         return total
 
+    def _explicit_block(self, S, W, pad, V, weight, rows, fit_dtype):
+        """``(divergence, reconstruction)`` of a block in float64 (``S`` and ``W``
+        float64; the reconstruction floored as the divergence takes it)."""
+        if not self._fft_refused and spectral.fft_cheaper(S, W, fit_dtype, BLOCK_ELEMENTS // 4):
+            found = self._spectral_divergence(S, W, pad, V, weight, rows)
+            if found is not None:
+                return found
+        prediction = _convolution_forward(S, W, pad)
+        if self.beta != 2:
+            prediction = prediction.clamp_min(self.eps)
+        return self._pointwise(V, weight, prediction, rows), prediction
+
     def _spectral_divergence(self, S, W, pad, V, weight, rows):
-        """A block's entry-wise divergence on the FFTs' reconstruction, or None (and no
+        """A block's ``(divergence, reconstruction)`` from the FFTs, or None (and no
         FFTs for the rest of the fit) where their rounding could reach
         :data:`~torchnmf.targets.spectral.SHARE` epsilons of it."""
         prediction = spectral.fft_reconstruction(S, W, pad, rows[3] - rows[2])
@@ -439,7 +448,7 @@ class ConvStats:
         if float(reach.sum()) > spectral.SHARE * self.eps * float(value):
             self._fft_refused = True  # the fit only gets closer: keep the convolution
             return None
-        return value
+        return value, prediction
 
     def pointwise_divergence(self, H, W):
         r"""The divergence summed entry by entry in float64 on the reconstruction in
@@ -760,20 +769,32 @@ class ConvStats:
         K = math.prod(kernel)
         h_sum = self._h_sums(H, parts) if want_h and shape is not None else None
         w_sum = variable = None
+        # "explicit": the float64 reconstruction of explicit_divergence gives the value,
+        # and, rounded, the ratio's (the float32 one would be a second reconstruction)
+        explicit = divergence == "explicit"
+        W_exact = W.double() if explicit else None
         for S, n0, n1, a, b, pad in self._blocks(H, W, route):
             V, weight = self._target_block(n0, n1, a, b)
             count, positions = n1 - n0, math.prod(V.shape[2:])
             S_windows = prediction = None
-            if _windowed(route):
+            if _windowed(route) and (want_w or not explicit):  # J_W^T reads the windows
                 size = (count, R * K, math.prod(s + k - 1 for s, k in zip(S.shape[2:], kernel)))
                 S_windows = self._block_windows(S, kernel, pad, V.shape[2:],
                                                 self._buffer("windows", size, S))
                 prediction = self._buffer("prediction", (count, C, positions), S)
-            prediction = self._block_forward(S, W, route, S_windows, pad, V.shape[2:], prediction)
+            if explicit:
+                value, exact = self._explicit_block(S.double(), W_exact, pad, V, weight,
+                                                    (n0, n1, a, b), S.dtype)
+                prediction = (exact.to(S.dtype) if prediction is None
+                              else prediction.view(exact.shape).copy_(exact))
+            else:
+                prediction = self._block_forward(S, W, route, S_windows, pad, V.shape[2:], prediction)
             pair = self._buffer("pair", (count, parts, *V.shape[1:]), S,
                                 _H_ROUTE[route] == "conv" and _channels_last(S, W))
-            value = self._powers(prediction, pair.transpose(0, 1), divergence, V, weight,
-                                 (n0, n1, a, b))
+            found = self._powers(prediction, pair.transpose(0, 1), False if explicit else divergence,
+                                 V, weight, (n0, n1, a, b))
+            if not explicit:
+                value = found
             if divergence:
                 variable = value if variable is None else variable + value
             if want_h and want_w and route == "adjoint" and parts == 1:
@@ -798,7 +819,7 @@ class ConvStats:
                 terms = correlate_w(pair.reshape(n1 - n0, parts * C, *V.shape[2:]), S, S_windows,
                                     kernel, _W_ROUTE[route], pad)
                 w_sum = terms if w_sum is None else w_sum.add_(terms)
-        pointwise = divergence == "pointwise"
+        pointwise = divergence in ("pointwise", "explicit")  # entry by entry: the whole value
         if divergence and not (pointwise or self.weight is not None or self.beta != 1):
             variable = _sum_prediction(H, W) + variable
         h = w = None
@@ -884,12 +905,16 @@ class ConvStats:
     # -- H ------------------------------------------------------------------------
     def h_terms(self, H, W, divergence=True):
         """The ``H`` terms and the divergence at (H, W) (``None`` with ``divergence=False``;
-        entry by entry with ``"pointwise"``, see :meth:`pointwise_divergence`)."""
+        entry by entry with ``"pointwise"``, see :meth:`pointwise_divergence`, or
+        ``"explicit"``, see :meth:`explicit_divergence`: then the terms come from the
+        float64 reconstruction rounded to the factors' dtype)."""
         if self._gram_cheaper(H, W):
             (negative, positive), _ = self._gram_terms(H, W, True, False)
             value = None
             if divergence == "pointwise":
                 value = self.pointwise_divergence(H, W)
+            elif divergence == "explicit":
+                value = self.explicit_divergence(H, W)
             elif divergence:
                 value = self._total(-_inner(H, negative) + _inner(H, positive) / 2)
             return negative, positive, value
@@ -906,6 +931,8 @@ class ConvStats:
                 return negative, positive
             if divergence == "pointwise":
                 return negative, positive, self.pointwise_divergence(H, W)
+            if divergence == "explicit":
+                return negative, positive, self.explicit_divergence(H, W)
             return negative, positive, self._total(-_inner(W, negative) + _inner(W, positive) / 2)
         _, w, value = self._terms(H, W, False, True, divergence)
         return w if not divergence else (*w, value)

@@ -151,6 +151,9 @@ class AccurateDivergence:
             self.threshold is not None
             and "divergence" in inspect.signature(stats.h_terms).parameters
         )
+        # a kind whose terms' pass gives the explicit residual too (divergence="explicit"),
+        # from the float64 reconstruction that also gives, rounded, its ratio
+        self.explicit_in_pass = self.skips_divergence and getattr(stats, "explicit_in_pass", False)
 
     def __getattr__(self, name):
         found = getattr(self.stats, name)
@@ -180,13 +183,14 @@ class AccurateDivergence:
             self.accurate = None
         return value.clamp_min(0) if on_device else max(value, 0.0)
 
-    def _settled(self, pointwise, H, W, final=False):
+    def _settled(self, pointwise, H, W, final=False, explicit=None):
         """The accurate value at (H, W): ``pointwise`` (an entry-wise value on the
         kind's own reconstruction, or None) unless it falls where only the float64
-        residual is accurate; and how the next h_terms finds it (unless ``final``)."""
+        residual is accurate (``explicit``, when the terms' pass gave it); and how the
+        next h_terms finds it (unless ``final``)."""
         value = pointwise
         if value is None or float(value) < self.guard_threshold:
-            value = self.stats.explicit_divergence(H, W)
+            value = self.stats.explicit_divergence(H, W) if explicit is None else explicit
         if not final:
             found = float(value)
             self.accurate = (None if found >= self.threshold
@@ -212,6 +216,9 @@ class AccurateDivergence:
             if self.accurate == "pointwise":
                 negative, positive, value = self.stats.h_terms(H, W, divergence="pointwise")
                 return negative, positive, self._settled(value, H, W)
+            if self.explicit_in_pass:
+                negative, positive, value = self.stats.h_terms(H, W, divergence="explicit")
+                return negative, positive, self._settled(None, H, W, explicit=value)
             negative, positive, _ = self.stats.h_terms(H, W, divergence=False)
             return negative, positive, self._settled(None, H, W)
         terms = self.stats.h_terms(H, W)
@@ -221,9 +228,14 @@ class AccurateDivergence:
         """The kind's ``joint_terms`` with the divergence checked as ``h_terms``'s."""
         if self.accurate and H.dim() == self._accurate_dims and (
                 "divergence" in inspect.signature(joint).parameters):
-            pointwise = self.accurate == "pointwise"
-            h, w, value = joint(H, W, divergence="pointwise" if pointwise else False)
-            return h, w, self._settled(value if pointwise else None, H, W)
+            if self.accurate == "pointwise":
+                h, w, value = joint(H, W, divergence="pointwise")
+                return h, w, self._settled(value, H, W)
+            if self.explicit_in_pass:
+                h, w, value = joint(H, W, divergence="explicit")
+                return h, w, self._settled(None, H, W, explicit=value)
+            h, w, _ = joint(H, W, divergence=False)
+            return h, w, self._settled(None, H, W)
         h, w, value = joint(H, W)
         return h, w, self._checked(value, H, W)
 
