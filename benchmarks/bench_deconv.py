@@ -274,24 +274,27 @@ def _photograph():
 
 
 def _counted(counts):
-    """Count, while fitting, the explicit residuals and how many of them took the FFTs."""
-    explicit = ConvStats.explicit_divergence
+    """Count, while fitting, the explicit residuals (blocks of them, in the terms' pass
+    or on their own, the final objective's included) and how many took the FFTs."""
+    # the per-block step where there is one (it serves the terms' pass too)
+    name = "_explicit_block" if hasattr(ConvStats, "_explicit_block") else "explicit_divergence"
+    explicit = getattr(ConvStats, name)
     fft = spectral and spectral.fft_reconstruction
 
-    def counted_explicit(self, H, W):
+    def counted_explicit(self, *args):
         counts["explicit"] += 1
-        return explicit(self, H, W)
+        return explicit(self, *args)
 
     def counted_fft(*args):
         counts["fft"] += 1
         return fft(*args)
 
     def restore():
-        ConvStats.explicit_divergence = explicit
+        setattr(ConvStats, name, explicit)
         if spectral is not None:
             spectral.fft_reconstruction = fft
 
-    ConvStats.explicit_divergence = counted_explicit
+    setattr(ConvStats, name, counted_explicit)
     if spectral is not None:
         spectral.fft_reconstruction = counted_fft
     return restore
