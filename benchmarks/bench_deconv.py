@@ -252,6 +252,11 @@ def _clock():
     return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
+def _spread(ratios):
+    """The median of per-round ratios and their range, as the tables print them."""
+    return f"{_median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def _median(values):
     values = sorted(values)
     middle = len(values) // 2
@@ -354,8 +359,7 @@ def run_long(quick=False):
                 times["theirs"].append(clock() - start)
         ours_ms, theirs_ms = (min(times[k]) / n_iter * 1e3 for k in ("ours", "theirs"))
         per_round = [a / b for a, b in zip(times["ours"], times["theirs"])]
-        table.append([label, theirs_ms, ours_ms, ours_ms / theirs_ms,
-                      f"{_median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})",
+        table.append([label, theirs_ms, ours_ms, ours_ms / theirs_ms, _spread(per_round),
                       f"{counts['explicit']} ({counts['fft']} by FFTs)"])
         print(f"  long {label}: done", file=sys.stderr, flush=True)
     header = (
@@ -392,8 +396,7 @@ def _run_short(quick=False):
             if theirs:
                 theirs_ms = ms["theirs"]
                 theirs_loss = loss(theirs(iterations))
-                per_round = [a / b for a, b in zip(rounds_ms["ours"], rounds_ms["theirs"])]
-                spread = f"{_median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})"
+                spread = _spread([a / b for a, b in zip(rounds_ms["ours"], rounds_ms["theirs"])])
                 table.append([label, getattr(floor, "route", ""), theirs_ms, ours_ms,
                               ours_ms / theirs_ms, spread, floor_ms,
                               floor_ms / theirs_ms, theirs_loss, ours_loss,

@@ -37,6 +37,16 @@ def problem(generator, channels, rank, kernel, inner, batch=2, dtype=torch.float
     return V, H, W
 
 
+def masked_problem(generator, shape, masked, **options):
+    """:func:`problem` with, when ``masked``, about 70% of ``V`` observed (zeros elsewhere)."""
+    V, H, W = problem(generator, *shape, **options)
+    mask = None
+    if masked:
+        mask = torch.rand(V.shape, generator=generator) > 0.3
+        V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
+    return V, H, W, mask
+
+
 def assert_terms(got, want, dtype=torch.float64):
     for g, w in zip(got, want):
         if w.dim() == 0:
@@ -242,11 +252,7 @@ def block_limits(stats, H, W):
 @pytest.mark.parametrize("masked", [False, True])
 def test_blocked_statistics_equal_the_unblocked(beta, shape, route, masked, generator):
     *shape, batch = shape
-    V, H, W = problem(generator, *shape, batch=batch)
-    mask = None
-    if masked:
-        mask = torch.rand(V.shape, generator=generator) > 0.3
-        V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
+    V, H, W, mask = masked_problem(generator, shape, masked, batch=batch)
     whole = ConvStats(V, beta, mask=mask, route=route)
     assert whole._plan(H, W)[1] is None
     for limit in block_limits(whole, H, W):
@@ -529,6 +535,16 @@ def test_the_probe_passes_over_a_route_that_fails(generator, monkeypatch):
     monkeypatch.setattr(_convolution, "_adjoint", real)
 
 
+def explicit_setting(generator, shape, beta, route, masked, dtype=torch.float64):
+    """A (masked) problem, its whole statistics, their explicit residual and the
+    block limits to check a path against it with."""
+    V, H, W, mask = masked_problem(generator, shape, masked, dtype=dtype)
+    whole = ConvStats(V, beta, mask=mask, route=route)
+    explicit = float(whole.explicit_divergence(H, W))
+    limits = [None] + (block_limits(whole, H, W)[:1] if V.dim() > 3 else [])
+    return V, H, W, mask, whole, explicit, limits
+
+
 @pytest.mark.parametrize("route", ["windows", "conv", None])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("beta", [0, 1, 1.5, 2])
@@ -537,14 +553,7 @@ def test_pointwise_divergence_equals_the_explicit_one(beta, shape, route, masked
     """In float64 the entry-wise divergence on the kind's own reconstruction is the
     explicit residual's value; ``h_terms``/``w_terms`` give it in their pass (the
     first shape at beta=2 takes the auto-correlation route), block by block too."""
-    V, H, W = problem(generator, *shape)
-    mask = None
-    if masked:
-        mask = torch.rand(V.shape, generator=generator) > 0.3
-        V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
-    whole = ConvStats(V, beta, mask=mask, route=route)
-    explicit = float(whole.explicit_divergence(H, W))
-    limits = [None] + (block_limits(whole, H, W)[:1] if V.dim() > 3 else [])
+    V, H, W, mask, whole, explicit, limits = explicit_setting(generator, shape, beta, route, masked)
     for limit in limits:
         stats = ConvStats(V, beta, mask=mask, route=route, block_elements=limit)
         for _ in range(2):  # the second call reuses the kept parts of V
@@ -570,14 +579,8 @@ def test_the_explicit_residual_in_the_terms_pass(beta, shape, route, masked, gen
     value itself, and terms from its float64 reconstruction rounded to float32: those
     of the float32 reconstruction to float32's rounding (the first shape at beta=2
     takes the auto-correlation route), block by block too."""
-    V, H, W = problem(generator, *shape, dtype=torch.float32)
-    mask = None
-    if masked:
-        mask = torch.rand(V.shape, generator=generator) > 0.3
-        V = torch.where(mask, V, torch.zeros((), dtype=V.dtype))
-    whole = ConvStats(V, beta, mask=mask, route=route)
-    explicit = float(whole.explicit_divergence(H, W))
-    limits = [None] + (block_limits(whole, H, W)[:1] if V.dim() > 3 else [])
+    V, H, W, mask, whole, explicit, limits = explicit_setting(generator, shape, beta, route, masked,
+                                                              torch.float32)
     for limit in limits:
         stats = ConvStats(V, beta, mask=mask, route=route, block_elements=limit)
         *h, value = stats.h_terms(H, W, divergence="explicit")
