@@ -145,7 +145,7 @@ class _Recording:
         self.threads = set()
 
     def read(self, start, stop):
-        self.threads.add(threading.current_thread().name)
+        self.threads.add(threading.current_thread())
         return self.inner.read(start, stop)
 
 
@@ -156,7 +156,23 @@ def test_blocks_are_read_in_a_background_thread(generator):
     memory.fit(V, beta=2, tol=0, max_iter=3)
     streamed.fit(source, beta=2, tol=0, max_iter=3, block_rows=5)
     _assert_same(memory, streamed)
-    assert source.threads and all(name.startswith("torchnmf-rows") for name in source.threads)
+    assert source.threads and all(t.name.startswith("torchnmf-rows") for t in source.threads)
+    # one reading thread serves every pass (a thread per pass cost more than small reads)
+    assert len(source.threads) == 1
+
+
+def test_a_pass_left_early_leaves_the_next_one_whole(generator):
+    from torchnmf.targets.streamed import StreamedTarget, as_streamed_source
+
+    V = _data(generator)
+    target = StreamedTarget(as_streamed_source(_Recording(V)), block_rows=5)
+    passes = target.raw_blocks()
+    start, stop, block, _ = next(passes)
+    assert (start, stop) == (0, 5)
+    passes.close()  # the block after it was being read ahead
+    rows = [(start, stop, block) for start, stop, block, _ in target.raw_blocks()]
+    assert [(a, b) for a, b, _ in rows] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
+    assert torch.equal(torch.cat([block for _, _, block in rows]), V)
 
 
 def test_streamed_errors(generator, tmp_path):

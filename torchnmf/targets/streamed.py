@@ -171,6 +171,7 @@ class StreamedTarget:
         self.dtype = dtype or (source.dtype if source.dtype.is_floating_point
                                else torch.get_default_dtype())
         self.prefetch = prefetch
+        self._pool = None  # the reading thread (see _raw_blocks), started at the first pass
         self.progress = progress and self.shape[0] > self.block_rows
         self.is_sparse = bool(source.is_sparse)
         self.may_hide = self.mask_source is not None or self.missing == "mask"
@@ -225,14 +226,20 @@ class StreamedTarget:
             for item in reader:
                 yield self._to_device(item)
             return
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torchnmf-rows") as pool:
-            pending = pool.submit(next, reader, None)
+        # one reading thread for the target's life: a pool per pass started a thread every
+        # pass (two to four an iteration), which on small targets cost more than the reads
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torchnmf-rows")
+        pending = self._pool.submit(next, reader, None)
+        try:
             while True:
                 item = pending.result()
                 if item is None:
                     break
-                pending = pool.submit(next, reader, None)
+                pending = self._pool.submit(next, reader, None)
                 yield self._to_device(item)
+        finally:  # a pass left early: its read in flight ends before another pass reads
+            concurrent.futures.wait([pending])
 
     def blocks(self):
         """``(start, stop, V block, mask block or None)`` prepared as the in-memory
