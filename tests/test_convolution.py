@@ -595,6 +595,32 @@ def test_the_explicit_residual_in_the_terms_pass(beta, shape, route, masked, gen
         assert_terms((*h_joint, *w_joint), (*h, *w), torch.float32)
 
 
+@pytest.mark.parametrize("route", ["windows", "hybrid"])
+def test_the_windows_of_unchanged_activations_are_kept(route, generator, monkeypatch):
+    """An MU iteration's W pass and the next H pass see the same activations: their
+    windows are built once; changed in place, or another tensor, they are rebuilt."""
+    V, H, W = problem(generator, *SHAPES[2])
+    stats = ConvStats(V, 1, route=route)
+    built = []
+    block_windows = ConvStats._block_windows
+    monkeypatch.setattr(ConvStats, "_block_windows",
+                        staticmethod(lambda *args: built.append(1) or block_windows(*args)))
+    def counted(terms, *args):
+        before = len(built)
+        found = terms(*args)
+        return found, len(built) - before
+
+    first, count = counted(stats.w_terms, H, W)
+    assert count == 1
+    assert counted(stats.h_terms, H, W)[1] == 0
+    H.add_(torch.rand(H.shape, generator=generator, dtype=H.dtype))  # in place: stale windows
+    again, count = counted(stats.w_terms, H, W)
+    assert count == 1
+    assert_terms(again, ConvStats(V, 1, route=route).w_terms(H, W))
+    assert not torch.allclose(first[0], again[0])
+    assert counted(stats.w_terms, H.clone(), W)[1] == 1  # another tensor
+
+
 def test_a_fit_in_the_explicit_residual_reconstructs_once_per_pass(monkeypatch):
     """Below the guard threshold the H pass takes its terms from the explicit
     residual's float64 reconstruction: no float32 one, no second pass; the history is

@@ -374,6 +374,7 @@ class ConvStats:
         self.block_elements = block_elements
         self._chosen = None  # (shapes, route, blocks) of the last choice
         self._flipped = None  # (W, its version, its flipped matrix): H's and W's passes share it
+        self._windows = None  # (H, its version, the buffer holding its windows): see _windows_of
         self._workspace = {}  # (name, shape): a temporary kept for the next iteration
         self._references = {}  # a block's rows: its PointwiseReference (pointwise_divergence)
         self._fft_refused = False  # the FFTs' rounding was too large for the explicit residual
@@ -649,6 +650,17 @@ class ConvStats:
             self._workspace[key] = kept
         return kept
 
+    def _windows_of(self, S, kernel, pad, out_shape, out):
+        """:meth:`_block_windows` of ``S`` in ``out``, unless ``out`` holds them already:
+        an MU iteration's W pass and the next iteration's H pass see the same activations,
+        unmodified (whole targets only; a block's ``S`` is a new view every pass)."""
+        kept = self._windows
+        if kept is not None and kept[0] is S and kept[1] == S._version and kept[2] is out:
+            return out
+        S_windows = self._block_windows(S, kernel, pad, out_shape, out)
+        self._windows = (S, S._version, out) if S_windows is out else None
+        return S_windows
+
     def _templates_matrix(self, W):
         """:func:`_flipped_matrix` of ``W``, kept while ``W`` is the same tensor,
         unmodified (an iteration's ``H`` and ``W`` passes see the same templates)."""
@@ -779,8 +791,7 @@ class ConvStats:
             S_windows = prediction = None
             if _windowed(route) and (want_w or not explicit):  # J_W^T reads the windows
                 size = (count, R * K, math.prod(s + k - 1 for s, k in zip(S.shape[2:], kernel)))
-                S_windows = self._block_windows(S, kernel, pad, V.shape[2:],
-                                                self._buffer("windows", size, S))
+                S_windows = self._windows_of(S, kernel, pad, V.shape[2:], self._buffer("windows", size, S))
                 prediction = self._buffer("prediction", (count, C, positions), S)
             if explicit:
                 value, exact = self._explicit_block(S.double(), W_exact, pad, V, weight,
