@@ -119,7 +119,10 @@ class AccurateDivergence:
     divergence on its own reconstruction instead, in the same pass as its terms
     (``divergence="pointwise"``) once the fit is there: its rounding is that of
     the reconstruction weighted by the divergence's slope, small once the fit is
-    good, and it needs no float64 reconstruction.  On an accelerator the
+    good, and it needs no float64 reconstruction.  Under the cancellation bound a
+    kind with ``explicit_in_pass`` gives the explicit residual from the pass that
+    computes its terms (``divergence="explicit"``), whose float64 reconstruction
+    then serves both.  On an accelerator the
     values that ``h_terms`` and ``w_terms`` return are only clamped (checking
     them would read them back every iteration); ``divergence``, the objective
     the fit ends with, is always checked.
