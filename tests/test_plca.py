@@ -256,6 +256,36 @@ def test_base_component_has_no_Z_unless_asked(generator):
     assert PLCA(W=W, H=H).Z is not None  # the models keep a uniform prior
 
 
+@pytest.mark.parametrize("make", [PLCA, SIPLCA])
+def test_float32_fits_distributions_with_entries_under_its_epsilon(make):
+    """Half the entries of V / V.sum() lie under float32's epsilon, the floor of the
+    reconstruction: the statistics see the distribution times its entry count, so the
+    float32 fit follows the float64 one.  Before, the floor held those entries up,
+    some of the reconstruction went to zero (an infinite divergence) and the history
+    reported 1.9e-4 for PLCA's 8.3e-5."""
+    g = torch.Generator().manual_seed(0)
+    options = {} if make is PLCA else {"T": 3}
+    truth = make(Vshape=(60, 40) if make is PLCA else (1, 40, 62), rank=3, **options).double()
+    with torch.no_grad():
+        for factor in (truth.W, truth.H):
+            factor.copy_(torch.rand(factor.shape, generator=g, dtype=torch.float64))
+        truth.W[::2] *= 1e-5  # every other column (channel) far under the others
+        V = truth(norm=1.0)
+    P = V / V.sum()
+    assert (P < torch.finfo(torch.float32).eps).double().mean() >= 0.5
+    fits = {}
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        model = make(Vshape=V.shape, rank=3, **options).to(dtype)
+        model.fit(V.to(dtype), tol=0, max_iter=100)
+        with torch.no_grad():
+            Q = model().double()
+        true = float(kl_div(Q, P))
+        assert model.loss_history[-1] == pytest.approx(true, rel=1e-4)
+        fits[dtype] = true
+    assert fits[torch.float32] == pytest.approx(fits[torch.float64], rel=1e-3)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_em_refuses_what_rounding_raised_at_an_exact_fit(seed):
     """EM never raises the divergence in exact arithmetic; at the float32 floor of an

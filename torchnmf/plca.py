@@ -16,6 +16,8 @@ invariance along 1, 2 or 3 axes).  ``fit`` runs EM (see
 :mod:`torchnmf.solvers.em`) on :math:`V / \sum V`, optionally with Dirichlet priors.
 Construction, validation and the forward maps are those of :mod:`torchnmf.nmf`.
 """
+import math
+
 import torch
 import torch.nn as nn
 
@@ -232,9 +234,14 @@ class BaseComponent(FactorModule):
         update = {name: getattr(self, name).requires_grad for name in ("W", "H", "Z")}
         # the objective accurate near an exact fit, as the beta-divergence fits' (issue 15):
         # the closed form reported 7e-8 for a true 4e-11 on a float32 PLCA fit of exact data
-        stats = AccurateDivergence(self._statistics(V / total), self.H.dtype)
+        # the statistics of the distribution times its entry count (mean entry one), so that
+        # the reconstruction's floor, the dtype's epsilon, stays small beside its entries:
+        # of V / V.sum() itself, a float32 fit of 2000 x 1000 floored entries of about 5e-7
+        # and drove some of the reconstruction to zero (an infinite divergence)
+        count = math.prod(V.shape)
+        stats = AccurateDivergence(self._statistics(V / (total / count)), self.H.dtype)
         em = ExpectationMaximisation(
-            stats, self.H.detach(), self.W.detach(), self.Z.detach(), update, alphas,
+            stats, self.H.detach(), self.W.detach(), self.Z.detach(), update, alphas, scale=count,
         )
         with torch.no_grad():
             n_iter, history = run_fit(

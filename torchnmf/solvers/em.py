@@ -63,8 +63,12 @@ class ExpectationMaximisation:
     # refused and the fit stops as converged (see torchnmf.solvers.acceptance)
     accept_rounding = 4
 
-    def __init__(self, stats, H, W, Z, update, alphas):
+    def __init__(self, stats, H, W, Z, update, alphas, scale=1.0):
         self.stats = stats
+        # the statistics see the distribution times ``scale`` (the target's entry count):
+        # entries about one, so that the reconstruction's floor, the dtype's epsilon, is
+        # small beside them (a distribution over 2e6 entries has entries about 5e-7)
+        self.scale = float(scale)
         self.factors = {"H": H, "W": W, "Z": Z}
         self.update = update
         self.alphas = alphas
@@ -92,29 +96,32 @@ class ExpectationMaximisation:
         return total
 
     def objective(self):
-        divergence = self.stats.divergence(self._weighted_H(), self.factors["W"])
-        return float(torch.as_tensor(divergence, dtype=torch.float64) + self._prior())
+        divergence = self.stats.divergence(self._weighted_H() * self.scale, self.factors["W"])
+        return float(torch.as_tensor(divergence, dtype=torch.float64) / self.scale + self._prior())
 
     def step(self):
         H, W, Z = self.factors["H"], self.factors["W"], self.factors["Z"]
         weighted = self._weighted_H()
+        scaled = weighted * self.scale  # the point the statistics see (see __init__)
         joint = getattr(self.stats, "joint_terms", None)
         negative_W = None
         if joint is not None and self.update["W"]:
             # one reconstruction for both factors (EM updates all from one point)
-            (negative, _), (negative_W, _), divergence = joint(weighted, W)
+            (negative, _), (negative_W, _), divergence = joint(scaled, W)
         else:
-            negative, _, divergence = self.stats.h_terms(weighted, W)
-        before = torch.as_tensor(divergence, dtype=torch.float64) + self._prior()  # read back by the loop
-        if self.guard is not None:
-            before = self.guard.check(before, [H, W, Z])
+            negative, _, divergence = self.stats.h_terms(scaled, W)
+        # the generalised KL divergence is of degree one: the scaled one over the scale
+        divergence = torch.as_tensor(divergence, dtype=torch.float64)
+        if self.guard is not None:  # (no priors) in the statistics' units, as its threshold
+            divergence = self.guard.check(divergence, [H, W, Z])
             if self.guard.converged:
-                return before
+                return divergence / self.scale
+        before = divergence / self.scale + self._prior()  # read back by the loop
         counts_W = None
         if self.update["W"]:
             if negative_W is None:
-                negative_W, _ = self.stats.w_terms(weighted, W)
-            counts_W = W * negative_W
+                negative_W, _ = self.stats.w_terms(scaled, W)
+            counts_W = W * negative_W / self.scale  # J_W^T at the scaled point, scaled back
         counts_H = weighted.mul_(negative)
         if self.update["Z"]:
             counts_Z = counts_H.sum(_other_dims(counts_H))
