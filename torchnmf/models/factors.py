@@ -144,16 +144,18 @@ def check_forward_factors(H, W, ndim, cls_name):
             raise ValueError(
                 f"{cls_name} needs a {ndim}-dimensional {name}, got shape {tuple(factor.shape)}"
             )
-    if W.dim() < 2 or (H.dim() < 2 and ndim is not None):
-        short = "W" if W.dim() < 2 else "H"
-        raise ValueError(
-            f"{short} needs a rank dimension: at least 2 dimensions, got shape "
-            f"{tuple((W if short == 'W' else H).shape)}"
-        )
+    # (a model that fixes ndim has checked it above: only a matrix model's factors get here short)
+    for name, factor, least in (("W", W, 2), ("H", H, 1)):
+        if factor.dim() < least:
+            raise ValueError(
+                f"{name} needs a rank dimension: at least {least} dimension(s), got shape "
+                f"{tuple(factor.shape)}"
+            )
     h_rank = H.shape[1] if ndim is not None else H.shape[-1]
     if h_rank != W.shape[1]:
+        where = "dimension 1 of each" if ndim else "dimension 1 of W, the last of H"
         raise ValueError(
-            f"H and W must have the same rank ({'dimension 1 of each' if ndim else 'dimension 1 of W, the last of H'}), "
+            f"H and W must have the same rank ({where}), "
             f"got H of shape {tuple(H.shape)} and W of shape {tuple(W.shape)}"
         )
     if H.dtype != W.dtype:
