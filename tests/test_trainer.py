@@ -53,7 +53,10 @@ def test_seed_deep_nmf_example_runs_and_reduces_the_divergence():
 
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("make", ["single", "chain", "nmfd", "user"])
-def test_grad_matches_autograd(generator, beta, make):
+@pytest.mark.parametrize("scale", [1, 1e-7, 1e7])
+def test_grad_matches_autograd(generator, beta, make, scale):
+    """The divergence returned and the gradients stored are the caller's problem's,
+    also for a target far from unit scale (the step works on a normalised one)."""
     if make == "nmfd":
         V = torch.rand(2, 4, 10, generator=generator, dtype=torch.float64) + 0.05
         model = nn.Sequential(NMFD(V.shape, rank=2, T=3).double())
@@ -61,6 +64,7 @@ def test_grad_matches_autograd(generator, beta, make):
         V = positive_target(generator)
         model = {"single": lambda: NMF(V.shape, rank=3).double(), "chain": lambda: chain(12, 9),
                  "user": lambda: TwoPaths(12, 9)}[make]()
+    V = V * scale
     params = list(model.parameters())
     start = [p.detach().clone() for p in params]
     trainer = BetaMu(params, beta=beta)
@@ -86,6 +90,81 @@ def test_grad_matches_autograd(generator, beta, make):
         assert (p >= 0).all()
 
 
+def _digits(rows=100):
+    """Real data: scikit-learn's bundled handwritten digits, 8x8 images as rows (float32)."""
+    from sklearn.datasets import load_digits
+
+    return torch.tensor(load_digits().data[:rows], dtype=torch.float32)
+
+
+def _real_model(make, V):
+    torch.manual_seed(0)
+    n, c = V.shape
+    if make == "nmfd":  # the images' 64 pixels as channels, the images as time
+        return nn.Sequential(NMFD((1, c, n), rank=3, T=3))
+    if make == "chain":
+        return nn.Sequential(NMF((n, 5), rank=3), NMF(W=(c, 5)))
+    return NMF((n, c), rank=4)
+
+
+def _target(make, V):
+    return V.T.unsqueeze(0) if make == "nmfd" else V
+
+
+@pytest.mark.parametrize("make", ["single", "chain", "nmfd"])
+@pytest.mark.parametrize("beta", [0, 0.5, 1, 2])
+@pytest.mark.parametrize("k", [-12, 12])
+def test_power_of_two_targets_give_identical_steps(make, beta, k):
+    """Real data in float32: with the target times 2**(m k) and each of the m
+    parameters times 2**k, every step is the unscaled one's, scaled exactly.
+    Without the normalisation, the prediction's floor at the dtype's epsilon (and
+    the positive part's) sat at another place relative to the data."""
+    V = _digits() + (1 if beta == 0 else 0)
+    runs = []
+    for power in (0, k):
+        model = _real_model(make, V)
+        params = list(model.parameters())
+        with torch.no_grad():
+            for p in params:
+                p.mul_(2.0 ** power)
+        target = _target(make, V) * 2.0 ** (power * len(params))
+        trainer = BetaMu(params, beta=beta)
+        values = [trainer.step(lambda: (target, model(None))) for _ in range(6)]
+        runs.append((torch.stack(values), [p.detach().clone() for p in params],
+                     [p.grad.clone() for p in params]))
+    (values, params, grads), (values_k, params_k, grads_k) = runs
+    m = len(params)
+    assert torch.equal(values_k, values * 2.0 ** (k * m * beta))
+    for i, (a, b) in enumerate(zip(params, params_k)):
+        assert torch.equal(b, a * 2.0 ** k)
+    for a, b in zip(grads, grads_k):
+        # each gradient carries the objective's scale over its parameter's
+        assert torch.equal(b, a * 2.0 ** (k * (m * beta - 1)))
+
+
+@pytest.mark.parametrize("make", ["single", "chain"])
+@pytest.mark.parametrize("beta", [0.5, 1, 2])
+@pytest.mark.parametrize("scale", [1e-9, 1e9])
+def test_any_target_scale_fits_like_unit_scale(make, beta, scale):
+    """Real data in float32, 40 steps: a target of 1e-9 or 1e9 times the digits, from
+    the start scaled to match, reaches the unscaled divergence times scale**beta
+    (at 1e-9 the fit used to end at a hundred to a thousand times that)."""
+    V = _digits()
+    results = []
+    for factor in (1.0, scale):
+        model = _real_model(make, V)
+        params = list(model.parameters())
+        with torch.no_grad():
+            for p in params:
+                p.mul_(factor ** (1 / len(params)))
+        target = V * factor
+        trainer = BetaMu(params, beta=beta)
+        for _ in range(40):
+            value = trainer.step(lambda: (target, model(None)))
+        results.append(float(value) / factor**beta)
+    assert results[1] == pytest.approx(results[0], rel=1e-3)
+
+
 def _eval(model, params, values):
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
@@ -99,9 +178,11 @@ def _eval(model, params, values):
 
 @pytest.mark.parametrize("beta", [0.5, 1, 2, 3])
 @pytest.mark.parametrize("alpha, l1_ratio", [(0, 0), (0.3, 0.5)])
-def test_same_iterates_as_fit(generator, beta, alpha, l1_ratio):
-    """Updating H then W, BetaMu takes exactly fit's multiplicative steps."""
-    V = positive_target(generator)
+@pytest.mark.parametrize("scale", [1, 1e-4, 1e4])
+def test_same_iterates_as_fit(generator, beta, alpha, l1_ratio, scale):
+    """Updating H then W, BetaMu takes exactly fit's multiplicative steps, also on a
+    target far from unit scale (both normalise it, and transform the penalties)."""
+    V = positive_target(generator) * scale
     fitted = NMF(V.shape, rank=3).double()
     trained = NMF(W=fitted.W.detach(), H=fitted.H.detach())
     fitted.fit(V, beta=beta, max_iter=5, tol=0, alpha=alpha, l1_ratio=l1_ratio)
@@ -131,11 +212,14 @@ def _counting_generic_route(monkeypatch):
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("penalties", [{}, dict(l1_reg=0.1, l2_reg=0.2, orthogonal=0.05)])
 @pytest.mark.parametrize("order", ["W, H", "H, W", "H only"])
-def test_single_nmf_takes_the_closed_form_route(monkeypatch, generator, beta, penalties, order):
+@pytest.mark.parametrize("scale", [1, 1e-5])
+def test_single_nmf_takes_the_closed_form_route(monkeypatch, generator, beta, penalties, order,
+                                                scale):
     """On one NMF's own output, BetaMu uses fit's statistics: no vector-Jacobian
     products, and the same parameters, gradients and divergences as the generic route
-    (which the same prediction times one takes)."""
-    V = positive_target(generator)
+    (which the same prediction times one takes), at any scale of the target (where
+    the two routes normalise differently: by H on the matrix route)."""
+    V = positive_target(generator) * scale
     start = NMF(V.shape, rank=3).double()
     calls = _counting_generic_route(monkeypatch)
     results = []

@@ -48,6 +48,7 @@ from . import metrics
 from .models.provenance import matrix_factors_of
 from .solvers.mu import mu_exponent, mu_update_
 from .solvers.penalty import Penalty
+from .solvers.scaling import objective_unit, target_scale
 from .solvers.sparseness import STEP_GROWTH, project_components_
 from .targets.autograd import beta_gradient_parts
 from .targets.dense import DenseMatrixStats, divergence_constant
@@ -72,6 +73,22 @@ def _check_closure(closure, expects):
 
 def _trainable(group):
     return [p for p in group["params"] if p.requires_grad]
+
+
+def relative_floor(positive):
+    """The floor for a positive part: the dtype's epsilon times its largest entry, a
+    0-dim tensor on the device (read nowhere: no synchronisation).
+
+    The multiplicative update divides by the positive part; a floor keeps it
+    from dividing by zero.  At the dtype's epsilon (what the fit's normalised
+    problem uses) the floor would sit at another place for a parameter at
+    another scale; relative to the parameter's own largest entry, a parameter
+    times a power of two takes the same step.  Kept within the dtype's normal
+    range, so that a zero part still has a positive floor.
+    """
+    info = torch.finfo(positive.dtype)
+    peak = positive.amax() if positive.numel() else positive.new_zeros(())
+    return (peak * info.eps).clamp_(info.tiny, info.max)
 
 
 class BetaMu(Optimizer):
@@ -105,6 +122,15 @@ class BetaMu(Optimizer):
     gradients and returned divergence, at a fraction of the cost.  Any other
     prediction (a chain, a convolutional model, a user's module, ``model() * 1``)
     takes the generic route.
+
+    The steps do not depend on the scale of the data: the step works on the
+    target and prediction divided by a power of two near the target's mean entry
+    (as :meth:`NMF.fit <torchnmf.nmf.BaseComponent.fit>` does, see
+    :mod:`torchnmf.solvers.scaling`), with the penalties transformed to match,
+    and floors each parameter's positive part relative to its own largest
+    entry.  A target times :math:`2^k` and parameters scaled to match take the
+    same steps, scaled exactly; the divergence and gradients returned are those
+    of the caller's problem.
 
     After a step, each trainable parameter's ``.grad`` holds the gradient of the
     divergence alone (no penalty) at the point before the update; a parameter
@@ -152,6 +178,7 @@ class BetaMu(Optimizer):
         self._checked_target = None
         self._constant = None
         self._cached_stats = None
+        self._scale = 1.0
 
     def __setstate__(self, state):
         # pickling and deepcopy keep only defaults, state and groups: the caches restart
@@ -207,23 +234,68 @@ class BetaMu(Optimizer):
             for group in self.param_groups:
                 check_beta_with_zeros(target, group["beta"], "target")
             self._checked_target = key
-            # The divergence's part that depends on the target alone, for the value step returns.
-            self._constant = (beta, divergence_constant(target.to(prediction.dtype), beta))
+            # The step works on the normalised problem, target / scale (see _parts_unit).
+            self._scale = target_scale(float(target.sum(dtype=torch.float64)), target.numel())
+            # The divergence's part that depends on the normalised target alone, for
+            # the value step returns.
+            normalised = target.to(prediction.dtype)
+            if self._scale != 1:
+                normalised = normalised / self._scale
+            self._constant = (beta, divergence_constant(normalised, beta))
         if target.dtype != prediction.dtype:
             target = target.to(prediction.dtype)
         return target, prediction
 
     # -- the step -------------------------------------------------------------------
-    def _update_(self, group, p, negative, positive):
+    def _parts_unit(self, beta, power):
+        r"""How much larger the normalised problem's gradient parts are than the
+        original's: :math:`(1/s)^{\text{power}}`, ``power`` being
+        :math:`\beta - 1` for a factor that scales with the prediction (every
+        parameter on the generic route, ``H`` on the matrix route) and
+        :math:`\beta` for one that does not (``W`` there).
+
+        The step works on :math:`V / s` and :math:`\hat V / s`, :math:`s` a
+        power of two near the target's mean entry (see
+        :mod:`torchnmf.solvers.scaling`): the floors at the dtype's epsilon
+        then sit at the same place relative to the data at every scale (on a
+        target of 1e-9 the raw floors stalled a fit at a thousand times its
+        divergence).  The parts' ratio, the update, is the original problem's;
+        the penalties are multiplied by this unit to match.
+        """
+        if self._scale == 1:
+            return 1.0
+        return objective_unit(1.0 / self._scale, power)
+
+    def _update_(self, group, p, negative, positive, unit=1.0):
         """The multiplicative update of ``p`` from its gradient parts, with the
-        group's penalties (``negative`` is used as scratch space)."""
-        if group["orthogonal"] and p.dim() >= 2:
+        group's penalties (``negative`` is used as scratch space).  ``unit``
+        (see :meth:`_parts_unit`) is the parts' scale against the original
+        problem's; the penalties are multiplied by it.
+
+        The positive part (penalties included) is floored relative to its
+        largest entry (:func:`relative_floor`): a parameter at 2**-12 of
+        another's scale (a chain's layers, the factors of a start made for
+        other data) takes the same step as at the other's.
+        """
+        cap = torch.finfo(p.dtype).max
+        weights = [min(group[name] * unit, cap) if group[name] else 0.0
+                   for name in ("l1_reg", "l2_reg", "orthogonal")]
+        if weights[2] and p.dim() >= 2:
             # out of place: ``positive`` may broadcast (beta=1 closed form)
-            positive = positive + group["orthogonal"] * (p.sum(1, keepdim=True) - p)
-        penalty = Penalty.from_weights(group["l1_reg"], group["l2_reg"])
-        mu_update_(p, negative, positive, mu_exponent(group["beta"]), penalty)
+            positive = positive + weights[2] * (p.sum(1, keepdim=True) - p)
+        penalty = Penalty.from_weights(weights[0], weights[1])
+        if penalty:
+            positive = penalty.add_gradient_(positive.expand_as(p).clone(), p)
+        mu_update_(p, negative, positive, mu_exponent(group["beta"]),
+                   floor=relative_floor(positive))
         state = self.state[p]
         state["step"] = state.get("step", 0) + 1
+
+    @staticmethod
+    def _gradient(negative, positive, unit):
+        """The original problem's gradient from the normalised problem's parts."""
+        gradient = positive - negative
+        return gradient if unit == 1 else gradient.div_(unit)
 
     @torch.no_grad()
     def step(self, closure):
@@ -254,16 +326,20 @@ class BetaMu(Optimizer):
                 first = i == 0 and group["beta"] == self._constant[0]
                 constant = self._constant[1] if first else None
                 ((negative, positive),), divergence = beta_gradient_parts(
-                    prediction, target, group["beta"], [p], constant=constant
+                    prediction, target, group["beta"], [p], constant=constant,
+                    scale=1.0 / self._scale,
                 )
             if i == 0:
-                before = divergence.to(prediction.dtype) if divergence is not None else None
-                if before is None:
+                if divergence is not None:
+                    unit = objective_unit(self._scale, self._constant[0])
+                    before = (divergence * unit).to(prediction.dtype)
+                else:
                     before = metrics.beta_div(prediction.detach(), target, self._constant[0])
             if negative is None:
                 continue
-            gradients.append((p, positive - negative))
-            self._update_(group, p, negative, positive)
+            unit = self._parts_unit(group["beta"], group["beta"] - 1)
+            gradients.append((p, self._gradient(negative, positive, unit)))
+            self._update_(group, p, negative, positive, unit)
         if not order:  # nothing to train: the closure was still evaluated and checked
             target, prediction = output
             before = metrics.beta_div(prediction.detach(), target, self._constant[0])
@@ -292,34 +368,43 @@ class BetaMu(Optimizer):
         return factors
 
     def _matrix_stats(self, target, beta):
-        """The dense matrix statistics of the target, built once per target and beta."""
+        """The dense matrix statistics of the normalised target, built once per
+        target and beta."""
         key = (self._checked_target, beta)
         cached = self._cached_stats
         if cached is None or cached[0] != key:
-            self._cached_stats = cached = (key, DenseMatrixStats(target, beta))
+            stats = DenseMatrixStats(target, beta)
+            if self._scale != 1:
+                stats = stats.scaled(1.0 / self._scale)
+            self._cached_stats = cached = (key, stats)
         return cached[1]
 
     def _matrix_step(self, target, prediction, H, W, order):
         """The step for one NMF: the same parts of the gradient, one parameter after
         the other in the same order, from Gram products (beta=2) or blockwise
         powers of :math:`H W^\top` instead of vector-Jacobian products; the
-        closure is evaluated once."""
-        stats = self._matrix_stats(target, order[0][0]["beta"])
+        closure is evaluated once.  The statistics are the normalised target's,
+        with ``H / s`` standing for ``H`` (see :meth:`_parts_unit`)."""
+        beta = order[0][0]["beta"]
+        stats = self._matrix_stats(target, beta)
         gradients = []
         before = None
         for i, (group, p) in enumerate(order):
+            H_ = H if self._scale == 1 else H / self._scale
             if p is H:
-                negative, positive, divergence = stats.h_terms(H, W, divergence=i == 0)
+                negative, positive, divergence = stats.h_terms(H_, W, divergence=i == 0)
             elif i == 0:
-                negative, positive, divergence = stats.w_terms(H, W, divergence=True)
+                negative, positive, divergence = stats.w_terms(H_, W, divergence=True)
             else:
-                negative, positive = stats.w_terms(H, W)
+                negative, positive = stats.w_terms(H_, W)
             if i == 0:
                 # a float where the statistics assemble it on the host (dense, CPU)
                 divergence = torch.as_tensor(divergence, dtype=torch.float64, device=H.device)
-                before = divergence.clamp_min(0).to(prediction.dtype)
-            gradients.append((p, positive - negative))
-            self._update_(group, p, negative, positive)
+                unit = objective_unit(self._scale, beta)
+                before = (divergence.clamp_min(0) * unit).to(prediction.dtype)
+            unit = self._parts_unit(beta, beta - 1 if p is H else beta)
+            gradients.append((p, self._gradient(negative, positive, unit)))
+            self._update_(group, p, negative, positive, unit)
         for p, gradient in gradients:
             p.grad = gradient
         return before

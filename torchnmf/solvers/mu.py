@@ -33,20 +33,22 @@ def mu_exponent(beta):
     return 1.0
 
 
-def mu_update_(factor, negative, positive, gamma, penalty=Penalty(), fixed=None):
+def mu_update_(factor, negative, positive, gamma, penalty=Penalty(), fixed=None, floor=None):
     """One multiplicative update of ``factor`` in place.
 
     ``negative`` and ``positive`` are the two parts of the gradient (``positive``
-    may broadcast against ``factor``); ``positive`` is floored at the dtype's
-    machine epsilon.  ``negative`` is used as scratch space.  ``fixed`` (int64
+    may broadcast against ``factor``); ``positive`` is floored at ``floor`` (a
+    float or a 0-dim tensor; default the dtype's machine epsilon, the floor of
+    a normalised problem).  ``negative`` is used as scratch space.  ``fixed`` (int64
     indices along dimension 1, the rank) names components whose ratio is set
     to exactly one, so that they stay bit-identical.  Entries that fall under
     the smallest normal number become zero (see :func:`_flush_subnormal_`).
     """
-    eps = torch.finfo(factor.dtype).eps
+    if floor is None:
+        floor = torch.finfo(factor.dtype).eps
     if penalty:
         positive = penalty.add_gradient_(positive.expand_as(factor).clone(), factor)
-    ratio = negative.div_(positive.clamp_min(eps))
+    ratio = negative.div_(positive.clamp_min(floor))
     if gamma != 1:
         ratio.pow_(gamma)
     if fixed is not None:

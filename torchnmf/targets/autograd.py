@@ -92,7 +92,8 @@ def _inner(a, b):
     return (a * b).sum().double()
 
 
-def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False, constant=None):
+def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False, constant=None,
+                        scale=1.0):
     r"""The negative and positive parts of the gradient of the beta-divergence.
 
     With :math:`\hat V` = ``prediction`` computed from ``inputs`` by autograd,
@@ -110,9 +111,14 @@ def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False, co
         beta (float): the divergence.
         inputs (sequence of Tensor): the tensors to differentiate against.
         retain_graph (bool): keep the graph for further differentiation.
-        constant (Tensor, optional): :func:`divergence_constant` of ``target``;
-            when given, the divergence is computed on the way from the powers
-            the parts need anyway.
+        constant (Tensor, optional): :func:`divergence_constant` of
+            ``scale * target``; when given, the divergence is computed on the
+            way from the powers the parts need anyway.
+        scale (float): take the parts and the divergence of ``scale * target``
+            against ``scale * prediction`` (the floor then sits at ``eps /
+            scale`` of the prediction): the parts are :math:`\text{scale}^{\beta-1}`
+            times the unscaled ones and the divergence :math:`\text{scale}^\beta`
+            times.  A power of two keeps the scaling exact.
 
     Returns:
         (parts, divergence): ``parts`` holds one (negative, positive) pair per
@@ -121,18 +127,23 @@ def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False, co
         without ``constant``.
     """
     inputs = list(inputs)
-    floored = prediction.detach().clamp_min(torch.finfo(prediction.dtype).eps)
+    eps = torch.finfo(prediction.dtype).eps
+    if scale == 1:
+        floored = prediction.detach().clamp_min(eps)
+    else:
+        floored = prediction.detach().mul(scale).clamp_min_(eps)
     # beta=1: an expanded one, not a tensor of ones of the prediction's size to fill
     positive_out = floored.new_ones(()).expand_as(floored) if beta == 1 else floored.pow(beta - 1)
     divergence = None
     if constant is not None:
         if beta == 1:
-            variable = floored.sum().double() - _inner(target, floored.log())
+            variable = floored.sum().double() - scale * _inner(target, floored.log())
         elif beta == 0:
-            variable = _inner(positive_out, target) + floored.log().sum().double()
+            variable = scale * _inner(positive_out, target) + floored.log().sum().double()
         else:
             variable = (
-                _inner(positive_out, floored) / beta - _inner(positive_out, target) / (beta - 1)
+                _inner(positive_out, floored) / beta
+                - scale * _inner(positive_out, target) / (beta - 1)
             )
         divergence = (constant + variable).clamp_min(0)
     # V * prediction^(beta - 2), written over the floored copy (large temporaries are costly).
@@ -146,4 +157,6 @@ def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False, co
     negative = torch.autograd.grad(
         prediction, inputs, negative_out, retain_graph=retain_graph, allow_unused=True
     )
+    if scale != 1:  # the target's scale, applied to the (smaller) products: they are linear
+        negative = [None if part is None else part * scale for part in negative]
     return list(zip(negative, positive)), divergence
