@@ -8,9 +8,12 @@ from torchnmf import metrics
 
 
 def naive_beta_div(x, y, beta):
-    """Entry-by-entry beta-divergence D(y | x) in plain Python, exact limits."""
+    """Entry-by-entry beta-divergence D(y | x) in plain Python, exact limits; zeros
+    floored at epsilon times the power of two nearest the target's mean entry."""
     total = 0.0
-    eps = torch.finfo(torch.float64).eps
+    values = y.flatten().tolist()
+    mean = sum(values) / len(values)
+    eps = torch.finfo(torch.float64).eps * (2.0 ** round(math.log2(mean)) if mean > 0 else 1.0)
     for xi, yi in zip(x.flatten().tolist(), y.flatten().tolist()):
         if beta == 2:
             total += (yi - xi) ** 2 / 2
@@ -105,3 +108,41 @@ def test_invalid_entries_give_nan(beta, which, bad):
     values = {"input": torch.ones(3, 2), "target": torch.ones(3, 2)}
     values[which][1, 1] = bad
     assert torch.isnan(metrics.beta_div(values["input"], values["target"], beta))
+
+
+def _digits_and_reconstruction():
+    """Real data (scikit-learn's digits, float32) and a rank-1 reconstruction of it
+    with three zero columns, where the floor decides the value for beta <= 1."""
+    from sklearn.datasets import load_digits
+
+    V = torch.tensor(load_digits().data[:300], dtype=torch.float32)
+    R = V.mean(1, keepdim=True) * V.mean(0, keepdim=True) / V.mean()
+    R[:, 20:23] = 0
+    return V, R
+
+
+@pytest.mark.parametrize("beta", [-0.5, 0, 0.5, 1, 1.5, 2, 3])
+@pytest.mark.parametrize("k", [-40, 40])
+def test_beta_div_is_homogeneous(beta, k):
+    """Scaling both tensors by 2**k scales the divergence by 2**(k beta), bit for bit:
+    the floors move with the data (at the dtype's epsilon they did not)."""
+    V, R = _digits_and_reconstruction()
+    if beta <= 0:
+        V = V + 1
+    value = metrics.beta_div(R, V, beta)
+    scaled = metrics.beta_div(R * 2.0**k, V * 2.0**k, beta)
+    assert torch.isfinite(value) and value > 0
+    assert torch.equal(scaled, value * 2.0 ** (k * beta))
+
+
+@pytest.mark.parametrize("beta", [0.5, 1, 1.5, 3])
+@pytest.mark.parametrize("scale", [1e-9, 1e9])
+def test_beta_div_at_any_scale(beta, scale):
+    """The digits at 1e-9 and 1e9 (float32): the divergence of a positive
+    reconstruction is scale**beta times the unscaled one, to float32 rounding
+    (at 1e-9 every reconstructed entry used to sit under the floor)."""
+    V, R = _digits_and_reconstruction()
+    R = R + 0.5
+    value = float(metrics.beta_div(R, V, beta))
+    scaled = float(metrics.beta_div(R * scale, V * scale, beta))
+    assert scaled / scale**beta == pytest.approx(value, rel=1e-4)

@@ -16,8 +16,17 @@ losses: ``input`` is the reconstruction :math:`\hat V`, ``target`` the data
 ``beta=2`` gives half the squared Euclidean distance.  Entries where the
 divergence has an exact limit use it (:math:`0 \log 0 = 0`); where it would be
 infinite (a zero in the reconstruction under a positive target for
-``beta <= 1``), the zero is floored to the dtype's machine epsilon, so the
-result is finite and non-negative for valid inputs.
+``beta <= 1``), the zero is floored to the dtype's machine epsilon times the
+target's scale, so the result is finite and non-negative for valid inputs.
+
+The value does not depend on the scale of the data: for ``beta != 2`` both
+tensors are divided by :math:`s`, the power of two nearest the target's mean
+entry, and the result multiplied by :math:`s^\beta` (the divergence is
+homogeneous), as the fits do (see :mod:`torchnmf.solvers.scaling`); so
+``beta_div(c * x, c * y)`` is ``c**beta * beta_div(x, y)``, exactly for a
+power of two.  A floor at the dtype's epsilon itself would sit above every
+entry of data at 1e-9 (the digits scaled so gave a hundred times their
+divergence).  Everything stays on the tensors' device.
 
 Invalid input: ``input`` and ``target`` of different shapes raise
 ``ValueError`` (no broadcasting: a ``(5, 1)`` against a ``(1, 5)`` would
@@ -83,7 +92,23 @@ def beta_div(input, target, beta=2):
     """
     beta = check_real(beta, "beta")
     input, target = _check_pair(input, target)
-    return _invalid_to_nan(_beta_div(input, target, beta), input, target)
+    return _invalid_to_nan(_scaled_beta_div(input, target, beta), input, target)
+
+
+def _scaled_beta_div(input, target, beta):
+    """:func:`_beta_div` of the tensors divided by the power of two nearest the
+    target's mean entry, times that scale to the power beta (on the device).
+    Half the squared distance needs no floor: it is taken as it is."""
+    if beta == 2 or target.numel() == 0:
+        return _beta_div(input, target, beta)
+    info = torch.finfo(target.dtype)
+    mean = target.sum(dtype=torch.float64) / target.numel()
+    # within the dtype's normal range; a zero, negative or NaN mean keeps scale 1
+    octaves = torch.log2(mean).round_().clamp_(math.log2(info.tiny), math.log2(info.max))
+    octaves = torch.where(mean > 0, octaves, torch.zeros_like(octaves)).nan_to_num_(0.0)
+    scale = torch.exp2(octaves).to(target.dtype)
+    value = _beta_div(input / scale, target / scale, beta)
+    return (value.double() * torch.exp2(octaves * beta)).to(value.dtype)
 
 
 def _beta_div(input, target, beta):

@@ -68,7 +68,9 @@ class AutogradStats:
         return pointwise_divergence(self.V, prediction, self.beta).sum()
 
     def _prediction_divergence(self, prediction):
-        return metrics.beta_div(prediction, self.V, self.beta)
+        # V is the fit's normalised target (validated at the entry point): the public
+        # metric's checks and normalisation would be passes that change nothing
+        return metrics._beta_div(prediction, self.V, self.beta)
 
     def h_terms(self, H, W):
         negative, positive, prediction = self._parts(H, W, True)
@@ -83,7 +85,7 @@ class AutogradStats:
 
     def divergence(self, H, W):
         with torch.no_grad():
-            return metrics.beta_div(self.reconstruct(H, W), self.V, self.beta)
+            return metrics._beta_div(self.reconstruct(H, W), self.V, self.beta)
 
 
 def _inner(a, b):

@@ -283,7 +283,7 @@ class MaskedAutogradStats(AutogradStats):
         return pointwise_divergence(self.V_observed, prediction, self.beta).sum()
 
     def _prediction_divergence(self, prediction):
-        return metrics.beta_div(prediction[self.mask], self.V_observed, self.beta)
+        return metrics._beta_div(prediction[self.mask], self.V_observed, self.beta)
 
     def h_terms(self, H, W):
         negative, positive, prediction = self._parts(H, W, True)
