@@ -160,9 +160,9 @@ def _ours_until(X, rank, beta, batch_size, target, max_passes=8):
                                   tol=0, max_no_improvement=None, random_state=0)
     checking, found = [0.0], {}
 
-    def on_batch(online, codes, steps):
+    def on_batch(W, codes, steps):
         entered = _clock()
-        loss = float(stats.divergence(codes, online.W))
+        loss = float(stats.divergence(codes, W))
         found.update(loss=loss, steps=steps, at=entered - checking[0])
         checking[0] += _clock() - entered
         if loss <= target:

@@ -228,3 +228,21 @@ def test_pipeline_after_tfidf_separates_topics():
     components = pipeline[1].components_
     top = {vocabulary[components[assignment[0]].argmax()]}
     assert top <= {"galaxy", "telescope", "stars", "star", "orbit", "planet", "planets", "moon", "moons"}
+
+
+@pytest.mark.parametrize("beta_loss", ["kullback-leibler", "itakura-saito"])
+@pytest.mark.parametrize("scale", [1e-9, 1e9])
+def test_reconstruction_error_at_any_scale(beta_loss, scale):
+    """The digits (float32) at 1e-9 and 1e9: reconstruction_err_ relative to the data
+    is unit scale's (it was taken with floors at float32's epsilon: at 1e-9 the KL
+    error read 35 times the fit's)."""
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data[:400].astype(np.float32) + (1 if beta_loss == "itakura-saito" else 0)
+    beta = {"kullback-leibler": 1, "itakura-saito": 0}[beta_loss]
+    errors = []
+    for factor in (1.0, scale):
+        model = TorchNMF(6, beta_loss=beta_loss, max_iter=30, random_state=0).fit(
+            X * np.float32(factor))
+        errors.append(model.reconstruction_err_ / factor ** (beta / 2))
+    assert errors[1] == pytest.approx(errors[0], rel=1e-3)

@@ -229,3 +229,57 @@ def test_cuda_online_matches_cpu(generator, beta, layout):
                                    codes.clone().cuda())
         torch.testing.assert_close(H_gpu.cpu(), H_cpu, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(gpu.W.cpu(), cpu.W, rtol=1e-8, atol=1e-10)
+
+
+def _digits32(offset=0.0):
+    from sklearn.datasets import load_digits
+
+    return load_digits().data[:600].astype(np.float32) + offset
+
+
+@pytest.mark.parametrize("beta", [0, 1, 2])
+@pytest.mark.parametrize("k", [-12, 12])
+@pytest.mark.parametrize("penalty", [0.0, 0.1])
+def test_minibatch_fits_of_scaled_data_are_scaled_fits(beta, k, penalty):
+    """The digits (float32) times 4**k: components, codes, transform and partial_fit
+    are the unscaled ones times 2**k, bit for bit, and the error 2**(k beta) times
+    (the solver sees the data divided by its scale, a power of four; the penalty is
+    transformed to match).  Without that, at 4**-12 the KL fit's floors at float32's
+    epsilon sat above most reconstructed entries."""
+    X = _digits32(1.0 if beta == 0 else 0.0)
+    results = []
+    for power in (0, k):
+        scaled = X * np.float32(4.0**power)
+        model = TorchMiniBatchNMF(6, batch_size=200, beta_loss=beta, max_iter=3, tol=0,
+                                  max_no_improvement=None, random_state=0, init="random",
+                                  alpha_W=penalty * 4.0 ** (power * (beta - 0.5)),
+                                  l1_ratio=1.0)
+        codes = model.fit_transform(scaled)
+        streamed = TorchMiniBatchNMF(6, batch_size=200, beta_loss=beta, random_state=0,
+                                     init="random")
+        for start in range(0, 600, 200):
+            streamed.partial_fit(scaled[start:start + 200])
+        results.append((model.components_, codes, model.transform(scaled[:50]),
+                        model.reconstruction_err_, streamed.components_,
+                        streamed.transform(scaled[:50])))
+    unscaled, scaled = results
+    for index in (0, 1, 2, 4, 5):
+        np.testing.assert_array_equal(scaled[index], unscaled[index] * np.float32(2.0**k))
+    assert scaled[3] == pytest.approx(unscaled[3] * 2.0 ** (k * beta), rel=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0, 1, 2])
+@pytest.mark.parametrize("scale", [1e-9, 1e9])
+def test_minibatch_fits_any_scale_of_real_data(beta, scale):
+    """The digits at 1e-9 and 1e9 (float32): the same error relative to the data as at
+    unit scale, to 1e-4 (at 1e-9 the KL fit used to end at an infinite divergence and
+    at 1e-6 the Itakura-Saito fit at a million times its error)."""
+    X = _digits32(1.0 if beta == 0 else 0.0)
+    errors = []
+    for factor in (1.0, scale):
+        model = TorchMiniBatchNMF(6, batch_size=200, beta_loss=beta, max_iter=3, tol=0,
+                                  max_no_improvement=None, random_state=0)
+        model.fit(X * np.float32(factor))
+        errors.append(model.reconstruction_err_ / factor ** (beta / 2))
+    assert np.isfinite(errors).all()
+    assert errors[1] == pytest.approx(errors[0], rel=1e-4)

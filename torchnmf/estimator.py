@@ -481,7 +481,10 @@ class TorchMiniBatchNMF(TorchNMF):
     of the batches seen so far, the older ones down-weighted by
     ``forget_factor`` (Mairal et al. 2010; Lefèvre, Bach & Févotte 2011; see
     :mod:`torchnmf.solvers.online`).  Runs on PyTorch, on any ``device``, with
-    dense or sparse ``X``; :meth:`partial_fit` takes one batch at a time.
+    dense or sparse ``X``; :meth:`partial_fit` takes one batch at a time.  The
+    solver sees the data divided by the power of four nearest its mean entry
+    (that of the first batch for :meth:`partial_fit`), so a fit of ``4**k * X``
+    is the fit of ``X`` scaled, bit for bit, and data at 1e-9 fit as well as at 1.
 
     Parameters
     ----------
@@ -626,17 +629,53 @@ class TorchMiniBatchNMF(TorchNMF):
 
         ``forget_factor`` is the weight of the past after a whole pass over the
         data, as in scikit-learn: after each batch the past is weighted by
-        ``forget_factor ** (n_samples / n_total)``."""
+        ``forget_factor ** (n_samples / n_total)``.  ``W`` and the batches it
+        sees are the normalised ones (see :meth:`_normalise`); the penalties
+        are transformed to match."""
         from .solvers.online import OnlineMU
         from .solvers.penalty import Penalty
+        from .solvers.scaling import split_penalty
 
         n_total = n_samples if n_total is None else n_total
+        scale = self._data_scale
         return OnlineMU(
             W, beta, self.forget_factor ** (n_samples / n_total),
-            penalty_W=Penalty(alpha_H * n_samples, self.l1_ratio),
-            penalty_H=Penalty(alpha_W * n_features, self.l1_ratio),
+            penalty_W=split_penalty(Penalty(alpha_H * n_samples, self.l1_ratio), scale, beta,
+                                    W.dtype),
+            penalty_H=split_penalty(Penalty(alpha_W * n_features, self.l1_ratio), scale, beta,
+                                    W.dtype),
             max_iter_H=self.fresh_restarts_max_iter, tol_H=self.tol,
         )
+
+    # -- the scale of the data (see torchnmf.solvers.scaling) ----------------------------
+    def _normalise(self, V, set_scale=False):
+        """``V`` divided by the scale of the data: with ``set_scale``, the power of four
+        nearest its mean entry (kept for later batches and :meth:`transform`).
+
+        The online solver's floors at the dtype's epsilon sit at the same place
+        relative to the data at every scale only on normalised data (the digits at
+        1e-9: a KL fit ended at infinity, at 1e-6 Itakura-Saito at a million times
+        its divergence).  Its templates outlive any one batch, so both factors
+        carry the square root of the scale, a power of two: dividing and
+        multiplying back are exact, and a fit of ``4**k * X`` is the fit of ``X``
+        scaled."""
+        if set_scale:
+            total = V.values().sum(dtype=torch.float64) if V.layout != torch.strided \
+                else V.sum(dtype=torch.float64)
+            mean = float(total) / max(V.shape[0] * V.shape[1], 1)
+            self._data_scale = (4.0 ** round(math.log(mean, 4))
+                                if mean > 0 and math.isfinite(mean) else 1.0)
+        scale = self._data_scale
+        if scale == 1:
+            return V
+        if V.layout == torch.strided:
+            return V / scale
+        return torch.sparse_csr_tensor(V.crow_indices(), V.col_indices(), V.values() / scale,
+                                       V.shape, check_invariants=False)
+
+    def _root(self):
+        """The share of the scale each factor carries: ``sqrt(scale)``, a power of two."""
+        return math.sqrt(self._data_scale)
 
     def _prepared(self, X, reset, with_checked=False):
         """``X`` validated, a sparse one in compressed rows (the batches are its row
@@ -651,12 +690,16 @@ class TorchMiniBatchNMF(TorchNMF):
         return (V, checked) if with_checked else V
 
     def _finish(self, online, V, codes, beta, rank):
-        W = online.W
+        """The attributes from the solver and the normalised ``V`` and ``codes``."""
+        from .solvers.scaling import objective_unit
+
         self._online_state = online
+        W = online.W * self._root() if self._data_scale != 1 else online.W
         self._templates = NMF(W=W, trainable_W=False)
         self.components_ = W.T.cpu().numpy()
         self.n_components_ = rank
-        divergence = self._divergence(V, codes, W, beta)
+        divergence = self._divergence(V, codes, online.W, beta)
+        divergence *= objective_unit(self._data_scale, beta)
         self.reconstruction_err_ = math.sqrt(2 * max(divergence, 0.0))
 
     @staticmethod
@@ -669,15 +712,20 @@ class TorchMiniBatchNMF(TorchNMF):
 
     # -- fitting -----------------------------------------------------------------------
     def _fit(self, X, W_custom, H_custom, on_batch=None):
-        """The fit; ``on_batch(online, codes, steps)``, if given, is called after every
-        batch with the solver, the codes of every sample so far and the batches done
-        (the benchmarks read the full-data loss there, outside their timing)."""
+        """The fit; ``on_batch(W, codes, steps)``, if given, is called after every
+        batch with the templates, the codes of every sample so far (both in the
+        data's units) and the batches done (the benchmarks read the full-data loss
+        there, outside their timing)."""
         beta, (alpha_W, alpha_H) = self._check_minibatch_params()
         V, checked = self._prepared(X, reset=True, with_checked=True)
         N, C = V.shape
         rank = self.n_components or (np.shape(H_custom)[0] if H_custom is not None else C)
         generator = self._generator()
         W, codes = self._start(checked, rank, self.init, W_custom, H_custom, generator)
+        V = self._normalise(V, set_scale=True)
+        root = self._root()
+        if root != 1:
+            W, codes = W / root, codes / root
         online = self._online(W.contiguous(), beta, alpha_W, alpha_H, min(self.batch_size, N), C, N)
         codes = codes.contiguous()
         inner = self.fresh_restarts_max_iter if self.fresh_restarts else 1
@@ -695,7 +743,7 @@ class TorchMiniBatchNMF(TorchNMF):
                 codes[start:end] = H_batch
                 steps += 1
                 if on_batch is not None:
-                    on_batch(online, codes, steps)
+                    on_batch(online.W * root, codes * root, steps)
                 if watch:
                     cost /= end - start
                     smoothed = cost if smoothed is None else 0.9 * smoothed + 0.1 * cost
@@ -717,7 +765,7 @@ class TorchMiniBatchNMF(TorchNMF):
         # the codes of the last pass, refined against the final components
         codes = self._solve_codes(V, online, rank, codes)
         self._finish(online, V, codes, beta, rank)
-        return codes
+        return codes * root if root != 1 else codes
 
     def _solve_codes(self, V, online, rank, codes=None):
         from .solvers.online import solve_activations
@@ -748,11 +796,13 @@ class TorchMiniBatchNMF(TorchNMF):
         if first:
             W_start, _ = self._start(V, rank, self.init if self.init != "nndsvda" or
                                      rank <= min(V.shape) else "random", W, H, self._generator())
-            online = self._online(W_start.contiguous(), beta, alpha_W, alpha_H, V.shape[0], V.shape[1])
+            V = self._normalise(V, set_scale=True)
+            online = self._online((W_start / self._root()).contiguous(), beta, alpha_W, alpha_H,
+                                  V.shape[0], V.shape[1])
             self.n_steps_ = 0
         else:
             online = self._online_state
-            V = V.to(online.W.device, online.W.dtype)
+            V = self._normalise(V.to(online.W.device, online.W.dtype))
         # as scikit-learn: the past weighs forget_factor ** (min(batch_size, n) / n)
         n = V.shape[0]
         online.forget_factor = self.forget_factor ** (min(self.batch_size, n) / n)
@@ -775,5 +825,6 @@ class TorchMiniBatchNMF(TorchNMF):
         check_is_fitted(self)
         self._check_minibatch_params()
         online = self._online_state
-        V = self._prepared(X, reset=False).to(online.W.device, online.W.dtype)
-        return self._output(self._solve_codes(V, online, online.W.shape[1]), X)
+        V = self._normalise(self._prepared(X, reset=False).to(online.W.device, online.W.dtype))
+        codes = self._solve_codes(V, online, online.W.shape[1])
+        return self._output(codes * self._root() if self._data_scale != 1 else codes, X)

@@ -34,8 +34,8 @@ import torch
 
 from .penalty import Penalty
 
-__all__ = ["target_scale", "scaled_penalty", "objective_unit", "balance_", "Normalisation",
-           "BALANCE_MISMATCH"]
+__all__ = ["target_scale", "scaled_penalty", "split_penalty", "objective_unit", "balance_",
+           "Normalisation", "BALANCE_MISMATCH"]
 
 
 def target_scale(total, count):
@@ -59,6 +59,21 @@ def scaled_penalty(penalty, scale, beta, carries, dtype):
     power_l2 = (2.0 - beta) if carries else -beta
     l1 = min(penalty.l1 * _power(scale, power_l1), cap)
     l2 = min(penalty.l2 * _power(scale, power_l2), cap)
+    return Penalty.from_weights(l1, l2)
+
+
+def split_penalty(penalty, scale, beta, dtype):
+    r"""The penalty of a normalised problem whose two factors each carry
+    :math:`\sqrt{s}` of the scale (the online solver's, where the templates
+    outlive any one batch): with :math:`X = \sqrt{s} X'`,
+    :math:`\lambda_1 \|X\|_1 + \tfrac{\lambda_2}{2}\|X\|^2 = s^\beta(\lambda_1
+    s^{1/2-\beta} \|X'\|_1 + \tfrac{\lambda_2 s^{1-\beta}}{2}\|X'\|^2)`.
+    Weights are capped at the dtype's largest value."""
+    if not penalty:
+        return penalty
+    cap = torch.finfo(dtype).max
+    l1 = min(penalty.l1 * _power(scale, 0.5 - beta), cap)
+    l2 = min(penalty.l2 * _power(scale, 1.0 - beta), cap)
     return Penalty.from_weights(l1, l2)
 
 
