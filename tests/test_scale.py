@@ -141,6 +141,34 @@ def test_transform_is_scale_equivariant(scale, generator):
     assert_close(scaled / scale, codes, rtol=1e-7, atol=0)
 
 
+@pytest.mark.parametrize("solver,beta", [("mu", 2), ("hals", 2), ("mu", 1), ("mu", 0.5)])
+@pytest.mark.parametrize("k", [-30, 30])
+def test_transform_with_templates_that_carry_the_scale(solver, beta, k):
+    """Real data (the digits, float32) times 2**k, transformed with templates times
+    2**k: the same activations as unscaled, to float32 rounding.  The transform
+    divided the activations by the data's scale whatever the templates carried,
+    so at 2**-30 they sat at 2**30 against templates at 2**-30 and the Euclidean
+    positive parts fell under float32's epsilon (bi-cross-validation transforms
+    with a fit's activations as templates)."""
+    from sklearn.datasets import load_digits
+
+    V = torch.tensor(load_digits().data[:200], dtype=torch.float32)
+    model = NMF(V.shape, rank=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(V, beta=beta, max_iter=20)
+    W = model.W.detach()
+    H0 = torch.rand(200, 5, generator=torch.Generator().manual_seed(0))
+    codes = []
+    for power in (0, k):
+        templates = NMF(W=W * 2.0**power, trainable_W=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            codes.append(templates.transform(V * 2.0**power, beta=beta, tol=0, max_iter=30,
+                                             solver=solver, H=H0))
+    assert_close(codes[1], codes[0], rtol=1e-5, atol=1e-6 * float(codes[0].max()))
+
+
 @pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e-100), (torch.float64, 1e100),
                                          (torch.float32, 1e-15), (torch.float32, 1e15)])
 @pytest.mark.parametrize("solver,beta", [("mu", 2), ("hals", 2), ("mu", 1)])

@@ -26,7 +26,13 @@ from ..solvers.checkpoint import Checkpointing
 from ..solvers.loop import run_fit
 from ..solvers.penalty import Penalty
 from ..solvers.problem import FitProblem
-from ..solvers.scaling import Normalisation, balance_, scaled_penalty, target_scale
+from ..solvers.scaling import (
+    Normalisation,
+    balance_,
+    lighter_carrier,
+    scaled_penalty,
+    target_scale,
+)
 from ..solvers.registry import get_solver, require_features
 from ..targets.prepare import prepare_target
 from ..targets.residual import AccurateDivergence
@@ -164,13 +170,17 @@ def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **opt
         if options.get(name) is not None:
             options[name] = options[name].to((H if name == "fixed_H" else W).device)
     update_H, update_W = options.get("update_H", True), options.get("update_W", True)
-    if carrier is None:
-        carrier = "H" if update_H or not update_W else "W"
     stats = model._statistics(V, beta, mask)
     total, count = stats.scale_sums()
     if reduction is not None:  # the same scale on every process
         total, count = reduction.sum_float(total), reduction.sum_float(count)
     scale = target_scale(total, count) if update_H or update_W else 1.0
+    if carrier is None:
+        carrier = "H" if update_H or not update_W else "W"
+        if update_H and not update_W and scale != 1:  # (the same decision on every process)
+            with torch.no_grad():
+                carrier = lighter_carrier(H, W, scale,
+                                          float if reduction is None else reduction.max_float)
     if scale != 1:
         stats = stats.scaled(1.0 / scale)
         for name in ("H", "W"):

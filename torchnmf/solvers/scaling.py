@@ -35,7 +35,7 @@ import torch
 from .penalty import Penalty
 
 __all__ = ["target_scale", "scaled_penalty", "split_penalty", "objective_unit", "balance_",
-           "Normalisation", "BALANCE_MISMATCH"]
+           "lighter_carrier", "Normalisation", "BALANCE_MISMATCH"]
 
 
 def target_scale(total, count):
@@ -103,6 +103,30 @@ def balance_(H, W, row_max=float):
     H.mul_(factor)
     W.div_(factor)
     return factor
+
+
+def lighter_carrier(H, W, scale, row_max=float):
+    """``"H"`` or ``"W"``: the factor to divide by ``scale`` when only ``H`` is
+    updated (a transform), whichever leaves the two factors' largest entries
+    nearer each other.
+
+    A fit balances its factors (:func:`balance_`); a transform cannot, ``W``
+    being given.  When that ``W`` carries the data's scale (the activations of a
+    fit, used as templates for the transposed data, as bi-cross-validation
+    does), dividing ``H`` by the scale left ``H`` at ``1/c`` and ``W`` at ``c``
+    (data at 2**-30: a Euclidean transform's positive parts at 2**-30, under
+    float32's epsilon).  Either choice gives the same iterates in exact
+    arithmetic (the multiplicative and HALS updates of ``H`` are unchanged when
+    a power of two moves between the factors).  ``row_max`` takes the largest of
+    a float over the processes holding other rows of ``H``.
+    """
+    largest_H = row_max(float(H.max())) if H.numel() else 0.0
+    largest_W = float(W.max()) if W.numel() else 0.0
+    if not (largest_H > 0 and largest_W > 0 and math.isfinite(largest_H * largest_W)):
+        return "H"
+    octaves = math.log2(largest_H) - math.log2(largest_W)
+    shift = math.log2(scale)
+    return "W" if abs(octaves + shift) < abs(octaves - shift) else "H"
 
 
 def objective_unit(scale, beta):
