@@ -196,3 +196,22 @@ def test_outliers_are_dropped(generator):
         consensus_from_restarts(V, restarts, 3, density_threshold=0)
     with pytest.raises(TypeError, match="restarts must be a Restarts result, got dict"):
         consensus_from_restarts(V, {}, 3)
+
+
+@pytest.mark.parametrize("beta", [1, 2])
+@pytest.mark.parametrize("scale", [2.0**-30, 1e-9, 1e9])
+def test_consensus_prediction_error_at_any_scale(beta, scale):
+    """Real data (the digits, float32) scaled: the consensus's prediction error is unit
+    scale's times scale**beta (to rounding for a power of two, 1e-3 otherwise); it was
+    taken by the closed form in the data's units, negative at 1e-9 (-219,316 per unit
+    of a divergence of 29,400)."""
+    from sklearn.datasets import load_digits
+
+    V = torch.tensor(load_digits().data[:150], dtype=torch.float32)
+    options = dict(n_restarts=4, beta=beta, max_iter=30, seed=0)
+    unit, _ = consensus_nmf(V, 3, **options)
+    scaled, _ = consensus_nmf(V * scale, 3, **options)
+    assert unit.prediction_error > 0
+    rel = 1e-9 if scale == 2.0**-30 else 1e-3
+    assert scaled.prediction_error / scale**beta == pytest.approx(unit.prediction_error, rel=rel)
+    assert scaled.stability == pytest.approx(unit.stability, abs=1e-3)

@@ -120,3 +120,22 @@ def test_cross_validation_errors_at_any_scale(method, beta, scale):
     assert (unit > 0).all()
     rel = 1e-6 if scale == 2.0**-30 else 1e-3
     torch.testing.assert_close(scaled, unit, rtol=rel, atol=0)
+
+
+@pytest.mark.parametrize("scale", [2.0**-30, 1e-9])
+def test_rank_table_at_any_scale(scale):
+    """The rank table of the digits (float32) scaled: losses, held-out and prediction
+    errors are unit scale's times scale (beta=1), stabilities unchanged (the
+    prediction error was negative at 1e-9)."""
+    from sklearn.datasets import load_digits
+
+    V = torch.tensor(load_digits().data[:120], dtype=torch.float32)
+    options = dict(n_restarts=3, beta=1, max_iter=30, seed=0, cv_restarts=2)
+    unit = rank_table(V, [2, 3], **options).rows
+    scaled = rank_table(V * scale, [2, 3], **options).rows
+    rel = 1e-6 if scale == 2.0**-30 else 1e-3
+    for a, b in zip(unit, scaled):
+        assert a["prediction_error"] > 0
+        for key in ("loss", "heldout", "prediction_error"):
+            assert b[key] / scale == pytest.approx(a[key], rel=rel)
+        assert b["stability"] == pytest.approx(a["stability"], abs=1e-3)

@@ -37,6 +37,7 @@ from .restarts import Restarts, fit_restarts, prepare_matrix
 from ._validation import check_non_negative_number, check_positive_int, check_fraction
 from .targets import statistics
 from .targets.prepare import prepare_target
+from .targets.residual import data_divergence
 
 __all__ = [
     "Consensus",
@@ -302,7 +303,8 @@ def _refit_usage(V, W, beta, mask, tol, max_iter, seed):
         H = model.transform(V, beta=beta, tol=tol, max_iter=max_iter, mask=mask,
                             generator=generator)
     V_checked, mask_checked = prepare_target(V, mask)
-    error = float(statistics(V_checked, beta, mask_checked).divergence(H, W.to(H.dtype)))
+    error = data_divergence(statistics(V_checked, beta, mask_checked), H, W.to(H.dtype), beta,
+                            H.dtype)
     return H, error
 
 

@@ -22,9 +22,9 @@ import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, check_non_negative, check_random_state
 
-from . import metrics
 from . import init as _init
 from .nmf import NMF
+from .targets.residual import data_divergence
 from .solvers.registry import SOLVERS
 
 try:  # scikit-learn >= 1.6
@@ -359,12 +359,9 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         self.n_components_ = rank
         # the codes of the fitted components, solved to convergence like transform's
         codes = self._codes(V, model.H.detach())
-        with torch.no_grad():
-            if V.is_sparse:  # the divergence without forming the dense reconstruction
-                divergence = model._statistics(V, beta).divergence(codes, W)
-            else:
-                divergence = metrics.beta_div(model(H=codes), V, beta)
-        self.reconstruction_err_ = math.sqrt(2 * max(float(divergence), 0.0))
+        with torch.no_grad():  # blockwise, never the dense reconstruction of a sparse V
+            divergence = data_divergence(model._statistics(V, beta), codes, W, beta, V.dtype)
+        self.reconstruction_err_ = math.sqrt(2 * max(divergence, 0.0))
         return codes
 
     # The problem for the codes with the components fixed is convex: solved to
@@ -705,10 +702,8 @@ class TorchMiniBatchNMF(TorchNMF):
     @staticmethod
     def _divergence(V, codes, W, beta):
         from .targets import statistics
-        from .targets.residual import AccurateDivergence
 
-        # near an exact fit the closed form is rounding noise: the explicit residual then
-        return float(AccurateDivergence(statistics(V, beta), V.dtype).divergence(codes, W))
+        return data_divergence(statistics(V, beta), codes, W, beta, V.dtype)
 
     # -- fitting -----------------------------------------------------------------------
     def _fit(self, X, W_custom, H_custom, on_batch=None):

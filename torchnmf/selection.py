@@ -34,10 +34,9 @@ import torch
 
 from ._validation import ConvergenceWarning, check_positive_int
 from .restarts import check_ranks, fit_restarts, prepare_matrix
-from .solvers.scaling import objective_unit, target_scale
 from .targets import statistics
 from .targets.prepare import prepare_target
-from .targets.residual import AccurateDivergence
+from .targets.residual import data_divergence
 
 __all__ = [
     "CrossValidation",
@@ -120,22 +119,12 @@ def suggest_rank(ranks, errors):
 
 
 def _heldout_error(V, H, W, beta, heldout):
-    """The divergence per entry over the ``heldout`` entries (a boolean mask).
-
-    Taken as the fits take theirs (see :mod:`torchnmf.solvers.scaling`): on the
-    held-out entries divided by the power of two nearest their mean, with the
-    explicit residual where the closed form is rounding noise, and scaled back.
-    With floors at the dtype's epsilon in the data's units, the digits at 1e-9
-    scored every rank alike (every reconstructed entry under the floor) and
-    bi-cross-validation returned negative errors."""
+    """The divergence per entry over the ``heldout`` entries (a boolean mask), taken
+    as the fits take theirs (:func:`~torchnmf.targets.residual.data_divergence`)."""
     V_h, mask_h = prepare_target(V, heldout)
-    stats = statistics(V_h, beta, mask_h)
-    scale = target_scale(*stats.scale_sums())
-    H, W = H.to(V_h.dtype), W.to(V_h.dtype)
-    if scale != 1:
-        stats, H = stats.scaled(1.0 / scale), H / scale
-    total = float(AccurateDivergence(stats, V_h.dtype).divergence(H, W))
-    return total * objective_unit(scale, beta) / max(int(heldout.sum()), 1)
+    total = data_divergence(statistics(V_h, beta, mask_h), H.to(V_h.dtype), W.to(V_h.dtype),
+                            beta, V_h.dtype)
+    return total / max(int(heldout.sum()), 1)
 
 
 def _quiet(function, *args, **kwargs):

@@ -31,9 +31,10 @@ import math
 import torch
 
 from .. import _device as device
+from ..solvers.scaling import lighter_carrier, objective_unit, target_scale
 
-__all__ = ["pointwise_divergence", "PointwiseReference", "AccurateDivergence", "CANCELLATION",
-           "NOISE", "cancellation_threshold"]
+__all__ = ["pointwise_divergence", "PointwiseReference", "AccurateDivergence", "data_divergence",
+           "CANCELLATION", "NOISE", "cancellation_threshold"]
 
 CANCELLATION = 1e4
 # the closed forms' rounding noise, measured at up to about 7 epsilons times
@@ -250,3 +251,28 @@ class AccurateDivergence:
 
     def divergence(self, H, W):
         return self._checked(self.stats.divergence(H, W), H, W, final=True)
+
+
+def data_divergence(stats, H, W, beta, dtype):
+    r"""The divergence of given factors, in the data's units, as a fit reports its own
+    (a float).
+
+    For scores of factors that no fit reported (held-out errors, a consensus's
+    usage, an estimator's final error): on the target divided by the power of two
+    :math:`s` nearest its mean observed entry, with whichever factor leaves the
+    two balanced divided by :math:`s` too
+    (:func:`~torchnmf.solvers.scaling.lighter_carrier`), accurate near an exact
+    fit (:class:`AccurateDivergence`), times :math:`s^\beta`.  The closed forms
+    in the data's units floor the reconstruction at the dtype's epsilon: the
+    digits at 1e-9 scored every rank of a cross-validation alike, and negative
+    where the constant cancelled.
+    """
+    scale = target_scale(*stats.scale_sums())
+    if scale != 1:
+        stats = stats.scaled(1.0 / scale)
+        if lighter_carrier(H, W, scale) == "W":
+            W = W / scale
+        else:
+            H = H / scale
+    value = float(AccurateDivergence(stats, dtype).divergence(H, W))
+    return value * objective_unit(scale, beta)
