@@ -253,3 +253,22 @@ def test_online_objective_near_an_exact_fit(dtype, beta, generator):
         prediction = prediction.clamp_min(torch.finfo(dtype).eps)
     exact = float(pointwise_divergence(V.double(), prediction, beta).sum())
     assert model.reconstruction_err_**2 / 2 == pytest.approx(exact, rel=0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("exponent", [0, 0.5, 1, 2, 3, 4, -1])
+def test_power_sum_matches_the_float64_sum_and_leaves_x_alone(dtype, exponent, generator):
+    """The magnitudes behind the cancellation bounds, in parts: the whole float64
+    sum, to rounding; a float64 ``x`` (whose parts are views, not copies) unchanged."""
+    from torchnmf.targets.dense import CONSTANT_ELEMENTS, power_sum
+
+    x = torch.rand(3 * CONSTANT_ELEMENTS + 18, generator=generator, dtype=dtype) + 0.01
+    x = x.reshape(-1, 7)[:, :5]  # not contiguous: the parts come from a copy
+    before = x.clone()
+    expected = float(x.double().pow(exponent).sum())
+    assert power_sum(x, exponent) == pytest.approx(expected, rel=1e-12)
+    assert power_sum(x.contiguous(), exponent) == pytest.approx(expected, rel=1e-12)
+    assert torch.equal(x, before)
+    contiguous = before.contiguous().clone()
+    power_sum(contiguous, exponent)
+    assert torch.equal(contiguous, before)

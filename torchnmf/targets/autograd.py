@@ -9,6 +9,7 @@ forms of :mod:`torchnmf.targets.dense` are preferred wherever one exists.
 import torch
 
 from .. import metrics
+from .dense import power_sum
 from .residual import pointwise_divergence
 
 __all__ = ["AutogradStats", "beta_gradient_parts"]
@@ -53,11 +54,11 @@ class AutogradStats:
     # -- the explicit residual (see torchnmf.targets.residual) -----------------------
     def magnitude(self):
         """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
-        return float(self.V.double().pow(self.beta).sum())
+        return power_sum(self.V, self.beta)
 
     def magnitude_squares(self):
         """:math:`\\sum V^{2\\beta}`, for the closed forms' rounding noise (float)."""
-        return float(self.V.double().pow(2 * self.beta).sum())
+        return power_sum(self.V, 2 * self.beta)
 
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate)."""

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.forward import padded_windows
-from .dense import divergence_constant, float64_sum
+from .dense import divergence_constant, float64_sum, power_sum
 from . import spectral
 from .residual import PointwiseReference
 
@@ -400,11 +400,11 @@ class ConvStats:
 
     def magnitude(self):
         """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
-        return float(self._observed(self.V).double().pow(self.beta).sum())
+        return power_sum(self._observed(self.V), self.beta)
 
     def magnitude_squares(self):
         """:math:`\\sum V^{2\\beta}`, for the closed forms' rounding noise (float)."""
-        return float(self._observed(self.V).double().pow(2 * self.beta).sum())
+        return power_sum(self._observed(self.V), 2 * self.beta)
 
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate), block by block.

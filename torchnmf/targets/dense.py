@@ -171,11 +171,11 @@ class DenseMatrixStats:
     # -- the explicit residual (see torchnmf.targets.residual) -----------------------
     def magnitude(self):
         """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
-        return float(self.V.double().pow(self.beta).sum())
+        return power_sum(self.V, self.beta)
 
     def magnitude_squares(self):
         """:math:`\\sum V^{2\\beta}`, for the closed forms' rounding noise (float)."""
-        return float(self.V.double().pow(2 * self.beta).sum())
+        return power_sum(self.V, 2 * self.beta)
 
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate)."""
@@ -402,6 +402,29 @@ def float64_sum(x):
     if not x.is_contiguous() and x.dim() > 1:  # channels last: rows of columns x channels
         x = _memory_order(x).flatten(-2)
     return x.sum(-1).sum(dtype=torch.float64)
+
+
+def power_sum(x, exponent):
+    """:math:`\sum x^{\text{exponent}}` over every entry of ``x``, in float64 (a float).
+
+    Taken in parts of ``CONSTANT_ELEMENTS`` (float64 temporaries of 256 KiB), with
+    a dot product for even exponents: a float64 copy of the whole of ``x`` cost a
+    third of a one-pass minibatch fit of 50000 x 500 (at ``beta=1``, ``sum V`` and
+    ``sum V^2``: 0.25 s each against 0.02, one thread, measured).
+    """
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    half = exponent / 2
+    for part in x.reshape(-1).split(CONSTANT_ELEMENTS):
+        part = part.double()  # (float64 x itself: nothing below writes into it)
+        if exponent == 1:
+            total += part.sum()
+        elif half in (1, 2):  # x^2 and x^4 as dot products of x and x^2
+            if half == 2:
+                part = part.square()
+            total += torch.dot(part, part)
+        else:
+            total += part.pow(exponent).sum()
+    return float(total)
 
 
 def _memory_order(x):

@@ -24,7 +24,7 @@ import torch
 
 from .. import metrics
 from .autograd import AutogradStats
-from .dense import BLOCK_ELEMENTS, add_product_, inner as _inner, matmul_into
+from .dense import BLOCK_ELEMENTS, add_product_, inner as _inner, matmul_into, power_sum
 from .residual import pointwise_divergence
 from .sparse import to_csr
 
@@ -142,11 +142,11 @@ class MaskedMatrixStats:
     # -- the explicit residual (see torchnmf.targets.residual) -----------------------
     def magnitude(self):
         """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
-        return float(self.source.observed_values(self.mask).double().pow(self.beta).sum())
+        return power_sum(self.source.observed_values(self.mask), self.beta)
 
     def magnitude_squares(self):
         """:math:`\\sum V^{2\\beta}`, for the closed forms' rounding noise (float)."""
-        return float(self.source.observed_values(self.mask).double().pow(2 * self.beta).sum())
+        return power_sum(self.source.observed_values(self.mask), 2 * self.beta)
 
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate)."""
@@ -269,11 +269,11 @@ class MaskedAutogradStats(AutogradStats):
         return type(self)(self.V * factor, self.mask, self.beta, self.unmasked_reconstruct)
 
     def magnitude(self):
-        return float(self.V_observed.double().pow(self.beta).sum())
+        return power_sum(self.V_observed, self.beta)
 
     def magnitude_squares(self):
         """:math:`\\sum V^{2\\beta}`, for the closed forms' rounding noise (float)."""
-        return float(self.V_observed.double().pow(2 * self.beta).sum())
+        return power_sum(self.V_observed, 2 * self.beta)
 
     def explicit_divergence(self, H, W):
         with torch.no_grad():

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dense import batch_shape, gram_divergence, matmul_into
+from .dense import batch_shape, gram_divergence, matmul_into, power_sum
 from .residual import pointwise_divergence
 
 
@@ -455,11 +455,11 @@ class SparseMatrixStats:
     # -- the explicit residual (see torchnmf.targets.residual) -----------------------
     def magnitude(self):
         """The size of the divergence's terms, :math:`\\sum V^\\beta` (float)."""
-        return float(self.by_rows.values.double().pow(self.beta).sum())
+        return power_sum(self.by_rows.values, self.beta)
 
     def magnitude_squares(self):
         """:math:`\\sum V^{2\\beta}`, for the closed forms' rounding noise (float)."""
-        return float(self.by_rows.values.double().pow(2 * self.beta).sum())
+        return power_sum(self.by_rows.values, 2 * self.beta)
 
     def explicit_divergence(self, H, W):
         """The divergence summed entry by entry in float64 (slow, accurate)."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .._validation import check_choice, check_non_negative_tensor
-from .dense import DenseMatrixStats, divergence_constant
+from .dense import DenseMatrixStats, divergence_constant, power_sum
 from .masked import MaskedMatrixStats
 from .prepare import MISSING, prepare_target
 from .sources import ArrayRows, BlockRows, TensorRows, is_row_source, open_rows
@@ -434,9 +434,8 @@ class StreamedStats:
         for _, _, block, mask in self._blocks():
             values = _observed_values(block, mask)
             total += divergence_constant(values, self.beta)
-            powers = values.double().pow(self.beta)
-            magnitude += float(powers.sum())
-            squares += float(powers.square().sum())
+            magnitude += power_sum(values, self.beta)
+            squares += power_sum(values, 2 * self.beta)
         self._magnitude, self._squares = magnitude, squares
         return total
 
