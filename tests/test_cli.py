@@ -367,3 +367,24 @@ def test_figure_checks_before_any_work(tmp_path, capsys, monkeypatch, command):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--plot needs matplotlib; pip install 'torchnmf[plot]'" in err
     assert not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.parametrize("used", [False, True])
+def test_the_process_ends_with_the_status_and_flushed_streams(used):
+    """After a command under torchrun the process ends without finalising the
+    interpreter (gloo's threads could abort it there); the status and everything
+    printed still come out, and a plain run ends as usual (SystemExit)."""
+    code = (
+        "import sys, atexit\n"
+        "from torchnmf import cli\n"
+        f"cli._GROUP_USED = {used}\n"
+        "atexit.register(lambda: print('finalised', file=sys.stderr))\n"
+        "print('written', end='')\n"
+        "print('noted', end='', file=sys.stderr)\n"
+        "cli.exit_process(3)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3
+    assert run.stdout == "written"
+    assert run.stderr.startswith("noted")
+    assert ("finalised" in run.stderr) is not used
