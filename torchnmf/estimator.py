@@ -24,8 +24,8 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, check_
 
 from . import init as _init
 from .nmf import NMF
-from .targets.residual import data_divergence
 from .solvers.registry import SOLVERS
+from .targets.residual import data_divergence
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
@@ -631,16 +631,17 @@ class TorchMiniBatchNMF(TorchNMF):
         are transformed to match."""
         from .solvers.online import OnlineMU
         from .solvers.penalty import Penalty
-        from .solvers.scaling import split_penalty
+        from .solvers.scaling import scaled_penalty
 
         n_total = n_samples if n_total is None else n_total
         scale = self._data_scale
+        # both factors carry the square root of the scale (see _normalise)
         return OnlineMU(
             W, beta, self.forget_factor ** (n_samples / n_total),
-            penalty_W=split_penalty(Penalty(alpha_H * n_samples, self.l1_ratio), scale, beta,
-                                    W.dtype),
-            penalty_H=split_penalty(Penalty(alpha_W * n_features, self.l1_ratio), scale, beta,
-                                    W.dtype),
+            penalty_W=scaled_penalty(Penalty(alpha_H * n_samples, self.l1_ratio), scale, beta,
+                                     0.5, W.dtype),
+            penalty_H=scaled_penalty(Penalty(alpha_W * n_features, self.l1_ratio), scale, beta,
+                                     0.5, W.dtype),
             max_iter_H=self.fresh_restarts_max_iter, tol_H=self.tol,
         )
 

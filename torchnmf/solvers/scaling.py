@@ -34,8 +34,8 @@ import torch
 
 from .penalty import Penalty
 
-__all__ = ["target_scale", "scaled_penalty", "split_penalty", "objective_unit", "balance_",
-           "lighter_carrier", "Normalisation", "BALANCE_MISMATCH"]
+__all__ = ["target_scale", "scaled_penalty", "objective_unit", "balance_", "lighter_carrier",
+           "Normalisation", "BALANCE_MISMATCH"]
 
 
 def target_scale(total, count):
@@ -47,33 +47,22 @@ def target_scale(total, count):
 
 
 def scaled_penalty(penalty, scale, beta, carries, dtype):
-    """The penalty of the normalised problem (see the module docstring).
+    r"""The penalty of the normalised problem (see the module docstring).
 
+    ``carries`` is the share :math:`c` of the scale the penalised factor
+    carries, :math:`X = s^c X'`: ``True`` (1) for the carrying factor,
+    ``False`` (0) for the other, 0.5 where both carry :math:`\sqrt{s}` (the
+    online solver, whose templates outlive any one batch); the weights become
+    :math:`\lambda_1 s^{c-\beta}` and :math:`\lambda_2 s^{2c-\beta}`.
     Weights are capped at the dtype's largest value: beyond it the penalty
     dominates so much that the factor is zero either way.
     """
     if not penalty:
         return penalty
     cap = torch.finfo(dtype).max
-    power_l1 = (1.0 - beta) if carries else -beta
-    power_l2 = (2.0 - beta) if carries else -beta
-    l1 = min(penalty.l1 * _power(scale, power_l1), cap)
-    l2 = min(penalty.l2 * _power(scale, power_l2), cap)
-    return Penalty.from_weights(l1, l2)
-
-
-def split_penalty(penalty, scale, beta, dtype):
-    r"""The penalty of a normalised problem whose two factors each carry
-    :math:`\sqrt{s}` of the scale (the online solver's, where the templates
-    outlive any one batch): with :math:`X = \sqrt{s} X'`,
-    :math:`\lambda_1 \|X\|_1 + \tfrac{\lambda_2}{2}\|X\|^2 = s^\beta(\lambda_1
-    s^{1/2-\beta} \|X'\|_1 + \tfrac{\lambda_2 s^{1-\beta}}{2}\|X'\|^2)`.
-    Weights are capped at the dtype's largest value."""
-    if not penalty:
-        return penalty
-    cap = torch.finfo(dtype).max
-    l1 = min(penalty.l1 * _power(scale, 0.5 - beta), cap)
-    l2 = min(penalty.l2 * _power(scale, 1.0 - beta), cap)
+    share = float(carries)
+    l1 = min(penalty.l1 * _power(scale, share - beta), cap)
+    l2 = min(penalty.l2 * _power(scale, 2 * share - beta), cap)
     return Penalty.from_weights(l1, l2)
 
 
