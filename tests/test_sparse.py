@@ -161,6 +161,20 @@ def test_uncoalesced_coo_is_summed_and_left_alone(generator):
     assert torch.equal(V._indices(), before[0]) and torch.equal(V._values(), before[1])
 
 
+def test_uncoalesced_coo_is_judged_by_its_sums(generator):
+    """A negative stored value whose duplicates sum to a non-negative entry is data,
+    not an error (before: refused for its raw value); a negative sum is refused."""
+    _, H0, W0 = sparse_problem(generator, n=5, c=4, rank=2)
+    indices = torch.tensor([[3, 0, 3, 1], [2, 1, 2, 3]])
+    V = torch.sparse_coo_tensor(indices, torch.tensor([1.0, 2.0, -0.5, 3.0], dtype=torch.float64),
+                                (5, 4), check_invariants=False)
+    assert_same_fit(fitted(V, H0, W0, beta=1, max_iter=5), fitted(V.to_dense(), H0, W0, beta=1, max_iter=5))
+    negative = torch.sparse_coo_tensor(indices, torch.tensor([1.0, 2.0, -1.5, 3.0], dtype=torch.float64),
+                                       (5, 4), check_invariants=False)
+    with pytest.raises(ValueError, match="V must be non-negative, but its smallest entry is -0.5"):
+        NMF(W=W0, H=H0).fit(negative)
+
+
 def test_unsorted_csr_is_sorted_on_a_copy(generator):
     _, H0, W0 = sparse_problem(generator, n=3, c=4, rank=2)
     crow = torch.tensor([0, 2, 3, 5])

@@ -20,6 +20,7 @@ __all__ = [
     "check_real_tensor",
     "check_target",
     "check_non_negative_tensor",
+    "check_finite_tensor",
     "check_beta_with_zeros",
     "check_choice",
     "check_mask",
@@ -85,15 +86,15 @@ def _values(tensor):
     )
 
 
-def check_non_negative_tensor(tensor, name):
-    """Raise unless every (stored) entry is finite and non-negative."""
+def _extremes(tensor, name):
+    """The smallest and largest stored entry as Python numbers (``None`` when there is
+    none), after a ``ValueError`` for NaN; one reduction pass, no temporary of the
+    tensor's size (NaN propagates through min and max)."""
     values = _values(tensor)
     if values.numel() == 0:
-        return tensor
+        return None
     if values.is_complex():
         raise TypeError(f"{name} must be real, got dtype {values.dtype}")
-    # one reduction pass, no temporary of the tensor's size: NaN propagates
-    # through min and max, infinities show up as the extremes
     smallest, largest = torch.aminmax(values)
     smallest, largest = smallest.item(), largest.item()
     if math.isnan(smallest) or math.isnan(largest):
@@ -101,9 +102,32 @@ def check_non_negative_tensor(tensor, name):
             f"{name} contains NaN; non-negative factorisation needs finite, "
             f"non-negative values (fill or drop the missing entries first)"
         )
+    return smallest, largest
+
+
+def check_non_negative_tensor(tensor, name):
+    """Raise unless every entry is finite and non-negative.
+
+    An uncoalesced sparse COO tensor means the sums of its duplicate entries:
+    a negative stored value is refused only when its sum is negative too.
+    """
+    extremes = _extremes(tensor, name)
+    if extremes is None:
+        return tensor
+    smallest, largest = extremes
+    if smallest < 0 and tensor.layout == torch.sparse_coo and not tensor.is_coalesced():
+        smallest, largest = _extremes(tensor.coalesce(), name)
     if smallest < 0:
         raise ValueError(f"{name} must be non-negative, but its smallest entry is {smallest:g}")
     if math.isinf(largest):
+        raise ValueError(f"{name} contains infinite values; every entry must be finite")
+    return tensor
+
+
+def check_finite_tensor(tensor, name):
+    """Raise unless every entry of ``tensor`` is finite (negative entries are allowed)."""
+    extremes = _extremes(tensor, name)
+    if extremes is not None and (math.isinf(extremes[0]) or math.isinf(extremes[1])):
         raise ValueError(f"{name} contains infinite values; every entry must be finite")
     return tensor
 
