@@ -104,10 +104,27 @@ def test_errors():
 @pytest.mark.parametrize("beta", [2, 1.5, 1, 0.5, 0, -1])
 @pytest.mark.parametrize("which", ["input", "target"])
 @pytest.mark.parametrize("bad", [-1.0, float("nan")])
-def test_invalid_entries_give_nan(beta, which, bad):
+def test_invalid_entries_are_refused_naming_the_tensor(beta, which, bad):
     values = {"input": torch.ones(3, 2), "target": torch.ones(3, 2)}
     values[which][1, 1] = bad
-    assert torch.isnan(metrics.beta_div(values["input"], values["target"], beta))
+    rule = "contains NaN" if math.isnan(bad) else "must be non-negative, but its smallest entry is -1"
+    with pytest.raises(ValueError, match=f"^{which} {rule}"):
+        metrics.beta_div(values["input"], values["target"], beta)
+
+
+@pytest.mark.parametrize("which", ["input", "target"])
+def test_infinite_entries_are_refused(which):
+    values = {"input": torch.ones(3, 2), "target": torch.ones(3, 2)}
+    values[which][0, 1] = math.inf
+    with pytest.raises(ValueError, match=f"^{which} contains infinite values"):
+        metrics.kl_div(values["input"], values["target"])
+
+
+def test_sparseness_refuses_nan_and_infinity():
+    with pytest.raises(ValueError, match="x contains NaN"):
+        metrics.sparseness(torch.tensor([1.0, math.nan]))
+    with pytest.raises(ValueError, match="x contains infinite values"):
+        metrics.sparseness(torch.tensor([1.0, -math.inf]))
 
 
 def _digits_and_reconstruction():

@@ -28,17 +28,19 @@ power of two.  A floor at the dtype's epsilon itself would sit above every
 entry of data at 1e-9 (the digits scaled so gave a hundred times their
 divergence).  Everything stays on the tensors' device.
 
-Invalid input: ``input`` and ``target`` of different shapes raise
-``ValueError`` (no broadcasting: a ``(5, 1)`` against a ``(1, 5)`` would
-silently compare 25 pairs); a negative or NaN entry in either makes the result
-NaN, as PyTorch's own losses do with NaN, without a check that would stop
-the device (the fitting code calls these functions every iteration).
+Invalid input raises ``ValueError``, naming the tensor: different shapes (no
+broadcasting: a ``(5, 1)`` against a ``(1, 5)`` would silently compare 25
+pairs), and a negative, NaN or infinite entry in either (the divergence is
+defined on non-negative data; a silent NaN would travel into whatever sums
+it).  The entry check reads two numbers per tensor back from its device; the
+fits never pay it, they use the unchecked functions of this module on
+targets validated once.
 """
 import math
 
 import torch
 
-from ._validation import check_real
+from ._validation import check_finite_tensor, check_non_negative_tensor, check_real
 
 __all__ = ["beta_div", "kl_div", "euclidean", "is_div", "sparseness"]
 
@@ -61,10 +63,10 @@ def _check_pair(input, target):
     return input.to(dtype), target.to(dtype)
 
 
-def _invalid_to_nan(value, input, target):
-    """``value``, or NaN when an entry of ``input`` or ``target`` is negative or NaN."""
-    invalid = (input < 0).any() | (target < 0).any() | input.isnan().any() | target.isnan().any()
-    return torch.where(invalid, torch.full_like(value, math.nan), value)
+def _check_entries(input, target):
+    """A ``ValueError`` naming the tensor with a negative, NaN or infinite entry."""
+    for name, value in (("input", input), ("target", target)):
+        check_non_negative_tensor(value, name)
 
 
 def beta_div(input, target, beta=2):
@@ -77,11 +79,11 @@ def beta_div(input, target, beta=2):
             generalised Kullback-Leibler divergence, 0 Itakura-Saito.
 
     Returns:
-        Tensor: a single-element (0-dim) tensor, finite and non-negative; NaN
-        when an entry of either tensor is negative or NaN.
+        Tensor: a single-element (0-dim) tensor, finite and non-negative.
 
     Raises:
-        ValueError: for tensors of different shapes.
+        ValueError: for tensors of different shapes, or with a negative, NaN or
+            infinite entry.
 
     Examples::
 
@@ -92,7 +94,8 @@ def beta_div(input, target, beta=2):
     """
     beta = check_real(beta, "beta")
     input, target = _check_pair(input, target)
-    return _invalid_to_nan(_scaled_beta_div(input, target, beta), input, target)
+    _check_entries(input, target)
+    return _scaled_beta_div(input, target, beta)
 
 
 def _scaled_beta_div(input, target, beta):
@@ -144,8 +147,8 @@ def kl_div(input, target):
         target (Tensor): the data, non-negative, of the same shape (a ValueError otherwise).
 
     Returns:
-        Tensor: a single-element (0-dim) tensor, finite and non-negative; NaN
-        when an entry of either tensor is negative or NaN.
+        Tensor: a single-element (0-dim) tensor, finite and non-negative
+        (invalid input raises as in :func:`beta_div`).
 
     Examples::
 
@@ -165,8 +168,8 @@ def euclidean(input, target):
         target (Tensor): the data, non-negative, of the same shape (a ValueError otherwise).
 
     Returns:
-        Tensor: a single-element (0-dim) tensor, finite and non-negative; NaN
-        when an entry of either tensor is negative or NaN.
+        Tensor: a single-element (0-dim) tensor, finite and non-negative
+        (invalid input raises as in :func:`beta_div`).
 
     Examples::
 
@@ -186,8 +189,8 @@ def is_div(input, target):
         target (Tensor): the data, non-negative, of the same shape (a ValueError otherwise).
 
     Returns:
-        Tensor: a single-element (0-dim) tensor, finite and non-negative; NaN
-        when an entry of either tensor is negative or NaN.
+        Tensor: a single-element (0-dim) tensor, finite and non-negative
+        (invalid input raises as in :func:`beta_div`).
 
     Examples::
 
@@ -229,6 +232,7 @@ def sparseness(x):
     n = x.numel()
     if n == 0:
         raise ValueError("x must have at least one entry, got an empty tensor")
+    check_finite_tensor(x, "x")
     l2 = x.norm()
     if n == 1:
         return (l2 > 0).to(x.dtype)

@@ -334,7 +334,7 @@ class BetaMu(Optimizer):
                     unit = objective_unit(self._scale, self._constant[0])
                     before = (divergence * unit).to(prediction.dtype)
                 else:
-                    before = metrics.beta_div(prediction.detach(), target, self._constant[0])
+                    before = metrics._scaled_beta_div(prediction.detach(), target, self._constant[0])
             if negative is None:
                 continue
             unit = self._parts_unit(group["beta"], group["beta"] - 1)
@@ -342,7 +342,7 @@ class BetaMu(Optimizer):
             self._update_(group, p, negative, positive, unit)
         if not order:  # nothing to train: the closure was still evaluated and checked
             target, prediction = output
-            before = metrics.beta_div(prediction.detach(), target, self._constant[0])
+            before = metrics._scaled_beta_div(prediction.detach(), target, self._constant[0])
         # The closure may clear gradients (zero_grad), so they are stored at the end.
         for p, gradient in gradients:
             p.grad = gradient
