@@ -11,6 +11,7 @@ from torchnmf.targets.autograd import AutogradStats
 from torchnmf.targets.dense import DenseMatrixStats
 from torchnmf.metrics import beta_div
 from torchnmf.nmf import NMF, NMF2D, NMF3D, NMFD, BaseComponent
+from torchnmf.plca import PLCA
 
 BETAS = [0, 0.5, 1, 1.5, 2, 3]
 
@@ -112,6 +113,28 @@ def test_construction_errors():
         NMFD((2, 3, 8), T=2.5)
     with pytest.raises(TypeError, match="kernel_size must be a positive integer or a sequence of 3"):
         NMF3D((1, 2, 8, 8, 8), kernel_size=None)
+
+
+def test_factors_of_different_dtypes_are_refused_before_any_work(generator):
+    """W and H of different dtypes fail at construction, and at fit when a factor was
+    changed later (before: torch's "Expected out tensor to have dtype double" from
+    inside the first product), naming both factors; nothing is modified."""
+    W, H = torch.rand(6, 2, generator=generator), torch.rand(9, 2, generator=generator)
+    with pytest.raises(TypeError, match=r"W and H must have the same dtype, got torch.float32 and torch.float64"):
+        NMF(W=W, H=H.double())
+    model = NMF(W=W, H=H)
+    model.H.data = model.H.data.double()
+    before = [p.detach().clone() for p in model.parameters()]
+    V = torch.rand(9, 6, generator=generator)
+    for call in (lambda: model.fit(V), lambda: model.fit(V, block_rows=4),
+                 lambda: model.sparse_fit(V, sW=0.5), lambda: model.fit(V, solver="hals", beta=2)):
+        with pytest.raises(TypeError, match=r"W and H must have the same dtype.*model.to\(torch.float64\)"):
+            call()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    plca = PLCA((9, 6), rank=2)
+    plca.Z.data = plca.Z.data.double()
+    with pytest.raises(TypeError, match="W and Z must have the same dtype"):
+        plca.fit(V)
 
 
 def test_forward_errors_name_the_factor(generator):

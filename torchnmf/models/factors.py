@@ -15,6 +15,7 @@ from .._validation import check_non_negative_tensor, check_positive_int
 __all__ = [
     "make_factor",
     "infer_rank",
+    "check_factors_agree",
     "factor_dtype_hint",
     "check_vshape",
     "conv_factor_shapes",
@@ -164,6 +165,25 @@ def check_forward_factors(H, W, ndim, cls_name):
         raise ValueError(f"H and W must be on the same device, got {H.device} and {W.device}")
 
 
+def check_factors_agree(factors, remedy):
+    """A ``TypeError`` (dtype) or ``ValueError`` (device) unless the tensors in the
+    ``{name: tensor or None}`` mapping ``factors`` share one dtype and one device;
+    ``remedy`` ends the message (what the caller can do about it)."""
+    given = [(name, factor) for name, factor in factors.items() if factor is not None]
+    for name, factor in given[1:]:
+        first, reference = given[0]
+        if factor.dtype != reference.dtype:
+            raise TypeError(
+                f"{first} and {name} must have the same dtype, got {reference.dtype} and "
+                f"{factor.dtype}; {remedy}"
+            )
+        if factor.device != reference.device:
+            raise ValueError(
+                f"{first} and {name} must be on the same device, got {reference.device} and "
+                f"{factor.device}; {remedy}"
+            )
+
+
 def conv_factor_shapes(Vshape, rank, kernel):
     """Shapes of W and H for a convolutional model of target shape ``Vshape``.
 
@@ -230,6 +250,7 @@ class FactorModule(nn.Module):
         dtype, device = factor_dtype_hint(W, H)
         W = make_factor(W, "W", dtype, device)
         H = make_factor(H, "H", dtype, device)
+        check_factors_agree({"W": W, "H": H}, "convert one of them (e.g. H.to(W))")
         ndim = self._factor_ndim
         for name, factor in (("W", W), ("H", H)):
             if ndim is not None and factor is not None and factor.dim() != ndim:
@@ -283,6 +304,13 @@ class FactorModule(nn.Module):
         H, W = self.H, self.W
         spatial = [h + k - 1 for h, k in zip(H.shape[2:], W.shape[2:])]
         return (H.shape[0], W.shape[0], *spatial)
+
+    def _check_factors_agree(self):
+        """The factors (changed since construction, perhaps) share a dtype and device."""
+        check_factors_agree(
+            {name: getattr(self, name, None) for name in ("W", "H", "Z")},
+            "convert the whole model (e.g. model.to(torch.float64))",
+        )
 
     def _conform_target(self, V, expected=None):
         """Check a validated target's shape (default: the reconstruction's) and

@@ -110,6 +110,7 @@ def prepare_fit_target(model, V, mask=None, missing="error", expected=None, rows
     :class:`~torchnmf.targets.streamed.StreamedTarget` holding its mask, and
     ``mask`` ``None``; ``progress`` shows a bar over its blocks in every pass.
     """
+    model._check_factors_agree()
     if wants_streaming(V, block_rows):
         target = _prepare_streamed(model, V, mask, missing, expected, rows, columns, block_rows)
         target.progress = progress and target.shape[0] > target.block_rows
