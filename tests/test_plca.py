@@ -352,3 +352,19 @@ def test_the_history_is_accurate_near_an_exact_fit(make, vshape, dtype, generato
     for k in range(1, len(history)):
         assert history[k] == pytest.approx(after[k - 1], rel=1e-2)
         assert history[k] <= history[k - 1] * (1 + 64 * eps)
+
+
+@pytest.mark.parametrize("norm, error, message", [
+    (-1.0, ValueError, "norm must be non-negative, got -1.0"),
+    (float("nan"), ValueError, "norm must be finite, got nan"),
+    (torch.tensor(-2.0), ValueError, "norm must be non-negative, but its smallest entry is -2"),
+    (torch.tensor(float("inf")), ValueError, "norm contains infinite values"),
+    ("10", TypeError, "norm must be a real number"),
+])
+def test_forward_refuses_a_norm_no_target_sum_can_be(norm, error, message):
+    """``norm`` is a target's sum: a negative or non-finite one raised nothing before
+    and gave a negative or NaN reconstruction."""
+    model = PLCA((4, 3), rank=2)
+    with pytest.raises(error, match=message):
+        model(norm=norm)
+    assert_close(model(norm=torch.tensor(5.0)).sum(), torch.tensor(5.0))

@@ -53,6 +53,15 @@ def _make_Z(Z, rank, dtype, device):
     raise TypeError(f"Z must be a tensor, a shape or None, got {type(Z).__name__}")
 
 
+def _check_norm(norm):
+    """``forward``'s ``norm``: a non-negative, finite number or tensor (a target's sum)."""
+    if isinstance(norm, torch.Tensor):
+        if norm.dtype == torch.bool or norm.is_complex():
+            raise TypeError(f"norm must hold real numbers, got dtype {norm.dtype}")
+        return check_non_negative_tensor(norm, "norm")
+    return check_non_negative_number(norm, "norm")
+
+
 def _check_alpha(alpha, name, factor):
     """A Dirichlet concentration: a positive number or a positive tensor broadcastable to ``factor``."""
     if isinstance(alpha, torch.Tensor):
@@ -173,7 +182,7 @@ class BaseComponent(FactorModule):
         H, W = self._own_factors(H, W)
         Z = self.Z if Z is None else Z
         output = self.reconstruct(H, W, Z)
-        return output if norm is None else output * norm
+        return output if norm is None else output * _check_norm(norm)
 
     # True for the matrix model, whose statistics have closed forms (dense and sparse)
     _closed_form = False
