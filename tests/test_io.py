@@ -276,11 +276,35 @@ def test_to_audio_checks_the_parts_shape():
     [
         (dict(n_fft=0), r"n_fft must be a positive integer, got 0"),
         (dict(n_fft=64, hop=128), r"hop must not exceed n_fft=64"),
+        (dict(sample_rate=0), r"sample_rate must be a positive integer, got 0"),
+        (dict(n_fft=1024), r"signal has 500 samples, but a frame of n_fft=1024 needs at least 513"),
+        (dict(signal=torch.full((500,), float("nan")), n_fft=64), r"signal contains NaN; every entry must be finite"),
     ],
 )
 def test_stft_settings_are_checked(kwargs, message):
+    """Before: a short signal failed inside torch's padding, a NaN one gave a NaN
+    spectrogram and a zero sample rate was kept."""
+    arguments = dict(signal=torch.randn(500), sample_rate=8000)
+    arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        io.stft_magnitude(torch.randn(500), 8000, **kwargs)
+        io.stft_magnitude(**arguments)
+    with pytest.raises(TypeError, match="sample_rate must be a positive integer, got 8000.0"):
+        io.stft_magnitude(torch.randn(500), 8000.0)
+
+
+def test_write_wav_refuses_what_a_wav_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="signal must be finite"):
+        io.write_wav(tmp_path / "nan.wav", torch.tensor([0.1, float("nan")]), 8000)
+    with pytest.raises(ValueError, match="sample_rate must be a positive integer, got -1"):
+        io.write_wav(tmp_path / "rate.wav", torch.zeros(3), -1)
+    assert not (tmp_path / "nan.wav").exists() and not (tmp_path / "rate.wav").exists()
+
+
+def test_read_text_refuses_a_file_without_numbers(tmp_path):
+    for name, text in (("empty.csv", ""), ("header.csv", "a,b,c\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name}: the data is empty"):
+            io.read_text(tmp_path / name)
 
 
 # -- results -------------------------------------------------------------------------

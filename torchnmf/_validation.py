@@ -86,7 +86,7 @@ def _values(tensor):
     )
 
 
-def _extremes(tensor, name):
+def _extremes(tensor, name, rule):
     """The smallest and largest stored entry as Python numbers (``None`` when there is
     none), after a ``ValueError`` for NaN; one reduction pass, no temporary of the
     tensor's size (NaN propagates through min and max)."""
@@ -98,10 +98,7 @@ def _extremes(tensor, name):
     smallest, largest = torch.aminmax(values)
     smallest, largest = smallest.item(), largest.item()
     if math.isnan(smallest) or math.isnan(largest):
-        raise ValueError(
-            f"{name} contains NaN; non-negative factorisation needs finite, "
-            f"non-negative values (fill or drop the missing entries first)"
-        )
+        raise ValueError(f"{name} contains NaN; {rule}")
     return smallest, largest
 
 
@@ -111,12 +108,14 @@ def check_non_negative_tensor(tensor, name):
     An uncoalesced sparse COO tensor means the sums of its duplicate entries:
     a negative stored value is refused only when its sum is negative too.
     """
-    extremes = _extremes(tensor, name)
+    rule = ("non-negative factorisation needs finite, non-negative values (fill or drop the "
+            "missing entries first)")
+    extremes = _extremes(tensor, name, rule)
     if extremes is None:
         return tensor
     smallest, largest = extremes
     if smallest < 0 and tensor.layout == torch.sparse_coo and not tensor.is_coalesced():
-        smallest, largest = _extremes(tensor.coalesce(), name)
+        smallest, largest = _extremes(tensor.coalesce(), name, rule)
     if smallest < 0:
         raise ValueError(f"{name} must be non-negative, but its smallest entry is {smallest:g}")
     if math.isinf(largest):
@@ -126,7 +125,7 @@ def check_non_negative_tensor(tensor, name):
 
 def check_finite_tensor(tensor, name):
     """Raise unless every entry of ``tensor`` is finite (negative entries are allowed)."""
-    extremes = _extremes(tensor, name)
+    extremes = _extremes(tensor, name, "every entry must be finite")
     if extremes is not None and (math.isinf(extremes[0]) or math.isinf(extremes[1])):
         raise ValueError(f"{name} contains infinite values; every entry must be finite")
     return tensor

@@ -33,6 +33,7 @@ The readers stay in one module, beside the one dispatch in :func:`load`, althoug
 it runs past 400 lines: each format checks its own structure with its own
 messages, and they share the conversion and validation helpers at the bottom.
 """
+import numbers
 import re
 import warnings
 import wave
@@ -43,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._validation import check_non_negative_tensor
+from ._validation import check_finite_tensor, check_non_negative_tensor
 from .targets.sources import RowRange, open_rows
 
 __all__ = [
@@ -189,14 +190,25 @@ def stft_magnitude(signal, sample_rate, n_fft=1024, hop=None):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if hop > n_fft:
         raise ValueError(f"hop must not exceed n_fft={n_fft} (the frames would leave gaps), got {hop}")
+    sample_rate = _check_sample_rate(sample_rate)
+    if not isinstance(signal, torch.Tensor):
+        raise TypeError(f"signal must be a torch.Tensor, got {type(signal).__name__}")
+    if not signal.is_floating_point():
+        raise TypeError(f"signal must be floating point, got dtype {signal.dtype}")
     if signal.dim() != 1 or signal.numel() == 0:
         raise ValueError(f"signal must be a non-empty 1-D tensor, got shape {tuple(signal.shape)}")
+    if signal.numel() <= n_fft // 2:  # the centred frames reflect n_fft // 2 samples at each end
+        raise ValueError(
+            f"signal has {signal.numel()} samples, but a frame of n_fft={n_fft} needs at least "
+            f"{n_fft // 2 + 1}; lower n_fft"
+        )
+    check_finite_tensor(signal, "signal")
     window = torch.hann_window(n_fft, dtype=signal.dtype, device=signal.device)
     stft = torch.stft(signal, n_fft, hop_length=hop, window=window, return_complex=True)
     return Spectrogram(
         magnitude=stft.abs().T.contiguous(),
         stft=stft,
-        sample_rate=int(sample_rate),
+        sample_rate=sample_rate,
         n_fft=n_fft,
         hop=hop,
         length=signal.numel(),
@@ -491,6 +503,8 @@ def read_text(path, delimiter=","):
     except ValueError as error:
         detail = " ".join(str(error).split())
         raise ValueError(f"{path.name} is not a table of numbers: {detail}") from None
+    if array.size == 0:
+        raise ValueError(f"{path.name}: the data is empty (no numbers: an empty file, or a header alone)")
     return torch.from_numpy(array)
 
 
@@ -581,6 +595,15 @@ def read_wav(path):
     return torch.from_numpy(np.ascontiguousarray(signal)), sample_rate, channels
 
 
+def _check_sample_rate(sample_rate):
+    """A positive integer number of samples per second (a ``.wav`` header holds an int)."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Integral):
+        raise TypeError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate}")
+    return int(sample_rate)
+
+
 def write_wav(path, signal, sample_rate):
     """Write a mono signal in [-1, 1] as 16-bit PCM (values beyond are clipped).
 
@@ -596,12 +619,15 @@ def write_wav(path, signal, sample_rate):
         >>> load(path, n_fft=256).V.shape   # its magnitude spectrogram
         torch.Size([126, 129])
     """
+    sample_rate = _check_sample_rate(sample_rate)
     samples = to_numpy(signal).astype(np.float64).reshape(-1)
+    if not np.isfinite(samples).all():
+        raise ValueError("signal must be finite: it holds NaN or infinite samples")
     ints = np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
     with wave.open(str(path), "wb") as handle:
         handle.setnchannels(1)
         handle.setsampwidth(2)
-        handle.setframerate(int(sample_rate))
+        handle.setframerate(sample_rate)
         handle.writeframes(ints.tobytes())
     return Path(path)
 
