@@ -58,6 +58,21 @@ def test_resume_refuses_other_settings(tmp_path):
         NMF(V.shape, rank=3).fit(V, checkpoint=3)
 
 
+def test_an_unwritable_checkpoint_fails_before_the_fit(tmp_path):
+    """Before: a missing directory raised FileNotFoundError at the first save,
+    ``checkpoint_every`` iterations into the fit, with the model already changed."""
+    V = digits()
+    model = NMF(V.shape, rank=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    missing = tmp_path / "no" / "such" / "fit.ckpt"
+    with pytest.raises(ValueError, match=r"the directory .*no/such' does not exist; create it first"):
+        model.fit(V, max_iter=20, checkpoint=missing, checkpoint_every=10)
+    with pytest.raises(ValueError, match="is a directory; give a file name inside it"):
+        model.fit(V, max_iter=20, checkpoint=tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert model.loss_history == []
+
+
 def test_a_crash_while_writing_leaves_the_last_checkpoint(tmp_path, monkeypatch):
     V = digits()
     path = tmp_path / "fit.ckpt"

@@ -44,6 +44,18 @@ def save_atomic(state, path, before_replace=None):
         raise
 
 
+def check_writable(path, name):
+    """A ``ValueError`` now, not after the first ``every`` iterations, when no file
+    can be written at ``path``: a directory, or in a missing or read-only one."""
+    if os.path.isdir(path):
+        raise ValueError(f"{name}={path!r} is a directory; give a file name inside it")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"{name}={path!r}: the directory {directory!r} does not exist; create it first")
+    if not os.access(directory, os.W_OK):
+        raise ValueError(f"{name}={path!r}: the directory {directory!r} is not writable")
+
+
 def load_checkpoint(path):
     """The saved state at ``path`` (a ``ValueError`` for a file that is not one)."""
     try:
@@ -79,6 +91,8 @@ class Checkpointing:
         self.state = None
         self.reduction = None
         self.settings = {}
+        if self.path is not None:
+            check_writable(self.path, "checkpoint")
         if resume is not None:
             self.state = load_checkpoint(checkpoint_path(resume, rank, size))
 
