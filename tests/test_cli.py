@@ -211,7 +211,7 @@ def _bad_inputs(directory):
         (["ok.npy", "--model", "nmfd", "--T", "9"], "--T 9 is longer than the data's 6 rows/frames"),
         (["ok.npy", "-o", "nowhere/out.npz"],
          "cannot write nowhere/out.npz: the directory nowhere does not exist"),
-        (["ok.npy", "--device", "nonsense"], "device 'nonsense' cannot be used here"),
+        (["ok.npy", "--device", "nonsense"], "--device='nonsense' cannot be used here"),
     ],
 )
 def test_bad_input_gives_one_line_and_status_1(tmp_path, capsys, monkeypatch, argv, message):
@@ -230,7 +230,7 @@ def test_unavailable_accelerator_is_one_line(tmp_path, capsys):
     np.save(tmp_path / "m.npy", np.ones((4, 4)))
     status, _, err = fit(capsys, tmp_path / "m.npy", "-r", 2, "--device", "cuda", "-q")
     assert status == 1 and len(err.splitlines()) == 1
-    assert err.startswith("torchnmf: error: device 'cuda' cannot be used here (")
+    assert err.startswith("torchnmf: error: --device='cuda' cannot be used here (")
     assert err.rstrip().endswith("try --device cpu")
 
 

@@ -171,6 +171,12 @@ def test_estimator_errors(generator):
         TorchNMF(beta_loss="itakura-saito", init="random").fit(X * (X > 0.5))
     with pytest.raises(ValueError, match="dtype must be a floating dtype"):
         TorchNMF(dtype="int32").fit(X)
+    # before: torch's AssertionError (a CPU build) or RuntimeError at the first copy
+    with pytest.raises(ValueError, match=r"device='nowhere' cannot be used here"):
+        TorchNMF(device="nowhere").fit(X)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda:7' cannot be used here"):
+            TorchNMF(device="cuda:7").fit(X)
     est = TorchNMF(n_components=2, init="random", max_iter=5).fit(torch.from_numpy(X))
     with pytest.raises(ValueError, match="X has 19 features, but TorchNMF is expecting 20 features"):
         est.transform(torch.from_numpy(X[:, :19]))

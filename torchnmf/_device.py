@@ -10,9 +10,22 @@ stand-in and run the device paths on the CPU.
 """
 import torch
 
-__all__ = ["on_accelerator"]
+__all__ = ["on_accelerator", "usable_device"]
 
 
 def on_accelerator(tensor):
     """Whether ``tensor`` is a tensor whose read-back synchronises with a device."""
     return isinstance(tensor, torch.Tensor) and tensor.device.type != "cpu"
+
+
+def usable_device(spec, name="device"):
+    """``torch.device(spec)``, or a ``ValueError`` naming ``name`` when it is not a
+    device or not one this process can allocate on (``"cuda:7"`` on a CPU build
+    raised an ``AssertionError`` from inside torch at the first copy)."""
+    try:
+        device = torch.device(spec)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError, TypeError) as error:
+        detail = " ".join(str(error).split())
+        raise ValueError(f"{name}={spec!r} cannot be used here ({detail})") from None
+    return device

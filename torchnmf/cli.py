@@ -156,15 +156,12 @@ def _build_parser():
 
 # -- fit -------------------------------------------------------------------------------
 def _device(name):
-    import torch
+    from ._device import usable_device
 
     try:
-        device = torch.device(name)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError, ValueError) as error:
-        detail = " ".join(str(error).split())
-        raise CommandError(f"device {name!r} cannot be used here ({detail}); try --device cpu")
-    return device
+        return usable_device(name, "--device")
+    except ValueError as error:
+        raise CommandError(f"{error}; try --device cpu") from None
 
 
 def _model_layout(V, model_name, note):

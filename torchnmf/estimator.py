@@ -23,6 +23,7 @@ from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, Transfo
 from sklearn.utils.validation import check_is_fitted, check_non_negative, check_random_state
 
 from . import init as _init
+from ._device import usable_device
 from .nmf import NMF
 from .solvers.registry import SOLVERS
 from .targets.residual import data_divergence
@@ -230,7 +231,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     # -- data ----------------------------------------------------------------------------
     def _device(self, X):
         if self.device is not None:
-            return torch.device(self.device)
+            return usable_device(self.device)
         if isinstance(X, torch.Tensor):
             return X.device
         return torch.device("cpu")
