@@ -50,6 +50,36 @@ def test_beta_div_matches_naive_reference(beta, zeros, generator):
     assert_close(value.item(), naive_beta_div(x, y, beta), rtol=1e-10, atol=1e-10)
 
 
+def decimal_beta_div(x, y, beta, digits=60):
+    """The textbook beta-divergence summed in 60-digit decimal arithmetic: near beta
+    0 or 1 its terms cancel to a few parts in 1e20, far under what is left."""
+    from decimal import Decimal, localcontext
+
+    with localcontext() as context:
+        context.prec = digits
+        b = Decimal(beta)
+        total = Decimal(0)
+        for xi, yi in zip(x.flatten().tolist(), y.flatten().tolist()):
+            xd, yd = Decimal(xi), Decimal(yi)
+            power = lambda base, exponent: (exponent * base.ln()).exp()
+            total += (power(yd, b) + (b - 1) * power(xd, b) - b * yd * power(xd, b - 1)) / (b * (b - 1))
+        return float(total)
+
+
+@pytest.mark.parametrize("beta", [1 + 2**-52, 1 - 1e-9, 1 + 1e-6, 2**-60, -1e-9, 1e-6, 0.999, 0.01])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_beta_near_zero_and_one_keeps_its_accuracy(beta, dtype, generator):
+    """The textbook form divides terms of size V^beta by beta (beta - 1): before, at
+    beta = 1 + 2**-52 float64 gave 38.75 for a divergence of 17.63, and float32
+    at 1e-5 was 1% off.  Now each dtype is as accurate as at beta = 0.5."""
+    x = torch.rand(6, 5, generator=generator, dtype=torch.float64) + 0.1
+    y = torch.rand(6, 5, generator=generator, dtype=torch.float64) + 0.1
+    reference = decimal_beta_div(x, y, beta)
+    value = metrics.beta_div(x.to(dtype), y.to(dtype), beta).item()
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert value == pytest.approx(reference, rel=tolerance)
+
+
 def test_named_divergences_are_beta_div(generator):
     x = torch.rand(4, 3, generator=generator)
     y = torch.rand(4, 3, generator=generator)

@@ -131,12 +131,43 @@ def _beta_div(input, target, beta):
         input = input.clamp_min(eps)
     if beta < 0:
         target = target.clamp_min(eps)
+    if beta < 2:
+        return _stable_terms(input, target, beta).sum().clamp_min(0)
     terms = (
         target.pow(beta)
         + (beta - 1) * input.pow(beta)
         - beta * target * input.pow(beta - 1)
     )
     return (terms.sum() / (beta * (beta - 1))).clamp_min(0)
+
+
+def _stable_terms(input, target, beta):
+    r"""Entry-wise :math:`d_\beta` for ``beta < 2`` (not 0 or 1) without dividing
+    large terms by :math:`\beta(\beta - 1)`.
+
+    The textbook form sums terms of size :math:`V^\beta / |\beta(\beta - 1)|`
+    whose difference is the divergence: near ``beta`` 0 or 1 their rounding is
+    amplified without bound (float32 at ``beta=1+1e-7`` gave 56.0 for a
+    divergence of 72.9; float64 at ``1 + 2**-52`` gave 38.75 for 17.63).  With
+    :math:`a = \log(\hat v / v)` (by ``log1p`` near :math:`v`),
+    :math:`d = v^\beta (\operatorname{expm1}(\beta a) / \beta -
+    \operatorname{expm1}((\beta - 1) a) / (\beta - 1))` has no such
+    amplification (the form of :mod:`torchnmf.targets.residual`); zeros of the
+    target give :math:`\hat v^\beta / \beta`.  Out of place, for autograd; at
+    ``beta > 2`` the textbook form stays, whose gradient at a zero
+    reconstruction is finite.
+    """
+    positive = target > 0
+    one = torch.ones((), dtype=target.dtype, device=target.device)
+    safe_target = torch.where(positive, target, one)
+    # zeros of the target take the other branch; a 1 here keeps its gradient finite
+    safe_input = torch.where(positive, input, one)
+    # log1p of the relative difference near the target (a to its own precision); the
+    # log of the quotient far under it, where the difference would round away the input
+    u = (safe_input - safe_target) / safe_target
+    a = torch.where(u > -0.5, torch.log1p(u), torch.log(safe_input / safe_target))
+    phi = torch.expm1(beta * a) / beta - torch.expm1((beta - 1) * a) / (beta - 1)
+    return torch.where(positive, safe_target.pow(beta) * phi, input.pow(beta) / beta)
 
 
 def kl_div(input, target):
