@@ -9,8 +9,8 @@ forms of :mod:`torchnmf.targets.dense` are preferred wherever one exists.
 import torch
 
 from .. import metrics
-from .dense import power_sum
-from .residual import pointwise_divergence
+from .dense import float64_sum, power_sum
+from .residual import amplification, pointwise_divergence
 
 __all__ = ["AutogradStats", "beta_gradient_parts"]
 
@@ -144,10 +144,11 @@ def beta_gradient_parts(prediction, target, beta, inputs, retain_graph=False, co
         elif beta == 0:
             variable = scale * _inner(positive_out, target) + floored.log().sum().double()
         else:
-            variable = (
-                _inner(positive_out, floored) / beta
-                - scale * _inner(positive_out, target) / (beta - 1)
-            )
+            # divided by beta - 1: near 1, rows summed, their total in float64 (the dot
+            # product's rounding would show; see dense.accurate_inner)
+            cross = (float64_sum(torch.mul(positive_out, target)) if amplification(beta) > 1
+                     else _inner(positive_out, target))
+            variable = _inner(positive_out, floored) / beta - scale * cross / (beta - 1)
         divergence = (constant + variable).clamp_min(0)
     # V * prediction^(beta - 2), written over the floored copy (large temporaries are costly).
     if beta == 1:

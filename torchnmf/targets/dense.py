@@ -10,7 +10,7 @@ import math
 import torch
 
 from .. import _device as device
-from .residual import PointwiseReference, pointwise_divergence
+from .residual import PointwiseReference, amplification, pointwise_divergence
 
 __all__ = [
     "DenseMatrixStats",
@@ -19,6 +19,7 @@ __all__ = [
     "gram_divergence",
     "BLOCK_ELEMENTS",
     "inner",
+    "accurate_inner",
     "matmul_into",
     "add_product_",
     "batch_shape",
@@ -86,6 +87,24 @@ def inner(a, b):
     return value.to(torch.float64)
 
 
+def accurate_inner(a, b):
+    r""":func:`inner` by a product and row sums (the rows' totals in float64): the
+    rounding of the products and of short cascaded sums instead of the dot
+    product's accumulation along a few lanes, for one more pass.
+
+    For sums the closed forms divide by a small :math:`\beta - 1` or
+    :math:`\beta` (see :func:`~torchnmf.targets.residual.amplification`): on
+    the digits in float32 at ``beta=0.99`` the dot product's rounding alone put
+    the objective 0.13% off and made it rise 7 times in 200 iterations.
+    """
+    products = torch.mul(a, b)
+    if products.dim() < 2:
+        return products.sum(dtype=torch.float64)
+    # rows in the dtype, their totals in float64 (see float64_sum): a float32 sum of
+    # all of a 1797 x 64 block was 1.2e-7 off, its rows' float64 total 1e-9
+    return products.sum(-1).sum(-1, dtype=torch.float64)
+
+
 def matmul_into(out, a, b):
     """``out[...] = a @ b``, written in place even where ``out`` is a strided view
     (a row block of a stacked factor)."""
@@ -149,6 +168,8 @@ class DenseMatrixStats:
         self._work_key = None
         self._reference = None  # (V, its PointwiseReference) for explicit_divergence on one block
         self._views = {}  # block shape -> (work buffer, its views); see _block_views
+        # the cross term is divided by beta - 1: near 1, the dot product's rounding shows
+        self._cross_inner = accurate_inner if amplification(self.beta) > 1 else inner
         # a wrapping kind (streamed rows) sums the constant once and passes 0 per block
         self.constant = self._divergence_constant() if constant is None else constant
         self.constant = host_value(self.constant)
@@ -295,7 +316,7 @@ class DenseMatrixStats:
         numer.mul_(V_block)
         if not divergence:
             return part
-        cross = host_value(inner(denom, V_block))
+        cross = host_value(self._cross_inner(denom, V_block))
         if beta == 0:
             return part + cross
         # the sum of WH^beta is added by the caller from the positive term
@@ -405,7 +426,7 @@ def float64_sum(x):
 
 
 def power_sum(x, exponent):
-    """:math:`\sum x^{\text{exponent}}` over every entry of ``x``, in float64 (a float).
+    r""":math:`\sum x^{\text{exponent}}` over every entry of ``x``, in float64 (a float).
 
     Taken in parts of ``CONSTANT_ELEMENTS`` (float64 temporaries of 256 KiB), with
     a dot product for even exponents: a float64 copy of the whole of ``x`` cost a

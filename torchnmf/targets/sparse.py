@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .dense import batch_shape, gram_divergence, matmul_into, power_sum
-from .residual import pointwise_divergence
+from .residual import amplification, pointwise_divergence
 
 
 __all__ = [
@@ -420,6 +420,7 @@ class SparseMatrixStats:
         self.block_elements = block_elements
         self.transposed_copy = transposed_copy
         self.beta = float(beta)
+        self._amplified = amplification(self.beta) > 1
         self.eps = torch.finfo(V.dtype).eps
         csr = to_csr(V)
         self.shape = tuple(csr.shape)
@@ -523,7 +524,10 @@ class SparseMatrixStats:
             return side.product(recon, B, layout_of=A), B.sum(-2, keepdim=True), divergence
 
         torch.pow(recon, beta - 1, out=spare)
-        cross = torch.matmul(spare, values).to(torch.float64) if want_divergence else None
+        cross = None
+        if want_divergence:  # divided by beta - 1 below: near 1, summed in float64
+            cross = (torch.mul(spare, values).sum(-1, dtype=torch.float64) if self._amplified
+                     else torch.matmul(spare, values).to(torch.float64))
         torch.div(spare, recon, out=recon)
         recon.mul_(values)
         negative = side.product(recon, B, layout_of=A)
