@@ -319,3 +319,19 @@ def test_objective_at_beta_near_zero_and_one(beta, kind):
     for reported, true in zip(history, truths):
         assert reported == pytest.approx(true, rel=1e-5)
     assert all(b <= a for a, b in zip(history, history[1:]))
+
+
+@pytest.mark.parametrize("beta", [0.99, 1.001, 1e-6])
+def test_batched_objective_at_beta_near_zero_and_one(beta):
+    """Batched restarts report each member's objective as a single fit does (before:
+    up to 24% off at beta=1.001 on the digits in float32)."""
+    from sklearn.datasets import load_digits
+
+    from torchnmf.restarts import fit_restarts
+
+    V = torch.tensor(load_digits().data[:600], dtype=torch.float32) + 0.1
+    result = fit_restarts(V, 6, n_restarts=3, beta=beta, max_iter=20, tol=0, solver="mu")
+    for H, W, history in zip(result.H, result.W, result.histories):
+        prediction = (H.double() @ W.double().T).clamp_min(torch.finfo(torch.float32).eps)
+        true = float(pointwise_divergence(V.double(), prediction, beta).sum())
+        assert history[-1] == pytest.approx(true, rel=1e-5)
