@@ -196,6 +196,9 @@ def test_outliers_are_dropped(generator):
         consensus_from_restarts(V, restarts, 3, density_threshold=0)
     with pytest.raises(TypeError, match="restarts must be a Restarts result, got dict"):
         consensus_from_restarts(V, {}, 3)
+    single = fit_restarts(V, 3, n_restarts=1, beta=1, max_iter=20)
+    with pytest.raises(ValueError, match="with 1 restart the neighbours of each spectrum are the other components"):
+        consensus_from_restarts(V, single, 3)
 
 
 @pytest.mark.parametrize("beta", [1, 2])

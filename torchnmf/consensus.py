@@ -264,9 +264,13 @@ def consensus_from_restarts(
         density = torch.zeros(spectra.shape[0], dtype=torch.float64, device=spectra.device)
     kept = density <= density_threshold
     if int(kept.sum()) < rank:
+        alone = (
+            f"; with {len(members)} restart the neighbours of each spectrum are the other "
+            f"components of the same fit, so give several restarts (cNMF's authors use hundreds)"
+        ) if len(members) < 2 else ""
         raise ValueError(
             f"density_threshold={density_threshold:g} keeps {int(kept.sum())} spectra, fewer than "
-            f"rank={rank}; raise density_threshold"
+            f"rank={rank}; raise density_threshold{alone}"
         )
     kept_spectra = spectra[kept]
     labels_kept, _, _ = kmeans(kept_spectra, rank, n_init=n_init, generator=seed)
