@@ -172,7 +172,8 @@ def test_malformed_files(tmp_path, name, content, message):
     [
         (-np.ones((2, 2)), r"x.npy must be non-negative, but its smallest entry is -1; "
                            r"non-negative factorisation needs non-negative data"),
-        (np.array([[1.0, np.nan]]), r"x.npy contains NaN"),
+        (np.array([[1.0, np.nan]]), r"x.npy contains NaN; non-negative factorisation needs finite, "
+                                    r"non-negative values \(fill or drop the missing entries first\)$"),
         (np.array([[1.0, np.inf]]), r"x.npy contains infinite values"),
         (np.ones(3), r"x.npy: expected a matrix \(2-D; 3-D for NMFD\), got shape \(3,\)"),
         (np.ones((0, 3)), r"x.npy: the data is empty \(shape \(0, 3\)\)"),

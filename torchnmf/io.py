@@ -313,7 +313,9 @@ def _check_data(V, name):
     try:
         check_non_negative_tensor(V, name)
     except (ValueError, TypeError) as error:
-        raise ValueError(f"{error}; non-negative factorisation needs non-negative data") from None
+        reason = "" if "non-negative factorisation" in str(error) else (
+            "; non-negative factorisation needs non-negative data")
+        raise ValueError(f"{error}{reason}") from None
 
 
 def _from_numpy(array, name):
