@@ -215,3 +215,24 @@ def test_restarts_are_scale_equivariant(dtype, scale, solver, beta, generator):
         assert (history >= 0).all() and torch.isfinite(history).all()
         assert_close(history / scale**beta, torch.tensor(reference.histories[k], dtype=torch.float64),
                      rtol=TOL[dtype]["rtol"] * 10, atol=0)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1, 2])
+def test_float32_data_of_subnormal_mean(beta, generator):
+    """Data of mean 2**-133 (under float32's smallest normal number): the scale's
+    reciprocal overflowed and the first objective was NaN.  The scale stops at
+    2**-126, and the fit is the unit-scale fit scaled, to float32 rounding."""
+    from torchnmf.restarts import fit_restarts
+
+    V = torch.rand(30, 12, generator=generator)
+    W0, H0 = torch.rand(12, 2, generator=generator), torch.rand(30, 2, generator=generator)
+    unit = NMF(W=W0, H=H0)
+    unit.fit(V, beta=beta, max_iter=30, tol=0)
+    tiny = NMF(W=W0, H=H0 * 2.0**-133)
+    tiny.fit(V * 2.0**-133, beta=beta, max_iter=30, tol=0)
+    assert_close(torch.tensor(tiny.loss_history, dtype=torch.float64) * 2.0 ** (133 * beta),
+                 torch.tensor(unit.loss_history, dtype=torch.float64), rtol=1e-4, atol=0)
+    losses = fit_restarts(V * 2.0**-133, 2, n_restarts=2, beta=beta, max_iter=10).losses
+    assert bool(torch.isfinite(losses).all()) and bool((losses > 0).all())
+    assert target_scale(2.0**-133, 1, torch.float32) == 2.0**-126
+    assert target_scale(2.0**-133, 1, torch.float64) == 2.0**-133

@@ -659,11 +659,13 @@ class TorchMiniBatchNMF(TorchNMF):
         multiplying back are exact, and a fit of ``4**k * X`` is the fit of ``X``
         scaled."""
         if set_scale:
+            from .solvers.scaling import scale_exponent
             from .targets.dense import float64_sum
 
             total = float64_sum(V.values() if V.layout != torch.strided else V)
             mean = float(total) / max(V.shape[0] * V.shape[1], 1)
-            self._data_scale = (4.0 ** round(math.log(mean, 4))
+            # a power of four whose root and reciprocal are normal numbers of the dtype
+            self._data_scale = (4.0 ** (scale_exponent(2 * round(math.log(mean, 4)), V.dtype) // 2)
                                 if mean > 0 and math.isfinite(mean) else 1.0)
         scale = self._data_scale
         if scale == 1:

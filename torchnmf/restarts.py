@@ -337,7 +337,7 @@ def fit_restarts(
     penalty = Penalty(alpha, l1_ratio)
     # the normalised problem of NMF.fit (torchnmf.solvers.scaling), H carrying the scale
     total, count = stats.scale_sums()
-    scale = target_scale(total, count)
+    scale = target_scale(total, count, V.dtype)
     penalty_H = penalty_W = penalty
     if scale != 1:
         stats = stats.scaled(1.0 / scale)

@@ -244,7 +244,8 @@ class BetaMu(Optimizer):
                 check_beta_with_zeros(target, group["beta"], "target")
             self._checked_target = key
             # The step works on the normalised problem, target / scale (see _parts_unit).
-            self._scale = target_scale(float(target.sum(dtype=torch.float64)), target.numel())
+            self._scale = target_scale(float(target.sum(dtype=torch.float64)), target.numel(),
+                                       prediction.dtype)
             # The divergence's part that depends on the normalised target alone, for
             # the value step returns.
             normalised = target.to(prediction.dtype)

@@ -175,7 +175,7 @@ def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **opt
     total, count = stats.scale_sums()
     if reduction is not None:  # the same scale on every process
         total, count = reduction.sum_float(total), reduction.sum_float(count)
-    scale = target_scale(total, count) if update_H or update_W else 1.0
+    scale = target_scale(total, count, H.dtype) if update_H or update_W else 1.0
     if carrier is None:
         carrier = "H" if update_H or not update_W else "W"
         if update_H and not update_W and scale != 1:  # (the same decision on every process)

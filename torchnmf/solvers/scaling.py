@@ -38,12 +38,27 @@ __all__ = ["target_scale", "scaled_penalty", "objective_unit", "balance_", "ligh
            "Normalisation", "BALANCE_MISMATCH"]
 
 
-def target_scale(total, count):
-    """The power of two nearest the mean ``total / count`` (1 for an empty or zero target)."""
+def target_scale(total, count, dtype=None):
+    """The power of two nearest the mean ``total / count`` (1 for an empty or zero target).
+
+    With ``dtype``, the nearest one that is, with its reciprocal, a normal number of
+    that dtype: float32 data of mean 1e-40 (subnormal) gave a scale whose reciprocal
+    overflowed, and the first iteration's objective was NaN.
+    """
     total = float(total)
     if count <= 0 or not total > 0 or not math.isfinite(total):
         return 1.0
-    return 2.0 ** round(math.log2(total) - math.log2(count))
+    exponent = round(math.log2(total) - math.log2(count))
+    if dtype is not None:
+        return 2.0 ** scale_exponent(exponent, dtype)
+    return 2.0 ** exponent
+
+
+def scale_exponent(exponent, dtype):
+    """``exponent`` clamped to where ``2**exponent`` and ``2**-exponent`` are both
+    normal numbers of ``dtype``."""
+    limit = -int(math.log2(torch.finfo(dtype).tiny))  # float32: 126
+    return max(-limit, min(limit, exponent))
 
 
 def scaled_penalty(penalty, scale, beta, carries, dtype):

@@ -291,7 +291,7 @@ def data_divergence(stats, H, W, beta, dtype):
     digits at 1e-9 scored every rank of a cross-validation alike, and negative
     where the constant cancelled.
     """
-    scale = target_scale(*stats.scale_sums())
+    scale = target_scale(*stats.scale_sums(), dtype)
     if scale != 1:
         stats = stats.scaled(1.0 / scale)
         if lighter_carrier(H, W, scale) == "W":
