@@ -412,3 +412,19 @@ def test_unfolded_and_transposed_convolution_agree(kernel, h_shape, generator, m
     assert_close(fast, reference)
     direct = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(kernel)]
     assert_close(reference, direct(H, W.transpose(0, 1)))
+
+
+@pytest.mark.parametrize("solver", ["mu", "mu_extrapolated", "hals"])
+def test_a_fit_whose_objective_overflows_leaves_the_model_alone(solver, generator):
+    """Float64 data at 1e300: half the squared error overflows at the start.  The fit
+    raises FloatingPointError before changing the model (before: the factors of the
+    first update and a loss_history of [inf] stayed behind)."""
+    V = torch.rand(30, 12, generator=generator, dtype=torch.float64) * 1e300
+    model = NMF(W=torch.rand(12, 2, generator=generator, dtype=torch.float64),
+                H=torch.rand(30, 2, generator=generator, dtype=torch.float64))
+    model.loss_history = [1.0, 0.5]  # a previous fit's
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="the objective became inf at iteration 1"):
+        model.fit(V, beta=2, solver=solver, max_iter=5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert model.loss_history == [1.0, 0.5]

@@ -253,6 +253,10 @@ def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=Non
         before = solver.step()  # a Python number, or a 0-dim tensor the loop reads later
         if unit != 1:
             before = before * unit
+        if isinstance(before, float) and not math.isfinite(before):
+            # the loop raises on it: the caller's factors keep the iterate whose
+            # objective this is (the start, when the data overflow the objective)
+            return before
         normalisation.commit()
         if not converged():
             seen.append(before)
