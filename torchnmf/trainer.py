@@ -52,7 +52,7 @@ from .solvers.scaling import objective_unit, target_scale
 from .solvers.sparseness import STEP_GROWTH, project_components_
 from .targets.autograd import beta_gradient_parts
 from .targets.dense import DenseMatrixStats, divergence_constant
-from .targets.residual import amplification
+from .targets.residual import ENTRYWISE_AMPLIFICATION, amplification
 from ._validation import (
     check_beta_with_zeros,
     check_non_negative_number,
@@ -97,7 +97,7 @@ def _terms_too_large(beta):
     beta 0 or 1; see :func:`~torchnmf.targets.residual.amplification`): the value a
     step returns is then the entry-wise divergence of the prediction (on the digits
     in float32 the closed form was 93% off at beta=1e-6 on a chain, 0.09% at 0.001)."""
-    return amplification(beta) > 4
+    return amplification(beta) > ENTRYWISE_AMPLIFICATION
 
 
 class BetaMu(Optimizer):

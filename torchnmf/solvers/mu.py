@@ -18,7 +18,7 @@ doi:10.1162/NECO_a_00168).
 import torch
 
 from .. import _device as device
-from ..targets.residual import amplification
+from ..targets.residual import ENTRYWISE_AMPLIFICATION, amplification
 from .acceptance import RoundingGuard
 from .penalty import Penalty
 
@@ -108,7 +108,7 @@ class MultiplicativeUpdates:
         self.guard = RoundingGuard(problem, self.accept_rounding)
         # near beta 0 and 1 the closed form the one-read step reports is rarely
         # accurate (at beta=1e-6 its first value was 2% off): two reads from the start
-        self.one_pass = amplification(problem.beta) <= 4
+        self.one_pass = amplification(problem.beta) <= ENTRYWISE_AMPLIFICATION
 
     @property
     def converged(self):

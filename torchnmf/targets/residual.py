@@ -34,13 +34,20 @@ from .. import _device as device
 from ..solvers.scaling import lighter_carrier, objective_unit, target_scale
 
 __all__ = ["pointwise_divergence", "PointwiseReference", "AccurateDivergence", "data_divergence",
-           "CANCELLATION", "NOISE", "amplification", "cancellation_threshold"]
+           "CANCELLATION", "NOISE", "ENTRYWISE_AMPLIFICATION", "amplification",
+           "cancellation_threshold"]
 
 CANCELLATION = 1e4
 # the closed forms' rounding noise, measured at up to about 7 epsilons times
 # sqrt(sum V^(2 beta)) (a 2 x 2 float32 fit at beta=0.5): under NOISE times that
 # spread the noise could exceed 64 epsilons of the objective's own value
 NOISE = 0.25
+
+
+# Beyond this amplification the closed form is rarely accurate: the steps that report
+# it without the guard's check (BetaMu's returned value, the one-read step of a
+# streamed fit) take the entry-wise divergence instead.
+ENTRYWISE_AMPLIFICATION = 4
 
 
 def amplification(beta):
