@@ -20,6 +20,7 @@ __all__ = [
     "BLOCK_ELEMENTS",
     "inner",
     "accurate_inner",
+    "cross_inner",
     "matmul_into",
     "add_product_",
     "batch_shape",
@@ -105,6 +106,12 @@ def accurate_inner(a, b):
     return products.sum(-1).sum(-1, dtype=torch.float64)
 
 
+def cross_inner(beta):
+    """The :func:`inner` for a sum the closed forms divide by ``beta - 1``:
+    :func:`accurate_inner` where that division amplifies its rounding."""
+    return accurate_inner if amplification(beta) > 1 else inner
+
+
 def matmul_into(out, a, b):
     """``out[...] = a @ b``, written in place even where ``out`` is a strided view
     (a row block of a stacked factor)."""
@@ -168,8 +175,7 @@ class DenseMatrixStats:
         self._work_key = None
         self._reference = None  # (V, its PointwiseReference) for explicit_divergence on one block
         self._views = {}  # block shape -> (work buffer, its views); see _block_views
-        # the cross term is divided by beta - 1: near 1, the dot product's rounding shows
-        self._cross_inner = accurate_inner if amplification(self.beta) > 1 else inner
+        self._cross_inner = cross_inner(self.beta)
         # a wrapping kind (streamed rows) sums the constant once and passes 0 per block
         self.constant = self._divergence_constant() if constant is None else constant
         self.constant = host_value(self.constant)

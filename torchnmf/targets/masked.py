@@ -24,8 +24,8 @@ import torch
 
 from .. import metrics
 from .autograd import AutogradStats
-from .dense import BLOCK_ELEMENTS, accurate_inner, add_product_, inner as _inner, matmul_into, power_sum
-from .residual import amplification, pointwise_divergence
+from .dense import BLOCK_ELEMENTS, add_product_, cross_inner, inner as _inner, matmul_into, power_sum
+from .residual import pointwise_divergence
 from .sparse import to_csr
 
 __all__ = ["MaskedMatrixStats", "MaskedAutogradStats"]
@@ -119,7 +119,7 @@ class MaskedMatrixStats:
         self.V = V
         self.block_elements = block_elements
         self.beta = float(beta)
-        self._amplified = amplification(self.beta) > 1
+        self._cross_inner = cross_inner(self.beta)
         self.eps = torch.finfo(V.dtype).eps
         self.dtype = V.dtype
         N, C = V.shape
@@ -197,9 +197,8 @@ class MaskedMatrixStats:
         negative_out.mul_(V)
         positive_out = power.mul_(weight)
         if with_divergence:
-            # divided by beta - 1: near 1, summed in float64 (see accurate_inner)
-            cross = (accurate_inner if self._amplified else _inner)(negative_out, WH)
-            part = _inner(positive_out, WH) / beta - cross / (beta - 1)
+            part = (_inner(positive_out, WH) / beta
+                    - self._cross_inner(negative_out, WH) / (beta - 1))
         return negative_out, positive_out, part
 
     def _blocks(self, n_rows):
