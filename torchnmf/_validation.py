@@ -95,8 +95,8 @@ def _extremes(tensor, name, rule):
         return None
     if values.is_complex():
         raise TypeError(f"{name} must be real, got dtype {values.dtype}")
-    smallest, largest = torch.aminmax(values)
-    smallest, largest = smallest.item(), largest.item()
+    # one read-back for both (on an accelerator each read waits for the device)
+    smallest, largest = torch.stack(torch.aminmax(values)).tolist()
     if math.isnan(smallest) or math.isnan(largest):
         raise ValueError(f"{name} contains NaN; {rule}")
     return smallest, largest
