@@ -428,3 +428,16 @@ def test_a_fit_whose_objective_overflows_leaves_the_model_alone(solver, generato
         model.fit(V, beta=2, solver=solver, max_iter=5)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert model.loss_history == [1.0, 0.5]
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_data_beyond_a_narrow_models_range_is_refused(layout, generator):
+    """float32 data up to 1e5 for a float16 model: the conversion made infinities and
+    the fit failed with Python's "cannot convert float infinity to integer"."""
+    V = torch.rand(30, 12, generator=generator) * 1e5
+    model = NMF(V.shape, rank=2).half()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"V's largest entry, 9\d+(\.\d+)?, exceeds torch.float16's largest value 65504"):
+        model.fit(V if layout == "dense" else V.to_sparse(), max_iter=5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert model.fit(V / 1e3, max_iter=5, tol=0) == 5  # within range: fitted in float16

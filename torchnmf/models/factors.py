@@ -184,6 +184,26 @@ def check_factors_agree(factors, remedy):
             )
 
 
+def check_fits_dtype(V, dtype):
+    """A ``ValueError`` when converting ``V`` to the factors' ``dtype`` would overflow
+    (float64 or float32 data for a float16 or bfloat16 model): the fit failed with
+    Python's "cannot convert float infinity to integer" several calls later."""
+    if not dtype.is_floating_point or torch.finfo(dtype).max >= _largest_value(V.dtype):
+        return
+    values = V.values() if V.layout in (torch.sparse_csr, torch.sparse_csc) else (
+        V._values() if V.layout == torch.sparse_coo else V)
+    largest = float(values.max()) if values.numel() else 0.0
+    if largest > torch.finfo(dtype).max:
+        raise ValueError(
+            f"V's largest entry, {largest:g}, exceeds {dtype}'s largest value "
+            f"{torch.finfo(dtype).max:g}; fit a wider model (e.g. model.float()) or scale V down"
+        )
+
+
+def _largest_value(dtype):
+    return torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max
+
+
 def conv_factor_shapes(Vshape, rank, kernel):
     """Shapes of W and H for a convolutional model of target shape ``Vshape``.
 
@@ -327,5 +347,6 @@ class FactorModule(nn.Module):
                 f"them (e.g. V.to(model.W.device))"
             )
         if V.dtype != self.W.dtype:
+            check_fits_dtype(V, self.W.dtype)
             V = V.to(self.W.dtype)
         return V
