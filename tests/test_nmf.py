@@ -440,4 +440,8 @@ def test_data_beyond_a_narrow_models_range_is_refused(layout, generator):
     with pytest.raises(ValueError, match=r"V's largest entry, 9\d+(\.\d+)?, exceeds torch.float16's largest value 65504"):
         model.fit(V if layout == "dense" else V.to_sparse(), max_iter=5)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # data at 1e-9 became zeros in float16, "fitted" with an objective of 0
+    with pytest.raises(ValueError, match=r"V's mean non-zero entry, 4.+e-10, is under torch.float16's"):
+        model.fit(V * 1e-14 if layout == "dense" else (V * 1e-14).to_sparse(), max_iter=5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert model.fit(V / 1e3, max_iter=5, tol=0) == 5  # within range: fitted in float16

@@ -185,18 +185,32 @@ def check_factors_agree(factors, remedy):
 
 
 def check_fits_dtype(V, dtype):
-    """A ``ValueError`` when converting ``V`` to the factors' ``dtype`` would overflow
-    (float64 or float32 data for a float16 or bfloat16 model): the fit failed with
-    Python's "cannot convert float infinity to integer" several calls later."""
+    """A ``ValueError`` when converting ``V`` to the factors' narrower ``dtype`` (float32
+    data for a float16 or bfloat16 model) would overflow, or put its typical entry
+    (the mean non-zero one) under the smallest normal number: infinities failed the
+    fit with Python's "cannot convert float infinity to integer" several calls later,
+    and data at 1e-9 became zeros that a float16 model "fitted" with an objective of
+    0.  A few entries under it only lose precision, as any narrow model's data do."""
     if not dtype.is_floating_point or torch.finfo(dtype).max >= _largest_value(V.dtype):
         return
     values = V.values() if V.layout in (torch.sparse_csr, torch.sparse_csc) else (
         V._values() if V.layout == torch.sparse_coo else V)
-    largest = float(values.max()) if values.numel() else 0.0
-    if largest > torch.finfo(dtype).max:
+    if not values.numel():
+        return
+    info = torch.finfo(dtype)
+    positive = values[values > 0]
+    typical, largest = (torch.stack([positive.mean(), positive.max()]).tolist()
+                        if positive.numel() else (0.0, 0.0))
+    if largest > info.max:
         raise ValueError(
             f"V's largest entry, {largest:g}, exceeds {dtype}'s largest value "
-            f"{torch.finfo(dtype).max:g}; fit a wider model (e.g. model.float()) or scale V down"
+            f"{info.max:g}; fit a wider model (e.g. model.float()) or scale V down"
+        )
+    if 0 < typical < info.tiny:
+        raise ValueError(
+            f"V's mean non-zero entry, {typical:g}, is under {dtype}'s smallest normal "
+            f"number {info.tiny:g} (a typical entry would lose its precision or become 0); "
+            f"fit a wider model (e.g. model.float()) or scale V up"
         )
 
 
