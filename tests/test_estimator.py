@@ -171,6 +171,12 @@ def test_estimator_errors(generator):
         TorchNMF(beta_loss="itakura-saito", init="random").fit(X * (X > 0.5))
     with pytest.raises(ValueError, match="dtype must be a floating dtype"):
         TorchNMF(dtype="int32").fit(X)
+    # float64 data beyond float32's range: before, "V contains infinite values" and
+    # "got an all-zero V", about data that had neither
+    with pytest.raises(ValueError, match=r"X's largest entry, .*e\+3\d\d, exceeds torch.float32's .*dtype='float64'"):
+        TorchNMF(dtype="float32").fit(X * 1e300)
+    with pytest.raises(ValueError, match=r"X's mean non-zero entry, .*e-30\d, is under torch.float32's"):
+        TorchNMF(dtype="float32").fit(X * 1e-300)
     # before: torch's AssertionError (a CPU build) or RuntimeError at the first copy
     with pytest.raises(ValueError, match=r"device='nowhere' cannot be used here"):
         TorchNMF(device="nowhere").fit(X)

@@ -24,6 +24,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, check_
 
 from . import init as _init
 from ._device import usable_device
+from .models.factors import check_fits_dtype
 from .nmf import NMF
 from .solvers.registry import SOLVERS
 from .targets.residual import data_divergence
@@ -264,6 +265,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
                 )
             V = X.to_sparse_coo() if X.layout == torch.sparse_csr else X
             dtype = self._compute_dtype(V.dtype)
+            check_fits_dtype(V, dtype, "X", "with dtype='float64'")
             V = V.to(device=self._device(X), dtype=dtype)
             values = V._values() if V.is_sparse else V
             if torch.isnan(values).any() or torch.isinf(values).any():
@@ -289,6 +291,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
                                             is_coalesced=ordered or None)
             else:
                 V = torch.from_numpy(np.array(X, copy=not X.flags.writeable))
+            check_fits_dtype(V, dtype, "X", "with dtype='float64'")
             V = V.to(device=device, dtype=dtype)
         if V.is_sparse:
             V = V.coalesce()  # NMF.fit takes it as it is, never densified

@@ -184,7 +184,7 @@ def check_factors_agree(factors, remedy):
             )
 
 
-def check_fits_dtype(V, dtype):
+def check_fits_dtype(V, dtype, name="V", wider="a wider model (e.g. model.float())"):
     """A ``ValueError`` when converting ``V`` to the factors' narrower ``dtype`` (float32
     data for a float16 or bfloat16 model) would overflow, or put its typical entry
     (the mean non-zero one) under the smallest normal number: infinities failed the
@@ -203,14 +203,14 @@ def check_fits_dtype(V, dtype):
                         if positive.numel() else (0.0, 0.0))
     if largest > info.max:
         raise ValueError(
-            f"V's largest entry, {largest:g}, exceeds {dtype}'s largest value "
-            f"{info.max:g}; fit a wider model (e.g. model.float()) or scale V down"
+            f"{name}'s largest entry, {largest:g}, exceeds {dtype}'s largest value "
+            f"{info.max:g}; fit {wider} or scale {name} down"
         )
     if 0 < typical < info.tiny:
         raise ValueError(
-            f"V's mean non-zero entry, {typical:g}, is under {dtype}'s smallest normal "
+            f"{name}'s mean non-zero entry, {typical:g}, is under {dtype}'s smallest normal "
             f"number {info.tiny:g} (a typical entry would lose its precision or become 0); "
-            f"fit a wider model (e.g. model.float()) or scale V up"
+            f"fit {wider} or scale {name} up"
         )
 
 
