@@ -368,3 +368,17 @@ def test_streamed_history_at_beta_near_zero_and_one(tmp_path, beta):
     streamed = NMF(W=W0, H=H0)
     streamed.fit(np.load(tmp_path / "v.npy", mmap_mode="r"), beta=beta, max_iter=15, tol=0, block_rows=128)
     assert streamed.loss_history == pytest.approx(memory.loss_history, rel=1e-5)
+
+
+def test_a_conversion_the_dtype_cannot_hold_is_refused_by_rows(tmp_path):
+    """A float64 memmap for a float32 model: at 1e300 the blocks became infinities
+    ("V contains infinite values", about data that had none); at 1e-300 zeros,
+    "fitted" with an objective of 0."""
+    g = torch.Generator().manual_seed(0)
+    V = torch.rand(40, 6, generator=g, dtype=torch.float64)
+    for scale, message in ((1e300, r"V's largest entry, .*e\+299, exceeds torch.float32's largest value"),
+                           (1e-300, r"V's mean non-zero entry, .*e-301, is under torch.float32's")):
+        np.save(tmp_path / "v.npy", (V * scale).numpy())
+        model = NMF((40, 6), rank=2)
+        with pytest.raises(ValueError, match=message + r".*\(rows 0:10\)"):
+            model.fit(np.load(tmp_path / "v.npy", mmap_mode="r"), block_rows=10, max_iter=3)

@@ -21,6 +21,7 @@ __all__ = [
     "check_target",
     "check_non_negative_tensor",
     "check_finite_tensor",
+    "check_fits_dtype",
     "check_beta_with_zeros",
     "check_choice",
     "check_mask",
@@ -129,6 +130,43 @@ def check_finite_tensor(tensor, name):
     if extremes is not None and (math.isinf(extremes[0]) or math.isinf(extremes[1])):
         raise ValueError(f"{name} contains infinite values; every entry must be finite")
     return tensor
+
+
+def check_fits_dtype(V, dtype, name="V", wider="a wider model (e.g. model.float())"):
+    """A ``ValueError`` when converting ``V`` to the factors' narrower ``dtype`` (float32
+    data for a float16 or bfloat16 model) would overflow, or put its typical entry
+    (the mean non-zero one) under the smallest normal number: infinities failed the
+    fit with Python's "cannot convert float infinity to integer" several calls later,
+    and data at 1e-9 became zeros that a float16 model "fitted" with an objective of
+    0.  A few entries under it only lose precision, as any narrow model's data do."""
+    if not dtype.is_floating_point or torch.finfo(dtype).max >= _largest_value(V.dtype):
+        return
+    values = V.values() if V.layout in (torch.sparse_csr, torch.sparse_csc) else (
+        V._values() if V.layout == torch.sparse_coo else V)
+    if not values.numel():
+        return
+    info = torch.finfo(dtype)
+    # (V is validated: non-negative) reductions only, no temporary of V's size, one read
+    largest, total, count = torch.stack([
+        values.max().double(), values.sum(dtype=torch.float64),
+        torch.count_nonzero(values).double(),
+    ]).tolist()
+    typical = total / count if count else 0.0
+    if largest > info.max:
+        raise ValueError(
+            f"{name}'s largest entry, {largest:g}, exceeds {dtype}'s largest value "
+            f"{info.max:g}; fit {wider} or scale {name} down"
+        )
+    if 0 < typical < info.tiny:
+        raise ValueError(
+            f"{name}'s mean non-zero entry, {typical:g}, is under {dtype}'s smallest normal "
+            f"number {info.tiny:g} (a typical entry would lose its precision or become 0); "
+            f"fit {wider} or scale {name} up"
+        )
+
+
+def _largest_value(dtype):
+    return torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max
 
 
 def check_real_tensor(V, name):

@@ -24,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, check_
 
 from . import init as _init
 from ._device import usable_device
-from .models.factors import check_fits_dtype
+from ._validation import check_fits_dtype
 from .nmf import NMF
 from .solvers.registry import SOLVERS
 from .targets.residual import data_divergence

@@ -10,7 +10,7 @@ import numbers
 import torch
 import torch.nn as nn
 
-from .._validation import check_non_negative_tensor, check_positive_int
+from .._validation import check_fits_dtype, check_non_negative_tensor, check_positive_int
 
 __all__ = [
     "make_factor",
@@ -182,40 +182,6 @@ def check_factors_agree(factors, remedy):
                 f"{first} and {name} must be on the same device, got {reference.device} and "
                 f"{factor.device}; {remedy}"
             )
-
-
-def check_fits_dtype(V, dtype, name="V", wider="a wider model (e.g. model.float())"):
-    """A ``ValueError`` when converting ``V`` to the factors' narrower ``dtype`` (float32
-    data for a float16 or bfloat16 model) would overflow, or put its typical entry
-    (the mean non-zero one) under the smallest normal number: infinities failed the
-    fit with Python's "cannot convert float infinity to integer" several calls later,
-    and data at 1e-9 became zeros that a float16 model "fitted" with an objective of
-    0.  A few entries under it only lose precision, as any narrow model's data do."""
-    if not dtype.is_floating_point or torch.finfo(dtype).max >= _largest_value(V.dtype):
-        return
-    values = V.values() if V.layout in (torch.sparse_csr, torch.sparse_csc) else (
-        V._values() if V.layout == torch.sparse_coo else V)
-    if not values.numel():
-        return
-    info = torch.finfo(dtype)
-    positive = values[values > 0]
-    typical, largest = (torch.stack([positive.mean(), positive.max()]).tolist()
-                        if positive.numel() else (0.0, 0.0))
-    if largest > info.max:
-        raise ValueError(
-            f"{name}'s largest entry, {largest:g}, exceeds {dtype}'s largest value "
-            f"{info.max:g}; fit {wider} or scale {name} down"
-        )
-    if 0 < typical < info.tiny:
-        raise ValueError(
-            f"{name}'s mean non-zero entry, {typical:g}, is under {dtype}'s smallest normal "
-            f"number {info.tiny:g} (a typical entry would lose its precision or become 0); "
-            f"fit {wider} or scale {name} up"
-        )
-
-
-def _largest_value(dtype):
-    return torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max
 
 
 def conv_factor_shapes(Vshape, rank, kernel):

@@ -31,7 +31,7 @@ import math
 import numpy as np
 import torch
 
-from .._validation import check_choice, check_non_negative_tensor
+from .._validation import check_choice, check_fits_dtype, check_non_negative_tensor
 from .dense import DenseMatrixStats, divergence_constant, power_sum
 from .masked import MaskedMatrixStats
 from .prepare import MISSING, prepare_target
@@ -175,6 +175,7 @@ class StreamedTarget:
         self.progress = progress and self.shape[0] > self.block_rows
         self.is_sparse = bool(source.is_sparse)
         self.may_hide = self.mask_source is not None or self.missing == "mask"
+        self._check_conversion = False  # (only during the validation pass)
         self._validate(rows, columns)
 
     def dim(self):
@@ -201,6 +202,11 @@ class StreamedTarget:
         if block.device != self.device:  # from pinned memory, then converted on the device
             block = block.to(self.device, non_blocking=block.layout == torch.strided)
         if block.dtype != self.dtype:
+            if self._check_conversion:  # the validation pass: what the dtype cannot hold
+                try:
+                    check_fits_dtype(block, self.dtype)
+                except ValueError as error:
+                    raise ValueError(f"{error} (rows {start}:{stop})") from None
             block = block.to(self.dtype)
         if mask is not None and mask.device != self.device:
             mask = mask.to(self.device)
@@ -251,7 +257,15 @@ class StreamedTarget:
 
     # -- validation, once ------------------------------------------------------------------
     def _validate(self, rows, columns):
-        """One pass: values, shape, coverage of rows and columns, mean and zeros."""
+        """One pass: values, shape, coverage of rows and columns, mean and zeros; and,
+        for a working dtype narrower than the source's, each block's conversion."""
+        self._check_conversion = True
+        try:
+            self._validate_blocks(rows, columns)
+        finally:
+            self._check_conversion = False
+
+    def _validate_blocks(self, rows, columns):
         total, observed, zeros, hidden = 0.0, 0, 0, False
         seen_columns = None
         rows_done = 0
