@@ -218,3 +218,13 @@ def test_consensus_prediction_error_at_any_scale(beta, scale):
     rel = 1e-9 if scale == 2.0**-30 else 1e-3
     assert scaled.prediction_error / scale**beta == pytest.approx(unit.prediction_error, rel=rel)
     assert scaled.stability == pytest.approx(unit.stability, abs=1e-3)
+
+
+def test_cluster_helpers_refuse_what_they_cannot_cluster():
+    """Before: k-means of a NaN row failed in torch's multinomial, and labels of the
+    wrong length were reported as naming too few clusters."""
+    X = torch.rand(10, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="X contains NaN; every entry must be finite"):
+        kmeans(torch.where(X > 0.9, float("nan"), X), 2)
+    with pytest.raises(ValueError, match=r"labels must hold one cluster per row of X \(10\), got shape \(5,\)"):
+        silhouette_score(X, torch.tensor([0, 1, 0, 1, 0]))

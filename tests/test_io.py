@@ -320,3 +320,24 @@ def test_save_factors_loads_without_pickle(tmp_path):
         assert float(saved["beta"]) == 1.5 and str(saved["model"]) == "nmf"
     with pytest.raises(TypeError, match=r"extra must be a number or a string, got dict"):
         io.save_factors(tmp_path / "bad.npz", W, H, [], extra={})
+
+
+def test_to_audio_refuses_parts_that_are_not_shares(tmp_path):
+    """Before: negative or NaN parts gave waveforms from masks outside [0, 1]."""
+    spec = io.stft_magnitude(torch.randn(2000, dtype=torch.float64), 8000, n_fft=64)
+    parts = torch.rand(2, *spec.magnitude.shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match="parts must be non-negative"):
+        spec.to_audio(parts - 0.5)
+    with pytest.raises(ValueError, match="parts contains NaN"):
+        spec.to_audio(torch.where(parts > 0.9, float("nan"), parts))
+
+
+def test_load_takes_a_dtype_or_its_name(tmp_path):
+    """Before: a name such as "float16" was taken for a device ("Invalid device string")."""
+    np.save(tmp_path / "a.npy", np.ones((3, 3)))
+    assert io.load(tmp_path / "a.npy", dtype="float32").V.dtype == torch.float32
+    assert io.load(tmp_path / "a.npy", dtype=torch.float16).V.dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype must be a floating dtype .*, got torch.int8"):
+        io.load(tmp_path / "a.npy", dtype="int8")
+    with pytest.raises(TypeError, match="dtype must be a torch floating dtype or its name, got 'double precision'"):
+        io.load(tmp_path / "a.npy", dtype="double precision")

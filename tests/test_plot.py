@@ -99,3 +99,9 @@ def test_summary_figure_is_a_png_of_sensible_size(tmp_path):
     assert len(figure.axes) == 5
     figure.savefig(tmp_path / "summary.png", dpi=50)
     assert png_size(tmp_path / "summary.png") == (13 * 50, 7 * 50)
+
+
+def test_activation_labels_must_name_every_component():
+    """Before: matplotlib's "number of FixedLocator locations (3) ... labels (1)"."""
+    with pytest.raises(ValueError, match="labels must name each of the 3 components, got 1"):
+        plot.plot_activations(torch.rand(20, 3), Figure().subplots(), labels=["bass"])

@@ -139,3 +139,15 @@ def test_rank_table_at_any_scale(scale):
         for key in ("loss", "heldout", "prediction_error"):
             assert b[key] / scale == pytest.approx(a[key], rel=rel)
         assert b["stability"] == pytest.approx(a["stability"], abs=1e-3)
+
+
+def test_suggest_rank_checks_its_errors():
+    """Before: an IndexError from a 0-dim tensor for errors of the wrong shape, for no
+    ranks, and for NaN errors."""
+    with pytest.raises(ValueError, match=r"errors must be \(n_folds, len\(ranks\)\) = \(n_folds, 3\)"):
+        suggest_rank([1, 2, 3], torch.rand(4, 2))
+    with pytest.raises(ValueError, match=r"= \(n_folds, 0\)"):
+        suggest_rank([], torch.rand(0))
+    with pytest.raises(ValueError, match="errors must be finite"):
+        suggest_rank([1, 2], torch.tensor([[float("nan"), 1.0]]))
+    assert suggest_rank([1, 2, 3], [3.0, 1.0, 0.95]) == 3  # one fold: no standard error

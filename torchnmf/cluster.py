@@ -13,7 +13,7 @@ restarts); no optional dependency.
 """
 import torch
 
-from ._validation import check_positive_int
+from ._validation import check_finite_tensor, check_positive_int
 
 __all__ = ["pairwise_distances", "kmeans", "silhouette_score", "local_density"]
 
@@ -106,6 +106,7 @@ def kmeans(X, k, n_init=10, max_iter=300, tol=1e-10, generator=None):
     X = X.to(torch.float64)
     if X.dim() != 2 or X.shape[0] < k:
         raise ValueError(f"X must be (m, d) with at least k={k} rows, got shape {tuple(X.shape)}")
+    check_finite_tensor(X, "X")  # (k-means++ drew from NaN weights: torch's multinomial error)
     if not isinstance(generator, torch.Generator):
         generator = torch.Generator().manual_seed(0 if generator is None else int(generator))
     best = None
@@ -133,6 +134,11 @@ def silhouette_score(X, labels, distances=None):
         0.8586
     """
     labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"labels must hold one cluster per row of X ({X.shape[0]}), got shape "
+            f"{tuple(labels.shape)}"
+        )
     distances = pairwise_distances(X) if distances is None else distances
     clusters = torch.unique(labels)
     if clusters.numel() < 2:

@@ -146,6 +146,7 @@ class Spectrogram:
                 f"parts must have shape (R, {', '.join(map(str, self.magnitude.shape))}), "
                 f"got {tuple(parts.shape)}"
             )
+        check_non_negative_tensor(parts, "parts")  # shares of the mixture: never below 0
         total = parts.sum(0, keepdim=True)
         tiny = torch.finfo(parts.dtype).tiny
         # where no component sounds, share the mixture equally
@@ -224,7 +225,8 @@ def load(path, *, key=None, n_fft=1024, hop=None, dtype=None):
         key (str, keyword-only): for a dense ``.npz`` with several arrays, the
             one to read (default: the only array, or the one named ``V``).
         n_fft, hop (int, keyword-only): STFT settings for ``.wav`` files.
-        dtype (torch.dtype, keyword-only): the floating dtype of the target;
+        dtype (torch.dtype or str, keyword-only): the floating dtype of the target
+            (or its name, e.g. ``"float32"``);
             default: a float array keeps its dtype, anything else becomes
             ``torch.get_default_dtype()``.
 
@@ -248,6 +250,7 @@ def load(path, *, key=None, n_fft=1024, hop=None, dtype=None):
         >>> target.V.shape, target.V.dtype
         (torch.Size([4, 3]), torch.float64)
     """
+    dtype = _float_dtype(dtype)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
@@ -295,6 +298,18 @@ def _describe(V):
     nnz = V._nnz()
     density = nnz / max(1, V.shape[0] * V.shape[1])
     return f"sparse {shape} {dtype}, {nnz} stored entries ({100 * density:.2g}% dense)"
+
+
+def _float_dtype(dtype):
+    """``load``'s ``dtype``: ``None``, a floating ``torch.dtype`` or its name."""
+    if dtype is None:
+        return None
+    named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(named, torch.dtype):
+        raise TypeError(f"dtype must be a torch floating dtype or its name, got {dtype!r}")
+    if not named.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype (e.g. torch.float32), got {named}")
+    return named
 
 
 def _as_float(V, dtype):

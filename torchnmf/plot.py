@@ -152,6 +152,8 @@ def plot_activations(H, ax=None, *, labels=None):
         raise ValueError(f"H must be (N, R) or (N, R, L), got shape {H.shape}")
     R = curves.shape[0]
     labels = [f"{r}" for r in range(R)] if labels is None else list(labels)
+    if len(labels) != R:
+        raise ValueError(f"labels must name each of the {R} components, got {len(labels)}")
     for r in range(R):
         peak = curves[r].max()
         curve = curves[r] / peak if peak > 0 else curves[r]

@@ -107,7 +107,17 @@ def suggest_rank(ranks, errors):
         >>> suggest_rank([1, 2, 3], errors)
         2
     """
+    ranks = list(ranks)
     errors = torch.as_tensor(errors, dtype=torch.float64)
+    if errors.dim() == 1:  # one fold
+        errors = errors.unsqueeze(0)
+    if not ranks or errors.dim() != 2 or errors.shape[1] != len(ranks) or not errors.shape[0]:
+        raise ValueError(
+            f"errors must be (n_folds, len(ranks)) = (n_folds, {len(ranks)}) with at least one "
+            f"rank and fold, got shape {tuple(errors.shape)}"
+        )
+    if not bool(torch.isfinite(errors).all()):
+        raise ValueError("errors must be finite; a NaN or infinite error has no rank to suggest")
     mean = errors.mean(0)
     se = errors.std(0) / math.sqrt(errors.shape[0]) if errors.shape[0] > 1 else torch.zeros_like(mean)
     best = int(mean.argmin())
