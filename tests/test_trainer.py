@@ -111,6 +111,17 @@ def _target(make, V):
     return V.T.unsqueeze(0) if make == "nmfd" else V
 
 
+def _scaled_model(make, V, scale_of):
+    """``_real_model`` with each of its ``m`` parameters times ``scale_of(m)``;
+    returns ``(model, params)``."""
+    model = _real_model(make, V)
+    params = list(model.parameters())
+    with torch.no_grad():
+        for p in params:
+            p.mul_(scale_of(len(params)))
+    return model, params
+
+
 @pytest.mark.parametrize("make", ["single", "chain", "nmfd"])
 @pytest.mark.parametrize("beta", [0, 0.5, 1, 2])
 @pytest.mark.parametrize("k", [-12, 12])
@@ -122,11 +133,7 @@ def test_power_of_two_targets_give_identical_steps(make, beta, k):
     V = _digits() + (1 if beta == 0 else 0)
     runs = []
     for power in (0, k):
-        model = _real_model(make, V)
-        params = list(model.parameters())
-        with torch.no_grad():
-            for p in params:
-                p.mul_(2.0 ** power)
+        model, params = _scaled_model(make, V, lambda m: 2.0 ** power)
         target = _target(make, V) * 2.0 ** (power * len(params))
         trainer = BetaMu(params, beta=beta)
         values = [trainer.step(lambda: (target, model(None))) for _ in range(6)]
@@ -152,11 +159,7 @@ def test_any_target_scale_fits_like_unit_scale(make, beta, scale):
     V = _digits()
     results = []
     for factor in (1.0, scale):
-        model = _real_model(make, V)
-        params = list(model.parameters())
-        with torch.no_grad():
-            for p in params:
-                p.mul_(factor ** (1 / len(params)))
+        model, params = _scaled_model(make, V, lambda m: factor ** (1 / m))
         target = V * factor
         trainer = BetaMu(params, beta=beta)
         for _ in range(40):
