@@ -10,7 +10,7 @@ scipy_sparse = pytest.importorskip("scipy.sparse")
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 from torchnmf import ConvergenceWarning  # noqa: E402
-from torchnmf.estimator import TorchNMF  # noqa: E402
+from torchnmf.estimator import TorchMiniBatchNMF, TorchNMF  # noqa: E402
 
 
 @pytest.mark.slow
@@ -258,3 +258,28 @@ def test_reconstruction_error_at_any_scale(beta_loss, scale):
             X * np.float32(factor))
         errors.append(model.reconstruction_err_ / factor ** (beta / 2))
     assert errors[1] == pytest.approx(errors[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("estimator", [TorchNMF, TorchMiniBatchNMF])
+@pytest.mark.parametrize("k", [-996, 996])
+def test_reconstruction_error_whose_square_is_no_float(estimator, k):
+    """The digits (float64) times 2**-996 and 2**996 at beta=2: the error is 2**k times
+    unit scale's although the divergence, 2**(2k) times, is no float (at 2**-996 the
+    error read 0, and TorchNMF's fit stopped after two iterations on a history of
+    zeros)."""
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data[:300] + 0.1
+    options = dict(n_components=5, init="nndsvda", max_iter=30, random_state=0)
+    if estimator is TorchMiniBatchNMF:
+        options["batch_size"] = 100
+    reference = estimator(**options).fit(X)
+    if estimator is TorchNMF and k > 0:
+        # the objective in the data's units overflows: the loop says so
+        with pytest.raises(FloatingPointError, match="became inf"):
+            estimator(**options).fit(X * 2.0**k)
+        return
+    scaled = estimator(**options).fit(X * 2.0**k)
+    assert scaled.n_iter_ == reference.n_iter_
+    assert scaled.reconstruction_err_ == pytest.approx(reference.reconstruction_err_ * 2.0**k,
+                                                       rel=1e-12)

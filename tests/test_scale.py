@@ -236,3 +236,23 @@ def test_float32_data_of_subnormal_mean(beta, generator):
     assert bool(torch.isfinite(losses).all()) and bool((losses > 0).all())
     assert target_scale(2.0**-133, 1, torch.float32) == 2.0**-126
     assert target_scale(2.0**-133, 1, torch.float64) == 2.0**-133
+
+
+@pytest.mark.parametrize("beta,k", [(2, -997), (3, -400)])
+def test_tol_where_the_objective_underflows(beta, k, generator):
+    """A fit of 2**k V whose objective, 2**(k beta) times V's, underflows the dtype: it
+    stops where the fit of V stops, with its factors scaled (it stopped after two
+    iterations: the relative decrease of a history of zeros is zero)."""
+    V, W0, H0 = _problem(torch.float64, generator)
+    fits = []
+    for scale in (1.0, 2.0**k):
+        model = NMF(W=W0.clone(), H=(H0 * scale).clone())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            n_iter = model.fit(scale * V, beta=beta, tol=1e-2, max_iter=200)
+        fits.append((n_iter, model))
+    (n_reference, reference), (n_scaled, scaled) = fits
+    assert 2 < n_reference < 200
+    assert n_scaled == n_reference
+    assert torch.equal(scaled.H.detach(), reference.H.detach() * 2.0**k)
+    assert torch.equal(scaled.W.detach(), reference.W.detach())

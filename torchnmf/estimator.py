@@ -27,7 +27,7 @@ from ._device import usable_device
 from ._validation import check_fits_dtype
 from .nmf import NMF
 from .solvers.registry import SOLVERS
-from .targets.residual import data_divergence
+from .targets.residual import data_error, root_error
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
@@ -364,8 +364,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         # the codes of the fitted components, solved to convergence like transform's
         codes = self._codes(V, model.H.detach())
         with torch.no_grad():  # blockwise, never the dense reconstruction of a sparse V
-            divergence = data_divergence(model._statistics(V, beta), codes, W, beta, V.dtype)
-        self.reconstruction_err_ = math.sqrt(2 * max(divergence, 0.0))
+            self.reconstruction_err_ = data_error(model._statistics(V, beta), codes, W, beta,
+                                                  V.dtype)
         return codes
 
     # The problem for the codes with the components fixed is convex: solved to
@@ -696,16 +696,13 @@ class TorchMiniBatchNMF(TorchNMF):
 
     def _finish(self, online, V, codes, beta, rank):
         """The attributes from the solver and the normalised ``V`` and ``codes``."""
-        from .solvers.scaling import objective_unit
-
         self._online_state = online
         W = online.W * self._root() if self._data_scale != 1 else online.W
         self._templates = NMF(W=W, trainable_W=False)
         self.components_ = W.T.cpu().numpy()
         self.n_components_ = rank
-        divergence = self._divergence(V, codes, online.W, beta)
-        divergence *= objective_unit(self._data_scale, beta)
-        self.reconstruction_err_ = math.sqrt(2 * max(divergence, 0.0))
+        self.reconstruction_err_ = root_error(self._divergence(V, codes, online.W, beta),
+                                              self._data_scale, beta)
 
     @staticmethod
     def _divergence(V, codes, W, beta):

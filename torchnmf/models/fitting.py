@@ -250,23 +250,24 @@ def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=Non
     seen = [] if history is None else history
 
     def step():
-        before = solver.step()  # a Python number, or a 0-dim tensor the loop reads later
-        if unit != 1:
-            before = before * unit
-        if isinstance(before, float) and not math.isfinite(before):
+        # the normalised problem's objective (the loop reports it times unit): a Python
+        # number, or a 0-dim tensor the loop reads later
+        before = solver.step()
+        reported = before * unit if unit != 1 else before
+        if isinstance(reported, float) and not math.isfinite(reported):
             # the loop raises on it: the caller's factors keep the iterate whose
             # objective this is (the start, when the data overflow the objective)
             return before
         normalisation.commit()
         if not converged():
-            seen.append(before)
+            seen.append(reported)
         return before
 
     def converged():  # the solver went back to where its previous iteration started
         return getattr(solver, "converged", False) is True
 
     def objective():
-        return problem.objective() * unit
+        return problem.objective()
 
     with torch.no_grad():
         solver = make_solver(problem)
@@ -279,11 +280,12 @@ def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=Non
         try:
             return run_fit(
                 step, objective, tol, max_iter,
-                verbose=verbose, callback=callback, desc=desc, converged=converged, **options,
+                verbose=verbose, callback=callback, desc=desc, converged=converged, unit=unit,
+                **options,
             )
         except KeyboardInterrupt:
             normalisation.restore()
-            seen.append(objective())
+            seen.append(objective() * unit)
             seen[:] = [float(value) for value in seen]
             raise
 

@@ -67,7 +67,7 @@ def relative_decrease(previous, current):
 
 
 def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="fit",
-            history=None, after_iteration=None, converged=None):
+            history=None, after_iteration=None, converged=None, unit=1.0):
     """Iterate ``step`` until the relative decrease of the objective is under ``tol``.
 
     Args:
@@ -92,6 +92,13 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
             the step's objective is not recorded, the previous iteration
             counts as one that did not move (its objective is repeated at the
             end of the history), and the fit stops without a warning.
+        unit (float): the data's unit of the objectives ``step`` and
+            ``objective`` return (those of a normalised problem, see
+            :mod:`~torchnmf.solvers.scaling`): the history, the progress bar and
+            ``callback`` get them times ``unit``, while ``tol`` is applied to them
+            as returned, where no product underflowed (the digits at 1e-300, beta=2:
+            a history of zeros in the data's units, and a fit that stopped after
+            two iterations).
 
     ``step()`` may return a Python number or a 0-dim tensor; tensors on an
     accelerator are read back every :data:`READ_BACK_EVERY` iterations (see
@@ -111,24 +118,31 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
     stopped = False
     pending = []  # objectives still on the device, oldest first
     every = 1 if callback is not None or after_iteration is not None else READ_BACK_EVERY
+    # the last objective as returned (the stopping rule's); a resumed history's in its units
+    previous = history[-1] / unit if history and unit else None
 
     def record(loss, iteration):
-        if not math.isfinite(loss):
+        """Append ``loss`` in the data's units; that value."""
+        reported = loss * unit if unit != 1 else loss
+        if not math.isfinite(reported):
             raise FloatingPointError(
-                f"the objective became {loss} at iteration {iteration}; "
+                f"the objective became {reported} at iteration {iteration}; "
                 f"check the data's scale or use a smaller beta"
             )
-        history.append(loss)
+        history.append(reported)
+        return reported
 
     def take(loss, iteration):
         """Record one objective and apply the stopping rule to it; True to stop."""
-        record(loss, iteration)
+        nonlocal previous
+        reported = record(loss, iteration)
+        last, previous = previous, loss
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.6g}", refresh=False)
-        if callback is not None and callback(iteration, loss):
+            bar.set_postfix(loss=f"{reported:.6g}", refresh=False)
+        if callback is not None and callback(iteration, reported):
             return True
-        if tol > 0 and len(history) >= 2 and relative_decrease(history[-2], history[-1]) < tol:
+        if tol > 0 and last is not None and relative_decrease(last, loss) < tol:
             return True
         if after_iteration is not None:
             after_iteration(iteration, history)
@@ -166,7 +180,7 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
                 break
         if pending and flush():
             stopped = True
-        history.append(float(objective()))
+        history.append(float(objective()) * unit)
         if bar is not None:
             bar.set_postfix(loss=f"{history[-1]:.6g}")
     finally:

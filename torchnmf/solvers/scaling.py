@@ -34,7 +34,7 @@ import torch
 
 from .penalty import Penalty
 
-__all__ = ["target_scale", "scaled_penalty", "objective_unit", "balance_", "lighter_carrier",
+__all__ = ["target_scale", "scaled_penalty", "objective_unit", "error_unit", "balance_", "lighter_carrier",
            "Normalisation", "BALANCE_MISMATCH"]
 
 
@@ -137,6 +137,13 @@ def objective_unit(scale, beta):
     """:math:`s^\beta`: the objective of the original problem per unit of the
     normalised one's (``inf`` where that overflows a float)."""
     return _power(scale, beta) if scale != 1 else 1.0
+
+
+def error_unit(scale, beta):
+    """:math:`s^{\beta/2}`: the unit of the root of the objective (an estimator's
+    ``reconstruction_err_``), which stays a float where :math:`s^\beta` does not
+    (the digits at 1e-300, beta=2: an error of 1e-297 from a divergence of 1e-594)."""
+    return _power(scale, beta / 2) if scale != 1 else 1.0
 
 
 def _power(scale, exponent):

@@ -31,9 +31,10 @@ import math
 import torch
 
 from .. import _device as device
-from ..solvers.scaling import lighter_carrier, objective_unit, target_scale
+from ..solvers.scaling import error_unit, lighter_carrier, objective_unit, target_scale
 
 __all__ = ["pointwise_divergence", "PointwiseReference", "AccurateDivergence", "data_divergence",
+           "data_error", "root_error", "normalised_divergence",
            "CANCELLATION", "NOISE", "ENTRYWISE_AMPLIFICATION", "amplification",
            "cancellation_threshold"]
 
@@ -289,7 +290,7 @@ def data_divergence(stats, H, W, beta, dtype):
     (a float).
 
     For scores of factors that no fit reported (held-out errors, a consensus's
-    usage, an estimator's final error): on the target divided by the power of two
+    usage): on the target divided by the power of two
     :math:`s` nearest its mean observed entry, with whichever factor leaves the
     two balanced divided by :math:`s` too
     (:func:`~torchnmf.solvers.scaling.lighter_carrier`), accurate near an exact
@@ -298,6 +299,29 @@ def data_divergence(stats, H, W, beta, dtype):
     digits at 1e-9 scored every rank of a cross-validation alike, and negative
     where the constant cancelled.
     """
+    value, scale = normalised_divergence(stats, H, W, dtype)
+    return value * objective_unit(scale, beta)
+
+
+def data_error(stats, H, W, beta, dtype):
+    r""":math:`\sqrt{2 D}` for the divergence :math:`D` of :func:`data_divergence`
+    (an estimator's ``reconstruction_err_``), scaled back as a root: the divergence
+    itself may not be a float where its root is."""
+    value, scale = normalised_divergence(stats, H, W, dtype)
+    return root_error(value, scale, beta)
+
+
+def root_error(value, scale, beta):
+    """:math:`\sqrt{2 D}` in the data's units for a divergence ``value`` of the target
+    divided by ``scale``."""
+    if not value > 0:
+        return value if math.isnan(value) else 0.0
+    return math.sqrt(2 * value) * error_unit(scale, beta)
+
+
+def normalised_divergence(stats, H, W, dtype):
+    """The divergence of :func:`data_divergence` before it is scaled back, and the
+    scale :math:`s` (its unit is :math:`s^\beta`)."""
     scale = target_scale(*stats.scale_sums(), dtype)
     if scale != 1:
         stats = stats.scaled(1.0 / scale)
@@ -305,5 +329,4 @@ def data_divergence(stats, H, W, beta, dtype):
             W = W / scale
         else:
             H = H / scale
-    value = float(AccurateDivergence(stats, dtype).divergence(H, W))
-    return value * objective_unit(scale, beta)
+    return float(AccurateDivergence(stats, dtype).divergence(H, W)), scale
