@@ -283,3 +283,23 @@ def test_reconstruction_error_whose_square_is_no_float(estimator, k):
     assert scaled.n_iter_ == reference.n_iter_
     assert scaled.reconstruction_err_ == pytest.approx(reference.reconstruction_err_ * 2.0**k,
                                                        rel=1e-12)
+
+
+@pytest.mark.parametrize("estimator", [TorchNMF, TorchMiniBatchNMF])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_estimators(estimator, dtype):
+    """dtype='float16' failed in NNDSVD (torch's SVD takes no half precision),
+    'bfloat16' was refused as no floating dtype (NumPy has none) and its components
+    could not become an array; both fit the digits as float32 does, to their precision."""
+    from sklearn.datasets import load_digits
+
+    X = load_digits().data[:300] + 0.1
+    options = dict(n_components=5, beta_loss="kullback-leibler", max_iter=20, random_state=0)
+    if estimator is TorchMiniBatchNMF:
+        options["batch_size"] = 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        half = estimator(dtype=dtype, **options).fit(X)
+        single = estimator(dtype="float32", **options).fit(X)
+    assert half.components_.dtype == (np.float32 if dtype == "bfloat16" else np.float16)
+    assert half.reconstruction_err_ == pytest.approx(single.reconstruction_err_, rel=0.02)

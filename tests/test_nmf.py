@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -445,3 +446,92 @@ def test_data_beyond_a_narrow_models_range_is_refused(layout, generator):
         model.fit(V * 1e-14 if layout == "dense" else (V * 1e-14).to_sparse(), max_iter=5)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert model.fit(V / 1e3, max_iter=5, tol=0) == 5  # within range: fitted in float16
+
+
+def _digits(rows=200):
+    from sklearn.datasets import load_digits
+
+    return torch.tensor(load_digits().data[:rows], dtype=torch.float32) + 0.1
+
+
+@pytest.mark.parametrize("beta", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "masked", "NMFD"])
+def test_float16_models_are_fitted_in_float32(kind, beta):
+    """A float16 fit is the float32 fit of the same float16 numbers, rounded: float16's
+    range cannot hold the updates' powers and sums (on the digits the KL objective
+    was inf at iteration 1, Itakura-Saito NaN at iteration 19)."""
+    if kind == "sparse" and beta == 0:
+        pytest.skip("beta <= 0 needs positive entries, which a sparse V does not store")
+    V16 = _digits().half()
+    options = dict(beta=beta, max_iter=15, tol=0)
+    if kind == "masked":
+        options["mask"] = torch.rand(V16.shape, generator=torch.Generator().manual_seed(0)) > 0.2
+    if kind == "NMFD":
+        V16 = V16.T.unsqueeze(0).contiguous()
+        model16 = NMFD(V16.shape, rank=3, T=4).half()
+    else:
+        model16 = NMF(V16.shape, rank=4).half()
+    model32 = copy.deepcopy(model16).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model16.fit(V16.to_sparse() if kind == "sparse" else V16, **options)
+        model32.fit(V16.float().to_sparse() if kind == "sparse" else V16.float(), **options)
+    assert model16.W.dtype == torch.float16
+    assert model16.loss_history == model32.loss_history
+    assert torch.equal(model16.W.detach(), model32.W.detach().half())
+    assert torch.equal(model16.H.detach(), model32.H.detach().half())
+
+
+def test_bfloat16_fits_of_sparse_targets():
+    """bfloat16 keeps float32's range and is fitted in itself; torch's sampled product
+    takes no bfloat16, and sparse fits at beta != 2 raised inside it."""
+    V = _digits().bfloat16()
+    fits = []
+    for target in (V, V.to_sparse()):
+        model = NMF(V.shape, rank=4).bfloat16()
+        torch.manual_seed(0)
+        model.initialize_(V, "nndsvda")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(target, beta=1, max_iter=15, tol=0)
+        fits.append(model.loss_history)
+    assert fits[1] == pytest.approx(fits[0], rel=1e-2)
+    assert fits[1][-1] < fits[1][0] / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_starts(dtype):
+    """NNDSVD of float16 and bfloat16 data: torch's SVD takes neither (it raised); the
+    start is the float32 start of the same numbers, rounded."""
+    from torchnmf.init import initialize
+
+    V = _digits().to(dtype)
+    for target in (V, V.to_sparse()):
+        W, H = initialize(target, 4, "nndsvda")
+        W32, H32 = initialize(target.float(), 4, "nndsvda")
+        assert W.dtype == H.dtype == dtype
+        assert torch.equal(W, W32.to(dtype)) and torch.equal(H, H32.to(dtype))
+
+
+def test_float16_restarts_are_fitted_in_float32():
+    from torchnmf.restarts import fit_restarts
+
+    V16 = _digits().half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        half = fit_restarts(V16, [3], n_restarts=2, beta=1, max_iter=10)
+        single = fit_restarts(V16.float(), [3], n_restarts=2, beta=1, max_iter=10)
+    assert half.histories == single.histories
+    assert all(w.dtype == torch.float16 and torch.equal(w, w32.half())
+               for w, w32 in zip(half.W, single.W))
+
+
+def test_float16_sums():
+    """Sums the statistics take of float16 tensors are taken in float32 (a trainer's
+    step on a float16 model of the digits read an infinite mean)."""
+    from torchnmf.targets.dense import accurate_inner, float64_sum, inner
+
+    ones = torch.ones(400, 300, dtype=torch.float16)
+    assert float(float64_sum(ones)) == 120000
+    assert float(inner(ones, ones)) == 120000
+    assert float(accurate_inner(ones, ones)) == 120000

@@ -4,10 +4,12 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from torch.testing import assert_close
 
 from torchnmf.io import open_rows
 from torchnmf.nmf import NMF, NMFD
@@ -382,3 +384,26 @@ def test_a_conversion_the_dtype_cannot_hold_is_refused_by_rows(tmp_path):
         model = NMF((40, 6), rank=2)
         with pytest.raises(ValueError, match=message + r".*\(rows 0:10\)"):
             model.fit(np.load(tmp_path / "v.npy", mmap_mode="r"), block_rows=10, max_iter=3)
+
+
+def test_a_float16_model_streams_in_float32(tmp_path):
+    """A float16 model's streamed fit is fitted in float32, as its in-memory fit is,
+    and the file's values must still fit float16 (it failed inside torch: the blocks
+    were float16, the working factors float32)."""
+    from sklearn.datasets import load_digits
+
+    V = torch.tensor(load_digits().data[:300], dtype=torch.float32) + 0.1
+    np.save(tmp_path / "V.npy", V.numpy())
+    models = [NMF(V.shape, rank=3).half() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models[0].fit(open_rows(tmp_path / "V.npy"), beta=1, max_iter=8, tol=0, block_rows=128)
+        models[1].fit(V.half(), beta=1, max_iter=8, tol=0)
+    assert models[0].loss_history == pytest.approx(models[1].loss_history, rel=1e-5)
+    assert_close(models[0].W.detach(), models[1].W.detach(), rtol=2e-3, atol=0)
+    np.save(tmp_path / "large.npy", (V * 1e4).numpy())
+    before = models[0].W.detach().clone()
+    with pytest.raises(ValueError, match="exceeds torch.float16's largest value"):
+        models[0].fit(open_rows(tmp_path / "large.npy"), beta=1, max_iter=2)
+    assert torch.equal(models[0].W.detach(), before)

@@ -25,6 +25,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, check_
 from . import init as _init
 from ._device import usable_device
 from ._validation import check_fits_dtype
+from .io import to_numpy
 from .nmf import NMF
 from .solvers.registry import SOLVERS
 from .targets.residual import data_error, root_error
@@ -47,8 +48,8 @@ def _torch_dtype(spec):
     if isinstance(spec, torch.dtype):
         dtype = spec
     else:
-        try:
-            name = np.dtype(spec).name
+        try:  # (numpy has no bfloat16: its name is taken as it is)
+            name = "bfloat16" if spec == "bfloat16" else np.dtype(spec).name
         except TypeError:
             raise TypeError(f"dtype must be a floating dtype or None, got {spec!r}") from None
         dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -300,7 +301,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     def _output(self, tensor, like):
         if isinstance(like, torch.Tensor):
             return tensor
-        return tensor.detach().cpu().numpy()
+        return to_numpy(tensor)
 
     # -- initialisation ------------------------------------------------------------------
     def _generator(self):
@@ -359,7 +360,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         W = model.W.detach()
         self._templates = NMF(W=W, trainable_W=False)
         self._mean_code = model.H.detach().mean(0)
-        self.components_ = W.T.cpu().numpy()
+        self.components_ = to_numpy(W.T)
         self.n_components_ = rank
         # the codes of the fitted components, solved to convergence like transform's
         codes = self._codes(V, model.H.detach())
@@ -699,7 +700,7 @@ class TorchMiniBatchNMF(TorchNMF):
         self._online_state = online
         W = online.W * self._root() if self._data_scale != 1 else online.W
         self._templates = NMF(W=W, trainable_W=False)
-        self.components_ = W.T.cpu().numpy()
+        self.components_ = to_numpy(W.T)
         self.n_components_ = rank
         self.reconstruction_err_ = root_error(self._divergence(V, codes, online.W, beta),
                                               self._data_scale, beta)

@@ -549,6 +549,9 @@ def initialize(V, rank, method="nndsvda", *, generator=None, sample_rows=None, p
         if method == "random":
             return _random(V, rank, mean, generator, reduction)
         step = 1 if sample_rows is None else max(1, V.shape[0] // sample_rows)
+        given = V.dtype
+        if given not in _SVD_DTYPES:  # (float16, bfloat16: torch's SVD raised inside)
+            V = V.to(torch.float32)
         W, H, dead = _nndsvd(V, rank, generator, reduction, step)
         # the fill has the factors' scale, sqrt(mean), so that a start for c V is
         # sqrt(c) times the start for V; the mean itself (Boutsidis & Gallopoulos,
@@ -579,4 +582,8 @@ def initialize(V, rank, method="nndsvda", *, generator=None, sample_rows=None, p
             W_random, H_random = _random(V, rank, mean, generator, reduction)
             W[:, dead] = W_random[:, dead]
             H[:, dead] = H_random[:, dead]
-    return W, H
+    return W.to(given), H.to(given)
+
+
+# the dtypes torch's singular value decompositions take; NNDSVD of others runs in float32
+_SVD_DTYPES = (torch.float32, torch.float64)

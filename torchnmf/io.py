@@ -651,7 +651,8 @@ def write_wav(path, signal, sample_rate):
 
 # -- results -------------------------------------------------------------------------
 def to_numpy(tensor):
-    """A detached CPU NumPy copy of a (possibly sparse) tensor or an array.
+    """A detached CPU NumPy copy of a (possibly sparse) tensor or an array (bfloat16,
+    which NumPy lacks, as float32).
 
     Examples::
 
@@ -666,6 +667,8 @@ def to_numpy(tensor):
         tensor = tensor.detach()
         if tensor.layout != torch.strided:
             tensor = tensor.to_dense()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
         return tensor.cpu().numpy()
     return np.asarray(tensor)
 

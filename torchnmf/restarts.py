@@ -44,7 +44,7 @@ from .solvers.loop import run_batched_fit
 from .solvers.penalty import Penalty
 from .solvers.problem import BatchedProblem
 from .solvers.registry import get_solver, require_features
-from .solvers.scaling import balance_, objective_unit, scaled_penalty, target_scale
+from .solvers.scaling import balance_, objective_unit, scaled_penalty, target_scale, working_dtype
 from .targets import statistics
 from .targets.prepare import prepare_target
 from .targets.residual import AccurateDivergence
@@ -333,6 +333,8 @@ def fit_restarts(
     V, mask = prepare_matrix(V, mask, missing)
     check_beta_with_zeros(V if mask is None or V.layout != torch.strided else V[mask], beta)
     require_features(solver_cls, solver, ["mask"] if mask is not None else [])
+    given = V.dtype
+    V = V.to(working_dtype(given))  # float16 members are fitted in float32, as NMF.fit's
     stats = statistics(V, beta, mask, name="fit_restarts")
     penalty = Penalty(alpha, l1_ratio)
     # the normalised problem of NMF.fit (torchnmf.solvers.scaling), H carrying the scale
@@ -373,8 +375,8 @@ def fit_restarts(
         result.ranks += member_ranks
         result.seeds += seeds
         # a padded member keeps its own components only
-        result.W += [w[:, :k] for w, k in zip(W_stack.unbind(0), member_ranks)]
-        result.H += [h[:, :k] for h, k in zip(H_stack.unbind(0), member_ranks)]
+        result.W += [w[:, :k] for w, k in zip(W_stack.to(given).unbind(0), member_ranks)]
+        result.H += [h[:, :k] for h, k in zip(H_stack.to(given).unbind(0), member_ranks)]
         result.histories += histories
         result.n_iter += n_iter
         result.converged += converged

@@ -32,6 +32,7 @@ from ..solvers.scaling import (
     lighter_carrier,
     scaled_penalty,
     target_scale,
+    working_dtype,
 )
 from ..solvers.registry import get_solver, require_features
 from ..targets.prepare import prepare_target
@@ -132,7 +133,7 @@ def _prepare_streamed(model, V, mask, missing, expected, rows, columns, block_ro
         )
     target = StreamedTarget(
         as_streamed_source(V), mask, missing, block_rows, device=model.W.device,
-        dtype=model.W.dtype, rows=rows, columns=columns,
+        dtype=working_dtype(model.W.dtype), holds=model.W.dtype, rows=rows, columns=columns,
     )
     if callable(expected):
         expected = expected(target)
@@ -171,11 +172,14 @@ def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **opt
         if options.get(name) is not None:
             options[name] = options[name].to((H if name == "fixed_H" else W).device)
     update_H, update_W = options.get("update_H", True), options.get("update_W", True)
+    dtype = working_dtype(H.dtype)  # float16 factors are fitted in float32
+    if isinstance(V, torch.Tensor) and V.dtype != dtype:
+        V = V.to(dtype)
     stats = model._statistics(V, beta, mask)
     total, count = stats.scale_sums()
     if reduction is not None:  # the same scale on every process
         total, count = reduction.sum_float(total), reduction.sum_float(count)
-    scale = target_scale(total, count, H.dtype) if update_H or update_W else 1.0
+    scale = target_scale(total, count, dtype) if update_H or update_W else 1.0
     if carrier is None:
         carrier = "H" if update_H or not update_W else "W"
         if update_H and not update_W and scale != 1:  # (the same decision on every process)
@@ -187,9 +191,9 @@ def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **opt
         for name in ("H", "W"):
             key = f"penalty_{name}"
             if key in options:
-                options[key] = scaled_penalty(options[key], scale, beta, name == carrier, H.dtype)
-    stats = AccurateDivergence(stats, H.dtype)
-    normalisation = Normalisation(H, W, scale, carrier, beta, update_H, update_W)
+                options[key] = scaled_penalty(options[key], scale, beta, name == carrier, dtype)
+    stats = AccurateDivergence(stats, dtype)
+    normalisation = Normalisation(H, W, scale, carrier, beta, update_H, update_W, dtype)
     if update_H or update_W:
         _match_start(model, normalisation, total / max(count, 1) / scale, reduction,
                      V.shape)

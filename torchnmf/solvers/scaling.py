@@ -34,8 +34,8 @@ import torch
 
 from .penalty import Penalty
 
-__all__ = ["target_scale", "scaled_penalty", "objective_unit", "error_unit", "balance_", "lighter_carrier",
-           "Normalisation", "BALANCE_MISMATCH"]
+__all__ = ["target_scale", "scaled_penalty", "objective_unit", "error_unit", "narrow_range",
+           "working_dtype", "balance_", "lighter_carrier", "Normalisation", "BALANCE_MISMATCH"]
 
 
 def target_scale(total, count, dtype=None):
@@ -146,6 +146,21 @@ def error_unit(scale, beta):
     return _power(scale, beta / 2) if scale != 1 else 1.0
 
 
+def narrow_range(dtype):
+    """Whether sums of ``dtype`` overflow where a fit's objective does not: float16, whose
+    largest number is 65504 (its reductions and dot products end in it)."""
+    return dtype.is_floating_point and torch.finfo(dtype).max < 1e38
+
+
+def working_dtype(dtype):
+    """The dtype a fit of factors of ``dtype`` works in: float32 for float16, whose range
+    (largest number 65504) cannot hold the powers of the reconstruction and their sums
+    that the updates take (an Itakura-Saito fit of the digits in float16 became NaN at
+    iteration 19: ``V / WH**2`` overflowed where ``WH`` fell under 0.004); the dtype
+    itself otherwise (bfloat16 has float32's range)."""
+    return torch.float32 if narrow_range(dtype) else dtype
+
+
 def _power(scale, exponent):
     # scale is a power of two: work on the exponent so nothing overflows on the way
     try:
@@ -164,14 +179,16 @@ class Normalisation:
     the caller's tensors always hold a complete iterate.
     """
 
-    def __init__(self, H, W, scale, carrier, beta, update_H=True, update_W=True):
+    def __init__(self, H, W, scale, carrier, beta, update_H=True, update_W=True, dtype=None):
         self.targets = {"H": H, "W": W}
         self.scale = scale
         self.carrier = carrier
         self.unit = objective_unit(scale, beta)
         self.update = {"H": update_H, "W": update_W}
+        # (dtype: that of the working copies, float32 for a float16 fit; see working_dtype)
         self.working = {
-            name: tensor / scale if name == carrier and scale != 1 else tensor.clone()
+            name: (tensor.to(dtype) / scale if name == carrier and scale != 1
+                   else tensor.to(dtype, copy=True))
             for name, tensor in self.targets.items()
         }
 

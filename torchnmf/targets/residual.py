@@ -312,7 +312,7 @@ def data_error(stats, H, W, beta, dtype):
 
 
 def root_error(value, scale, beta):
-    """:math:`\sqrt{2 D}` in the data's units for a divergence ``value`` of the target
+    r""":math:`\sqrt{2 D}` in the data's units for a divergence ``value`` of the target
     divided by ``scale``."""
     if not value > 0:
         return value if math.isnan(value) else 0.0
@@ -320,7 +320,7 @@ def root_error(value, scale, beta):
 
 
 def normalised_divergence(stats, H, W, dtype):
-    """The divergence of :func:`data_divergence` before it is scaled back, and the
+    r"""The divergence of :func:`data_divergence` before it is scaled back, and the
     scale :math:`s` (its unit is :math:`s^\beta`)."""
     scale = target_scale(*stats.scale_sums(), dtype)
     if scale != 1:

@@ -130,8 +130,24 @@ def sampled_product_(out, pattern, A, B):
     iteration); no ``(n, m)`` or ``(nnz, R)`` temporary is formed.  Returns the
     values (1-D, one per stored entry).
     """
-    torch.sparse.sampled_addmm(pattern, A, B.T, beta=0.0, alpha=1.0, out=out)
-    return out.values()
+    if A.dtype in _SAMPLED_KERNEL_DTYPES:
+        torch.sparse.sampled_addmm(pattern, A, B.T, beta=0.0, alpha=1.0, out=out)
+        return out.values()
+    # torch's kernel takes float32 and float64 only (bfloat16 and float16 raised inside
+    # it): the rows of A and B met at each entry, in chunks, summed in float32
+    values = out.values()
+    rows = entry_rows(pattern.crow_indices(), values.shape[0])
+    columns = pattern.col_indices()
+    step = max(1, _SAMPLED_CHUNK // max(A.shape[-1], 1))
+    for start in range(0, values.shape[0], step):
+        part = slice(start, start + step)
+        products = A.index_select(0, rows[part]).float().mul_(B.index_select(0, columns[part]))
+        values[part] = products.sum(-1)
+    return values
+
+
+_SAMPLED_KERNEL_DTYPES = (torch.float32, torch.float64)
+_SAMPLED_CHUNK = 1 << 20  # entries times R of one chunk of sampled_product_'s own loop
 
 
 def sparse_dense_product(crow_indices, col_indices, values, dense):

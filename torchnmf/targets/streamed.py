@@ -144,6 +144,8 @@ class StreamedTarget:
         block_rows (int, optional): rows per block; default about 64 MiB of
             ``V`` per block.
         device, dtype: where and in what the statistics are computed.
+        holds (torch.dtype, optional): the dtype whose range every value must
+            fit, when not ``dtype`` (a float16 model fitted in float32).
         rows, columns (bool): require an observed entry in every row / column.
         prefetch (bool): read the next block in a background thread.
         progress (bool): show a progress bar over the blocks of every pass
@@ -156,7 +158,8 @@ class StreamedTarget:
     """
 
     def __init__(self, source, mask=None, missing="error", block_rows=None, *, device=None,
-                 dtype=None, rows=True, columns=True, prefetch=True, progress=False):
+                 dtype=None, holds=None, rows=True, columns=True, prefetch=True,
+                 progress=False):
         self.source = source
         self.shape = torch.Size(source.shape)
         if len(self.shape) != 2 or 0 in self.shape:
@@ -170,6 +173,7 @@ class StreamedTarget:
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.dtype = dtype or (source.dtype if source.dtype.is_floating_point
                                else torch.get_default_dtype())
+        self.holds = holds or self.dtype
         self.prefetch = prefetch
         self._pool = None  # the reading thread (see _raw_blocks), started at the first pass
         self.progress = progress and self.shape[0] > self.block_rows
@@ -201,12 +205,15 @@ class StreamedTarget:
         start, stop, block, mask = item
         if block.device != self.device:  # from pinned memory, then converted on the device
             block = block.to(self.device, non_blocking=block.layout == torch.strided)
+        # the validation pass: what the dtype cannot hold
+        if self._check_conversion and block.dtype != self.holds:
+            try:
+                check_fits_dtype(block, self.holds)
+            except ValueError as error:
+                raise ValueError(f"{error} (rows {start}:{stop})") from None
+        if block.dtype != self.holds:  # (the model's numbers, as an in-memory V is made)
+            block = block.to(self.holds)
         if block.dtype != self.dtype:
-            if self._check_conversion:  # the validation pass: what the dtype cannot hold
-                try:
-                    check_fits_dtype(block, self.dtype)
-                except ValueError as error:
-                    raise ValueError(f"{error} (rows {start}:{stop})") from None
             block = block.to(self.dtype)
         if mask is not None and mask.device != self.device:
             mask = mask.to(self.device)
