@@ -87,6 +87,22 @@ def test_convolutional_transform_matches_fit(cls, shape, kw, generator):
     assert model.transform(longer, max_iter=3).shape[0] == 5
 
 
+@pytest.mark.parametrize("model,shape", [
+    (NMF(W=torch.zeros(4, 2)), (5, 4)),
+    (NMFD(W=torch.zeros(3, 2, 2)), (2, 3, 6)),
+    (NMF2D(W=torch.zeros(2, 2, 2, 2)), (1, 2, 4, 3)),
+])
+@pytest.mark.parametrize("masked", [False, True])
+def test_transform_with_all_zero_templates_and_a_penalty(model, shape, masked, generator):
+    """Templates a strong penalty drove to zero explain nothing: the penalised
+    activations are zero.  Before, the default start was divided by the smallest
+    float (about 1e37) and the penalty's objective overflowed (FloatingPointError)."""
+    V = torch.rand(shape, generator=generator) + 0.1
+    mask = torch.arange(V.numel()).view(shape) % 3 != 0 if masked else None
+    H = model.transform(V, beta=1, max_iter=3, tol=0, alpha=0.5, mask=mask, generator=generator)
+    assert torch.equal(H, torch.zeros_like(H))
+
+
 @pytest.mark.filterwarnings("ignore::torchnmf.ConvergenceWarning")
 def test_transform_errors(generator):
     V = positive_problem(generator)
