@@ -1,5 +1,7 @@
 """NMF.transform (activations for new data with W fixed), fixed components and
 per-factor penalties."""
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -97,10 +99,12 @@ def test_transform_with_all_zero_templates_and_a_penalty(model, shape, masked, g
     """Templates a strong penalty drove to zero explain nothing: the penalised
     activations are zero.  Before, the default start was divided by the smallest
     float (about 1e37) and the penalty's objective overflowed (FloatingPointError)."""
-    V = torch.rand(shape, generator=generator) + 0.1
-    mask = torch.arange(V.numel()).view(shape) % 3 != 0 if masked else None
-    H = model.transform(V, beta=1, max_iter=3, tol=0, alpha=0.5, mask=mask, generator=generator)
-    assert torch.equal(H, torch.zeros_like(H))
+    mask = torch.arange(math.prod(shape)).view(shape) % 3 != 0 if masked else None
+    for scale in (1, 1e-30):  # the start at the data's scale is still far from float32's limits
+        V = scale * (torch.rand(shape, generator=generator) + 0.1)
+        H = model.transform(V, beta=1, max_iter=3, tol=0, alpha=0.5 * scale, mask=mask,
+                            generator=generator)
+        assert torch.equal(H, torch.zeros_like(H))
 
 
 @pytest.mark.filterwarnings("ignore::torchnmf.ConvergenceWarning")

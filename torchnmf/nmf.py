@@ -777,13 +777,14 @@ class NMF3D(_ConvNMF):
 def _start_scale(mean, predicted, dtype=None):
     """The factor that brings a default start's mean reconstruction ``predicted`` to
     the data's ``mean`` (0-dim tensors), in ``dtype`` (default ``predicted``'s),
-    floored at its eps; 1 where the reconstruction is zero (all-zero templates, as a
-    fit under a strong penalty leaves them): no factor reaches the data there, and
-    dividing by the smallest number made starts of 1e37 whose penalty overflowed."""
+    floored at its eps; 0 where the reconstruction is zero (all-zero templates, as a
+    fit under a strong penalty leaves them): every activation explains nothing there,
+    zero ones at the least penalty, while dividing by the smallest number made starts
+    of 1e37 whose penalty overflowed."""
     dtype = predicted.dtype if dtype is None else dtype
     info = torch.finfo(dtype)
-    scale = torch.where(predicted > 0, mean / predicted.clamp_min(info.tiny), 1.0)
-    return scale.to(dtype).clamp_min(info.eps)
+    scale = (mean / predicted.clamp_min(info.tiny)).to(dtype).clamp_min(info.eps)
+    return torch.where(predicted > 0, scale, 0.0)
 
 
 def _sum(V):
