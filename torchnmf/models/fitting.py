@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from .. import _device as device
 from .._validation import (
     check_beta_with_zeros,
     check_fraction,
@@ -253,6 +254,8 @@ def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=Non
         before = solver.step()  # a Python number, or a 0-dim tensor the loop reads later
         if unit != 1:
             before = before * unit
+        if not device.on_accelerator(before):  # read now (the loop would): the check below sees it
+            before = float(before)
         if isinstance(before, float) and not math.isfinite(before):
             # the loop raises on it: the caller's factors keep the iterate whose
             # objective this is (the start, when the data overflow the objective)
