@@ -90,6 +90,17 @@ def test_convolutional_transform_matches_fit(cls, shape, kw, generator):
 
 
 @pytest.mark.parametrize("model,shape", [
+    (NMF((5, 4), rank=2), (0, 4)),
+    (NMFD((2, 3, 9), rank=2, T=3), (0, 3, 9)),
+    (NMF2D((1, 2, 4, 4), rank=2, kernel_size=2), (0, 2, 4, 4)),
+])
+def test_transform_of_no_samples_is_empty(model, shape):
+    """NMF's transform of zero rows gave zero rows, NMFD's failed inside torch."""
+    H = model.transform(torch.rand(shape), max_iter=3)
+    assert tuple(H.shape) == model._activation_shape(torch.rand(shape))
+
+
+@pytest.mark.parametrize("model,shape", [
     (NMF(W=torch.zeros(4, 2)), (5, 4)),
     (NMFD(W=torch.zeros(3, 2, 2)), (2, 3, 6)),
     (NMF2D(W=torch.zeros(2, 2, 2, 2)), (1, 2, 4, 3)),
