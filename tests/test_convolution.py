@@ -10,7 +10,7 @@ from conftest import TOLERANCES
 from torchnmf.models.forward import conv_transpose
 from torchnmf.targets import convolution as _convolution
 from torchnmf.targets.autograd import AutogradStats
-from torchnmf.targets.convolution import ConvStats
+from torchnmf.targets.convolution import ROUTES, ConvStats
 from torchnmf.targets.dense import float64_sum
 from torchnmf.targets.masked import MaskedAutogradStats
 from torchnmf.nmf import NMF2D, NMF3D, NMFD
@@ -147,6 +147,20 @@ def test_the_fixed_route_follows_the_kernel(generator, monkeypatch):
     assert ConvStats(V3, 1)._route(H3, W3) == "conv"  # longer than 3 taps
     V4, H4, W4 = problem(generator, 2, 4, (3, 3, 3), (20, 20, 20), batch=1, dtype=torch.float32)
     assert ConvStats(V4, 1)._route(H4, W4) == "conv"  # windows of 4 * 27 * 22^3 elements
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("beta", [0.5, 1, 2])
+def test_an_empty_batch_has_empty_activation_terms(beta, shape, route, generator):
+    """The activations' terms for a transform of zero samples (a fit needs some):
+    before, the windows' products failed inside torch ("cannot reshape tensor of 0
+    elements")."""
+    V, H, W = problem(generator, *shape, batch=1)
+    V, H = V[:0], H[:0]
+    negative, positive, value = ConvStats(V, beta, route=route).h_terms(H, W)
+    assert negative.shape == H.shape and positive.expand_as(H).shape == H.shape
+    assert float(value) == 0
 
 
 def test_an_unknown_route_is_refused(generator):

@@ -431,6 +431,25 @@ def test_a_fit_whose_objective_overflows_leaves_the_model_alone(solver, generato
     assert model.loss_history == [1.0, 0.5]
 
 
+@pytest.mark.parametrize("make,shape", [
+    (lambda: NMF(W=(3, 1), H=(2, 1)), (2, 3)),
+    (lambda: NMFD(W=(2, 1, 2), H=(1, 1, 2)), (1, 2, 3)),
+    (lambda: NMF2D(W=(1, 1, 2, 2), H=(1, 1, 2, 2)), (1, 1, 3, 3)),
+])
+def test_an_overflowing_penalised_objective_leaves_the_model_alone(make, shape, generator):
+    """As above with a penalty, whose objective comes back as a 0-dim CPU tensor:
+    before, the guard saw only Python floats, so the factors of the first update
+    and a loss_history of [tensor(inf)] stayed behind."""
+    V = torch.rand(shape, generator=generator, dtype=torch.float64) * 1e300
+    model = make().double()
+    model.loss_history = [1.0, 0.5]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="the objective became inf at iteration 1"):
+        model.fit(V, beta=2, alpha=1e200, max_iter=5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert model.loss_history == [1.0, 0.5]
+
+
 @pytest.mark.parametrize("layout", ["dense", "sparse"])
 def test_data_beyond_a_narrow_models_range_is_refused(layout, generator):
     """float32 data up to 1e5 for a float16 model: the conversion made infinities and

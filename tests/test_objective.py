@@ -29,6 +29,22 @@ def test_pointwise_divergence_near_equality(beta):
     assert (pointwise_divergence(V, V, beta) == 0).all()
 
 
+@pytest.mark.parametrize("beta", [3, 1.5, 1, 0.5, 0, -1])
+def test_pointwise_divergence_far_under_v(beta):
+    """A reconstruction floored at epsilon under entries of 2 and 7 (a penalty drove
+    it there): (R - V) / V rounded to -1, and its log1p made the divergence inf at
+    beta in (0, 1] and NaN at beta <= 0 (a transform failed with FloatingPointError)."""
+    V = torch.tensor([0.3, 2.0, 7.0], dtype=torch.float64)
+    R = torch.full_like(V, 1e-17)
+    if beta == 1:
+        expected = V * torch.log(V / R) - V + R
+    elif beta == 0:
+        expected = V / R - torch.log(V / R) - 1
+    else:
+        expected = (V**beta + (beta - 1) * R**beta - beta * V * R ** (beta - 1)) / (beta * (beta - 1))
+    assert_close(pointwise_divergence(V, R, beta), expected, rtol=1e-12, atol=0)
+
+
 def test_pointwise_divergence_at_zeros():
     V = torch.tensor([0.0, 0.0], dtype=torch.float64)
     R = torch.tensor([2.0, 0.5], dtype=torch.float64)

@@ -187,6 +187,11 @@ def test_errors(generator):
         model.fit(torch.zeros(5, 4))
     with unchanged(model, V), pytest.raises(ValueError, match="V must have the shape of the reconstruction"):
         model.fit(torch.rand(4, 5))
+    # entries float32 holds whose sum it does not: before, a fit of V / inf with objectives 0
+    with unchanged(model, V), pytest.raises(ValueError, match=r"V's sum, 6e\+38, exceeds torch.float32's"):
+        model.fit(torch.full((5, 4), 3e37))
+    with unchanged(siplca := SIPLCA((1, 4, 5), rank=2, T=2)), pytest.raises(ValueError, match="V's sum"):
+        siplca.fit(torch.full((1, 4, 5), 3e37))
     with unchanged(model, V), pytest.raises(ValueError, match="W_alpha must be positive \\(a Dirichlet concentration\\), got 0.0"):
         model.fit(V, W_alpha=0)
     with unchanged(model, V), pytest.raises(ValueError, match="H_alpha must be broadcastable to the factor's shape"):

@@ -1,5 +1,7 @@
 """NMF.transform (activations for new data with W fixed), fixed components and
 per-factor penalties."""
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -85,6 +87,35 @@ def test_convolutional_transform_matches_fit(cls, shape, kw, generator):
     # more samples and a longer signal than the model was built for
     longer = torch.rand((5,) + shape[1:-1] + (shape[-1] + 4,), generator=generator, dtype=torch.float64)
     assert model.transform(longer, max_iter=3).shape[0] == 5
+
+
+@pytest.mark.parametrize("model,shape", [
+    (NMF((5, 4), rank=2), (0, 4)),
+    (NMFD((2, 3, 9), rank=2, T=3), (0, 3, 9)),
+    (NMF2D((1, 2, 4, 4), rank=2, kernel_size=2), (0, 2, 4, 4)),
+])
+def test_transform_of_no_samples_is_empty(model, shape):
+    """NMF's transform of zero rows gave zero rows, NMFD's failed inside torch."""
+    H = model.transform(torch.rand(shape), max_iter=3)
+    assert tuple(H.shape) == model._activation_shape(torch.rand(shape))
+
+
+@pytest.mark.parametrize("model,shape", [
+    (NMF(W=torch.zeros(4, 2)), (5, 4)),
+    (NMFD(W=torch.zeros(3, 2, 2)), (2, 3, 6)),
+    (NMF2D(W=torch.zeros(2, 2, 2, 2)), (1, 2, 4, 3)),
+])
+@pytest.mark.parametrize("masked", [False, True])
+def test_transform_with_all_zero_templates_and_a_penalty(model, shape, masked, generator):
+    """Templates a strong penalty drove to zero explain nothing: the penalised
+    activations are zero.  Before, the default start was divided by the smallest
+    float (about 1e37) and the penalty's objective overflowed (FloatingPointError)."""
+    mask = torch.arange(math.prod(shape)).view(shape) % 3 != 0 if masked else None
+    for scale in (1, 1e-30):  # the start at the data's scale is still far from float32's limits
+        V = scale * (torch.rand(shape, generator=generator) + 0.1)
+        H = model.transform(V, beta=1, max_iter=3, tol=0, alpha=0.5 * scale, mask=mask,
+                            generator=generator)
+        assert torch.equal(H, torch.zeros_like(H))
 
 
 @pytest.mark.filterwarnings("ignore::torchnmf.ConvergenceWarning")

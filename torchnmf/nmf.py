@@ -460,16 +460,13 @@ class BaseComponent(FactorModule):
         if reduction is not None:
             return self._distributed_activations(V, mask, W, shape, generator, reduction)
         H = torch.rand(shape, dtype=W.dtype, device=W.device, generator=generator)
-        tiny = torch.finfo(W.dtype).tiny
         if mask is None:
-            scale = _mean(V) / self._mean_reconstruction(H, W).clamp_min(tiny)
-        else:
-            predicted = self.reconstruct(H, W)
-            # a prepared sparse V stores zeros at its hidden entries
-            observed = V.values() if V.layout == torch.sparse_coo else V[mask]
-            mean = observed.sum() / mask.sum()
-            scale = mean / predicted[mask].mean().clamp_min(tiny)
-        return H.mul_(scale.clamp_min(torch.finfo(W.dtype).eps))
+            return H.mul_(_start_scale(_mean(V), self._mean_reconstruction(H, W)))
+        predicted = self.reconstruct(H, W)
+        # a prepared sparse V stores zeros at its hidden entries
+        observed = V.values() if V.layout == torch.sparse_coo else V[mask]
+        mean = observed.sum() / mask.sum()
+        return H.mul_(_start_scale(mean, predicted[mask].mean()))
 
     def _distributed_activations(self, V, mask, W, shape, generator, reduction):
         """This process's rows of the single-process default start: every process
@@ -493,10 +490,8 @@ class BaseComponent(FactorModule):
                 self.reconstruct(H, W)[mask].sum(dtype=torch.float64),
             ])
         reduction.sum_(sums, what="sum of V for the default start")
-        tiny = torch.finfo(W.dtype).tiny
-        mean, predicted = sums[0] / sums[1], (sums[2] / sums[1]).clamp_min(tiny)
-        scale = (mean / predicted).to(W.dtype)
-        return H.mul_(scale.clamp_min(torch.finfo(W.dtype).eps))
+        mean, predicted = sums[0] / sums[1], sums[2] / sums[1]
+        return H.mul_(_start_scale(mean, predicted, W.dtype))
 
     def _output_shape_for(self, H_shape):
         spatial = [h + k - 1 for h, k in zip(H_shape[2:], self.W.shape[2:])]
@@ -777,6 +772,19 @@ class NMF3D(_ConvNMF):
 
     def __init__(self, Vshape=None, rank=None, kernel_size=1, **kwargs):
         super().__init__(Vshape, rank, kernel_tuple(kernel_size, 3), kwargs)
+
+
+def _start_scale(mean, predicted, dtype=None):
+    """The factor that brings a default start's mean reconstruction ``predicted`` to
+    the data's ``mean`` (0-dim tensors), in ``dtype`` (default ``predicted``'s),
+    floored at its eps; 0 where the reconstruction is zero (all-zero templates, as a
+    fit under a strong penalty leaves them): every activation explains nothing there,
+    zero ones at the least penalty, while dividing by the smallest number made starts
+    of 1e37 whose penalty overflowed."""
+    dtype = predicted.dtype if dtype is None else dtype
+    info = torch.finfo(dtype)
+    scale = (mean / predicted.clamp_min(info.tiny)).to(dtype).clamp_min(info.eps)
+    return torch.where(predicted > 0, scale, 0.0)
 
 
 def _sum(V):

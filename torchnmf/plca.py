@@ -235,6 +235,13 @@ class BaseComponent(FactorModule):
         total = V.sum()
         if not total > 0:
             raise ValueError("V must have a positive sum; PLCA fits V / V.sum(), got an all-zero V")
+        if not torch.isfinite(total):
+            # before: V / inf, a fit of zeros with an objective of 0, and an infinite norm
+            raise ValueError(
+                f"V's sum, {float(V.sum(dtype=torch.float64)):g}, exceeds {V.dtype}'s largest "
+                f"value {torch.finfo(V.dtype).max:g}, and fit returns it as the norm; fit in "
+                f"float64 (model.double() and V.double()) or scale V down"
+            )
         alphas = {
             "W": _check_alpha(W_alpha, "W_alpha", self.W),
             "H": _check_alpha(H_alpha, "H_alpha", self.H),

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from .. import _device as device
 from .._validation import (
     check_beta_with_zeros,
     check_fraction,
@@ -257,6 +258,8 @@ def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=Non
         # the normalised problem's objective (the loop reports it times unit): a Python
         # number, or a 0-dim tensor the loop reads later
         before = solver.step()
+        if not device.on_accelerator(before):  # read now (the loop would): the check below sees it
+            before = float(before)
         reported = before * unit if unit != 1 else before
         if isinstance(reported, float) and not math.isfinite(reported):
             # the loop raises on it: the caller's factors keep the iterate whose

@@ -134,7 +134,7 @@ def windows(H, kernel, out=None):
     N, R = H.shape[:2]
     view = view.permute(order)
     if out is None:
-        return view.reshape(N, R * math.prod(kernel), -1)
+        return view.reshape(N, R * math.prod(kernel), math.prod(view.shape[2 + d:]))
     out.view(view.shape).copy_(view)
     return out
 
@@ -181,7 +181,8 @@ def _taps_sum(Y, R, kernel, out_shape, pad=0):
     if len(kernel) > 1:
         N = Y.shape[0]
         Y = F.pad(Y.view(N, Y.shape[1], *out_shape), [0, 0] * (len(kernel) - 1) + [pad, pad])
-        return _shifted_sum(Y.view(N, Y.shape[1], -1), R, kernel, (out_shape[0] + 2 * pad, *out_shape[1:]))
+        return _shifted_sum(Y.view(N, Y.shape[1], math.prod(Y.shape[2:])), R, kernel,
+                            (out_shape[0] + 2 * pad, *out_shape[1:]))
     N, (k,), (L,) = Y.shape[0], kernel, out_shape
     taps = Y.view(N, R, k, L)
     out = Y.new_zeros((N, R, L + 2 * pad - k + 1))
@@ -238,7 +239,7 @@ def correlate_h(X, W, route="windows", pad=0, H=None, out=None):
         return _CONV[len(kernel)](X, W_T, padding=padding)
     C, R = W.shape[:2]
     N = X.shape[0]
-    columns = X.reshape(N, C, -1)
+    columns = X.reshape(N, C, math.prod(X.shape[2:]))  # (sizes, not -1: N may be 0)
     W_T = W.reshape(C, -1).T
     shape = (N, W_T.shape[0], columns.shape[2])
     Y = X.new_empty(shape) if out is None else out.view(shape)
@@ -264,7 +265,7 @@ def correlate_w(X, H, H_windows=None, kernel=None, route="windows", pad=0):
         return _CONV[d](X.transpose(0, 1), H.transpose(0, 1), padding=padding)
     N, C = X.shape[:2]
     R = H.shape[1]
-    columns = X.reshape(N, C, -1)
+    columns = X.reshape(N, C, math.prod(X.shape[2:]))
     flat = torch.mm(columns[0], H_windows[0].T)
     for n in range(1, N):
         flat.addmm_(columns[n], H_windows[n].T)

@@ -117,17 +117,23 @@ class PointwiseReference:
         if beta == 2:  # (R - V)^2 / 2: no cancellation to avoid, and zeros of V included
             return torch.sub(R, self.V).square_().mul_(0.5)
         safe_V = self.safe_V
-        if beta == 1:  # expm1(a) is (R - V) / V itself, computed before its log
-            ratio = torch.sub(R, safe_V).div_(safe_V)
-            phi = ratio.sub_(torch.log1p(ratio))
-            return self._weighted(phi, R)
-        a = torch.sub(R, safe_V).div_(safe_V).log1p_()
+        ratio = torch.sub(R, safe_V).div_(safe_V)  # R / V - 1, exact near R == V
+        a = self._log_quotient(ratio, R)
+        if beta == 1:  # expm1(a) is (R - V) / V itself
+            return self._weighted(ratio.sub_(a), R)
         if beta == 0:
             phi = torch.neg(a).expm1_().add_(a)
         else:
             phi = torch.mul(a, beta).expm1_().div_(beta).sub_(
                 a.mul_(beta - 1).expm1_().div_(beta - 1))
         return self._weighted(phi, R)
+
+    def _log_quotient(self, ratio, R):
+        """:math:`\\log(R / V)`: ``log1p(ratio)``, accurate near ``R == V``, and the log of the
+        quotient itself for ``R < V / 2``, where ``ratio`` loses ``R``: under ``V``'s half
+        epsilon it rounds to -1, and the log1p of -1, -inf, made the divergence at a
+        reconstruction floored far under ``V`` infinite or NaN."""
+        return torch.where(ratio > -0.5, torch.log1p(ratio), torch.log(R / self.safe_V))
 
     def _weighted(self, phi, R):
         """``V^beta phi`` at the positive entries of ``V``, ``R^beta / beta`` at its zeros."""
