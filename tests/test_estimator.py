@@ -167,7 +167,7 @@ def test_estimator_errors(generator):
         TorchNMF().fit(-torch.from_numpy(X))
     with pytest.raises(ValueError, match="contains NaN"):
         TorchNMF().fit(torch.full((3, 3), float("nan")))
-    with pytest.raises(ValueError, match="beta=0 needs a strictly positive V"):
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive X"):
         TorchNMF(beta_loss="itakura-saito", init="random").fit(X * (X > 0.5))
     with pytest.raises(ValueError, match="dtype must be a floating dtype"):
         TorchNMF(dtype="int32").fit(X)

@@ -189,6 +189,26 @@ def test_minibatch_parameter_errors():
         TorchMiniBatchNMF(max_no_improvement=-1).fit(X)
 
 
+
+def test_minibatch_refuses_zeros_at_beta_0():
+    """Before: fit, a later partial_fit and transform took zeros at beta <= 0, the
+    fit's reconstruction_err_ read inf."""
+    X = np.arange(1.0, 13.0).reshape(4, 3)
+    zeros = X.copy()
+    zeros[0, 0] = 0
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive X, but X has 1 zero"):
+        TorchMiniBatchNMF(2, beta_loss="itakura-saito").fit(zeros)
+    with pytest.raises(ValueError, match="beta=-0.5 needs a strictly positive X"):
+        TorchMiniBatchNMF(2, beta_loss=-0.5).fit(zeros)
+    model = TorchMiniBatchNMF(2, beta_loss="itakura-saito", random_state=0).partial_fit(X)
+    components, steps = model.components_.copy(), model.n_steps_
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive X"):
+        model.partial_fit(zeros)
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive X"):
+        model.transform(zeros)
+    np.testing.assert_array_equal(model.components_, components)
+    assert model.n_steps_ == steps
+
 @parametrize_with_checks([TorchMiniBatchNMF(n_components=1, batch_size=10, max_iter=100,
                                             random_state=0)])
 def test_sklearn_minibatch_estimator_checks(estimator, check):

@@ -24,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, check_
 
 from . import init as _init
 from ._device import usable_device
-from ._validation import check_fits_dtype
+from ._validation import check_beta_with_zeros, check_fits_dtype
 from .nmf import NMF
 from .solvers.registry import SOLVERS
 from .targets.residual import data_divergence
@@ -295,6 +295,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             V = V.to(device=device, dtype=dtype)
         if V.is_sparse:
             V = V.coalesce()  # NMF.fit takes it as it is, never densified
+        # the online solver divides by X: zeros at beta <= 0 made reconstruction_err_ inf
+        check_beta_with_zeros(V, self._beta(), "X")
         return V
 
     def _output(self, tensor, like):
