@@ -10,7 +10,7 @@ scipy_sparse = pytest.importorskip("scipy.sparse")
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
 from torchnmf import ConvergenceWarning  # noqa: E402
-from torchnmf.estimator import TorchNMF  # noqa: E402
+from torchnmf.estimator import TorchMiniBatchNMF, TorchNMF  # noqa: E402
 
 
 @pytest.mark.slow
@@ -191,6 +191,19 @@ def test_estimator_errors(generator):
     with pytest.raises(ValueError, match=r"X must have shape \(n_samples, 2\)"):
         est.inverse_transform(np.ones((3, 4)))
 
+
+
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+def test_torch_inputs_bool_and_needing_grad(cls, generator):
+    """Before: a bool tensor failed inside torch.iinfo (TypeError naming torch.bool's
+    iinfo), and the minibatch fit of a tensor needing grad failed in an in-place product."""
+    X = torch.from_numpy(planted(generator, n=12, c=5))
+    with pytest.raises(TypeError, match="X must hold real numbers, got dtype torch.bool"):
+        cls(2).fit(X > 1)
+    kwargs = dict(n_components=2, init="random", random_state=0, max_iter=5, tol=0)
+    codes = cls(**kwargs).fit_transform(X.clone().requires_grad_())
+    assert not codes.requires_grad
+    torch.testing.assert_close(codes, cls(**kwargs).fit_transform(X), rtol=0, atol=0)
 
 CORPUS = {
     "astronomy": [

@@ -24,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, check_
 
 from . import init as _init
 from ._device import usable_device
-from ._validation import check_beta_with_zeros, check_fits_dtype
+from ._validation import check_beta_with_zeros, check_fits_dtype, check_real_tensor
 from .nmf import NMF
 from .solvers.registry import SOLVERS
 from .targets.residual import data_divergence
@@ -245,6 +245,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     def _to_torch(self, X, reset):
         """Validate ``X`` and return it as a torch tensor (sparse COO for sparse input)."""
         if isinstance(X, torch.Tensor):
+            check_real_tensor(X, "X")  # before: a bool X failed inside torch.iinfo
             if X.layout not in (torch.strided, torch.sparse_coo, torch.sparse_csr):
                 raise TypeError(f"X must be a dense, COO or CSR tensor, got layout {X.layout}")
             if X.dim() != 2:
@@ -266,7 +267,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             V = X.to_sparse_coo() if X.layout == torch.sparse_csr else X
             dtype = self._compute_dtype(V.dtype)
             check_fits_dtype(V, dtype, "X", "with dtype='float64'")
-            V = V.to(device=self._device(X), dtype=dtype)
+            # detached: the online solver's in-place products refuse a tensor needing grad
+            V = V.detach().to(device=self._device(X), dtype=dtype)
             values = V._values() if V.is_sparse else V
             if torch.isnan(values).any() or torch.isinf(values).any():
                 raise ValueError("Input X contains NaN or infinity.")
