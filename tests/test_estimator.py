@@ -205,6 +205,24 @@ def test_torch_inputs_bool_and_needing_grad(cls, generator):
     assert not codes.requires_grad
     torch.testing.assert_close(codes, cls(**kwargs).fit_transform(X), rtol=0, atol=0)
 
+
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+def test_custom_start_is_checked_and_never_written(cls, generator):
+    """Before: the minibatch fit wrote its codes into the caller's W and took a negative
+    start; TorchNMF named a negative W "H" (torchnmf's name for the codes)."""
+    X = planted(generator, n=12, c=5)
+    W = torch.rand(12, 2, generator=generator, dtype=torch.float64).numpy()
+    H = torch.rand(2, 5, generator=generator, dtype=torch.float64).numpy()
+    W_before, H_before = W.copy(), H.copy()
+    est = cls(2, init="custom", beta_loss=1, max_iter=3, tol=0)
+    est.fit(X, W=W, H=H)
+    np.testing.assert_array_equal(W, W_before)
+    np.testing.assert_array_equal(H, H_before)
+    with pytest.raises(ValueError, match="W must be non-negative, but its smallest entry is -1"):
+        est.fit(X, W=-np.ones_like(W), H=H)
+    with pytest.raises(ValueError, match="H must be non-negative, but its smallest entry is -1"):
+        est.fit(X, W=W, H=-np.ones_like(H))
+
 CORPUS = {
     "astronomy": [
         "the telescope observed a distant galaxy full of stars",

@@ -24,7 +24,9 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, check_
 
 from . import init as _init
 from ._device import usable_device
-from ._validation import check_beta_with_zeros, check_fits_dtype, check_real_tensor
+from ._validation import (
+    check_beta_with_zeros, check_fits_dtype, check_non_negative_tensor, check_real_tensor,
+)
 from .nmf import NMF
 from .solvers.registry import SOLVERS
 from .targets.residual import data_divergence
@@ -326,7 +328,10 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
                     f"init='custom' needs W of shape {(N, rank)} and H of shape {(rank, C)}, "
                     f"got {tuple(H.shape)} and {tuple(W.T.shape)}"
                 )
-            return W.to(V.device, V.dtype), H.to(V.device, V.dtype)
+            # sklearn's names; the online fit wrote into its start, so copies of the caller's
+            check_non_negative_tensor(check_real_tensor(H, "W"), "W")
+            check_non_negative_tensor(check_real_tensor(W, "H"), "H")
+            return W.to(V.device, V.dtype, copy=True), H.to(V.device, V.dtype, copy=True)
         if init == "random":
             mean = float(V.sum()) / (N * C)
             scale = 2 * math.sqrt(max(mean, 0.0) / rank) or 1e-3
