@@ -223,6 +223,18 @@ def test_custom_start_is_checked_and_never_written(cls, generator):
     with pytest.raises(ValueError, match="H must be non-negative, but its smallest entry is -1"):
         est.fit(X, W=W, H=-np.ones_like(H))
 
+
+def test_inverse_transform_takes_sparse_codes_and_checks_tensors(generator):
+    """Before: sparse codes failed with "got ()", a tensor of the wrong width inside torch."""
+    X = planted(generator, n=12, c=5)
+    est = TorchNMF(2, init="random", random_state=0, max_iter=5).fit(X)
+    codes = est.transform(X)
+    expected = codes @ est.components_
+    for sparse in (scipy_sparse.csr_matrix(codes), scipy_sparse.csc_array(codes)):
+        np.testing.assert_allclose(est.inverse_transform(sparse), expected, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"X must have shape \(n_samples, 2\), got \(12, 3\)"):
+        est.inverse_transform(torch.ones(12, 3, dtype=torch.float64))
+
 CORPUS = {
     "astronomy": [
         "the telescope observed a distant galaxy full of stars",

@@ -20,7 +20,9 @@ import numbers
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
-from sklearn.utils.validation import check_is_fitted, check_non_negative, check_random_state
+from sklearn.utils.validation import (
+    check_array, check_is_fitted, check_non_negative, check_random_state,
+)
 
 from . import init as _init
 from ._device import usable_device
@@ -461,13 +463,15 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         """
         check_is_fitted(self)
         W = self._templates.W.detach()
-        if isinstance(X, torch.Tensor):
-            return X.to(W.device, W.dtype) @ W.T
-        X = np.asarray(X)
+        if not isinstance(X, torch.Tensor):  # sparse codes too, as scikit-learn's NMF
+            X = check_array(X, accept_sparse=("csr", "csc"), dtype=[np.float64, np.float32])
+        # before: a tensor of the wrong width failed in torch's product, sparse codes read "got ()"
         if X.ndim != 2 or X.shape[1] != self.n_components_:
             raise ValueError(
-                f"X must have shape (n_samples, {self.n_components_}), got {X.shape}"
+                f"X must have shape (n_samples, {self.n_components_}), got {tuple(X.shape)}"
             )
+        if isinstance(X, torch.Tensor):
+            return X.to(W.device, W.dtype) @ W.T
         return X @ self.components_
 
     @property
