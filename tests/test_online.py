@@ -209,6 +209,16 @@ def test_minibatch_refuses_zeros_at_beta_0():
     np.testing.assert_array_equal(model.components_, components)
     assert model.n_steps_ == steps
 
+
+def test_fresh_restarts_fit_transform_is_transform(generator):
+    """With fresh restarts the final codes are solved afresh, as transform solves them;
+    before, they started from the last pass and scikit-learn's check_transformer_general
+    (its own MiniBatchNMF passes with these settings) found 5% apart."""
+    X = _planted(generator, n=30, c=6).numpy()
+    kwargs = dict(n_components=2, batch_size=10, max_iter=20, fresh_restarts=True, random_state=0)
+    codes = TorchMiniBatchNMF(**kwargs).fit_transform(X)
+    np.testing.assert_array_equal(codes, TorchMiniBatchNMF(**kwargs).fit(X).transform(X))
+
 @parametrize_with_checks([TorchMiniBatchNMF(n_components=1, batch_size=10, max_iter=100,
                                             random_state=0)])
 def test_sklearn_minibatch_estimator_checks(estimator, check):
@@ -216,6 +226,15 @@ def test_sklearn_minibatch_estimator_checks(estimator, check):
         warnings.simplefilter("ignore", ConvergenceWarning)
         check(estimator)
 
+
+
+@pytest.mark.slow
+# the settings scikit-learn checks its own MiniBatchNMF with
+@parametrize_with_checks([TorchMiniBatchNMF(batch_size=10, max_iter=20, fresh_restarts=True)])
+def test_sklearn_minibatch_checks_at_sklearns_settings(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)
 
 def test_minibatch_start_samples_64_batches(generator, monkeypatch):
     # the online fit's start takes its singular vectors from 64 batches' worth of rows

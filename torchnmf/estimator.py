@@ -783,8 +783,10 @@ class TorchMiniBatchNMF(TorchNMF):
             if stop:
                 break
         self.n_iter_, self.n_steps_ = epochs, steps
-        # the codes of the last pass, refined against the final components
-        codes = self._solve_codes(V, online, rank, codes)
+        # the codes of the last pass, refined against the final components; with fresh
+        # restarts solved afresh, as transform solves them (scikit-learn's checks want
+        # fit_transform(X) == fit(X).transform(X): from the last pass they differed by 5%)
+        codes = self._solve_codes(V, online, rank, None if self.fresh_restarts else codes)
         self._finish(online, V, codes, beta, rank)
         return codes * root if root != 1 else codes
 
