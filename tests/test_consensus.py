@@ -201,6 +201,20 @@ def test_outliers_are_dropped(generator):
         consensus_from_restarts(V, single, 3)
 
 
+def test_consensus_takes_a_numpy_integer_seed(generator):
+    """Before: the restarts took np.int64(1) and then the usage refit's manual_seed
+    failed with "an integer is required"."""
+    np = pytest.importorskip("numpy")
+    V = torch.rand(12, 2, generator=generator, dtype=torch.float64) @ torch.rand(
+        2, 8, generator=generator, dtype=torch.float64)
+    options = dict(n_restarts=3, max_iter=5, tol=0)
+    expected, _ = consensus_nmf(V, 2, seed=1, **options)
+    got, _ = consensus_nmf(V, 2, seed=np.int64(1), **options)
+    assert_close(got.H, expected.H, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="seed must be an integer, got 1.5"):
+        consensus_nmf(V, 2, seed=1.5, **options)
+
+
 @pytest.mark.parametrize("beta", [1, 2])
 @pytest.mark.parametrize("scale", [2.0**-30, 1e-9, 1e9])
 def test_consensus_prediction_error_at_any_scale(beta, scale):

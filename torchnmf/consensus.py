@@ -34,7 +34,7 @@ import torch
 
 from .cluster import kmeans, local_density, pairwise_distances, silhouette_score
 from .restarts import Restarts, fit_restarts, prepare_matrix
-from ._validation import check_non_negative_number, check_positive_int, check_fraction
+from ._validation import check_fraction, check_non_negative_number, check_positive_int, check_seed
 from .targets import statistics
 from .targets.prepare import prepare_target
 from .targets.residual import data_divergence
@@ -254,6 +254,7 @@ def consensus_from_restarts(
     density_threshold = check_non_negative_number(density_threshold, "density_threshold")
     local_neighborhood_size = check_fraction(local_neighborhood_size, "local_neighborhood_size")
     n_init = check_positive_int(n_init, "n_init")
+    seed = check_seed(seed)
     spectra = _unit_spectra(restarts, rank)
     distances = pairwise_distances(spectra)
     neighbours = max(1, int(round(local_neighborhood_size * len(members))))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._validation import ConvergenceWarning, check_positive_int
+from ._validation import ConvergenceWarning, check_positive_int, check_seed
 from .restarts import check_ranks, fit_restarts, prepare_matrix
 from .targets import statistics
 from .targets.prepare import prepare_target
@@ -192,6 +192,7 @@ def cross_validate(V, ranks, n_folds=5, n_restarts=4, beta=2, tol=1e-4, max_iter
             f"n_folds must be at most the number of entries of V ({V.shape[0] * V.shape[1]}): "
             f"every fold holds out at least one, got {n_folds}"
         )
+    seed = check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     folds = _entry_folds(V.shape, n_folds, generator, V.device)
     observed = torch.ones(V.shape, dtype=torch.bool, device=V.device) if mask is None else mask
@@ -269,6 +270,7 @@ def bi_cross_validate(V, ranks, row_folds=2, column_folds=2, n_restarts=4, beta=
             f"({smallest} for V of shape {tuple(V.shape)} with {row_folds} x {column_folds} "
             f"folds), got {max(ranks)}"
         )
+    seed = check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     row_groups, column_groups = _groups(N, row_folds, generator), _groups(C, column_folds, generator)
     errors = torch.zeros(row_folds * column_folds, len(ranks), dtype=torch.float64)
