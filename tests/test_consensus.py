@@ -201,6 +201,21 @@ def test_outliers_are_dropped(generator):
         consensus_from_restarts(V, single, 3)
 
 
+@pytest.mark.parametrize("statistic", [dispersion, cophenetic_correlation])
+def test_connectivity_statistics_refuse_what_is_no_consensus_matrix(statistic):
+    """Before: a numpy array failed on .to or .detach, a (3, 5) tensor and entries of 5
+    gave numbers, a 1-D tensor an IndexError."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="consensus must be a torch.Tensor, got ndarray"):
+        statistic(np.eye(3))
+    with pytest.raises(ValueError, match=r"consensus must be a square \(N, N\) matrix, got shape \(3, 5\)"):
+        statistic(torch.full((3, 5), 0.5))
+    with pytest.raises(ValueError, match=r"consensus must hold shares in \[0, 1\].*from 0 to 5"):
+        statistic(5 * torch.eye(3))
+    with pytest.raises(ValueError, match=r"consensus must hold shares in \[0, 1\].*nan"):
+        statistic(torch.full((3, 3), float("nan")))
+
+
 def test_consensus_takes_a_numpy_integer_seed(generator):
     """Before: the restarts took np.int64(1) and then the usage refit's manual_seed
     failed with "an integer is required"."""
