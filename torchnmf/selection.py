@@ -169,7 +169,8 @@ def cross_validate(V, ranks, n_folds=5, n_restarts=4, beta=2, tol=1e-4, max_iter
     Args:
         V (Tensor): the ``(N, C)`` target, dense or sparse.
         ranks (sequence of int): the ranks to try.
-        n_folds (int): the folds; each hides ``1 / n_folds`` of the entries.
+        n_folds (int): the folds; each hides ``1 / n_folds`` of the entries, never a
+            whole row or column (a random entry of each trains in every fold).
         n_restarts (int): restarts per rank and fold; the best by training
             objective is scored.
         beta, tol, max_iter, solver: as in :func:`~torchnmf.restarts.fit_restarts`.
