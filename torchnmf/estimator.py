@@ -652,10 +652,11 @@ class TorchMiniBatchNMF(TorchNMF):
 
         n_total = n_samples if n_total is None else n_total
         scale = self._data_scale
-        # both factors carry the square root of the scale (see _normalise)
+        # both factors carry the square root of the scale (see _normalise); the penalty
+        # on the templates is per sample, weighted by the solver as the samples seen
         return OnlineMU(
             W, beta, self.forget_factor ** (n_samples / n_total),
-            penalty_W=scaled_penalty(Penalty(alpha_H * n_samples, self.l1_ratio), scale, beta,
+            penalty_W=scaled_penalty(Penalty(alpha_H, self.l1_ratio), scale, beta,
                                      0.5, W.dtype),
             penalty_H=scaled_penalty(Penalty(alpha_W * n_features, self.l1_ratio), scale, beta,
                                      0.5, W.dtype),
