@@ -151,7 +151,7 @@ def test_estimator_errors(generator):
         TorchNMF(solver="cd").fit(X)
     with pytest.raises(ValueError, match="init must be None or one of"):
         TorchNMF(init="svd").fit(X)
-    with pytest.raises(ValueError, match="n_components must be a positive integer or None, got 0"):
+    with pytest.raises(ValueError, match="n_components must be a positive integer, 'auto' or None, got 0"):
         TorchNMF(n_components=0).fit(X)
     with pytest.raises(ValueError, match="alpha_H must be a non-negative number or 'same'"):
         TorchNMF(alpha_H=-1).fit(X)
@@ -222,6 +222,19 @@ def test_custom_start_is_checked_and_never_written(cls, generator):
         est.fit(X, W=-np.ones_like(W), H=H)
     with pytest.raises(ValueError, match="H must be non-negative, but its smallest entry is -1"):
         est.fit(X, W=W, H=-np.ones_like(H))
+
+
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+def test_n_components_auto_as_scikit_learn(cls, generator):
+    """'auto' (scikit-learn's default since 1.6) is None: every feature, or the rank of a
+    custom start.  Before: "n_components must be a positive integer or None"."""
+    X = planted(generator, n=12, c=5)
+    kwargs = dict(init="random", random_state=0, max_iter=3, tol=0)
+    auto = cls("auto", **kwargs).fit(X)
+    np.testing.assert_array_equal(auto.components_, cls(None, **kwargs).fit(X).components_)
+    assert auto.n_components_ == 5
+    custom = cls("auto", init="custom", max_iter=3).fit(X, W=np.ones((12, 2)), H=np.ones((2, 5)))
+    assert custom.components_.shape == (2, 5)
 
 
 def test_inverse_transform_takes_sparse_codes_and_checks_tensors(generator):

@@ -81,9 +81,10 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
 
     Parameters
     ----------
-    n_components : int or None, default=None
-        Number of components; None keeps all features (with ``init='custom'``,
-        the number of components of the given factors).
+    n_components : int, 'auto' or None, default=None
+        Number of components; None or 'auto' (scikit-learn's name for it) keep
+        all features (with ``init='custom'``, the number of components of the
+        given factors).
     init : {'random', 'nndsvd', 'nndsvda', 'nndsvdar', 'custom'} or None, default=None
         Starting point. 'random': uniform values scaled to the data's mean.
         The SVD-based starts need :mod:`torchnmf.init`. None: 'nndsvda' when it
@@ -219,19 +220,33 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {self.solver!r}")
         if self.init is not None and self.init not in INITS:
             raise ValueError(f"init must be None or one of {list(INITS)}, got {self.init!r}")
-        if self.n_components is not None and (
+        if self._fixed_rank() and (
             isinstance(self.n_components, bool)
             or not isinstance(self.n_components, numbers.Integral)
             or self.n_components <= 0
         ):
             raise ValueError(
-                f"n_components must be a positive integer or None, got {self.n_components!r}"
+                f"n_components must be a positive integer, 'auto' or None, got {self.n_components!r}"
             )
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter <= 0:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
         if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
             raise ValueError(f"tol must be a non-negative number, got {self.tol!r}")
         return self._beta(), self._alphas()
+
+    def _fixed_rank(self):
+        """Whether ``n_components`` names a number (not None or 'auto')."""
+        return self.n_components is not None and not (
+            isinstance(self.n_components, str) and self.n_components == "auto")
+
+    def _rank(self, n_features, H_custom):
+        """``n_components``, else the rows of a custom ``H``, else every feature (before,
+        'auto', scikit-learn's default since 1.6, was refused)."""
+        if self._fixed_rank():
+            return int(self.n_components)
+        if self.init == "custom" and H_custom is not None:
+            return np.shape(H_custom)[0]
+        return n_features
 
     # -- data ----------------------------------------------------------------------------
     def _device(self, X):
@@ -353,12 +368,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         beta, (alpha_W, alpha_H) = self._check_params()
         V = self._to_torch(X, reset=True)
         N, C = V.shape
-        if self.n_components is not None:
-            rank = self.n_components
-        elif self.init == "custom" and H_custom is not None:
-            rank = np.shape(H_custom)[0]
-        else:
-            rank = C
+        rank = self._rank(C, H_custom)
         generator = self._generator()
         W, H = self._start(V, rank, self.init, W_custom, H_custom, generator)
         model = NMF(W=W, H=H)
@@ -741,7 +751,7 @@ class TorchMiniBatchNMF(TorchNMF):
         beta, (alpha_W, alpha_H) = self._check_minibatch_params()
         V, checked = self._prepared(X, reset=True, with_checked=True)
         N, C = V.shape
-        rank = self.n_components or (np.shape(H_custom)[0] if H_custom is not None else C)
+        rank = self._rank(C, H_custom)
         generator = self._generator()
         W, codes = self._start(checked, rank, self.init, W_custom, H_custom, generator)
         V = self._normalise(V, set_scale=True)
@@ -816,7 +826,7 @@ class TorchMiniBatchNMF(TorchNMF):
         first = not hasattr(self, "_online_state")
         beta, (alpha_W, alpha_H) = self._check_minibatch_params()
         V = self._prepared(X, reset=first)
-        rank = self.n_components or (np.shape(H)[0] if H is not None else V.shape[1])
+        rank = self._rank(V.shape[1], H)
         if first:
             W_start, _ = self._start(V, rank, self.init if self.init != "nndsvda" or
                                      rank <= min(V.shape) else "random", W, H, self._generator())
