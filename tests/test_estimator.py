@@ -153,7 +153,7 @@ def test_estimator_errors(generator):
         TorchNMF(init="svd").fit(X)
     with pytest.raises(ValueError, match="n_components must be a positive integer, 'auto' or None, got 0"):
         TorchNMF(n_components=0).fit(X)
-    with pytest.raises(ValueError, match="alpha_H must be a non-negative number or 'same'"):
+    with pytest.raises(ValueError, match="alpha_H must be a finite non-negative number or 'same'"):
         TorchNMF(alpha_H=-1).fit(X)
     with pytest.raises(ValueError, match=r"l1_ratio must lie in \[0, 1\]"):
         TorchNMF(l1_ratio=2).fit(X)
@@ -235,6 +235,16 @@ def test_n_components_auto_as_scikit_learn(cls, generator):
     assert auto.n_components_ == 5
     custom = cls("auto", init="custom", max_iter=3).fit(X, W=np.ones((12, 2)), H=np.ones((2, 5)))
     assert custom.components_.shape == (2, 5)
+
+
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+@pytest.mark.parametrize("name", ["alpha_W", "alpha_H"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_penalty_strengths_must_be_finite(cls, name, value):
+    """Before: the minibatch fit took NaN and inf penalties silently, and TorchNMF
+    refused alpha_H=nan as "alpha_W must be finite" (NMF.fit's name for it)."""
+    with pytest.raises(ValueError, match=f"{name} must be a finite non-negative number"):
+        cls(2, **{name: value}).fit(np.ones((4, 3)))
 
 
 def test_inverse_transform_takes_sparse_codes_and_checks_tensors(generator):

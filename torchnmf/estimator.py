@@ -203,16 +203,24 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             )
         return float(loss)
 
+    @staticmethod
+    def _is_strength(value):
+        """A finite non-negative number (before, NaN and inf passed: the minibatch fit
+        took them silently, TorchNMF refused them as NMF.fit's alpha_W)."""
+        return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+                and math.isfinite(value) and value >= 0)
+
     def _alphas(self):
         for name in ("alpha_W", "l1_ratio"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            if not self._is_strength(value):
+                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
         if not self.l1_ratio <= 1:
             raise ValueError(f"l1_ratio must lie in [0, 1], got {self.l1_ratio!r}")
         alpha_H = self.alpha_W if (isinstance(self.alpha_H, str) and self.alpha_H == "same") else self.alpha_H
-        if isinstance(alpha_H, bool) or not isinstance(alpha_H, numbers.Real) or alpha_H < 0:
-            raise ValueError(f"alpha_H must be a non-negative number or 'same', got {self.alpha_H!r}")
+        if not self._is_strength(alpha_H):
+            raise ValueError(
+                f"alpha_H must be a finite non-negative number or 'same', got {self.alpha_H!r}")
         return float(self.alpha_W), float(alpha_H)
 
     def _check_params(self):
