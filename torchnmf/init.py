@@ -537,6 +537,12 @@ def initialize(V, rank, method="nndsvda", *, generator=None, sample_rows=None, p
         if process_group is None:
             raise
         join(process_group, timeout, None, failure=error)
+    if method != "random" and V.dtype in (torch.float16, torch.bfloat16):
+        # torch has no SVD in half precision (on any device; before, its NotImplementedError
+        # ended the estimator's dtype='float16' fits): a float32 start, cast back
+        W, H = initialize(V.float(), rank, method, generator=generator, sample_rows=sample_rows,
+                          process_group=process_group, timeout=timeout)
+        return W.to(V.dtype), H.to(V.dtype)
     reduction = None
     if process_group is not None:
         settings = {"columns": V.shape[1], "rank": rank, "method": method, "dtype": str(V.dtype)}
