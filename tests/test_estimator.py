@@ -247,6 +247,22 @@ def test_penalty_strengths_must_be_finite(cls, name, value):
         cls(2, **{name: value}).fit(np.ones((4, 3)))
 
 
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", torch.bfloat16])
+def test_half_precision_fits_of_numpy_data(cls, dtype, generator):
+    """Before: float16 ended in "linalg_svd_cpu" not implemented for 'Half' (the default
+    NNDSVDa start), a bfloat16 fit in "Got unsupported ScalarType BFloat16" when its
+    numpy outputs were made, and the name 'bfloat16' was refused."""
+    X = planted(generator, n=12, c=5)
+    est = cls(2, dtype=dtype, max_iter=5, random_state=0)
+    codes = est.fit_transform(X)
+    expected = np.float16 if dtype == "float16" else np.float32
+    assert codes.dtype == est.components_.dtype == est.transform(X).dtype == expected
+    torch_dtype = torch.float16 if dtype == "float16" else torch.bfloat16
+    reference = cls(2, dtype=torch_dtype, max_iter=5, random_state=0).fit_transform(torch.from_numpy(X))
+    np.testing.assert_array_equal(codes, reference.float().numpy().astype(expected))
+
+
 def test_inverse_transform_takes_sparse_codes_and_checks_tensors(generator):
     """Before: sparse codes failed with "got ()", a tensor of the wrong width inside torch."""
     X = planted(generator, n=12, c=5)

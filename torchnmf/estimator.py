@@ -50,6 +50,8 @@ def _torch_dtype(spec):
     """A torch floating dtype from a torch dtype, a numpy dtype or a name."""
     if isinstance(spec, torch.dtype):
         dtype = spec
+    elif isinstance(spec, str) and spec == "bfloat16":  # a name numpy does not know
+        dtype = torch.bfloat16
     else:
         try:
             name = np.dtype(spec).name
@@ -60,6 +62,13 @@ def _torch_dtype(spec):
     if dtype is None or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype (e.g. 'float32') or None, got {spec!r}")
     return dtype
+
+
+def _to_numpy(tensor):
+    """A tensor as a numpy array; bfloat16, which numpy lacks, as float32 (before, the
+    fits with dtype=torch.bfloat16 ended in "Got unsupported ScalarType BFloat16")."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -113,7 +122,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         Where to compute; None: the device of a torch input, else the CPU.
     dtype : str, numpy or torch dtype, or None, default=None
         Precision of the computation; None keeps float32 and float64 input as
-        it is and uses float64 otherwise.
+        it is and uses float64 otherwise.  numpy has no bfloat16: numpy
+        outputs (and ``components_``) of a bfloat16 fit are float32.
 
     Attributes
     ----------
@@ -331,7 +341,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     def _output(self, tensor, like):
         if isinstance(like, torch.Tensor):
             return tensor
-        return tensor.detach().cpu().numpy()
+        return _to_numpy(tensor)
 
     # -- initialisation ------------------------------------------------------------------
     def _generator(self):
@@ -388,7 +398,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         W = model.W.detach()
         self._templates = NMF(W=W, trainable_W=False)
         self._mean_code = model.H.detach().mean(0)
-        self.components_ = W.T.cpu().numpy()
+        self.components_ = _to_numpy(W.T)
         self.n_components_ = rank
         # the codes of the fitted components, solved to convergence like transform's
         codes = self._codes(V, model.H.detach())
@@ -733,7 +743,7 @@ class TorchMiniBatchNMF(TorchNMF):
         self._online_state = online
         W = online.W * self._root() if self._data_scale != 1 else online.W
         self._templates = NMF(W=W, trainable_W=False)
-        self.components_ = W.T.cpu().numpy()
+        self.components_ = _to_numpy(W.T)
         self.n_components_ = rank
         divergence = self._divergence(V, codes, online.W, beta)
         divergence *= objective_unit(self._data_scale, beta)
