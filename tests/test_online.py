@@ -201,6 +201,24 @@ def test_penalised_minibatch_fit_reaches_scikit_learns_objective(alpha_H, l1_rat
         assert objective(TorchMiniBatchNMF(**kwargs)) <= objective(MiniBatchNMF(**kwargs))
 
 
+def test_no_improvement_is_judged_over_about_a_pass():
+    """The batch cost is smoothed with each batch's share of the samples, as
+    scikit-learn's: with a fixed weight of 0.1 batches of 20 of 600 digits stopped
+    after 68 steps, 9% above scikit-learn's MiniBatchNMF of the same settings."""
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import MiniBatchNMF
+
+    X = load_digits().data[:600]
+    kwargs = dict(n_components=8, batch_size=20, tol=1e-3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = TorchMiniBatchNMF(**kwargs)
+        theirs = MiniBatchNMF(**kwargs)
+        errors = [np.linalg.norm(X - model.fit_transform(X) @ model.components_)
+                  for model in (ours, theirs)]
+    assert errors[0] <= errors[1]
+
+
 def test_forget_factor_weighs_a_whole_pass(generator):
     # as scikit-learn's: after each of the n / batch_size batches, the past weighs
     # forget_factor ** (batch_size / n), so forget_factor after a whole pass

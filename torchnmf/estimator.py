@@ -541,8 +541,9 @@ class TorchMiniBatchNMF(TorchNMF):
     max_iter : int, default=200
         The most passes over the data.
     max_no_improvement : int or None, default=10
-        Stop after this many batches without improvement of the smoothed batch
-        cost; None disables.
+        Stop after this many batches without improvement of the batch cost
+        smoothed over about a pass (each batch weighs its share of the samples,
+        as in scikit-learn); None disables.
     forget_factor : float, default=0.7
         The weight of the past statistics after a whole pass over the data, in
         [0, 1], as in scikit-learn: after each batch of ``batch_size`` of the
@@ -796,7 +797,10 @@ class TorchMiniBatchNMF(TorchNMF):
                     on_batch(online.W * root, codes * root, steps)
                 if watch:
                     cost /= end - start
-                    smoothed = cost if smoothed is None else 0.9 * smoothed + 0.1 * cost
+                    # averaged over about a pass, as scikit-learn's (a fixed 0.1, ten
+                    # batches, stopped batches of 50 digits after 61 steps, 12% above)
+                    weight = min(1.0, (end - start) / (N + 1))
+                    smoothed = cost if smoothed is None else (1 - weight) * smoothed + weight * cost
                 if self.tol > 0 and steps > 1:  # W's relative change in the step
                     previous = online.reference
                     change = float((online.W - previous).norm() / previous.norm().clamp_min(1e-300))
