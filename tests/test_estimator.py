@@ -263,6 +263,28 @@ def test_half_precision_fits_of_numpy_data(cls, dtype, generator):
     np.testing.assert_array_equal(codes, reference.float().numpy().astype(expected))
 
 
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+@pytest.mark.parametrize("call", ["fit", "fit_transform", "partial_fit"])
+def test_a_failed_fit_leaves_the_model_as_it_was(cls, call, generator):
+    """Before: fitting bad data (negative, 3 features) to a model fitted on 5 named
+    features left it expecting 3 unnamed ones, with its old components; a first
+    partial_fit of bad data left an unfitted model with n_features_in_."""
+    pandas = pytest.importorskip("pandas")
+    if call == "partial_fit" and cls is TorchNMF:
+        pytest.skip("TorchNMF has no partial_fit")
+    X = pandas.DataFrame(planted(generator, n=12, c=5), columns=list("abcde"))
+    est = cls(2, init="random", random_state=0, max_iter=3)
+    if call != "partial_fit":
+        est.fit(X)
+    state = {name: value for name, value in vars(est).items()}
+    with pytest.raises(ValueError, match="Negative values"):
+        getattr(est, call)(-np.ones((4, 3)))
+    assert vars(est).keys() == state.keys()
+    assert all(vars(est)[name] is value for name, value in state.items())
+    if call != "partial_fit":
+        assert est.transform(X).shape == (12, 2)
+
+
 def test_inverse_transform_takes_sparse_codes_and_checks_tensors(generator):
     """Before: sparse codes failed with "got ()", a tensor of the wrong width inside torch."""
     X = planted(generator, n=12, c=5)

@@ -14,6 +14,7 @@ Two classes: :class:`TorchNMF` (full-batch fits) and :class:`TorchMiniBatchNMF`
 scikit-learn's parameter documentation and the conversions between the two
 libraries' conventions.
 """
+import contextlib
 import math
 import numbers
 
@@ -444,7 +445,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         -------
         self : TorchNMF
         """
-        self._fit(X, W, H)
+        with self._unchanged_on_failure():
+            self._fit(X, W, H)
         return self
 
     def fit_transform(self, X, y=None, W=None, H=None):
@@ -454,7 +456,20 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         -------
         W : ndarray or torch.Tensor of shape (n_samples, n_components)
         """
-        return self._output(self._fit(X, W, H), X)
+        with self._unchanged_on_failure():
+            return self._output(self._fit(X, W, H), X)
+
+    @contextlib.contextmanager
+    def _unchanged_on_failure(self):
+        """A call that fails leaves the estimator as it was (before, a fit of bad data
+        left a fitted model expecting the bad data's features, with its old components)."""
+        state = dict(self.__dict__)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(state)
+            raise
 
     def transform(self, X):
         """The codes of ``X`` with the learned components held fixed.
@@ -845,6 +860,10 @@ class TorchMiniBatchNMF(TorchNMF):
         -------
         self : TorchMiniBatchNMF
         """
+        with self._unchanged_on_failure():
+            return self._partial_fit(X, W, H)
+
+    def _partial_fit(self, X, W, H):
         first = not hasattr(self, "_online_state")
         beta, (alpha_W, alpha_H) = self._check_minibatch_params()
         V = self._prepared(X, reset=first)
