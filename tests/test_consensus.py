@@ -216,6 +216,14 @@ def test_connectivity_statistics_refuse_what_is_no_consensus_matrix(statistic):
         statistic(torch.full((3, 3), float("nan")))
 
 
+def test_consensus_matrix_refuses_nan_activations():
+    """Before: NaN activations (a failed fit) gave a matrix of ones, every row with
+    every other."""
+    H = [torch.rand(4, 2), torch.full((4, 2), float("nan"))]
+    with pytest.raises(ValueError, match=r"H\[1\] contains NaN"):
+        consensus_matrix(H)
+
+
 def test_consensus_takes_a_numpy_integer_seed(generator):
     """Before: the restarts took np.int64(1) and then the usage refit's manual_seed
     failed with "an integer is required"."""

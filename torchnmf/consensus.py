@@ -35,7 +35,8 @@ import torch
 from .cluster import kmeans, local_density, pairwise_distances, silhouette_score
 from .restarts import Restarts, fit_restarts, prepare_matrix
 from ._validation import (
-    check_fraction, check_non_negative_number, check_positive_int, check_real_tensor, check_seed,
+    check_finite_tensor, check_fraction, check_non_negative_number, check_positive_int,
+    check_real_tensor, check_seed,
 )
 from .targets import statistics
 from .targets.prepare import prepare_target
@@ -93,6 +94,8 @@ def consensus_matrix(H):
                 f"H[{k}] has shape {tuple(activations.shape)}"
                 + ("" if k == 0 else f", H[0] {tuple(runs[0].shape)}")
             )
+        # before: NaN activations (a failed fit) put every row with every other
+        check_finite_tensor(activations.detach(), f"H[{k}]")
     total = None
     for activations in runs:
         labels = activations.detach().argmax(-1)
