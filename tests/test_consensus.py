@@ -201,6 +201,43 @@ def test_outliers_are_dropped(generator):
         consensus_from_restarts(V, single, 3)
 
 
+@pytest.mark.parametrize("statistic", [dispersion, cophenetic_correlation])
+def test_connectivity_statistics_refuse_what_is_no_consensus_matrix(statistic):
+    """Before: a numpy array failed on .to or .detach, a (3, 5) tensor and entries of 5
+    gave numbers, a 1-D tensor an IndexError."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="consensus must be a torch.Tensor, got ndarray"):
+        statistic(np.eye(3))
+    with pytest.raises(ValueError, match=r"consensus must be a square \(N, N\) matrix, got shape \(3, 5\)"):
+        statistic(torch.full((3, 5), 0.5))
+    with pytest.raises(ValueError, match=r"consensus must hold shares in \[0, 1\].*from 0 to 5"):
+        statistic(5 * torch.eye(3))
+    with pytest.raises(ValueError, match=r"consensus must hold shares in \[0, 1\].*nan"):
+        statistic(torch.full((3, 3), float("nan")))
+
+
+def test_consensus_matrix_refuses_nan_activations():
+    """Before: NaN activations (a failed fit) gave a matrix of ones, every row with
+    every other."""
+    H = [torch.rand(4, 2), torch.full((4, 2), float("nan"))]
+    with pytest.raises(ValueError, match=r"H\[1\] contains NaN"):
+        consensus_matrix(H)
+
+
+def test_consensus_takes_a_numpy_integer_seed(generator):
+    """Before: the restarts took np.int64(1) and then the usage refit's manual_seed
+    failed with "an integer is required"."""
+    np = pytest.importorskip("numpy")
+    V = torch.rand(12, 2, generator=generator, dtype=torch.float64) @ torch.rand(
+        2, 8, generator=generator, dtype=torch.float64)
+    options = dict(n_restarts=3, max_iter=5, tol=0)
+    expected, _ = consensus_nmf(V, 2, seed=1, **options)
+    got, _ = consensus_nmf(V, 2, seed=np.int64(1), **options)
+    assert_close(got.H, expected.H, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="seed must be an integer, got 1.5"):
+        consensus_nmf(V, 2, seed=1.5, **options)
+
+
 @pytest.mark.parametrize("beta", [1, 2])
 @pytest.mark.parametrize("scale", [2.0**-30, 1e-9, 1e9])
 def test_consensus_prediction_error_at_any_scale(beta, scale):

@@ -151,9 +151,9 @@ def test_estimator_errors(generator):
         TorchNMF(solver="cd").fit(X)
     with pytest.raises(ValueError, match="init must be None or one of"):
         TorchNMF(init="svd").fit(X)
-    with pytest.raises(ValueError, match="n_components must be a positive integer or None, got 0"):
+    with pytest.raises(ValueError, match="n_components must be a positive integer, 'auto' or None, got 0"):
         TorchNMF(n_components=0).fit(X)
-    with pytest.raises(ValueError, match="alpha_H must be a non-negative number or 'same'"):
+    with pytest.raises(ValueError, match="alpha_H must be a finite non-negative number or 'same'"):
         TorchNMF(alpha_H=-1).fit(X)
     with pytest.raises(ValueError, match=r"l1_ratio must lie in \[0, 1\]"):
         TorchNMF(l1_ratio=2).fit(X)
@@ -167,7 +167,7 @@ def test_estimator_errors(generator):
         TorchNMF().fit(-torch.from_numpy(X))
     with pytest.raises(ValueError, match="contains NaN"):
         TorchNMF().fit(torch.full((3, 3), float("nan")))
-    with pytest.raises(ValueError, match="beta=0 needs a strictly positive V"):
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive X"):
         TorchNMF(beta_loss="itakura-saito", init="random").fit(X * (X > 0.5))
     with pytest.raises(ValueError, match="dtype must be a floating dtype"):
         TorchNMF(dtype="int32").fit(X)
@@ -191,6 +191,110 @@ def test_estimator_errors(generator):
     with pytest.raises(ValueError, match=r"X must have shape \(n_samples, 2\)"):
         est.inverse_transform(np.ones((3, 4)))
 
+
+
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+def test_torch_inputs_bool_and_needing_grad(cls, generator):
+    """Before: a bool tensor failed inside torch.iinfo (TypeError naming torch.bool's
+    iinfo), and the minibatch fit of a tensor needing grad failed in an in-place product."""
+    X = torch.from_numpy(planted(generator, n=12, c=5))
+    with pytest.raises(TypeError, match="X must hold real numbers, got dtype torch.bool"):
+        cls(2).fit(X > 1)
+    kwargs = dict(n_components=2, init="random", random_state=0, max_iter=5, tol=0)
+    codes = cls(**kwargs).fit_transform(X.clone().requires_grad_())
+    assert not codes.requires_grad
+    torch.testing.assert_close(codes, cls(**kwargs).fit_transform(X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+def test_custom_start_is_checked_and_never_written(cls, generator):
+    """Before: the minibatch fit wrote its codes into the caller's W and took a negative
+    start; TorchNMF named a negative W "H" (torchnmf's name for the codes)."""
+    X = planted(generator, n=12, c=5)
+    W = torch.rand(12, 2, generator=generator, dtype=torch.float64).numpy()
+    H = torch.rand(2, 5, generator=generator, dtype=torch.float64).numpy()
+    W_before, H_before = W.copy(), H.copy()
+    est = cls(2, init="custom", beta_loss=1, max_iter=3, tol=0)
+    est.fit(X, W=W, H=H)
+    np.testing.assert_array_equal(W, W_before)
+    np.testing.assert_array_equal(H, H_before)
+    with pytest.raises(ValueError, match="W must be non-negative, but its smallest entry is -1"):
+        est.fit(X, W=-np.ones_like(W), H=H)
+    with pytest.raises(ValueError, match="H must be non-negative, but its smallest entry is -1"):
+        est.fit(X, W=W, H=-np.ones_like(H))
+
+
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+def test_n_components_auto_as_scikit_learn(cls, generator):
+    """'auto' (scikit-learn's default since 1.6) is None: every feature, or the rank of a
+    custom start.  Before: "n_components must be a positive integer or None"."""
+    X = planted(generator, n=12, c=5)
+    kwargs = dict(init="random", random_state=0, max_iter=3, tol=0)
+    auto = cls("auto", **kwargs).fit(X)
+    np.testing.assert_array_equal(auto.components_, cls(None, **kwargs).fit(X).components_)
+    assert auto.n_components_ == 5
+    custom = cls("auto", init="custom", max_iter=3).fit(X, W=np.ones((12, 2)), H=np.ones((2, 5)))
+    assert custom.components_.shape == (2, 5)
+
+
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+@pytest.mark.parametrize("name", ["alpha_W", "alpha_H"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_penalty_strengths_must_be_finite(cls, name, value):
+    """Before: the minibatch fit took NaN and inf penalties silently, and TorchNMF
+    refused alpha_H=nan as "alpha_W must be finite" (NMF.fit's name for it)."""
+    with pytest.raises(ValueError, match=f"{name} must be a finite non-negative number"):
+        cls(2, **{name: value}).fit(np.ones((4, 3)))
+
+
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", torch.bfloat16])
+def test_half_precision_fits_of_numpy_data(cls, dtype, generator):
+    """Before: float16 ended in "linalg_svd_cpu" not implemented for 'Half' (the default
+    NNDSVDa start), a bfloat16 fit in "Got unsupported ScalarType BFloat16" when its
+    numpy outputs were made, and the name 'bfloat16' was refused."""
+    X = planted(generator, n=12, c=5)
+    est = cls(2, dtype=dtype, max_iter=5, random_state=0)
+    codes = est.fit_transform(X)
+    expected = np.float16 if dtype == "float16" else np.float32
+    assert codes.dtype == est.components_.dtype == est.transform(X).dtype == expected
+    torch_dtype = torch.float16 if dtype == "float16" else torch.bfloat16
+    reference = cls(2, dtype=torch_dtype, max_iter=5, random_state=0).fit_transform(torch.from_numpy(X))
+    np.testing.assert_array_equal(codes, reference.float().numpy().astype(expected))
+
+
+@pytest.mark.parametrize("cls", [TorchNMF, TorchMiniBatchNMF])
+@pytest.mark.parametrize("call", ["fit", "fit_transform", "partial_fit"])
+def test_a_failed_fit_leaves_the_model_as_it_was(cls, call, generator):
+    """Before: fitting bad data (negative, 3 features) to a model fitted on 5 named
+    features left it expecting 3 unnamed ones, with its old components; a first
+    partial_fit of bad data left an unfitted model with n_features_in_."""
+    pandas = pytest.importorskip("pandas")
+    if call == "partial_fit" and cls is TorchNMF:
+        pytest.skip("TorchNMF has no partial_fit")
+    X = pandas.DataFrame(planted(generator, n=12, c=5), columns=list("abcde"))
+    est = cls(2, init="random", random_state=0, max_iter=3)
+    if call != "partial_fit":
+        est.fit(X)
+    state = {name: value for name, value in vars(est).items()}
+    with pytest.raises(ValueError, match="Negative values"):
+        getattr(est, call)(-np.ones((4, 3)))
+    assert vars(est).keys() == state.keys()
+    assert all(vars(est)[name] is value for name, value in state.items())
+    if call != "partial_fit":
+        assert est.transform(X).shape == (12, 2)
+
+
+def test_inverse_transform_takes_sparse_codes_and_checks_tensors(generator):
+    """Before: sparse codes failed with "got ()", a tensor of the wrong width inside torch."""
+    X = planted(generator, n=12, c=5)
+    est = TorchNMF(2, init="random", random_state=0, max_iter=5).fit(X)
+    codes = est.transform(X)
+    expected = codes @ est.components_
+    for sparse in (scipy_sparse.csr_matrix(codes), scipy_sparse.csc_array(codes)):
+        np.testing.assert_allclose(est.inverse_transform(sparse), expected, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"X must have shape \(n_samples, 2\), got \(12, 3\)"):
+        est.inverse_transform(torch.ones(12, 3, dtype=torch.float64))
 
 CORPUS = {
     "astronomy": [

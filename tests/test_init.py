@@ -41,6 +41,20 @@ def test_shapes_dtype_non_negative_and_no_dead_component(method, dtype, generato
     assert (W.amax(0) > 0).all() and (H.amax(0) > 0).all()
 
 
+@pytest.mark.parametrize("method", ["nndsvd", "nndsvda", "nndsvdar"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_starts_are_the_float32_starts_cast(method, dtype, generator):
+    """torch has no SVD in half precision: before, NotImplementedError ("linalg_svd_cpu"
+    not implemented for 'Half'), also from the estimator with dtype='float16'."""
+    V, _, _ = low_rank(25, 18, 4, generator, dtype=torch.float32, noise=0.1)
+    V = V.to(dtype)
+    W, H = initialize(V, 3, method, generator=0)
+    W32, H32 = initialize(V.float(), 3, method, generator=0)
+    assert W.dtype == H.dtype == dtype
+    torch.testing.assert_close(W, W32.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(H, H32.to(dtype), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_no_dead_component_when_rank_exceeds_the_data(method, generator):
     # V has rank 2; components 2.. have zero singular values (and 7 > min(N, C) = 6)

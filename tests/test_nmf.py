@@ -518,20 +518,6 @@ def test_bfloat16_fits_of_sparse_targets():
     assert fits[1][-1] < fits[1][0] / 2
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_starts(dtype):
-    """NNDSVD of float16 and bfloat16 data: torch's SVD takes neither (it raised); the
-    start is the float32 start of the same numbers, rounded."""
-    from torchnmf.init import initialize
-
-    V = _digits().to(dtype)
-    for target in (V, V.to_sparse()):
-        W, H = initialize(target, 4, "nndsvda")
-        W32, H32 = initialize(target.float(), 4, "nndsvda")
-        assert W.dtype == H.dtype == dtype
-        assert torch.equal(W, W32.to(dtype)) and torch.equal(H, H32.to(dtype))
-
-
 def test_float16_restarts_are_fitted_in_float32():
     from torchnmf.restarts import fit_restarts
 

@@ -101,6 +101,35 @@ def test_a_beta_2_step_is_its_formula(generator, layout):
         assert online.W.stride() == online.A.stride() == online.B.stride() == (1, 9)
 
 
+def test_the_penalty_on_W_weighs_the_rows_seen(generator):
+    """The penalty per row meets the statistics weighted as they are: times
+    n_t + rho n_(t-1) + ...  Before, one batch's penalty met ~1 / (1 - rho) batches'
+    statistics: the estimator's components came out with 11 times scikit-learn's
+    squared norm on the digits (alpha_H=0.1, batches of 256)."""
+    from torchnmf.solvers.penalty import Penalty
+
+    V = _planted(generator, n=32, c=9)
+    W = torch.rand(9, 3, generator=generator, dtype=torch.float64) + 0.1
+    penalty = Penalty(0.05, l1_ratio=0.4)
+    online = OnlineMU(W.clone(), 2, forget_factor=0.6, penalty_W=penalty)
+    A = B = None
+    rows = 0.0
+    for start, stop in ((0, 20), (20, 32)):  # batches of 20 and 12 rows
+        batch = V[start:stop]
+        H = torch.full((stop - start, 3), 0.3, dtype=torch.float64)
+        H = H * (batch @ W) / (H @ (W.T @ W))
+        negative, positive = batch.T @ H, W @ (H.T @ H)
+        if A is None:
+            B = positive / (stop - start)
+            A = W * B
+        A, B = 0.6 * A + W * negative, 0.6 * B + positive
+        rows = 0.6 * rows + (stop - start)
+        W = A / (B + rows * (penalty.l1 + penalty.l2 * W))
+        online.partial_fit(batch, torch.full((stop - start, 3), 0.3, dtype=torch.float64),
+                           max_iter_H=1)
+        torch.testing.assert_close(online.W, W, rtol=1e-12, atol=1e-14)
+
+
 def test_minibatch_on_real_data_and_partial_fit():
     from sklearn.datasets import load_digits
 
@@ -150,6 +179,46 @@ def test_online_reaches_the_full_batch_loss_on_digits(beta):
     assert model.reconstruction_err_ ** 2 / 2 < 1.05 * full.loss_history[-1]
 
 
+@pytest.mark.parametrize("alpha_H,l1_ratio", [(1.0, 1.0), (0.05, 0.5)])
+def test_penalised_minibatch_fit_reaches_scikit_learns_objective(alpha_H, l1_ratio):
+    """The penalised objective (components penalised, scikit-learn's scaling) of the same
+    settings: before, ours ended 52% (alpha_H=1) and 3% above scikit-learn's MiniBatchNMF."""
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import MiniBatchNMF
+
+    X = load_digits().data[:300]
+    kwargs = dict(n_components=5, batch_size=50, max_iter=30, tol=0, max_no_improvement=None,
+                  alpha_W=0.0, alpha_H=alpha_H, l1_ratio=l1_ratio, random_state=0)
+
+    def objective(model):
+        codes = model.fit_transform(X)
+        H = model.components_
+        penalty = alpha_H * X.shape[0] * (l1_ratio * H.sum() + 0.5 * (1 - l1_ratio) * (H**2).sum())
+        return 0.5 * ((X - codes @ H) ** 2).sum() + penalty
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert objective(TorchMiniBatchNMF(**kwargs)) <= objective(MiniBatchNMF(**kwargs))
+
+
+def test_no_improvement_is_judged_over_about_a_pass():
+    """The batch cost is smoothed with each batch's share of the samples, as
+    scikit-learn's: with a fixed weight of 0.1 batches of 20 of 600 digits stopped
+    after 68 steps, 9% above scikit-learn's MiniBatchNMF of the same settings."""
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import MiniBatchNMF
+
+    X = load_digits().data[:600]
+    kwargs = dict(n_components=8, batch_size=20, tol=1e-3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = TorchMiniBatchNMF(**kwargs)
+        theirs = MiniBatchNMF(**kwargs)
+        errors = [np.linalg.norm(X - model.fit_transform(X) @ model.components_)
+                  for model in (ours, theirs)]
+    assert errors[0] <= errors[1]
+
+
 def test_forget_factor_weighs_a_whole_pass(generator):
     # as scikit-learn's: after each of the n / batch_size batches, the past weighs
     # forget_factor ** (batch_size / n), so forget_factor after a whole pass
@@ -189,6 +258,36 @@ def test_minibatch_parameter_errors():
         TorchMiniBatchNMF(max_no_improvement=-1).fit(X)
 
 
+
+def test_minibatch_refuses_zeros_at_beta_0():
+    """Before: fit, a later partial_fit and transform took zeros at beta <= 0, the
+    fit's reconstruction_err_ read inf."""
+    X = np.arange(1.0, 13.0).reshape(4, 3)
+    zeros = X.copy()
+    zeros[0, 0] = 0
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive X, but X has 1 zero"):
+        TorchMiniBatchNMF(2, beta_loss="itakura-saito").fit(zeros)
+    with pytest.raises(ValueError, match="beta=-0.5 needs a strictly positive X"):
+        TorchMiniBatchNMF(2, beta_loss=-0.5).fit(zeros)
+    model = TorchMiniBatchNMF(2, beta_loss="itakura-saito", random_state=0).partial_fit(X)
+    components, steps = model.components_.copy(), model.n_steps_
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive X"):
+        model.partial_fit(zeros)
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive X"):
+        model.transform(zeros)
+    np.testing.assert_array_equal(model.components_, components)
+    assert model.n_steps_ == steps
+
+
+def test_fresh_restarts_fit_transform_is_transform(generator):
+    """With fresh restarts the final codes are solved afresh, as transform solves them;
+    before, they started from the last pass and scikit-learn's check_transformer_general
+    (its own MiniBatchNMF passes with these settings) found 5% apart."""
+    X = _planted(generator, n=30, c=6).numpy()
+    kwargs = dict(n_components=2, batch_size=10, max_iter=20, fresh_restarts=True, random_state=0)
+    codes = TorchMiniBatchNMF(**kwargs).fit_transform(X)
+    np.testing.assert_array_equal(codes, TorchMiniBatchNMF(**kwargs).fit(X).transform(X))
+
 @parametrize_with_checks([TorchMiniBatchNMF(n_components=1, batch_size=10, max_iter=100,
                                             random_state=0)])
 def test_sklearn_minibatch_estimator_checks(estimator, check):
@@ -196,6 +295,15 @@ def test_sklearn_minibatch_estimator_checks(estimator, check):
         warnings.simplefilter("ignore", ConvergenceWarning)
         check(estimator)
 
+
+
+@pytest.mark.slow
+# the settings scikit-learn checks its own MiniBatchNMF with
+@parametrize_with_checks([TorchMiniBatchNMF(batch_size=10, max_iter=20, fresh_restarts=True)])
+def test_sklearn_minibatch_checks_at_sklearns_settings(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)
 
 def test_minibatch_start_samples_64_batches(generator, monkeypatch):
     # the online fit's start takes its singular vectors from 64 batches' worth of rows

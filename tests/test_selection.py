@@ -1,7 +1,10 @@
+import warnings
+
 import pytest
 import torch
 
 from conftest import low_rank
+from torchnmf import ConvergenceWarning
 from torchnmf.selection import (
     RULE,
     bi_cross_validate,
@@ -95,6 +98,44 @@ def test_errors(generator):
         bi_cross_validate(V, [2], column_folds=11)
     with pytest.raises(ValueError, match=r"smallest held-in block D \(5 for V of shape \(20, 10\)"):
         bi_cross_validate(V, [2, 6])
+
+
+
+@pytest.mark.parametrize("shape", [(4, 60), (60, 4)])
+def test_entry_folds_never_hide_a_whole_row_or_column(shape, generator):
+    """Before: on 4 x 60 data a fold held out all four entries of some column and the
+    fits refused "the mask" (which the caller never gave)."""
+    from torchnmf.selection import _entry_folds
+
+    observed = torch.rand(shape, generator=generator) > 0.2
+    folds = _entry_folds(observed, 3, generator)
+    for fold in range(3):
+        train = observed & (folds != fold)
+        assert bool((train.sum(0) >= 1).all() and (train.sum(1) >= 1).all())
+    sizes = torch.bincount(folds[(folds >= 0) & observed], minlength=3)
+    assert int(sizes.max() - sizes.min()) <= 1
+    V = planted(generator, n=shape[0], c=shape[1], rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        cv = cross_validate(V, [1, 2], n_folds=2, n_restarts=1, max_iter=10)
+    assert bool(torch.isfinite(cv.errors).all() and (cv.errors > 0).all())
+
+
+@pytest.mark.parametrize("validate", [cross_validate, bi_cross_validate])
+def test_numpy_seeds_and_ranks_as_scikit_learn_users_pass_them(validate, generator):
+    """Before: a numpy integer seed failed in torch's manual_seed ("an integer is
+    required"), seed=None in fit_restarts' seed + k, and np.arange ranks read as one
+    rank ("rank must be a positive integer, got array([1, 2])")."""
+    np = pytest.importorskip("numpy")
+    V = planted(generator, n=12, c=8)
+    kwargs = dict(n_restarts=1, max_iter=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        expected = validate(V, [1, 2], seed=3, **kwargs).errors
+        got = validate(V, np.arange(1, 3), seed=np.int64(3), **kwargs).errors
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="seed must be an integer, got None"):
+        validate(V, [1], seed=None, **kwargs)
 
 
 @pytest.mark.parametrize("method", ["entries", "bi"])

@@ -13,6 +13,7 @@ import torch
 __all__ = [
     "ConvergenceWarning",
     "check_positive_int",
+    "check_seed",
     "check_non_negative_number",
     "check_real",
     "check_fraction",
@@ -46,6 +47,14 @@ def check_positive_int(value, name):
         raise TypeError(f"{name} must be a positive integer, got {_describe(value)}")
     if value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def check_seed(value, name="seed"):
+    """An integer seed as a Python int: torch's ``manual_seed`` refuses numpy integers
+    ("an integer is required"), and ``None`` failed in ``seed + k``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {_describe(value)}")
     return int(value)
 
 

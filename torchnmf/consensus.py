@@ -34,7 +34,10 @@ import torch
 
 from .cluster import kmeans, local_density, pairwise_distances, silhouette_score
 from .restarts import Restarts, fit_restarts, prepare_matrix
-from ._validation import check_non_negative_number, check_positive_int, check_fraction
+from ._validation import (
+    check_finite_tensor, check_fraction, check_non_negative_number, check_positive_int,
+    check_real_tensor, check_seed,
+)
 from .targets import statistics
 from .targets.prepare import prepare_target
 from .targets.residual import data_divergence
@@ -91,12 +94,31 @@ def consensus_matrix(H):
                 f"H[{k}] has shape {tuple(activations.shape)}"
                 + ("" if k == 0 else f", H[0] {tuple(runs[0].shape)}")
             )
+        # before: NaN activations (a failed fit) put every row with every other
+        check_finite_tensor(activations.detach(), f"H[{k}]")
     total = None
     for activations in runs:
         labels = activations.detach().argmax(-1)
         together = (labels.unsqueeze(0) == labels.unsqueeze(1)).to(torch.float64)
         total = together if total is None else total + together
     return total / len(runs)
+
+
+def _check_consensus(consensus):
+    """A consensus matrix as float64: a dense square tensor of shares in [0, 1] (before,
+    a numpy array failed on ``.to``, a (3, 5) tensor or entries of 5 gave numbers)."""
+    check_real_tensor(consensus, "consensus")
+    if consensus.layout != torch.strided:
+        raise TypeError(f"consensus must be a dense tensor, got layout {consensus.layout}; "
+                        f"use consensus.to_dense()")
+    if consensus.dim() != 2 or consensus.shape[0] != consensus.shape[1]:
+        raise ValueError(f"consensus must be a square (N, N) matrix, got shape {tuple(consensus.shape)}")
+    consensus = consensus.detach().to(torch.float64)
+    if consensus.numel() and not bool(((consensus >= 0) & (consensus <= 1)).all()):  # NaN too
+        low, high = torch.aminmax(consensus)
+        raise ValueError(f"consensus must hold shares in [0, 1] (see consensus_matrix), got "
+                         f"entries from {float(low):g} to {float(high):g}")
+    return consensus
 
 
 def dispersion(consensus):
@@ -113,7 +135,7 @@ def dispersion(consensus):
         >>> round(float(dispersion(C)), 4)
         0.5556
     """
-    consensus = consensus.to(torch.float64)
+    consensus = _check_consensus(consensus)
     return float((4 * (consensus - 0.5) ** 2).mean())
 
 
@@ -138,7 +160,7 @@ def cophenetic_correlation(consensus):
     import numpy as np
     from scipy.cluster.hierarchy import cophenet, linkage
 
-    distances = 1 - consensus.detach().to(torch.float64).cpu().numpy()
+    distances = 1 - _check_consensus(consensus).cpu().numpy()
     n = distances.shape[0]
     upper = distances[np.triu_indices(n, k=1)]
     if upper.size == 0 or np.ptp(upper) == 0:
@@ -254,6 +276,7 @@ def consensus_from_restarts(
     density_threshold = check_non_negative_number(density_threshold, "density_threshold")
     local_neighborhood_size = check_fraction(local_neighborhood_size, "local_neighborhood_size")
     n_init = check_positive_int(n_init, "n_init")
+    seed = check_seed(seed)
     spectra = _unit_spectra(restarts, rank)
     distances = pairwise_distances(spectra)
     neighbours = max(1, int(round(local_neighborhood_size * len(members))))

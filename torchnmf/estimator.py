@@ -14,17 +14,22 @@ Two classes: :class:`TorchNMF` (full-batch fits) and :class:`TorchMiniBatchNMF`
 scikit-learn's parameter documentation and the conversions between the two
 libraries' conventions.
 """
+import contextlib
 import math
 import numbers
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
-from sklearn.utils.validation import check_is_fitted, check_non_negative, check_random_state
+from sklearn.utils.validation import (
+    check_array, check_is_fitted, check_non_negative, check_random_state,
+)
 
 from . import init as _init
 from ._device import usable_device
-from ._validation import check_fits_dtype
+from ._validation import (
+    check_beta_with_zeros, check_fits_dtype, check_non_negative_tensor, check_real_tensor,
+)
 from .io import to_numpy
 from .nmf import NMF
 from .solvers.registry import SOLVERS
@@ -47,9 +52,11 @@ def _torch_dtype(spec):
     """A torch floating dtype from a torch dtype, a numpy dtype or a name."""
     if isinstance(spec, torch.dtype):
         dtype = spec
+    elif isinstance(spec, str) and spec == "bfloat16":  # a name numpy does not know
+        dtype = torch.bfloat16
     else:
-        try:  # (numpy has no bfloat16: its name is taken as it is)
-            name = "bfloat16" if spec == "bfloat16" else np.dtype(spec).name
+        try:
+            name = np.dtype(spec).name
         except TypeError:
             raise TypeError(f"dtype must be a floating dtype or None, got {spec!r}") from None
         dtype = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -78,9 +85,10 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
 
     Parameters
     ----------
-    n_components : int or None, default=None
-        Number of components; None keeps all features (with ``init='custom'``,
-        the number of components of the given factors).
+    n_components : int, 'auto' or None, default=None
+        Number of components; None or 'auto' (scikit-learn's name for it) keep
+        all features (with ``init='custom'``, the number of components of the
+        given factors).
     init : {'random', 'nndsvd', 'nndsvda', 'nndsvdar', 'custom'} or None, default=None
         Starting point. 'random': uniform values scaled to the data's mean.
         The SVD-based starts need :mod:`torchnmf.init`. None: 'nndsvda' when it
@@ -109,7 +117,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         Where to compute; None: the device of a torch input, else the CPU.
     dtype : str, numpy or torch dtype, or None, default=None
         Precision of the computation; None keeps float32 and float64 input as
-        it is and uses float64 otherwise.
+        it is and uses float64 otherwise.  numpy has no bfloat16: numpy
+        outputs (and ``components_``) of a bfloat16 fit are float32.
 
     Attributes
     ----------
@@ -199,16 +208,24 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             )
         return float(loss)
 
+    @staticmethod
+    def _is_strength(value):
+        """A finite non-negative number (before, NaN and inf passed: the minibatch fit
+        took them silently, TorchNMF refused them as NMF.fit's alpha_W)."""
+        return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+                and math.isfinite(value) and value >= 0)
+
     def _alphas(self):
         for name in ("alpha_W", "l1_ratio"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            if not self._is_strength(value):
+                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
         if not self.l1_ratio <= 1:
             raise ValueError(f"l1_ratio must lie in [0, 1], got {self.l1_ratio!r}")
         alpha_H = self.alpha_W if (isinstance(self.alpha_H, str) and self.alpha_H == "same") else self.alpha_H
-        if isinstance(alpha_H, bool) or not isinstance(alpha_H, numbers.Real) or alpha_H < 0:
-            raise ValueError(f"alpha_H must be a non-negative number or 'same', got {self.alpha_H!r}")
+        if not self._is_strength(alpha_H):
+            raise ValueError(
+                f"alpha_H must be a finite non-negative number or 'same', got {self.alpha_H!r}")
         return float(self.alpha_W), float(alpha_H)
 
     def _check_params(self):
@@ -216,19 +233,33 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {self.solver!r}")
         if self.init is not None and self.init not in INITS:
             raise ValueError(f"init must be None or one of {list(INITS)}, got {self.init!r}")
-        if self.n_components is not None and (
+        if self._fixed_rank() and (
             isinstance(self.n_components, bool)
             or not isinstance(self.n_components, numbers.Integral)
             or self.n_components <= 0
         ):
             raise ValueError(
-                f"n_components must be a positive integer or None, got {self.n_components!r}"
+                f"n_components must be a positive integer, 'auto' or None, got {self.n_components!r}"
             )
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or self.max_iter <= 0:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
         if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
             raise ValueError(f"tol must be a non-negative number, got {self.tol!r}")
         return self._beta(), self._alphas()
+
+    def _fixed_rank(self):
+        """Whether ``n_components`` names a number (not None or 'auto')."""
+        return self.n_components is not None and not (
+            isinstance(self.n_components, str) and self.n_components == "auto")
+
+    def _rank(self, n_features, H_custom):
+        """``n_components``, else the rows of a custom ``H``, else every feature (before,
+        'auto', scikit-learn's default since 1.6, was refused)."""
+        if self._fixed_rank():
+            return int(self.n_components)
+        if self.init == "custom" and H_custom is not None:
+            return np.shape(H_custom)[0]
+        return n_features
 
     # -- data ----------------------------------------------------------------------------
     def _device(self, X):
@@ -246,6 +277,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
     def _to_torch(self, X, reset):
         """Validate ``X`` and return it as a torch tensor (sparse COO for sparse input)."""
         if isinstance(X, torch.Tensor):
+            check_real_tensor(X, "X")  # before: a bool X failed inside torch.iinfo
             if X.layout not in (torch.strided, torch.sparse_coo, torch.sparse_csr):
                 raise TypeError(f"X must be a dense, COO or CSR tensor, got layout {X.layout}")
             if X.dim() != 2:
@@ -267,7 +299,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             V = X.to_sparse_coo() if X.layout == torch.sparse_csr else X
             dtype = self._compute_dtype(V.dtype)
             check_fits_dtype(V, dtype, "X", "with dtype='float64'")
-            V = V.to(device=self._device(X), dtype=dtype)
+            # detached: the online solver's in-place products refuse a tensor needing grad
+            V = V.detach().to(device=self._device(X), dtype=dtype)
             values = V._values() if V.is_sparse else V
             if torch.isnan(values).any() or torch.isinf(values).any():
                 raise ValueError("Input X contains NaN or infinity.")
@@ -296,6 +329,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
             V = V.to(device=device, dtype=dtype)
         if V.is_sparse:
             V = V.coalesce()  # NMF.fit takes it as it is, never densified
+        # the online solver divides by X: zeros at beta <= 0 made reconstruction_err_ inf
+        check_beta_with_zeros(V, self._beta(), "X")
         return V
 
     def _output(self, tensor, like):
@@ -323,7 +358,10 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
                     f"init='custom' needs W of shape {(N, rank)} and H of shape {(rank, C)}, "
                     f"got {tuple(H.shape)} and {tuple(W.T.shape)}"
                 )
-            return W.to(V.device, V.dtype), H.to(V.device, V.dtype)
+            # sklearn's names; the online fit wrote into its start, so copies of the caller's
+            check_non_negative_tensor(check_real_tensor(H, "W"), "W")
+            check_non_negative_tensor(check_real_tensor(W, "H"), "H")
+            return W.to(V.device, V.dtype, copy=True), H.to(V.device, V.dtype, copy=True)
         if init == "random":
             mean = float(V.sum()) / (N * C)
             scale = 2 * math.sqrt(max(mean, 0.0) / rank) or 1e-3
@@ -343,12 +381,7 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         beta, (alpha_W, alpha_H) = self._check_params()
         V = self._to_torch(X, reset=True)
         N, C = V.shape
-        if self.n_components is not None:
-            rank = self.n_components
-        elif self.init == "custom" and H_custom is not None:
-            rank = np.shape(H_custom)[0]
-        else:
-            rank = C
+        rank = self._rank(C, H_custom)
         generator = self._generator()
         W, H = self._start(V, rank, self.init, W_custom, H_custom, generator)
         model = NMF(W=W, H=H)
@@ -406,7 +439,8 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         -------
         self : TorchNMF
         """
-        self._fit(X, W, H)
+        with self._unchanged_on_failure():
+            self._fit(X, W, H)
         return self
 
     def fit_transform(self, X, y=None, W=None, H=None):
@@ -416,7 +450,20 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         -------
         W : ndarray or torch.Tensor of shape (n_samples, n_components)
         """
-        return self._output(self._fit(X, W, H), X)
+        with self._unchanged_on_failure():
+            return self._output(self._fit(X, W, H), X)
+
+    @contextlib.contextmanager
+    def _unchanged_on_failure(self):
+        """A call that fails leaves the estimator as it was (before, a fit of bad data
+        left a fitted model expecting the bad data's features, with its old components)."""
+        state = dict(self.__dict__)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(state)
+            raise
 
     def transform(self, X):
         """The codes of ``X`` with the learned components held fixed.
@@ -453,13 +500,15 @@ class TorchNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator)
         """
         check_is_fitted(self)
         W = self._templates.W.detach()
-        if isinstance(X, torch.Tensor):
-            return X.to(W.device, W.dtype) @ W.T
-        X = np.asarray(X)
+        if not isinstance(X, torch.Tensor):  # sparse codes too, as scikit-learn's NMF
+            X = check_array(X, accept_sparse=("csr", "csc"), dtype=[np.float64, np.float32])
+        # before: a tensor of the wrong width failed in torch's product, sparse codes read "got ()"
         if X.ndim != 2 or X.shape[1] != self.n_components_:
             raise ValueError(
-                f"X must have shape (n_samples, {self.n_components_}), got {X.shape}"
+                f"X must have shape (n_samples, {self.n_components_}), got {tuple(X.shape)}"
             )
+        if isinstance(X, torch.Tensor):
+            return X.to(W.device, W.dtype) @ W.T
         return X @ self.components_
 
     @property
@@ -501,8 +550,9 @@ class TorchMiniBatchNMF(TorchNMF):
     max_iter : int, default=200
         The most passes over the data.
     max_no_improvement : int or None, default=10
-        Stop after this many batches without improvement of the smoothed batch
-        cost; None disables.
+        Stop after this many batches without improvement of the batch cost
+        smoothed over about a pass (each batch weighs its share of the samples,
+        as in scikit-learn); None disables.
     forget_factor : float, default=0.7
         The weight of the past statistics after a whole pass over the data, in
         [0, 1], as in scikit-learn: after each batch of ``batch_size`` of the
@@ -640,10 +690,11 @@ class TorchMiniBatchNMF(TorchNMF):
 
         n_total = n_samples if n_total is None else n_total
         scale = self._data_scale
-        # both factors carry the square root of the scale (see _normalise)
+        # both factors carry the square root of the scale (see _normalise); the penalty
+        # on the templates is per sample, weighted by the solver as the samples seen
         return OnlineMU(
             W, beta, self.forget_factor ** (n_samples / n_total),
-            penalty_W=scaled_penalty(Penalty(alpha_H * n_samples, self.l1_ratio), scale, beta,
+            penalty_W=scaled_penalty(Penalty(alpha_H, self.l1_ratio), scale, beta,
                                      0.5, W.dtype),
             penalty_H=scaled_penalty(Penalty(alpha_W * n_features, self.l1_ratio), scale, beta,
                                      0.5, W.dtype),
@@ -725,7 +776,7 @@ class TorchMiniBatchNMF(TorchNMF):
         beta, (alpha_W, alpha_H) = self._check_minibatch_params()
         V, checked = self._prepared(X, reset=True, with_checked=True)
         N, C = V.shape
-        rank = self.n_components or (np.shape(H_custom)[0] if H_custom is not None else C)
+        rank = self._rank(C, H_custom)
         generator = self._generator()
         W, codes = self._start(checked, rank, self.init, W_custom, H_custom, generator)
         V = self._normalise(V, set_scale=True)
@@ -752,7 +803,10 @@ class TorchMiniBatchNMF(TorchNMF):
                     on_batch(online.W * root, codes * root, steps)
                 if watch:
                     cost /= end - start
-                    smoothed = cost if smoothed is None else 0.9 * smoothed + 0.1 * cost
+                    # averaged over about a pass, as scikit-learn's (a fixed 0.1, ten
+                    # batches, stopped batches of 50 digits after 61 steps, 12% above)
+                    weight = min(1.0, (end - start) / (N + 1))
+                    smoothed = cost if smoothed is None else (1 - weight) * smoothed + weight * cost
                 if self.tol > 0 and steps > 1:  # W's relative change in the step
                     previous = online.reference
                     change = float((online.W - previous).norm() / previous.norm().clamp_min(1e-300))
@@ -768,8 +822,10 @@ class TorchMiniBatchNMF(TorchNMF):
             if stop:
                 break
         self.n_iter_, self.n_steps_ = epochs, steps
-        # the codes of the last pass, refined against the final components
-        codes = self._solve_codes(V, online, rank, codes)
+        # the codes of the last pass, refined against the final components; with fresh
+        # restarts solved afresh, as transform solves them (scikit-learn's checks want
+        # fit_transform(X) == fit(X).transform(X): from the last pass they differed by 5%)
+        codes = self._solve_codes(V, online, rank, None if self.fresh_restarts else codes)
         self._finish(online, V, codes, beta, rank)
         return codes * root if root != 1 else codes
 
@@ -795,10 +851,14 @@ class TorchMiniBatchNMF(TorchNMF):
         -------
         self : TorchMiniBatchNMF
         """
+        with self._unchanged_on_failure():
+            return self._partial_fit(X, W, H)
+
+    def _partial_fit(self, X, W, H):
         first = not hasattr(self, "_online_state")
         beta, (alpha_W, alpha_H) = self._check_minibatch_params()
         V = self._prepared(X, reset=first)
-        rank = self.n_components or (np.shape(H)[0] if H is not None else V.shape[1])
+        rank = self._rank(V.shape[1], H)
         if first:
             W_start, _ = self._start(V, rank, self.init if self.init != "nndsvda" or
                                      rank <= min(V.shape) else "random", W, H, self._generator())

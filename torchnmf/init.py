@@ -537,6 +537,12 @@ def initialize(V, rank, method="nndsvda", *, generator=None, sample_rows=None, p
         if process_group is None:
             raise
         join(process_group, timeout, None, failure=error)
+    if method != "random" and V.dtype in (torch.float16, torch.bfloat16):
+        # torch has no SVD in half precision (on any device; before, its NotImplementedError
+        # ended the estimator's dtype='float16' fits): a float32 start, cast back
+        W, H = initialize(V.float(), rank, method, generator=generator, sample_rows=sample_rows,
+                          process_group=process_group, timeout=timeout)
+        return W.to(V.dtype), H.to(V.dtype)
     reduction = None
     if process_group is not None:
         settings = {"columns": V.shape[1], "rank": rank, "method": method, "dtype": str(V.dtype)}
@@ -549,9 +555,6 @@ def initialize(V, rank, method="nndsvda", *, generator=None, sample_rows=None, p
         if method == "random":
             return _random(V, rank, mean, generator, reduction)
         step = 1 if sample_rows is None else max(1, V.shape[0] // sample_rows)
-        given = V.dtype
-        if given not in _SVD_DTYPES:  # (float16, bfloat16: torch's SVD raised inside)
-            V = V.to(torch.float32)
         W, H, dead = _nndsvd(V, rank, generator, reduction, step)
         # the fill has the factors' scale, sqrt(mean), so that a start for c V is
         # sqrt(c) times the start for V; the mean itself (Boutsidis & Gallopoulos,
@@ -582,8 +585,4 @@ def initialize(V, rank, method="nndsvda", *, generator=None, sample_rows=None, p
             W_random, H_random = _random(V, rank, mean, generator, reduction)
             W[:, dead] = W_random[:, dead]
             H[:, dead] = H_random[:, dead]
-    return W.to(given), H.to(given)
-
-
-# the dtypes torch's singular value decompositions take; NNDSVD of others runs in float32
-_SVD_DTYPES = (torch.float32, torch.float64)
+    return W, H

@@ -38,6 +38,7 @@ from ._validation import (
     check_beta_with_zeros,
     check_observed_everywhere,
     check_positive_int,
+    check_seed,
 )
 from .models.fitting import START_MISMATCH, check_fit_options
 from .solvers.loop import run_batched_fit
@@ -144,6 +145,8 @@ def check_ranks(rank):
         >>> check_ranks(range(2, 5))
         [2, 3, 4]
     """
+    if getattr(rank, "ndim", None) == 1:  # a numpy array or tensor (np.arange(2, 8))
+        rank = rank.tolist()
     if isinstance(rank, (list, tuple, range)):
         ranks = [check_positive_int(r, "rank") for r in rank]
         if not ranks:
@@ -318,6 +321,7 @@ def fit_restarts(
     """
     beta, tol, max_iter, alpha, l1_ratio = check_fit_options(beta, tol, max_iter, alpha, l1_ratio)
     ranks = check_ranks(rank)
+    seed = check_seed(seed)
     solver_cls = get_solver(solver, beta)
     if rank_layout not in RANK_LAYOUTS:
         raise ValueError(f"rank_layout must be one of {list(RANK_LAYOUTS)}, got {rank_layout!r}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._validation import ConvergenceWarning, check_positive_int
+from ._validation import ConvergenceWarning, check_positive_int, check_seed
 from .restarts import check_ranks, fit_restarts, prepare_matrix
 from .targets import statistics
 from .targets.prepare import prepare_target
@@ -143,13 +143,23 @@ def _quiet(function, *args, **kwargs):
         return function(*args, **kwargs)
 
 
-def _entry_folds(shape, n_folds, generator, device):
-    """A random fold (0 .. n_folds - 1) for every entry, every fold the same size (+-1)."""
-    count = shape[0] * shape[1]
-    order = torch.randperm(count, generator=generator)
-    folds = torch.empty(count, dtype=torch.int64)
-    folds[order] = torch.arange(count) % n_folds
-    return folds.view(shape).to(device)
+def _entry_folds(observed, n_folds, generator):
+    """A random fold (0 .. n_folds - 1) for every observed entry, every fold the same
+    size (+-1), except -1 for a random observed entry of every row and column: those
+    train in every fold, so that no fold hides a whole row or column (before, a fold
+    of 5 x 1000 data hid all five entries of some column, and the fits refused the
+    "mask" the caller never gave)."""
+    N, C = observed.shape
+    observed = observed.cpu()
+    scores = torch.rand(N, C, generator=generator, dtype=torch.float64).masked_fill_(~observed, -1)
+    kept = torch.zeros(N, C, dtype=torch.bool)
+    kept[torch.arange(N), scores.argmax(1)] = True
+    kept[scores.argmax(0), torch.arange(C)] = True
+    free = (observed & ~kept).flatten().nonzero().squeeze(1)
+    order = torch.randperm(free.numel(), generator=generator)
+    folds = torch.full((N * C,), -1, dtype=torch.int64)
+    folds[free[order]] = torch.arange(free.numel()) % n_folds
+    return folds.view(N, C)
 
 
 def cross_validate(V, ranks, n_folds=5, n_restarts=4, beta=2, tol=1e-4, max_iter=300, *,
@@ -159,7 +169,8 @@ def cross_validate(V, ranks, n_folds=5, n_restarts=4, beta=2, tol=1e-4, max_iter
     Args:
         V (Tensor): the ``(N, C)`` target, dense or sparse.
         ranks (sequence of int): the ranks to try.
-        n_folds (int): the folds; each hides ``1 / n_folds`` of the entries.
+        n_folds (int): the folds; each hides ``1 / n_folds`` of the entries, never a
+            whole row or column (a random entry of each trains in every fold).
         n_restarts (int): restarts per rank and fold; the best by training
             objective is scored.
         beta, tol, max_iter, solver: as in :func:`~torchnmf.restarts.fit_restarts`.
@@ -192,9 +203,16 @@ def cross_validate(V, ranks, n_folds=5, n_restarts=4, beta=2, tol=1e-4, max_iter
             f"n_folds must be at most the number of entries of V ({V.shape[0] * V.shape[1]}): "
             f"every fold holds out at least one, got {n_folds}"
         )
+    seed = check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    folds = _entry_folds(V.shape, n_folds, generator, V.device)
     observed = torch.ones(V.shape, dtype=torch.bool, device=V.device) if mask is None else mask
+    folds = _entry_folds(observed, n_folds, generator).to(V.device)
+    free = int((folds >= 0).sum())
+    if n_folds > free:
+        raise ValueError(
+            f"n_folds must be at most the number of entries of V that can be held out ({free}: "
+            f"every row and column keeps an observed entry in every fold), got {n_folds}"
+        )
     errors = torch.zeros(n_folds, len(ranks), dtype=torch.float64)
     for fold in range(n_folds):
         heldout = (folds == fold) & observed
@@ -269,6 +287,7 @@ def bi_cross_validate(V, ranks, row_folds=2, column_folds=2, n_restarts=4, beta=
             f"({smallest} for V of shape {tuple(V.shape)} with {row_folds} x {column_folds} "
             f"folds), got {max(ranks)}"
         )
+    seed = check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     row_groups, column_groups = _groups(N, row_folds, generator), _groups(C, column_folds, generator)
     errors = torch.zeros(row_folds * column_folds, len(ranks), dtype=torch.float64)

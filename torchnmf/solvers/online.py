@@ -27,7 +27,10 @@ scikit-learn's one-pass loss, one sample 1.0), and
 
     W \leftarrow \tilde W \odot \Big(\frac{A_t}{\tilde W \odot (B_t + \lambda)}\Big)^{\gamma(\beta)},
 
-(:math:`\lambda` the elastic-net gradient on ``W``).  For
+(:math:`\lambda` the elastic-net gradient on ``W`` of ``penalty_W`` per row,
+times :math:`n_t + \rho n_{t-1} + \rho^2 n_{t-2} + \dots`, the rows of the
+batches weighted as their statistics are: each batch's objective carries the
+penalty of its rows, as scikit-learn's ``MiniBatchNMF`` accumulates it).  For
 :math:`1 \le \beta \le 2` (:math:`\gamma = 1`) this is the exact minimiser of
 the surrogate
 
@@ -116,7 +119,10 @@ class OnlineMU:
             statistics after each batch (0 forgets them; 1 keeps all).  The
             minibatch estimator passes ``forget_factor ** (batch_size / n)``, so
             that its ``forget_factor`` is the weight after a whole pass.
-        penalty_W, penalty_H (Penalty): elastic-net penalties.
+        penalty_W (Penalty): the elastic-net penalty on ``W`` per row of a batch;
+            a step applies it times the forgetting-weighted rows seen
+            (``penalty_rows``), as the statistics weigh them.
+        penalty_H (Penalty): the elastic-net penalty on each batch's ``H``.
         max_iter_H (int), tol_H (float): the multiplicative updates of each
             batch's activations.
 
@@ -124,6 +130,7 @@ class OnlineMU:
         A, B (Tensor): the accumulated statistics (``None`` before the first batch).
         reference (Tensor): ``W`` before the last step (``None`` before the first).
         n_batches (int): the batches seen.
+        penalty_rows (float): the rows seen, each weighted as its batch's statistics.
     """
 
     def __init__(self, W, beta, forget_factor=0.7, penalty_W=Penalty(), penalty_H=Penalty(),
@@ -144,6 +151,7 @@ class OnlineMU:
         self.max_iter_H, self.tol_H = max_iter_H, tol_H
         self.A = self.B = self.reference = None
         self.n_batches = 0
+        self.penalty_rows = 0.0
 
     def activations(self, V, H):
         """Solve ``H`` (in place, a start of shape ``(n, R)``) for the batch ``V``."""
@@ -179,7 +187,12 @@ class OnlineMU:
         # the batch's terms are its own (a fresh statistics object): updated in place
         self.A.mul_(self.forget_factor).addcmul_(negative, self.W)
         self.B.mul_(self.forget_factor).add_(positive)
-        if self.gamma == 1 and not self.penalty_W:
+        # before, the penalty of one batch met the statistics of ~1 / (1 - rho) batches:
+        # 20 times too weak on the digits with batches of 256
+        self.penalty_rows = self.forget_factor * self.penalty_rows + V.shape[0]
+        penalty_W = self.penalty_W and Penalty(self.penalty_W.alpha * self.penalty_rows,
+                                               self.penalty_W.l1_ratio)
+        if self.gamma == 1 and not penalty_W:
             # the step below with gamma = 1 and no penalty: W = A / B, without the
             # division by W and multiplication by it (two passes over W per batch),
             # written into a second buffer: the templates the step started from stay
@@ -196,6 +209,6 @@ class OnlineMU:
             # W <- W (A / (W (B + penalty)))^gamma: a multiplicative step whose parts
             # are the accumulated A / W and B
             mu_update_(self.W, self.A / self.W.clamp_min(torch.finfo(self.W.dtype).tiny),
-                       self.B, self.gamma, self.penalty_W)
+                       self.B, self.gamma, penalty_W)
         self.n_batches += 1
         return H, float(divergence[0]) if cost else None
