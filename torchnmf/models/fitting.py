@@ -192,7 +192,7 @@ def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **opt
     normalisation = Normalisation(H, W, scale, carrier, beta, update_H, update_W)
     if update_H or update_W:
         _match_start(model, normalisation, total / max(count, 1) / scale, reduction,
-                     V.shape)
+                     V.shape, {"H": options.get("fixed_H"), "W": options.get("fixed_W")})
     penalised = any(options.get(f"penalty_{name}") for name in ("H", "W"))
     fixed = any(options.get(f"fixed_{name}") is not None for name in ("H", "W"))
     if update_H and update_W and not penalised and not fixed:
@@ -215,9 +215,14 @@ def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **opt
 START_MISMATCH = 2.0**20
 
 
-def _match_start(model, normalisation, mean_target, reduction, shape):
-    """Scale the carrying working factor by a power of two when the start is far off
-    (the same decision on every process)."""
+def _match_start(model, normalisation, mean_target, reduction, shape, fixed):
+    """Scale the free components of a learnt working factor by a power of two when
+    the start is far off (the same decision on every process).
+
+    The carrier is scaled when it is learnt, the other factor otherwise: a held
+    factor (``update_W=False``) and fixed components (``fixed``: the indices per
+    factor, or ``None``) are part of the problem, not of the start.
+    """
     working = normalisation.working
     with torch.no_grad():
         mean_start = float(model._mean_reconstruction(working["H"].double(), working["W"].double()))
@@ -229,7 +234,15 @@ def _match_start(model, normalisation, mean_target, reduction, shape):
     ratio = mean_target / mean_start
     if 1 / START_MISMATCH <= ratio <= START_MISMATCH:
         return
-    working[normalisation.carrier].mul_(2.0 ** round(math.log2(ratio)))
+    other = "W" if normalisation.carrier == "H" else "H"
+    for name in (normalisation.carrier, other):
+        factor = working[name]
+        free = torch.ones(factor.shape[1], dtype=torch.bool, device=factor.device)
+        if fixed[name] is not None:
+            free[fixed[name]] = False
+        if normalisation.update[name] and free.any():
+            factor[:, free] *= 2.0 ** round(math.log2(ratio))
+            return
 
 
 def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=None, desc="fit",
