@@ -463,27 +463,30 @@ class SparseMatrixStats:
         return power_sum(self.by_rows.values, 2 * self.beta)
 
     def explicit_divergence(self, H, W):
-        """The divergence summed entry by entry in float64 (slow, accurate)."""
+        """The divergence summed entry by entry in float64 (slow, accurate).
+
+        One block of rows at a time: the reconstruction's block and ``V``'s, made
+        dense, so that every entry, stored or zero, adds its own non-negative term
+        (the zeros' terms summed over every entry less the stored entries' left
+        ``eps * sum R^beta`` of cancellation, far above a nearly exact fit's value).
+        """
         beta, side = self.beta, self.by_rows
-        H64, W64 = H.double(), W.double()
-        rows = torch.repeat_interleave(
-            torch.arange(self.shape[0], device=H.device), side.crow_indices.diff()
-        )
+        W64 = W.double()
+        rows = entry_rows(side.crow_indices, side.col_indices.shape[0])
+        values = side.values.double()
         total = torch.zeros((), dtype=torch.float64, device=H.device)
-        chunk = max(1, (1 << 20) // max(H.shape[1], 1))
-        for start in range(0, rows.numel(), chunk):  # the stored entries
-            stop = start + chunk
-            R = (H64[rows[start:stop]] * W64[side.col_indices[start:stop]]).sum(1)
+        for start in range(0, self.shape[0], side.rows):
+            stop = min(start + side.rows, self.shape[0])
+            R = H[start:stop].double() @ W64.T
             if beta != 2:
                 R.clamp_min_(self.eps)
-            total += (pointwise_divergence(side.values[start:stop], R, beta)
-                      - R.pow(beta) / beta).sum()
-        for start in range(0, self.shape[0], side.rows):  # every entry as if zero
-            R = H64[start:start + side.rows] @ W64.T
-            if beta != 2:
-                R.clamp_min_(self.eps)
-            total += R.pow(beta).sum() / beta
-        return total.clamp_min(0)
+            first, last = int(side.crow_indices[start]), int(side.crow_indices[stop])
+            block = torch.zeros_like(R).index_put_(
+                (rows[first:last] - start, side.col_indices[first:last]), values[first:last],
+                accumulate=True,
+            )
+            total += pointwise_divergence(block, R, beta).sum()
+        return total
 
     def _work_buffer(self):
         if self._work is None:
