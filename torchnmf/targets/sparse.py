@@ -478,14 +478,12 @@ class SparseMatrixStats:
         for start in range(0, self.shape[0], side.rows):
             stop = min(start + side.rows, self.shape[0])
             R = H[start:stop].double() @ W64.T
-            if beta != 2:
-                R.clamp_min_(self.eps)
             first, last = int(side.crow_indices[start]), int(side.crow_indices[stop])
             block = torch.zeros_like(R).index_put_(
                 (rows[first:last] - start, side.col_indices[first:last]), values[first:last],
                 accumulate=True,
             )
-            total += pointwise_divergence(block, R, beta).sum()
+            total += pointwise_divergence(block, R, beta, self.eps).sum()
         return total
 
     def _work_buffer(self):
