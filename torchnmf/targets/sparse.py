@@ -205,9 +205,10 @@ def transposed_product(col_indices, rows, values, dense, n_columns, column_major
 def blocked_power_product_(out, A, B, exponent, eps, rows, work, want_power_sum=True):
     r"""``out = (A B^\top)^{exponent} B`` in row blocks, the reconstruction floored at ``eps``.
 
-    ``work`` is a flat buffer of at least ``rows * B.shape[-2]`` elements: the
-    power overwrites the reconstruction in place, so the largest temporary is
-    ``rows`` rows of the reconstruction.  ``A`` and ``B`` may be stacks
+    ``work`` is a flat buffer of at least ``max(rows, K) * B.shape[-2]`` elements
+    (``K`` members of a stack, 1 otherwise): the power overwrites the
+    reconstruction in place, so the largest temporary is ``rows`` rows of the
+    reconstruction (one row of each member where ``rows < K``).  ``A`` and ``B`` may be stacks
     ``(K, n, R)`` and ``(K, m, R)`` (then a block holds ``rows / K`` rows of
     each).  Returns :math:`\sum (A B^\top)^{exponent + 1}` over every entry
     (float64, one per member of a stack), or ``None`` when ``want_power_sum``
@@ -486,12 +487,14 @@ class SparseMatrixStats:
             total += pointwise_divergence(block, R, beta, self.eps).sum()
         return total
 
-    def _work_buffer(self):
-        if self._work is None:
+    def _work_buffer(self, least=0):
+        """The flat work buffer of the power products, of at least ``least`` elements
+        (a stack of members takes a row of each at the least)."""
+        if self._work is None or self._work.numel() < least:
             N, C = self.shape
             block = self.block_elements or SPARSE_BLOCK_ELEMENTS
             columns_rows = max(1, min(C, block // max(N, 1)))
-            size = max(self.by_rows.rows * C, columns_rows * N)
+            size = max(self.by_rows.rows * C, columns_rows * N, least)
             self._work = self.by_rows.values.new_empty(size)
         return self._work
 
@@ -533,7 +536,8 @@ class SparseMatrixStats:
         recon.mul_(values)
         negative = side.product(recon, B, layout_of=A)
         power = blocked_power_product_(
-            positive, A, B, beta - 1, self.eps, side.rows, self._work_buffer(), want_divergence
+            positive, A, B, beta - 1, self.eps, side.rows,
+            self._work_buffer(math.prod(batch_shape(A)) * B.shape[-2]), want_divergence
         )
         if want_divergence:
             divergence = self.constant + power / beta - cross / (beta - 1)
