@@ -332,3 +332,25 @@ def test_sparse_nan_and_sparse_mask(generator):
         assert_close(model.W, reference.W)
         assert_close(model.H, reference.H)
     assert torch.equal(sparse_nan.values().isnan(), before.values().isnan())
+
+
+@pytest.mark.parametrize("solver,beta,block_rows", [
+    ("mu", 0.5, None), ("mu", 0.5, 2), ("mu", 3, None), ("mu", 3, 2), ("hals", 2, None),
+])
+def test_hidden_rows_of_a_held_factor_do_not_steer_the_fit(solver, beta, block_rows, generator):
+    # rows hidden by the mask (their H held) equal a fit of the observed rows alone;
+    # the start's mean reconstruction, against the data's to bring a far-off start to
+    # its scale, counted the hidden rows (here 1e9), so the two fits started apart
+    V = torch.rand(6, 5, generator=generator, dtype=torch.float64) + 0.1
+    W0 = torch.rand(5, 2, generator=generator, dtype=torch.float64)
+    H0 = torch.rand(6, 2, generator=generator, dtype=torch.float64)
+    H0[0] = 1e9
+    observed = torch.ones(V.shape, dtype=torch.bool)
+    observed[0] = False
+    options = dict(beta=beta, solver=solver, tol=0, max_iter=5)
+    masked = NMF(W=W0, H=H0, trainable_H=False)
+    masked.fit(V, mask=observed, block_rows=block_rows, **options)
+    alone = NMF(W=W0, H=H0[1:], trainable_H=False)
+    alone.fit(V[1:], **options)
+    assert_close(masked.W.detach(), alone.W.detach(), rtol=1e-9, atol=0)
+    assert_close(torch.tensor(masked.loss_history), torch.tensor(alone.loss_history), rtol=1e-9, atol=0)

@@ -269,3 +269,16 @@ def test_members_refused_at_the_rounding_floor_stop_as_converged(dtype, generato
         assert history[-1] == history[-2]  # the refused iteration did not move
         residual = result.H[k].double() @ result.W[k].double().T - V.double()
         assert history[-1] == pytest.approx(float(0.5 * residual.pow(2).sum()), rel=0.01)
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (4, 1)])
+def test_sparse_members_of_a_single_row_or_column(shape, generator):
+    # beta not in {1, 2} on a sparse target: the reconstruction's work buffer held one
+    # row block, of fewer rows than members, and the batched power product failed
+    # inside torch ("shape '[3, 1, 4]' is invalid for input of size 4")
+    V = torch.rand(shape, generator=generator, dtype=torch.float64) + 0.1
+    W0, H0 = starts(V, 2, 3)
+    fit = dict(beta=1.5, tol=0, max_iter=5)
+    result = batched(V.to_sparse(), W0, H0, **fit)
+    models, n_iters = sequential(V, W0, H0, **fit)
+    assert_members_equal(result, models, n_iters)

@@ -256,3 +256,43 @@ def test_tol_where_the_objective_underflows(beta, k, generator):
     assert n_scaled == n_reference
     assert torch.equal(scaled.H.detach(), reference.H.detach() * 2.0**k)
     assert torch.equal(scaled.W.detach(), reference.W.detach())
+
+
+def _naive_mu_H(V, W, H, n_iter):
+    """Euclidean multiplicative updates of ``H`` alone (``W`` fixed)."""
+    for _ in range(n_iter):
+        H = H * (V @ W) / (H @ W.T @ W)
+    return H
+
+
+@pytest.mark.parametrize("k", [-40, 40])
+def test_fixed_templates_with_a_start_far_from_the_data(k, generator):
+    # with W held (trainable_W=False or a transform) the scale may ride on W; a start
+    # 2**40 off the data then multiplied that working W by a power of two that was never
+    # undone, so H fitted other templates (off by 2**23 at 2**-40)
+    V = 2.0**k * torch.rand(6, 4, generator=generator, dtype=torch.float64)
+    W0 = torch.rand(4, 2, generator=generator, dtype=torch.float64)
+    H0 = torch.rand(6, 2, generator=generator, dtype=torch.float64)
+    expected = _naive_mu_H(V, W0, H0, 3)
+    model = NMF(W=W0.clone(), H=H0.clone(), trainable_W=False)
+    model.fit(V, beta=2, tol=0, max_iter=3)
+    assert_close(model.H.detach(), expected, rtol=1e-10, atol=0)
+    codes = NMF(W=W0.clone()).transform(V, beta=2, tol=0, max_iter=3, H=H0.clone())
+    assert_close(codes, expected, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["mu", "hals", "mu_extrapolated"])
+@pytest.mark.parametrize("k", [-40, 40])
+def test_fixed_components_stay_with_a_start_far_from_the_data(solver, k, generator):
+    # bringing a start 2**40 off the data to its scale multiplied every column of
+    # the carrying factor, the fixed ones too
+    V = 2.0**k * torch.rand(6, 4, generator=generator, dtype=torch.float64)
+    W0 = torch.rand(4, 3, generator=generator, dtype=torch.float64)
+    H0 = torch.rand(6, 3, generator=generator, dtype=torch.float64)
+    for fixed in (dict(fixed_H=[1]), dict(fixed_H=[0, 2], fixed_W=[1])):
+        model = NMF(W=W0.clone(), H=H0.clone())
+        model.fit(V, beta=2, tol=0, max_iter=3, solver=solver, **fixed)
+        for name, start in (("H", H0), ("W", W0)):
+            kept = fixed.get(f"fixed_{name}", [])
+            assert torch.equal(getattr(model, name).detach()[:, kept], start[:, kept])
+        assert (model.H.detach() @ model.W.detach().T).mean() / V.mean() > 1e-3

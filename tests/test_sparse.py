@@ -397,3 +397,21 @@ def test_entry_rows_name_each_stored_entrys_row(index_dtype, generator):
     rows = entry_rows(crow, csr.values().shape[0])
     assert rows.dtype == index_dtype
     assert torch.equal(rows.long(), dense.nonzero()[:, 0])  # nonzero lists row by row
+
+
+@pytest.mark.parametrize("beta", [1.5, 2, 3])
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+def test_explicit_divergence_is_accurate_at_an_exact_fit(beta, layout, generator):
+    # entries up to 1e5 among ones, fitted exactly: the divergence near there was taken as the zeros' terms summed over every entry
+    # minus those of the stored ones, whose cancellation left eps * sum R^beta (at
+    # beta=3 the fit's objective came in steps of 64, and rounding noise stopped it)
+    W = torch.rand(5, 2, generator=generator, dtype=torch.float64) + 0.1
+    H = torch.rand(6, 2, generator=generator, dtype=torch.float64) + 0.1
+    H[0, 0] = 1e5
+    V = H @ W.T
+    V[2, 3] = 0.0
+    perturbed = H * (1 + 1e-6 * torch.rand(6, 2, generator=generator, dtype=torch.float64))
+    dense = DenseMatrixStats(V, beta).explicit_divergence(perturbed, W)
+    sparse = SparseMatrixStats(LAYOUTS[layout](V), beta).explicit_divergence(perturbed, W)
+    assert float(dense) > 0
+    assert float(sparse) == pytest.approx(float(dense), rel=1e-9)

@@ -111,6 +111,10 @@ class BaseComponent(FactorModule):
         """The mean entry of ``reconstruct(H, W)``."""
         return self.reconstruct(H, W).mean()
 
+    def _observed_sum(self, H, W, mask):
+        """The sum of ``reconstruct(H, W)`` over the entries where ``mask`` is True (float)."""
+        return float(self.reconstruct(H, W)[mask].sum())
+
     def _statistics(self, V, beta, mask=None):
         """The statistics object of the target kind of ``V`` (see :mod:`torchnmf.targets`)."""
         reconstruct = None if self._closed_form else self.reconstruct
@@ -659,6 +663,15 @@ class NMF(BaseComponent):
     def _mean_reconstruction(self, H, W):
         # closed form: no (N, C) reconstruction, which a sparse V must never cause
         return (H.sum(0) @ W.sum(0)) / (H.shape[0] * W.shape[0])
+
+    def _observed_sum(self, H, W, mask):
+        # sum over observed (n, c) of H[n] . W[c], in row blocks of about 2**22 entries:
+        # no (N, C) reconstruction, nor a floating copy of the whole mask
+        rows = max(1, (1 << 22) // max(mask.shape[1], 1))
+        return sum(
+            float(torch.linalg.vecdot(H[start:start + rows], mask[start:start + rows].to(H.dtype) @ W).sum())
+            for start in range(0, mask.shape[0], rows)
+        )
 
     def _initial_factors(self, V, method, generator, process_group=None, timeout=None):
         return _init.initialize(V, self.rank, method, generator=generator,

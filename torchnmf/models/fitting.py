@@ -197,7 +197,7 @@ def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **opt
     normalisation = Normalisation(H, W, scale, carrier, beta, update_H, update_W, dtype)
     if update_H or update_W:
         _match_start(model, normalisation, total / max(count, 1) / scale, reduction,
-                     V.shape)
+                     V, mask, count, {"H": options.get("fixed_H"), "W": options.get("fixed_W")})
     penalised = any(options.get(f"penalty_{name}") for name in ("H", "W"))
     fixed = any(options.get(f"fixed_{name}") is not None for name in ("H", "W"))
     if update_H and update_W and not penalised and not fixed:
@@ -220,21 +220,53 @@ def make_problem(model, V, mask, H, W, beta, reduction=None, carrier=None, **opt
 START_MISMATCH = 2.0**20
 
 
-def _match_start(model, normalisation, mean_target, reduction, shape):
-    """Scale the carrying working factor by a power of two when the start is far off
-    (the same decision on every process)."""
+def _observed_reconstruction_sum(model, H, W, V, mask):
+    """The sum of ``model.reconstruct(H, W)`` over the observed entries of ``V`` (a
+    float; a masked streamed ``V`` is read once more for its mask)."""
+    if isinstance(V, StreamedTarget) and V.may_hide:
+        total = 0.0
+        for start, stop, _, block_mask in V.blocks():
+            rows = H[start:stop]
+            total += (float(model._mean_reconstruction(rows, W)) * (stop - start) * W.shape[0]
+                      if block_mask is None else model._observed_sum(rows, W, block_mask))
+        return total
+    if mask is None:
+        return float(model._mean_reconstruction(H, W)) * math.prod(V.shape)
+    return model._observed_sum(H, W, mask)
+
+
+def _match_start(model, normalisation, mean_target, reduction, V, mask, count, fixed):
+    """Scale the free components of a learnt working factor by a power of two when
+    the start's mean reconstruction over the observed entries (``count`` of them, on
+    every process) is far from the target's (the same decision on every process).
+
+    The carrier is scaled when it is learnt, the other factor otherwise: a held
+    factor (``update_W=False``) and fixed components (``fixed``: the indices per
+    factor, or ``None``) are part of the problem, not of the start.  Hidden
+    entries take no part: a masked fit of whole rows then starts as the fit of the
+    observed rows alone does.
+    """
     working = normalisation.working
     with torch.no_grad():
-        mean_start = float(model._mean_reconstruction(working["H"].double(), working["W"].double()))
+        start_sum = _observed_reconstruction_sum(
+            model, working["H"].double(), working["W"].double(), V, mask)
     if reduction is not None:
-        entries = math.prod(shape)
-        mean_start = reduction.sum_float(mean_start * entries) / max(reduction.sum_float(entries), 1)
+        start_sum = reduction.sum_float(start_sum)
+    mean_start = start_sum / max(count, 1)
     if not (mean_start > 0 and mean_target > 0 and math.isfinite(mean_start)):
         return
     ratio = mean_target / mean_start
     if 1 / START_MISMATCH <= ratio <= START_MISMATCH:
         return
-    working[normalisation.carrier].mul_(2.0 ** round(math.log2(ratio)))
+    other = "W" if normalisation.carrier == "H" else "H"
+    for name in (normalisation.carrier, other):
+        factor = working[name]
+        free = torch.ones(factor.shape[1], dtype=torch.bool, device=factor.device)
+        if fixed[name] is not None:
+            free[fixed[name]] = False
+        if normalisation.update[name] and free.any():
+            factor[:, free] *= 2.0 ** round(math.log2(ratio))
+            return
 
 
 def run_problem(problem, make_solver, tol, max_iter, verbose=False, callback=None, desc="fit",

@@ -225,12 +225,10 @@ class DenseMatrixStats:
         total = torch.zeros((), dtype=torch.float64, device=H.device)
         for k, (start, stop) in enumerate(blocks):
             R = (H[start:stop].double() @ W64.T)
-            if self.beta != 2:
-                R.clamp_min_(self.eps)
             if references is None:
-                total += pointwise_divergence(self.V[start:stop], R, self.beta).sum()
+                total += pointwise_divergence(self.V[start:stop], R, self.beta, self.eps).sum()
             else:
-                total += references[k].divergence(R).sum()
+                total += references[k].divergence(R, self.eps).sum()
         return host_value(total) if len(blocks) == 1 else total
 
     # -- set-up ---------------------------------------------------------------

@@ -155,11 +155,9 @@ class MaskedMatrixStats:
         W64 = W.double()
         for start, stop in self._blocks(H.shape[0]):
             R = (H[start:stop].double() @ W64.T)
-            if self.beta != 2:
-                R.clamp_min_(self.eps)
             V = self.source(start, stop)
             mask = self.mask[start:stop]
-            total += pointwise_divergence(V[mask], R[mask], self.beta).sum()
+            total += pointwise_divergence(V[mask], R[mask], self.beta, self.eps).sum()
         return total
 
     def observed_target(self):
@@ -174,7 +172,11 @@ class MaskedMatrixStats:
         start:stop; the last is ``None`` unless ``with_divergence``."""
         beta = self.beta
         V, weight = self.source(start, stop), self.mask[start:stop].to(self.dtype)
-        WH = (H[..., start:stop, :] @ W.mT).clamp_min_(self.eps)
+        product = H[..., start:stop, :] @ W.mT
+        # the power sum below takes the product unfloored: an exact zero of the
+        # reconstruction adds exactly zero there, as in the dense closed form
+        keeps_product = with_divergence and beta not in (0, 1, 2)
+        WH = product.clamp_min(self.eps) if keeps_product else product.clamp_min_(self.eps)
         part = None
         if beta == 2:
             positive_out = WH * weight
@@ -197,7 +199,7 @@ class MaskedMatrixStats:
         negative_out.mul_(V)
         positive_out = power.mul_(weight)
         if with_divergence:
-            part = (_inner(positive_out, WH) / beta
+            part = (_inner(positive_out, product) / beta
                     - self._cross_inner(negative_out, WH) / (beta - 1))
         return negative_out, positive_out, part
 

@@ -89,9 +89,14 @@ def cancellation_threshold(magnitude, squares, dtype):
     return max(CANCELLATION * torch.finfo(dtype).eps * magnitude, NOISE * spread)
 
 
-def pointwise_divergence(V, R, beta):
-    """Entry-wise :math:`d_\\beta(V | R)` in float64, non-negative, accurate near ``V == R``."""
-    return PointwiseReference(V, beta).divergence(R)
+def pointwise_divergence(V, R, beta, floor=0.0):
+    """Entry-wise :math:`d_\\beta(V | R)` in float64, non-negative, accurate near ``V == R``.
+
+    ``floor`` is the least value of ``R`` taken where ``V`` is positive (the fits'
+    ``eps``); where ``V`` is zero ``R`` is taken as it is, so that an exact zero of
+    both adds exactly zero (not ``floor^beta / beta``, 0.27 at ``beta=0.1``).
+    """
+    return PointwiseReference(V, beta).divergence(R, floor)
 
 
 class PointwiseReference:
@@ -110,23 +115,27 @@ class PointwiseReference:
             self.safe_V = torch.where(self.positive, self.V, torch.ones_like(self.V))
             self.V_power = self.safe_V.pow(beta)
 
-    def divergence(self, R):
-        """Entry-wise :math:`d_\\beta(V | R)` in float64 for ``R`` of ``V``'s shape."""
+    def divergence(self, R, floor=0.0):
+        """Entry-wise :math:`d_\\beta(V | R)` in float64 for ``R`` of ``V``'s shape,
+        ``R`` floored at ``floor`` where ``V`` is positive (see :func:`pointwise_divergence`)."""
         beta = self.beta
         R = R.double()
         if beta == 2:  # (R - V)^2 / 2: no cancellation to avoid, and zeros of V included
             return torch.sub(R, self.V).square_().mul_(0.5)
+        zeros = R.pow(beta).div_(beta) if beta > 0 and self.zeros else None
+        if floor > 0:
+            R = R.clamp_min(floor)
         safe_V = self.safe_V
         ratio = torch.sub(R, safe_V).div_(safe_V)  # R / V - 1, exact near R == V
         a = self._log_quotient(ratio, R)
         if beta == 1:  # expm1(a) is (R - V) / V itself
-            return self._weighted(ratio.sub_(a), R)
+            return self._weighted(ratio.sub_(a), zeros)
         if beta == 0:
             phi = torch.neg(a).expm1_().add_(a)
         else:
             phi = torch.mul(a, beta).expm1_().div_(beta).sub_(
                 a.mul_(beta - 1).expm1_().div_(beta - 1))
-        return self._weighted(phi, R)
+        return self._weighted(phi, zeros)
 
     def _log_quotient(self, ratio, R):
         """:math:`\\log(R / V)`: ``log1p(ratio)``, accurate near ``R == V``, and the log of the
@@ -135,12 +144,12 @@ class PointwiseReference:
         reconstruction floored far under ``V`` infinite or NaN."""
         return torch.where(ratio > -0.5, torch.log1p(ratio), torch.log(R / self.safe_V))
 
-    def _weighted(self, phi, R):
-        """``V^beta phi`` at the positive entries of ``V``, ``R^beta / beta`` at its zeros."""
-        beta = self.beta
+    def _weighted(self, phi, zeros):
+        """``V^beta phi`` at the positive entries of ``V``, ``zeros`` (``R^beta / beta``,
+        or ``None``) at its zeros."""
         d = phi.mul_(self.V_power)
-        if beta > 0 and self.zeros:
-            d = torch.where(self.positive, d, R.pow(beta) / beta)
+        if zeros is not None:
+            d = torch.where(self.positive, d, zeros)
         return d.clamp_min_(0)
 
 

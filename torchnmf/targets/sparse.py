@@ -221,9 +221,10 @@ def transposed_product(col_indices, rows, values, dense, n_columns, column_major
 def blocked_power_product_(out, A, B, exponent, eps, rows, work, want_power_sum=True):
     r"""``out = (A B^\top)^{exponent} B`` in row blocks, the reconstruction floored at ``eps``.
 
-    ``work`` is a flat buffer of at least ``rows * B.shape[-2]`` elements: the
-    power overwrites the reconstruction in place, so the largest temporary is
-    ``rows`` rows of the reconstruction.  ``A`` and ``B`` may be stacks
+    ``work`` is a flat buffer of at least ``max(rows, K) * B.shape[-2]`` elements
+    (``K`` members of a stack, 1 otherwise): the power overwrites the
+    reconstruction in place, so the largest temporary is ``rows`` rows of the
+    reconstruction (one row of each member where ``rows < K``).  ``A`` and ``B`` may be stacks
     ``(K, n, R)`` and ``(K, m, R)`` (then a block holds ``rows / K`` rows of
     each).  Returns :math:`\sum (A B^\top)^{exponent + 1}` over every entry
     (float64, one per member of a stack), or ``None`` when ``want_power_sum``
@@ -479,34 +480,37 @@ class SparseMatrixStats:
         return power_sum(self.by_rows.values, 2 * self.beta)
 
     def explicit_divergence(self, H, W):
-        """The divergence summed entry by entry in float64 (slow, accurate)."""
-        beta, side = self.beta, self.by_rows
-        H64, W64 = H.double(), W.double()
-        rows = torch.repeat_interleave(
-            torch.arange(self.shape[0], device=H.device), side.crow_indices.diff()
-        )
-        total = torch.zeros((), dtype=torch.float64, device=H.device)
-        chunk = max(1, (1 << 20) // max(H.shape[1], 1))
-        for start in range(0, rows.numel(), chunk):  # the stored entries
-            stop = start + chunk
-            R = (H64[rows[start:stop]] * W64[side.col_indices[start:stop]]).sum(1)
-            if beta != 2:
-                R.clamp_min_(self.eps)
-            total += (pointwise_divergence(side.values[start:stop], R, beta)
-                      - R.pow(beta) / beta).sum()
-        for start in range(0, self.shape[0], side.rows):  # every entry as if zero
-            R = H64[start:start + side.rows] @ W64.T
-            if beta != 2:
-                R.clamp_min_(self.eps)
-            total += R.pow(beta).sum() / beta
-        return total.clamp_min(0)
+        """The divergence summed entry by entry in float64 (slow, accurate).
 
-    def _work_buffer(self):
-        if self._work is None:
+        One block of rows at a time: the reconstruction's block and ``V``'s, made
+        dense, so that every entry, stored or zero, adds its own non-negative term
+        (the zeros' terms summed over every entry less the stored entries' left
+        ``eps * sum R^beta`` of cancellation, far above a nearly exact fit's value).
+        """
+        beta, side = self.beta, self.by_rows
+        W64 = W.double()
+        rows = entry_rows(side.crow_indices, side.col_indices.shape[0])
+        values = side.values.double()
+        total = torch.zeros((), dtype=torch.float64, device=H.device)
+        for start in range(0, self.shape[0], side.rows):
+            stop = min(start + side.rows, self.shape[0])
+            R = H[start:stop].double() @ W64.T
+            first, last = int(side.crow_indices[start]), int(side.crow_indices[stop])
+            block = torch.zeros_like(R).index_put_(
+                (rows[first:last] - start, side.col_indices[first:last]), values[first:last],
+                accumulate=True,
+            )
+            total += pointwise_divergence(block, R, beta, self.eps).sum()
+        return total
+
+    def _work_buffer(self, least=0):
+        """The flat work buffer of the power products, of at least ``least`` elements
+        (a stack of members takes a row of each at the least)."""
+        if self._work is None or self._work.numel() < least:
             N, C = self.shape
             block = self.block_elements or SPARSE_BLOCK_ELEMENTS
             columns_rows = max(1, min(C, block // max(N, 1)))
-            size = max(self.by_rows.rows * C, columns_rows * N)
+            size = max(self.by_rows.rows * C, columns_rows * N, least)
             self._work = self.by_rows.values.new_empty(size)
         return self._work
 
@@ -548,7 +552,8 @@ class SparseMatrixStats:
         recon.mul_(values)
         negative = side.product(recon, B, layout_of=A)
         power = blocked_power_product_(
-            positive, A, B, beta - 1, self.eps, side.rows, self._work_buffer(), want_divergence
+            positive, A, B, beta - 1, self.eps, side.rows,
+            self._work_buffer(math.prod(batch_shape(A)) * B.shape[-2]), want_divergence
         )
         if want_divergence:
             divergence = self.constant + power / beta - cross / (beta - 1)
