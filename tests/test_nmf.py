@@ -473,14 +473,14 @@ def _digits(rows=200):
     return torch.tensor(load_digits().data[:rows], dtype=torch.float32) + 0.1
 
 
-@pytest.mark.parametrize("beta", [0, 1, 2])
-@pytest.mark.parametrize("kind", ["dense", "sparse", "masked", "NMFD"])
+@pytest.mark.parametrize("kind,beta", [
+    (kind, beta) for kind in ("dense", "sparse", "masked", "NMFD") for beta in (0, 1, 2)
+    if not (kind == "sparse" and beta == 0)  # (beta <= 0 needs the zeros a sparse V omits)
+])
 def test_float16_models_are_fitted_in_float32(kind, beta):
     """A float16 fit is the float32 fit of the same float16 numbers, rounded: float16's
     range cannot hold the updates' powers and sums (on the digits the KL objective
     was inf at iteration 1, Itakura-Saito NaN at iteration 19)."""
-    if kind == "sparse" and beta == 0:
-        pytest.skip("beta <= 0 needs positive entries, which a sparse V does not store")
     V16 = _digits().half()
     options = dict(beta=beta, max_iter=15, tol=0)
     if kind == "masked":
