@@ -50,6 +50,22 @@ def test_integer_counts_become_the_default_float(tmp_path):
     torch.testing.assert_close(V, torch.tensor([[0.0, 3.0], [2.0, 1.0]]))
 
 
+@pytest.mark.parametrize("dtype, expected", [
+    (">f8", torch.float64), (">f4", torch.float32), (">i4", torch.get_default_dtype()),
+    (np.longdouble, torch.float64),
+])
+@pytest.mark.parametrize("fortran", [False, True])
+def test_big_endian_and_long_double_npy_are_read(tmp_path, matrix, dtype, expected, fortran):
+    # torch takes neither a big-endian nor a long double array: numpy converts them
+    array = np.round(matrix * 100).astype(dtype)
+    np.save(tmp_path / "x.npy", np.asfortranarray(array) if fortran else array)
+    np.savez(tmp_path / "x.npz", V=array)
+    for name in ("x.npy", "x.npz"):
+        V = io.load(tmp_path / name).V
+        assert V.dtype == expected
+        np.testing.assert_array_equal(V.numpy(), np.load(tmp_path / "x.npy").astype(V.numpy().dtype))
+
+
 def test_dtype_option_converts(tmp_path, matrix):
     np.save(tmp_path / "x.npy", matrix)
     assert io.load(tmp_path / "x.npy", dtype=torch.float32).V.dtype == torch.float32

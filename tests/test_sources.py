@@ -38,6 +38,22 @@ def test_npy_is_memory_mapped(tmp_path):
     _assert_rows(source, dense)
 
 
+@pytest.mark.parametrize("dtype", [">f8", ">i2", np.longdouble])
+def test_big_endian_and_long_double_files_are_read(tmp_path, dtype):
+    h5py = pytest.importorskip("h5py")
+    dense = np.round(_matrix() * 100).astype(dtype)
+    np.save(tmp_path / "V.npy", dense)
+    _assert_rows(open_rows(tmp_path / "V.npy"), dense.astype(np.float64))
+    np.savez(tmp_path / "V.npz", V=dense)
+    _assert_rows(open_rows(tmp_path / "V.npz"), dense.astype(np.float64))
+    if dtype != np.longdouble:  # HDF5 keeps the byte order
+        with h5py.File(tmp_path / "V.h5ad", "w") as handle:
+            handle["X"] = dense
+        source = open_rows(tmp_path / "V.h5ad")
+        _assert_rows(source, dense.astype(np.float64))
+        source.close()
+
+
 def test_sparse_npz_shards_and_directory(tmp_path):
     dense = _matrix()
     scipy_sparse.save_npz(tmp_path / "whole.npz", scipy_sparse.csr_matrix(dense))

@@ -342,8 +342,12 @@ def _from_numpy(array, name):
         raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
     if array.dtype.kind == "f" and array.dtype.itemsize < 4:
         array = array.astype(np.float32)
+    elif array.dtype.kind == "f" and array.dtype.itemsize > 8:  # long double: torch has none
+        array = array.astype(np.float64)
     elif array.dtype.kind in "bu" and array.dtype != np.uint8:
         array = array.astype(np.int64)
+    if not array.dtype.isnative:  # a big-endian file: torch takes the machine's order only
+        array = array.astype(array.dtype.newbyteorder("="))
     return torch.from_numpy(np.ascontiguousarray(array))
 
 

@@ -46,17 +46,16 @@ def _torch_dtype_of(np_dtype, name):
     np_dtype = np.dtype(np_dtype)
     if np_dtype.hasobject or np_dtype.kind not in "biuf":
         raise ValueError(f"{name} must hold real numbers, got dtype {np_dtype}")
-    if np_dtype.kind == "f" and np_dtype.itemsize >= 4:
-        return torch.from_numpy(np.empty(0, np_dtype)).dtype
-    if np_dtype.kind == "f":
-        return torch.float32
+    if np_dtype.kind == "f":  # half as float32, long double as float64 (torch has neither)
+        return torch.float32 if np_dtype.itemsize <= 4 else torch.float64
     return torch.get_default_dtype()
 
 
 def _dense_block(array, dtype):
-    """A contiguous torch copy of a numpy array slice (a memmap slice is read here)."""
-    block = np.array(array, copy=True, order="C")
-    tensor = torch.from_numpy(block)
+    """A contiguous torch copy of a numpy array (a memmap slice is read here) in ``dtype``,
+    converted by numpy first: torch takes neither big-endian nor long double arrays."""
+    target = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype, np.float64)
+    tensor = torch.from_numpy(np.array(array, dtype=target, order="C"))
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
@@ -72,9 +71,7 @@ def _csr_block(indptr, indices, data, n_columns, dtype):
     indptr = np.asarray(indptr, dtype=np.int64)
     crow = torch.from_numpy(indptr - indptr[0])
     col = torch.from_numpy(np.array(indices, dtype=np.int64))
-    values = torch.from_numpy(np.array(data, copy=True))
-    if values.dtype != dtype:
-        values = values.to(dtype)
+    values = _dense_block(data, dtype)
     return _csr(crow, col, values, (len(indptr) - 1, n_columns))
 
 
