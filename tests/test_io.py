@@ -183,6 +183,37 @@ def test_malformed_files(tmp_path, name, content, message):
         io.load(tmp_path / name)
 
 
+def _zip_with_text_member(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("V.txt", "1,2\n3,4\n")
+
+
+def _csr_parts(path, indices, indptr, fmt="csr"):
+    np.savez(path, format=np.array(fmt), shape=np.array([2, 2]), data=np.array([1.0, 2.0]),
+             indices=np.array(indices), indptr=np.array(indptr))
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (_zip_with_text_member, r"x.npz: its member 'V.txt' is not a .npy array"),
+        (lambda p: _csr_parts(p, [0, 5], [0, 1, 2]),
+         r"x.npz is a malformed sparse .npz file: indices must be < 2"),
+        (lambda p: _csr_parts(p, [0, 1], [0, 3, 2]),
+         r"x.npz is a malformed sparse .npz file: indptr must be a non-decreasing sequence"),
+        (lambda p: _csr_parts(p, [0, 1], [0, 1, 2], fmt=["csr", "csc"]),
+         r"x.npz is a malformed sparse .npz file: can only convert an array of size 1"),
+    ],
+)
+def test_malformed_npz_archives(tmp_path, write, message):
+    # the file is named, and a sparse matrix's structure is checked before it is read
+    write(tmp_path / "x.npz")
+    with pytest.raises(ValueError, match=message):
+        io.load(tmp_path / "x.npz")
+
+
 @pytest.mark.parametrize(
     "array, message",
     [

@@ -119,6 +119,41 @@ def test_h5ad_dense_and_csr(tmp_path, sparse):
     source.close()
 
 
+def _zip_with_text_member(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("V.txt", "1,2\n")
+
+
+@pytest.mark.parametrize(
+    "name, write, message",
+    [
+        ("V.npy", lambda p: p.write_bytes(b""), r"V.npy is not a .npy file \(its header is wrong\)"),
+        ("V.npy", lambda p: p.write_bytes(b"1,2\n3,4\n"), r"V.npy is not a .npy file"),
+        ("V.npz", lambda p: p.write_bytes(b"1,2\n"), r"V.npz is not a .npz file \(not a zip archive\)"),
+        ("V.npz", lambda p: (np.save(p.with_suffix(".npy"), np.ones((2, 2))), p.with_suffix(".npy").rename(p)), r"V.npz is not a .npz file"),
+        ("V.npz", _zip_with_text_member, r"V.npz: its member 'V.txt' is not a .npy array"),
+        ("V.npz", lambda p: np.savez(p, V=np.array([[1, None]], dtype=object)),
+         r"V.npz cannot be read: Object arrays cannot be loaded when allow_pickle=False"),
+        ("V.npz", lambda p: np.savez(p, format=np.array("csr"), shape=np.array([2, 2]),
+                                     data=np.ones(2), indices=np.array([0, 5]),
+                                     indptr=np.array([0, 1, 2])),
+         r"V.npz is a malformed sparse matrix: indices must be < 2"),
+        ("V.mtx", lambda p: p.write_text("%%MatrixMarket matrix coordinate real general\n2 2 2\n1 1 1\n"),
+         r"V.mtx cannot be read: Truncated file"),
+        ("shard.npz", lambda p: p.write_bytes(b"junk"), r"shard.npz is not a .npz file"),
+    ],
+)
+def test_malformed_files_are_named(tmp_path, name, write, message):
+    # a clear ValueError naming the file at open_rows, never numpy's pickle hint, an
+    # AttributeError, or an IndexError deep in torch at the first read
+    write(tmp_path / name)
+    target = [tmp_path / name] if name.startswith("shard") else tmp_path / name
+    with pytest.raises(ValueError, match=message):
+        open_rows(target)
+
+
 def test_source_errors(tmp_path):
     h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "bycolumn.h5ad", "w") as handle:

@@ -399,13 +399,14 @@ def read_npz(path, *, key=None):
         torch.Size([2, 3])
     """
     path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path.name} is not a .npz file (not a zip archive)")
+    with open(path, "rb") as handle:  # a missing file: OSError, as for every reader
+        if not zipfile.is_zipfile(handle):
+            raise ValueError(f"{path.name} is not a .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
             if {"format", "shape", "data"} <= set(names) and key is None:
-                arrays = {name: archive[name] for name in names}
+                arrays = {name: _npz_member(archive, name, path.name) for name in names}
                 return _sparse_from_npz(arrays, path.name)
             if key is None:
                 if len(names) == 1:
@@ -421,7 +422,7 @@ def read_npz(path, *, key=None):
                 raise ValueError(
                     f"{path.name} has no array {key!r}; it holds {', '.join(names) or 'none'}"
                 )
-            array = archive[key]
+            array = _npz_member(archive, key, path.name)
     except ValueError as error:
         if "pickle" in str(error):
             raise ValueError(
@@ -432,6 +433,14 @@ def read_npz(path, *, key=None):
     except (zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{path.name} is a damaged .npz archive: {error}") from None
     return _from_numpy(array, f"{path.name}[{key!r}]")
+
+
+def _npz_member(archive, name, file_name):
+    """Member ``name`` of an open ``.npz`` archive (numpy hands other files back as bytes)."""
+    array = archive[name]
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{file_name}: its member {name!r} is not a .npy array")
+    return array
 
 
 def _import_scipy(what):
@@ -447,15 +456,16 @@ def _sparse_from_npz(arrays, name):
     """Rebuild a matrix saved by ``scipy.sparse.save_npz`` from its plain arrays."""
     scipy = _import_scipy("sparse .npz files")
 
-    fmt = arrays["format"].item()
-    fmt = fmt.decode("ascii") if isinstance(fmt, bytes) else str(fmt)
-    shape = tuple(int(s) for s in arrays["shape"])
-    data = arrays["data"]
     try:
+        fmt = arrays["format"].item()
+        fmt = fmt.decode("ascii") if isinstance(fmt, bytes) else str(fmt)
+        shape = tuple(int(s) for s in arrays["shape"])
+        data = arrays["data"]
         if fmt in ("csr", "csc", "bsr"):
             cls = {"csr": scipy.sparse.csr_matrix, "csc": scipy.sparse.csc_matrix,
                    "bsr": scipy.sparse.bsr_matrix}[fmt]
             matrix = cls((data, arrays["indices"], arrays["indptr"]), shape=shape)
+            matrix.check_format(full_check=True)  # indices in range, indptr rising
         elif fmt == "coo":
             if "coords" in arrays:
                 row, col = arrays["coords"]

@@ -18,10 +18,12 @@ included), or a sequence of row blocks.  The streamed target kind
 (:mod:`torchnmf.targets.streamed`) reads only through this interface, so a
 user's own class with these members works as well.
 """
+import contextlib
 import mmap
 import numbers
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +232,10 @@ class ScipyRows(RowSource):
 
     def __init__(self, matrix, name="V"):
         self.matrix = matrix.tocsr()
+        try:  # indices in range, indptr rising: before sorting, which trusts them
+            self.matrix.check_format(full_check=True)
+        except ValueError as error:
+            raise ValueError(f"{name} is a malformed sparse matrix: {error}") from None
         self.matrix.sort_indices()
         self.matrix.sum_duplicates()
         self.shape = tuple(int(s) for s in self.matrix.shape)
@@ -243,29 +249,59 @@ class ScipyRows(RowSource):
                           self.shape[1], self.dtype)
 
 
+@contextlib.contextmanager
+def _reading(path):
+    """What numpy or scipy raise on a file they cannot read, as a ValueError naming it."""
+    try:
+        yield
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        detail = " ".join(str(error).split())
+        if isinstance(error, ValueError) and detail.startswith(path.name):
+            raise
+        raise ValueError(f"{path.name} cannot be read: {detail}") from None
+
+
+def _memmap_npy(path):
+    """A read-only memory map of a ``.npy`` file (never unpickled)."""
+    with open(path, "rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":
+            raise ValueError(f"{path.name} is not a .npy file (its header is wrong)")
+    with _reading(path):
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _open_npz(path):
+    """An open ``.npz`` archive (never unpickled); read its members with :func:`_npz_array`."""
+    with open(path, "rb") as handle:  # a missing file: OSError, as for every reader
+        if not zipfile.is_zipfile(handle):
+            raise ValueError(f"{path.name} is not a .npz file (not a zip archive)")
+    return np.load(path, allow_pickle=False)
+
+
+def _npz_array(archive, name, path):
+    """Member ``name`` of an open ``.npz`` archive (numpy hands other files back as bytes)."""
+    array = archive[name]
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{path.name}: its member {name!r} is not a .npy array")
+    return array
+
+
 def _shard_shape(path):
-    """The shape of one shard without reading its data."""
+    """The shape of one shard without reading its data (a dense ``.npz``'s is read)."""
     if path.suffix.lower() == ".npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False).shape
-    with np.load(path, allow_pickle=False) as archive:
-        if "shape" in archive.files:
-            return tuple(int(s) for s in archive["shape"])
+        return _memmap_npy(path).shape
+    with _reading(path), _open_npz(path) as archive:
+        if "format" in archive.files:  # scipy.sparse.save_npz: as _open_file decides
+            return tuple(int(s) for s in _npz_array(archive, "shape", path))
         names = archive.files
         if len(names) != 1:
             raise ValueError(f"{path.name}: a shard must be a scipy sparse .npz or hold one array")
-        return archive[names[0]].shape
+        return _npz_array(archive, names[0], path).shape
 
 
 def _load_shard(path):
     """One shard as a row source (sparse .npz, dense .npz or memory-mapped .npy)."""
-    if path.suffix.lower() == ".npy":
-        return ArrayRows(np.load(path, mmap_mode="r", allow_pickle=False), path.name)
-    with np.load(path, allow_pickle=False) as archive:
-        if "format" in archive.files:
-            from scipy import sparse
-
-            return ScipyRows(sparse.load_npz(path), path.name)
-        return ArrayRows(archive[archive.files[0]], path.name)
+    return _open_file(path, None)
 
 
 class ShardRows(RowSource):
@@ -633,13 +669,9 @@ def open_rows(path, *, key=None, shape=None):
 def _open_file(path, key):
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as error:
-            raise ValueError(f"{path.name} cannot be memory-mapped: {error}") from None
-        return ArrayRows(array, path.name)
+        return ArrayRows(_memmap_npy(path), path.name)
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
+        with _reading(path), _open_npz(path) as archive:
             names = archive.files
             if "format" in names and key is None:
                 from scipy import sparse
@@ -647,12 +679,14 @@ def _open_file(path, key):
                 return ScipyRows(sparse.load_npz(path), path.name)
             key = key or (names[0] if len(names) == 1 else "V")
             if key not in names:
-                raise ValueError(f"{path.name} has no array {key!r}; it holds {', '.join(names)}")
-            return ArrayRows(archive[key], f"{path.name}[{key!r}]")
+                raise ValueError(f"{path.name} has no array {key!r}; it holds "
+                                 f"{', '.join(names) or 'none'}")
+            return ArrayRows(_npz_array(archive, key, path), f"{path.name}[{key!r}]")
     if suffix == ".mtx":
         from scipy import io as scipy_io
 
-        matrix = scipy_io.mmread(str(path))
+        with _reading(path):
+            matrix = scipy_io.mmread(str(path))
         return ArrayRows(matrix, path.name) if isinstance(matrix, np.ndarray) else ScipyRows(
             matrix, path.name
         )
