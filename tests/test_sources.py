@@ -154,6 +154,79 @@ def test_malformed_files_are_named(tmp_path, name, write, message):
         open_rows(target)
 
 
+def _csr_group(path, shape=(2, 3), data=(1.0, 2.0), indices=(2, 0), indptr=(0, 1, 2),
+               drop=None):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as handle:
+        group = handle.create_group("X")
+        group.attrs["encoding-type"] = "csr_matrix"
+        if shape is not None:
+            group.attrs["shape"] = np.array(shape)
+        parts = dict(data=np.array(data), indices=np.array(indices), indptr=np.array(indptr))
+        for name, values in parts.items():
+            if name != drop:
+                group[name] = values
+
+
+def _vector_x(path):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as handle:
+        handle["X"] = np.ones(3)
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (lambda p: p.write_bytes(b"not hdf5"), r"X.h5ad cannot be opened as an HDF5 \(.h5ad\) file"),
+        (lambda p: _csr_group(p, shape=None), r"X.h5ad\['X'\] is a CSR group without its shape"),
+        (lambda p: _csr_group(p, drop="data"), r"X.h5ad\['X'\] is a CSR group without data"),
+        (lambda p: _csr_group(p, shape=(1, 3)), r"X.h5ad\['X'\] is a malformed CSR group: shape "
+                                                r"\(1, 3\) needs 2 indptr entries"),
+        (lambda p: _csr_group(p, indptr=(0, 1)), r"malformed CSR group: shape \(2, 3\) needs 3"),
+        (lambda p: _csr_group(p, indptr=(0, 1, 3)), r"malformed CSR group"),
+        (lambda p: _csr_group(p, indices=(2, 7)),
+         r"X.h5ad\['X'\] is a malformed CSR group: in rows 0:2, indptr falls or a column index "
+         r"is outside 0:3"),
+        (_vector_x, r"X.h5ad\['X'\] must be a matrix, got shape \(3,\)"),
+    ],
+)
+def test_malformed_h5ad_is_named(tmp_path, write, message):
+    # before: a TypeError, KeyError or h5py RuntimeError at open_rows, an IndexError in
+    # torch at the first read, or rows dropped without a word (a shape attribute too small)
+    pytest.importorskip("h5py")
+    write(tmp_path / "X.h5ad")
+    with pytest.raises((ValueError, OSError), match=message):
+        open_rows(tmp_path / "X.h5ad").read(0, 2)
+
+
+def test_h5ad_unsorted_and_duplicate_indices_are_coalesced(tmp_path):
+    # CSR written by another tool than scipy: each row's indices reversed and its first
+    # value split in two entries; the blocks (and a streamed fit's loss) are those of the
+    # summed matrix, as scipy's sum_duplicates makes them
+    dense = _matrix(n=9, c=5, density=0.6)
+    data, indices, indptr = [], [], [0]
+    for row in dense:
+        columns = list(np.flatnonzero(row)[::-1])
+        values = list(row[columns])
+        if columns:
+            values[0] /= 2
+            columns.append(columns[0])
+            values.append(values[0])
+        data, indices = data + values, indices + columns
+        indptr.append(len(indices))
+    _csr_group(tmp_path / "X.h5ad", shape=dense.shape, data=data, indices=indices, indptr=indptr)
+    source = open_rows(tmp_path / "X.h5ad")
+    _assert_rows(source, dense, ranges=((0, 9), (2, 7), (8, 9), (4, 4)))
+    W = torch.rand(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.1
+    H = torch.rand(9, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.1
+    memory, streamed = NMF(W=W, H=H), NMF(W=W, H=H)
+    memory.fit(torch.from_numpy(dense), beta=1, tol=0, max_iter=5)
+    streamed.fit(source, beta=1, tol=0, max_iter=5, block_rows=4)
+    torch.testing.assert_close(torch.tensor(streamed.loss_history),
+                               torch.tensor(memory.loss_history), rtol=1e-10, atol=0)
+    source.close()
+
+
 def test_source_errors(tmp_path):
     h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "bycolumn.h5ad", "w") as handle:

@@ -77,6 +77,27 @@ def _csr_block(indptr, indices, data, n_columns, dtype):
     return _csr(crow, col, values, (len(indptr) - 1, n_columns))
 
 
+def _sorted_unique(indptr, indices):
+    """Whether every row's column indices rise strictly (``indptr`` not yet shifted)."""
+    rising = np.diff(indices) > 0
+    ends = np.asarray(indptr[1:-1], dtype=np.int64) - int(indptr[0]) - 1  # a row's last entry
+    rising[ends[(ends >= 0) & (ends < rising.size)]] = True  # the next row may start lower
+    return bool(rising.all())
+
+
+def _coalesced_csr_block(indptr, indices, data, n_columns, dtype):
+    """:func:`_csr_block` of unsorted CSR arrays, duplicates summed (as scipy's
+    ``sum_duplicates``): the statistics read each stored entry as a value of its own."""
+    counts = np.diff(np.asarray(indptr, dtype=np.int64))
+    rows = np.repeat(np.arange(len(counts)), counts)
+    coo = torch.sparse_coo_tensor(
+        torch.from_numpy(np.vstack([rows, np.asarray(indices, dtype=np.int64)])),
+        _dense_block(data, dtype), (len(counts), n_columns), check_invariants=True,
+    ).coalesce()
+    crow = torch.searchsorted(coo.indices()[0], torch.arange(len(counts) + 1))
+    return _csr(crow, coo.indices()[1].clone(), coo.values(), (len(counts), n_columns))
+
+
 class RowSource:
     """Base class of row sources: ``blocks`` from ``read``."""
 
@@ -390,33 +411,58 @@ class H5adRows(RowSource):
         except ImportError:
             raise ImportError("reading .h5ad files needs h5py; pip install 'torchnmf[h5ad]'") from None
         self.path = Path(path)
-        self.file = h5py.File(self.path, "r")
-        key = key or "X"
-        if key not in self.file:
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as error:
+            raise OSError(f"{self.path.name} cannot be opened as an HDF5 (.h5ad) file: "
+                          f"{error}") from None
+        try:
+            self._open(h5py, key or "X")
+        except BaseException:
             self.file.close()
+            raise
+
+    def _open(self, h5py, key):
+        self.name = f"{self.path.name}[{key!r}]"
+        if key not in self.file:
             raise ValueError(f"{self.path.name} has no matrix {key!r}")
         node = self.file[key]
         if isinstance(node, h5py.Dataset):
             if node.ndim != 2:
-                self.file.close()
-                raise ValueError(f"{self.path.name}[{key!r}] must be a matrix, got shape {node.shape}")
+                raise ValueError(f"{self.name} must be a matrix, got shape {node.shape}")
             self.dense = node
             self.shape = tuple(int(s) for s in node.shape)
-            self.dtype = _torch_dtype_of(node.dtype, f"{self.path.name}[{key!r}]")
+            self.dtype = _torch_dtype_of(node.dtype, self.name)
             return
         encoding = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", ""))
         encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
         if encoding not in ("csr_matrix", "csr"):
-            self.file.close()
             raise NotImplementedError(
-                f"{self.path.name}[{key!r}] is stored as {encoding or 'an unknown group'}; row "
+                f"{self.name} is stored as {encoding or 'an unknown group'}; row "
                 f"blocks need a dense or CSR matrix: write it with adata.X = adata.X.tocsr()"
             )
+        missing = [part for part in ("data", "indices", "indptr") if part not in node]
         shape = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
+        if missing or shape is None:
+            raise ValueError(f"{self.name} is a CSR group without "
+                             f"{', '.join(missing) or 'its shape attribute'}")
+        shape = np.asarray(shape).reshape(-1)
+        if shape.size != 2 or shape.dtype.kind not in "iu" or (shape < 0).any():
+            raise ValueError(f"{self.name} has shape {shape.tolist()}; a matrix needs two "
+                             f"non-negative integers")
         self.dense = None
         self.data, self.indices, self.indptr = node["data"], node["indices"], node["indptr"]
         self.shape = tuple(int(s) for s in shape)
-        self.dtype = _torch_dtype_of(self.data.dtype, f"{self.path.name}[{key!r}]")
+        stored = int(self.indptr[-1]) if self.indptr.shape[0] else None
+        if (self.indptr.shape != (self.shape[0] + 1,) or stored != self.data.shape[0]
+                or self.indices.shape != self.data.shape):
+            raise ValueError(
+                f"{self.name} is a malformed CSR group: shape {self.shape} needs "
+                f"{self.shape[0] + 1} indptr entries ending at the number of stored values; it "
+                f"has {self.indptr.shape[0]} ending at {stored}, {self.data.shape[0]} values and "
+                f"{self.indices.shape[0]} indices"
+            )
+        self.dtype = _torch_dtype_of(self.data.dtype, self.name)
         self.is_sparse = True
 
     def read(self, start, stop):
@@ -425,8 +471,18 @@ class H5adRows(RowSource):
             return _dense_block(self.dense[start:stop], self.dtype)
         indptr = self.indptr[start:stop + 1]
         low, high = int(indptr[0]), int(indptr[-1])
-        return _csr_block(indptr, self.indices[low:high], self.data[low:high], self.shape[1],
-                          self.dtype)
+        indices = self.indices[low:high]
+        # checked block by block: the whole index array may not fit in memory
+        if (np.diff(indptr) < 0).any() or (indices.size and (
+                indices.min() < 0 or indices.max() >= self.shape[1])):
+            raise ValueError(
+                f"{self.name} is a malformed CSR group: in rows {start}:{stop}, indptr falls "
+                f"or a column index is outside 0:{self.shape[1]}"
+            )
+        if not _sorted_unique(indptr, indices):  # written by other tools than scipy
+            return _coalesced_csr_block(indptr, indices, self.data[low:high], self.shape[1],
+                                        self.dtype)
+        return _csr_block(indptr, indices, self.data[low:high], self.shape[1], self.dtype)
 
     def close(self):
         self.file.close()
