@@ -1,5 +1,6 @@
 """Readers and writers of torchnmf.io: every format, never unpickling, clear errors."""
 import pathlib
+import struct
 import wave
 
 import numpy as np
@@ -248,6 +249,23 @@ def _write_raw_wav(path, samples, width, channels=1, rate=8000):
         handle.writeframes(samples.tobytes())
 
 
+def test_wav_header_rate_of_zero_and_truncated_data(tmp_path):
+    signal = torch.linspace(-0.5, 0.5, 400, dtype=torch.float64)
+    raw = io.write_wav(tmp_path / "a.wav", signal, 8000).read_bytes()
+    # before: "sample_rate must be a positive integer, got 0", naming no file
+    (tmp_path / "rate0.wav").write_bytes(raw[:24] + struct.pack("<I", 0) + raw[28:])
+    with pytest.raises(ValueError, match=r"rate0.wav: its header gives a sample rate of 0 Hz"):
+        io.load(tmp_path / "rate0.wav")
+    # before: the frames that are there were read without a word
+    (tmp_path / "cut.wav").write_bytes(raw[:44 + 2 * 150 + 1])
+    with pytest.warns(UserWarning, match=r"cut.wav ends after 150 of the 400 frames its header "
+                                         r"announces \(a truncated file\?\)"):
+        cut, rate, channels = io.read_wav(tmp_path / "cut.wav")
+    whole, _, _ = io.read_wav(tmp_path / "a.wav")
+    assert (rate, channels) == (8000, 1)
+    torch.testing.assert_close(cut, whole[:150], rtol=0, atol=0)
+
+
 def test_wav_round_trip(tmp_path):
     t = torch.arange(800, dtype=torch.float64) / 8000
     signal = 0.5 * torch.sin(2 * torch.pi * 440 * t)
@@ -346,6 +364,23 @@ def test_write_wav_refuses_what_a_wav_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="sample_rate must be a positive integer, got -1"):
         io.write_wav(tmp_path / "rate.wav", torch.zeros(3), -1)
     assert not (tmp_path / "nan.wav").exists() and not (tmp_path / "rate.wav").exists()
+
+
+@pytest.mark.parametrize("signal, sample_rate, error, message", [
+    # before: the rows were written one after the other as one mono signal
+    (torch.zeros(2, 100), 8000, ValueError,
+     r"signal must be a 1-D \(mono\) signal, got shape \(2, 100\); write each channel"),
+    # before: a ComplexWarning, and the imaginary part dropped
+    (torch.zeros(3, dtype=torch.complex64), 8000, TypeError,
+     r"signal must hold real numbers, got dtype complex64"),
+    (np.array(["0.5"]), 8000, TypeError, r"signal must hold real numbers, got dtype <U3"),
+    # before: struct.error from the wave module, and a broken file left behind
+    (torch.zeros(3), 1 << 31, ValueError, r"sample_rate must be below 2\*\*31 to fit a .wav header"),
+])
+def test_write_wav_refuses_signals_it_would_garble(tmp_path, signal, sample_rate, error, message):
+    with pytest.raises(error, match=message):
+        io.write_wav(tmp_path / "out.wav", signal, sample_rate)
+    assert not (tmp_path / "out.wav").exists()
 
 
 def test_read_text_refuses_a_file_without_numbers(tmp_path):

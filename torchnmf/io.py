@@ -600,7 +600,8 @@ def read_wav(path):
             channels = handle.getnchannels()
             width = handle.getsampwidth()
             sample_rate = handle.getframerate()
-            frames = handle.readframes(handle.getnframes())
+            announced = handle.getnframes()
+            frames = handle.readframes(announced)
     except (wave.Error, EOFError) as error:
         raise ValueError(
             f"{path.name} is not a PCM .wav file that can be read ({error}); "
@@ -608,6 +609,13 @@ def read_wav(path):
         ) from None
     if width not in (1, 2, 3, 4):
         raise ValueError(f"{path.name}: unsupported sample width of {width} bytes")
+    if sample_rate <= 0:
+        raise ValueError(f"{path.name}: its header gives a sample rate of {sample_rate} Hz")
+    if len(frames) < announced * width * channels:
+        warnings.warn(
+            f"{path.name} ends after {len(frames) // (width * channels)} of the {announced} "
+            f"frames its header announces (a truncated file?); reading those", stacklevel=2
+        )
     usable = len(frames) - len(frames) % (width * channels)
     raw = np.frombuffer(frames[:usable], dtype=np.uint8)
     if width == 1:
@@ -651,7 +659,17 @@ def write_wav(path, signal, sample_rate):
         torch.Size([126, 129])
     """
     sample_rate = _check_sample_rate(sample_rate)
-    samples = to_numpy(signal).astype(np.float64).reshape(-1)
+    if 2 * sample_rate >= 1 << 32:  # the header's byte rate is an unsigned 32-bit field
+        raise ValueError(f"sample_rate must be below 2**31 to fit a .wav header, got {sample_rate}")
+    samples = to_numpy(signal)
+    if samples.dtype.kind not in "biuf":
+        raise TypeError(f"signal must hold real numbers, got dtype {samples.dtype}")
+    if samples.ndim != 1:  # flattening rows would play them one after another
+        raise ValueError(
+            f"signal must be a 1-D (mono) signal, got shape {tuple(samples.shape)}; write "
+            f"each channel or component to its own file"
+        )
+    samples = samples.astype(np.float64)
     if not np.isfinite(samples).all():
         raise ValueError("signal must be finite: it holds NaN or infinite samples")
     ints = np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
