@@ -101,6 +101,15 @@ def test_text_tables(tmp_path, matrix, suffix, delimiter, header):
     torch.testing.assert_close(V, torch.from_numpy(matrix))
 
 
+@pytest.mark.parametrize("header", ["", "a,b\r\n"])
+def test_csv_with_a_byte_order_mark(tmp_path, header):
+    # spreadsheets save "CSV UTF-8" with a byte-order mark; before, a file without a
+    # header was refused: "line 1, column 1: '\\ufeff1' is not a number"
+    (tmp_path / "x.csv").write_bytes(("\ufeff" + header + "1,2.5\r\n3,4\r\n").encode("utf-8"))
+    V = io.load(tmp_path / "x.csv").V
+    torch.testing.assert_close(V, torch.tensor([[1.0, 2.5], [3.0, 4.0]], dtype=torch.float64))
+
+
 def test_single_row_csv_is_a_matrix(tmp_path):
     (tmp_path / "row.csv").write_text("1,2,3\n")
     assert io.load(tmp_path / "row.csv").V.shape == (1, 3)

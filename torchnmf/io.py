@@ -516,7 +516,8 @@ def read_text(path, delimiter=","):
                 [4., 5., 6.]], dtype=torch.float64)
     """
     path = Path(path)
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    # utf-8-sig: spreadsheets start their CSV files with a byte-order mark
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         first = handle.readline()
     fields = first.strip().split(delimiter)
     numeric = [bool(_NUMBER.match(f)) for f in fields]
@@ -530,7 +531,8 @@ def read_text(path, delimiter=","):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
-            array = np.loadtxt(path, delimiter=delimiter, skiprows=skip, ndmin=2, dtype=np.float64)
+            array = np.loadtxt(path, delimiter=delimiter, skiprows=skip, ndmin=2, dtype=np.float64,
+                               encoding="utf-8-sig")
     except ValueError as error:
         detail = " ".join(str(error).split())
         raise ValueError(f"{path.name} is not a table of numbers: {detail}") from None
