@@ -247,6 +247,19 @@ def test_bad_values(tmp_path, array, message):
 def test_missing_file_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing.npy: no such file"):
         io.load(tmp_path / "missing.npy")
+    (tmp_path / "folder.npy").mkdir()  # before: "no such file"
+    with pytest.raises(IsADirectoryError, match=r"folder.npy: is a directory, not a .npy file"):
+        io.load(tmp_path / "folder.npy")
+
+
+def test_uint64_beyond_int64_is_named_not_called_negative(tmp_path):
+    # before: wrapped to -9.2e18 and refused as "must be non-negative"
+    np.save(tmp_path / "big.npy", np.array([[2**63 + 5, 1]], dtype=np.uint64))
+    with pytest.raises(ValueError, match=r"big.npy holds integers above 2\*\*63 - 1, which torch "
+                                         r"cannot hold; save them as float64"):
+        io.load(tmp_path / "big.npy")
+    np.save(tmp_path / "ok.npy", np.array([[2**63 - 1, 1]], dtype=np.uint64))
+    assert io.load(tmp_path / "ok.npy", dtype="float64").V[0, 0] == float(2**63 - 1)
 
 
 # -- audio ---------------------------------------------------------------------------
@@ -400,6 +413,15 @@ def test_read_text_refuses_a_file_without_numbers(tmp_path):
 
 
 # -- results -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["file", "allow_pickle"])
+def test_save_factors_refuses_extras_numpy_would_take(tmp_path, name):
+    # before: allow_pickle=... was taken by numpy.savez and silently not saved; file=...
+    # failed inside numpy
+    with pytest.raises(ValueError, match=f"{name} cannot name an extra value"):
+        io.save_factors(tmp_path / "f.npz", torch.ones(3, 2), torch.ones(4, 2), [1.0], **{name: 1})
+    assert not (tmp_path / "f.npz").exists()
+
+
 def test_save_factors_loads_without_pickle(tmp_path):
     W, H = torch.rand(5, 2), torch.rand(7, 2)
     path = io.save_factors(tmp_path / "out", W, H, [3.0, 2.0, 1.0], beta=1.5, model="nmf")

@@ -258,6 +258,8 @@ def load(path, *, key=None, n_fft=1024, hop=None, dtype=None):
             f"{path.name}: unsupported file type {suffix or '(no suffix)'!r}; "
             f"use one of {', '.join(SUFFIXES)}"
         )
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not a {suffix} file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     spectrogram = None
@@ -345,6 +347,9 @@ def _from_numpy(array, name):
     elif array.dtype.kind == "f" and array.dtype.itemsize > 8:  # long double: torch has none
         array = array.astype(np.float64)
     elif array.dtype.kind in "bu" and array.dtype != np.uint8:
+        if array.dtype == np.uint64 and array.size and array.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{name} holds integers above 2**63 - 1, which torch cannot hold; "
+                             f"save them as float64")
         array = array.astype(np.int64)
     if not array.dtype.isnative:  # a big-endian file: torch takes the machine's order only
         array = array.astype(array.dtype.newbyteorder("="))
@@ -736,6 +741,9 @@ def save_factors(path, W, H, loss_history, **extra):
         "loss_history": np.asarray(loss_history, dtype=np.float64),
     }
     for name, value in extra.items():
+        if name in ("file", "allow_pickle"):  # numpy.savez's own arguments
+            raise ValueError(f"{name} cannot name an extra value (numpy.savez would take it "
+                             f"as its own argument); choose another name")
         arrays[name] = np.asarray(value)
         if arrays[name].dtype.hasobject:
             raise TypeError(f"{name} must be a number or a string, got {type(value).__name__}")
