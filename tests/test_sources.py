@@ -81,6 +81,20 @@ def test_mtx_and_in_memory_objects(tmp_path):
     _assert_rows(open_rows(blocks, shape=dense.shape), dense)
 
 
+def test_unsorted_scipy_matrices_are_read_without_changing_them():
+    # before: open_rows sorted the caller's matrix and summed its duplicates in place
+    def unsorted():
+        return scipy_sparse.csr_matrix((np.array([1.0, 2.0, 3.0]), np.array([2, 0, 0]),
+                                        np.array([0, 3, 3])), shape=(2, 3))
+
+    for wrap in (lambda m: m, lambda m: [m]):
+        matrix = unsorted()
+        _assert_rows(open_rows(wrap(matrix)), np.array([[5.0, 0.0, 1.0], [0.0, 0.0, 0.0]]),
+                     ranges=((0, 2), (1, 2)))
+        np.testing.assert_array_equal(matrix.indices, [2, 0, 0])
+        np.testing.assert_array_equal(matrix.data, [1.0, 2.0, 3.0])
+
+
 def _write_h5ad(path, dense, sparse):
     h5py = pytest.importorskip("h5py")
     with h5py.File(path, "w") as handle:  # the AnnData on-disk layout of X

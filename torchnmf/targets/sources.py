@@ -257,8 +257,9 @@ class ScipyRows(RowSource):
             self.matrix.check_format(full_check=True)
         except ValueError as error:
             raise ValueError(f"{name} is a malformed sparse matrix: {error}") from None
-        self.matrix.sort_indices()
-        self.matrix.sum_duplicates()
+        if not self.matrix.has_canonical_format:  # in place would change the caller's matrix
+            self.matrix = self.matrix.copy()
+            self.matrix.sum_duplicates()  # sorted, each entry once
         self.shape = tuple(int(s) for s in self.matrix.shape)
         self.dtype = _torch_dtype_of(self.matrix.dtype, name)
 
@@ -504,8 +505,9 @@ def _as_block(block, index):
             )
     elif hasattr(block, "tocsr"):
         csr = block.tocsr()
-        csr.sort_indices()
-        csr.sum_duplicates()
+        if not csr.has_canonical_format:  # in place would change the caller's block
+            csr = csr.copy()
+            csr.sum_duplicates()  # sorted, each entry once
         tensor = _csr_block(csr.indptr, csr.indices, csr.data, csr.shape[1],
                             _torch_dtype_of(csr.dtype, f"block {index}"))
     elif isinstance(block, np.ndarray):
