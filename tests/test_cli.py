@@ -1,4 +1,5 @@
 """The command line, run in-process: every input format, outputs, exit codes, errors."""
+import re
 import struct
 import subprocess
 import sys
@@ -388,3 +389,40 @@ def test_the_process_ends_with_the_status_and_flushed_streams(used):
     assert run.stdout == "written"
     assert run.stderr.startswith("noted")
     assert ("finalised" in run.stderr) is not used
+
+
+@pytest.mark.parametrize("command, option, target", [
+    (["fit", "m.npz", "-r", "2"], "-o", "m.npz"),
+    (["fit", "m.npz", "-r", "2"], "-o", "m"),  # save_factors appends .npz
+    (["fit", "m.npz", "-r", "2"], "--plot", "m.npz"),
+    (["consensus", "m.npz", "-r", "2", "--restarts", "2"], "-o", "m.npz"),
+    (["rank", "m.npz", "--ranks", "1:2", "--restarts", "2"], "--plot", "m.npz"),
+])
+def test_outputs_never_overwrite_the_input(tmp_path, capsys, monkeypatch, matrix, command,
+                                           option, target):
+    # before: the results (or the figure) replaced the data file, which was lost
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    np.savez("m.npz", V=matrix)
+    assert main([*command, "-q", "--max-iter", "2", option, target]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"cannot write {target}: it is INPUT, whose data would be overwritten" in err
+    np.testing.assert_array_equal(np.load("m.npz")["V"], matrix)
+
+
+@pytest.mark.parametrize("plot, message", [
+    ("f.xyz", r"cannot write the figure to f.xyz: matplotlib writes .*\.png.*, not .xyz"),
+    (".", r"cannot write the figure to .: it is a directory"),
+])
+def test_figure_path_is_checked_before_the_fit(tmp_path, capsys, monkeypatch, matrix, plot,
+                                               message):
+    # before: an unknown suffix or a directory failed inside matplotlib after the whole fit
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    np.save("m.npy", matrix)
+    status, out, err = fit(capsys, "m.npy", "-r", 2, "-q", "--plot", plot)
+    assert status == 1 and out == "" and err.count("\n") == 1
+    assert re.search(message, err)
+    assert not (tmp_path / "m.nmf.npz").exists()

@@ -1,5 +1,6 @@
 """Readers and writers of torchnmf.io: every format, never unpickling, clear errors."""
 import pathlib
+import struct
 import wave
 
 import numpy as np
@@ -50,6 +51,22 @@ def test_integer_counts_become_the_default_float(tmp_path):
     torch.testing.assert_close(V, torch.tensor([[0.0, 3.0], [2.0, 1.0]]))
 
 
+@pytest.mark.parametrize("dtype, expected", [
+    (">f8", torch.float64), (">f4", torch.float32), (">i4", torch.get_default_dtype()),
+    (np.longdouble, torch.float64),
+])
+@pytest.mark.parametrize("fortran", [False, True])
+def test_big_endian_and_long_double_npy_are_read(tmp_path, matrix, dtype, expected, fortran):
+    # torch takes neither a big-endian nor a long double array: numpy converts them
+    array = np.round(matrix * 100).astype(dtype)
+    np.save(tmp_path / "x.npy", np.asfortranarray(array) if fortran else array)
+    np.savez(tmp_path / "x.npz", V=array)
+    for name in ("x.npy", "x.npz"):
+        V = io.load(tmp_path / name).V
+        assert V.dtype == expected
+        np.testing.assert_array_equal(V.numpy(), np.load(tmp_path / "x.npy").astype(V.numpy().dtype))
+
+
 def test_dtype_option_converts(tmp_path, matrix):
     np.save(tmp_path / "x.npy", matrix)
     assert io.load(tmp_path / "x.npy", dtype=torch.float32).V.dtype == torch.float32
@@ -82,6 +99,15 @@ def test_text_tables(tmp_path, matrix, suffix, delimiter, header):
                comments="")
     V = io.load(path).V
     torch.testing.assert_close(V, torch.from_numpy(matrix))
+
+
+@pytest.mark.parametrize("header", ["", "a,b\r\n"])
+def test_csv_with_a_byte_order_mark(tmp_path, header):
+    # spreadsheets save "CSV UTF-8" with a byte-order mark; before, a file without a
+    # header was refused: "line 1, column 1: '\\ufeff1' is not a number"
+    (tmp_path / "x.csv").write_bytes(("\ufeff" + header + "1,2.5\r\n3,4\r\n").encode("utf-8"))
+    V = io.load(tmp_path / "x.csv").V
+    torch.testing.assert_close(V, torch.tensor([[1.0, 2.5], [3.0, 4.0]], dtype=torch.float64))
 
 
 def test_single_row_csv_is_a_matrix(tmp_path):
@@ -167,6 +193,37 @@ def test_malformed_files(tmp_path, name, content, message):
         io.load(tmp_path / name)
 
 
+def _zip_with_text_member(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("V.txt", "1,2\n3,4\n")
+
+
+def _csr_parts(path, indices, indptr, fmt="csr"):
+    np.savez(path, format=np.array(fmt), shape=np.array([2, 2]), data=np.array([1.0, 2.0]),
+             indices=np.array(indices), indptr=np.array(indptr))
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (_zip_with_text_member, r"x.npz: its member 'V.txt' is not a .npy array"),
+        (lambda p: _csr_parts(p, [0, 5], [0, 1, 2]),
+         r"x.npz is a malformed sparse .npz file: indices must be < 2"),
+        (lambda p: _csr_parts(p, [0, 1], [0, 3, 2]),
+         r"x.npz is a malformed sparse .npz file: indptr must be a non-decreasing sequence"),
+        (lambda p: _csr_parts(p, [0, 1], [0, 1, 2], fmt=["csr", "csc"]),
+         r"x.npz is a malformed sparse .npz file: can only convert an array of size 1"),
+    ],
+)
+def test_malformed_npz_archives(tmp_path, write, message):
+    # the file is named, and a sparse matrix's structure is checked before it is read
+    write(tmp_path / "x.npz")
+    with pytest.raises(ValueError, match=message):
+        io.load(tmp_path / "x.npz")
+
+
 @pytest.mark.parametrize(
     "array, message",
     [
@@ -190,6 +247,19 @@ def test_bad_values(tmp_path, array, message):
 def test_missing_file_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing.npy: no such file"):
         io.load(tmp_path / "missing.npy")
+    (tmp_path / "folder.npy").mkdir()  # before: "no such file"
+    with pytest.raises(IsADirectoryError, match=r"folder.npy: is a directory, not a .npy file"):
+        io.load(tmp_path / "folder.npy")
+
+
+def test_uint64_beyond_int64_is_named_not_called_negative(tmp_path):
+    # before: wrapped to -9.2e18 and refused as "must be non-negative"
+    np.save(tmp_path / "big.npy", np.array([[2**63 + 5, 1]], dtype=np.uint64))
+    with pytest.raises(ValueError, match=r"big.npy holds integers above 2\*\*63 - 1, which torch "
+                                         r"cannot hold; save them as float64"):
+        io.load(tmp_path / "big.npy")
+    np.save(tmp_path / "ok.npy", np.array([[2**63 - 1, 1]], dtype=np.uint64))
+    assert io.load(tmp_path / "ok.npy", dtype="float64").V[0, 0] == float(2**63 - 1)
 
 
 # -- audio ---------------------------------------------------------------------------
@@ -199,6 +269,23 @@ def _write_raw_wav(path, samples, width, channels=1, rate=8000):
         handle.setsampwidth(width)
         handle.setframerate(rate)
         handle.writeframes(samples.tobytes())
+
+
+def test_wav_header_rate_of_zero_and_truncated_data(tmp_path):
+    signal = torch.linspace(-0.5, 0.5, 400, dtype=torch.float64)
+    raw = io.write_wav(tmp_path / "a.wav", signal, 8000).read_bytes()
+    # before: "sample_rate must be a positive integer, got 0", naming no file
+    (tmp_path / "rate0.wav").write_bytes(raw[:24] + struct.pack("<I", 0) + raw[28:])
+    with pytest.raises(ValueError, match=r"rate0.wav: its header gives a sample rate of 0 Hz"):
+        io.load(tmp_path / "rate0.wav")
+    # before: the frames that are there were read without a word
+    (tmp_path / "cut.wav").write_bytes(raw[:44 + 2 * 150 + 1])
+    with pytest.warns(UserWarning, match=r"cut.wav ends after 150 of the 400 frames its header "
+                                         r"announces \(a truncated file\?\)"):
+        cut, rate, channels = io.read_wav(tmp_path / "cut.wav")
+    whole, _, _ = io.read_wav(tmp_path / "a.wav")
+    assert (rate, channels) == (8000, 1)
+    torch.testing.assert_close(cut, whole[:150], rtol=0, atol=0)
 
 
 def test_wav_round_trip(tmp_path):
@@ -301,6 +388,23 @@ def test_write_wav_refuses_what_a_wav_cannot_hold(tmp_path):
     assert not (tmp_path / "nan.wav").exists() and not (tmp_path / "rate.wav").exists()
 
 
+@pytest.mark.parametrize("signal, sample_rate, error, message", [
+    # before: the rows were written one after the other as one mono signal
+    (torch.zeros(2, 100), 8000, ValueError,
+     r"signal must be a 1-D \(mono\) signal, got shape \(2, 100\); write each channel"),
+    # before: a ComplexWarning, and the imaginary part dropped
+    (torch.zeros(3, dtype=torch.complex64), 8000, TypeError,
+     r"signal must hold real numbers, got dtype complex64"),
+    (np.array(["0.5"]), 8000, TypeError, r"signal must hold real numbers, got dtype <U3"),
+    # before: struct.error from the wave module, and a broken file left behind
+    (torch.zeros(3), 1 << 31, ValueError, r"sample_rate must be below 2\*\*31 to fit a .wav header"),
+])
+def test_write_wav_refuses_signals_it_would_garble(tmp_path, signal, sample_rate, error, message):
+    with pytest.raises(error, match=message):
+        io.write_wav(tmp_path / "out.wav", signal, sample_rate)
+    assert not (tmp_path / "out.wav").exists()
+
+
 def test_read_text_refuses_a_file_without_numbers(tmp_path):
     for name, text in (("empty.csv", ""), ("header.csv", "a,b,c\n")):
         (tmp_path / name).write_text(text)
@@ -309,6 +413,15 @@ def test_read_text_refuses_a_file_without_numbers(tmp_path):
 
 
 # -- results -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["file", "allow_pickle"])
+def test_save_factors_refuses_extras_numpy_would_take(tmp_path, name):
+    # before: allow_pickle=... was taken by numpy.savez and silently not saved; file=...
+    # failed inside numpy
+    with pytest.raises(ValueError, match=f"{name} cannot name an extra value"):
+        io.save_factors(tmp_path / "f.npz", torch.ones(3, 2), torch.ones(4, 2), [1.0], **{name: 1})
+    assert not (tmp_path / "f.npz").exists()
+
+
 def test_save_factors_loads_without_pickle(tmp_path):
     W, H = torch.rand(5, 2), torch.rand(7, 2)
     path = io.save_factors(tmp_path / "out", W, H, [3.0, 2.0, 1.0], beta=1.5, model="nmf")

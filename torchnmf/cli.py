@@ -469,7 +469,7 @@ def _run_fit_distributed(args, out, note):
     args.stream = args.stream or args.block_rows is not None
     if args.stream:
         _check_streamable(args)
-    check_outputs((), args.plot, CommandError)
+    check_outputs((), args.plot, CommandError, input=args.input)
     world = _torchrun_world()
     source = _open_own_rows(args, world)
     device = _device(args.device)
@@ -553,7 +553,7 @@ def run_fit(args, out=print, note=None):
         return _run_fit_distributed(args, out, note)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".nmf.npz")
-    check_outputs((output,), args.plot, CommandError)
+    check_outputs((output,), args.plot, CommandError, input=args.input)
     device = _device(args.device)
     args.stream = args.stream or args.block_rows is not None
     if args.stream:

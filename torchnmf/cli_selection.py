@@ -14,15 +14,37 @@ from pathlib import Path
 __all__ = ["add_commands", "check_outputs", "parse_ranks", "run_rank", "run_consensus"]
 
 
-def check_outputs(paths, plot, error_type):
-    """Refuse, before any work, output ``paths`` (and the figure ``plot``) whose
-    directory does not exist, and a figure without matplotlib installed."""
-    for path in (*paths, plot):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise error_type(f"cannot write {path}: the directory {Path(path).parent} "
+def check_outputs(paths, plot, error_type, input=None):
+    """Refuse, before any work, output ``paths`` (``.npz`` archives) and the figure
+    ``plot`` whose directory does not exist, that would overwrite ``input`` (the data
+    would be lost), a figure path that is a directory or whose suffix matplotlib cannot
+    write, and a figure without matplotlib installed."""
+    # save_factors appends .npz to an archive's name
+    written = [Path(p) if Path(p).suffix.lower() == ".npz" else Path(f"{p}.npz") for p in paths]
+    source = None if input is None else Path(input).resolve()
+    for path, shown in (*zip(written, paths), (plot, plot)):
+        if path is None:
+            continue
+        if not Path(path).resolve().parent.is_dir():
+            raise error_type(f"cannot write {shown}: the directory {Path(path).parent} "
                              f"does not exist")
-    if plot and importlib.util.find_spec("matplotlib") is None:
+        if Path(path).resolve() == source:
+            raise error_type(f"cannot write {shown}: it is INPUT, whose data would be "
+                             f"overwritten; choose another file")
+    if not plot:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
         raise error_type("--plot needs matplotlib; pip install 'torchnmf[plot]'")
+    if Path(plot).is_dir():
+        raise error_type(f"cannot write the figure to {plot}: it is a directory; give a file "
+                         f"name such as {Path(plot) / 'figure.png'}")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(plot).suffix.lower().lstrip(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise error_type(f"cannot write the figure to {plot}: matplotlib writes "
+                         f"{', '.join('.' + f for f in sorted(formats))}, not .{suffix}")
 
 
 def parse_ranks(text):
@@ -121,7 +143,7 @@ def run_rank(args, out=print, error_type=ValueError):
     """Carry out ``torchnmf rank``; returns the exit status."""
     from .selection import rank_table
 
-    check_outputs((), args.plot, error_type)
+    check_outputs((), args.plot, error_type, input=args.input)
     target, V = _load(args, error_type)
     out(f"read {target.description}")
     out(f"ranks {args.ranks[0]}..{args.ranks[-1]}, {args.restarts} restarts each, beta "
@@ -147,8 +169,7 @@ def run_consensus(args, out=print, error_type=ValueError):
     from .consensus import consensus_nmf
 
     output = Path(args.output) if args.output else Path(args.input).with_suffix(".consensus.npz")
-    if not output.resolve().parent.is_dir():
-        raise error_type(f"cannot write {output}: the directory {output.parent} does not exist")
+    check_outputs((output,), None, error_type, input=args.input)
     target, V = _load(args, error_type)
     out(f"read {target.description}")
     result, restarts = consensus_nmf(

@@ -258,6 +258,8 @@ def load(path, *, key=None, n_fft=1024, hop=None, dtype=None):
             f"{path.name}: unsupported file type {suffix or '(no suffix)'!r}; "
             f"use one of {', '.join(SUFFIXES)}"
         )
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not a {suffix} file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     spectrogram = None
@@ -342,8 +344,15 @@ def _from_numpy(array, name):
         raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
     if array.dtype.kind == "f" and array.dtype.itemsize < 4:
         array = array.astype(np.float32)
+    elif array.dtype.kind == "f" and array.dtype.itemsize > 8:  # long double: torch has none
+        array = array.astype(np.float64)
     elif array.dtype.kind in "bu" and array.dtype != np.uint8:
+        if array.dtype == np.uint64 and array.size and array.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{name} holds integers above 2**63 - 1, which torch cannot hold; "
+                             f"save them as float64")
         array = array.astype(np.int64)
+    if not array.dtype.isnative:  # a big-endian file: torch takes the machine's order only
+        array = array.astype(array.dtype.newbyteorder("="))
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -395,13 +404,14 @@ def read_npz(path, *, key=None):
         torch.Size([2, 3])
     """
     path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path.name} is not a .npz file (not a zip archive)")
+    with open(path, "rb") as handle:  # a missing file: OSError, as for every reader
+        if not zipfile.is_zipfile(handle):
+            raise ValueError(f"{path.name} is not a .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = list(archive.files)
             if {"format", "shape", "data"} <= set(names) and key is None:
-                arrays = {name: archive[name] for name in names}
+                arrays = {name: _npz_member(archive, name, path.name) for name in names}
                 return _sparse_from_npz(arrays, path.name)
             if key is None:
                 if len(names) == 1:
@@ -417,7 +427,7 @@ def read_npz(path, *, key=None):
                 raise ValueError(
                     f"{path.name} has no array {key!r}; it holds {', '.join(names) or 'none'}"
                 )
-            array = archive[key]
+            array = _npz_member(archive, key, path.name)
     except ValueError as error:
         if "pickle" in str(error):
             raise ValueError(
@@ -428,6 +438,14 @@ def read_npz(path, *, key=None):
     except (zipfile.BadZipFile, EOFError) as error:
         raise ValueError(f"{path.name} is a damaged .npz archive: {error}") from None
     return _from_numpy(array, f"{path.name}[{key!r}]")
+
+
+def _npz_member(archive, name, file_name):
+    """Member ``name`` of an open ``.npz`` archive (numpy hands other files back as bytes)."""
+    array = archive[name]
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{file_name}: its member {name!r} is not a .npy array")
+    return array
 
 
 def _import_scipy(what):
@@ -443,15 +461,16 @@ def _sparse_from_npz(arrays, name):
     """Rebuild a matrix saved by ``scipy.sparse.save_npz`` from its plain arrays."""
     scipy = _import_scipy("sparse .npz files")
 
-    fmt = arrays["format"].item()
-    fmt = fmt.decode("ascii") if isinstance(fmt, bytes) else str(fmt)
-    shape = tuple(int(s) for s in arrays["shape"])
-    data = arrays["data"]
     try:
+        fmt = arrays["format"].item()
+        fmt = fmt.decode("ascii") if isinstance(fmt, bytes) else str(fmt)
+        shape = tuple(int(s) for s in arrays["shape"])
+        data = arrays["data"]
         if fmt in ("csr", "csc", "bsr"):
             cls = {"csr": scipy.sparse.csr_matrix, "csc": scipy.sparse.csc_matrix,
                    "bsr": scipy.sparse.bsr_matrix}[fmt]
             matrix = cls((data, arrays["indices"], arrays["indptr"]), shape=shape)
+            matrix.check_format(full_check=True)  # indices in range, indptr rising
         elif fmt == "coo":
             if "coords" in arrays:
                 row, col = arrays["coords"]
@@ -502,7 +521,8 @@ def read_text(path, delimiter=","):
                 [4., 5., 6.]], dtype=torch.float64)
     """
     path = Path(path)
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    # utf-8-sig: spreadsheets start their CSV files with a byte-order mark
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         first = handle.readline()
     fields = first.strip().split(delimiter)
     numeric = [bool(_NUMBER.match(f)) for f in fields]
@@ -516,7 +536,8 @@ def read_text(path, delimiter=","):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data"
-            array = np.loadtxt(path, delimiter=delimiter, skiprows=skip, ndmin=2, dtype=np.float64)
+            array = np.loadtxt(path, delimiter=delimiter, skiprows=skip, ndmin=2, dtype=np.float64,
+                               encoding="utf-8-sig")
     except ValueError as error:
         detail = " ".join(str(error).split())
         raise ValueError(f"{path.name} is not a table of numbers: {detail}") from None
@@ -586,7 +607,8 @@ def read_wav(path):
             channels = handle.getnchannels()
             width = handle.getsampwidth()
             sample_rate = handle.getframerate()
-            frames = handle.readframes(handle.getnframes())
+            announced = handle.getnframes()
+            frames = handle.readframes(announced)
     except (wave.Error, EOFError) as error:
         raise ValueError(
             f"{path.name} is not a PCM .wav file that can be read ({error}); "
@@ -594,6 +616,13 @@ def read_wav(path):
         ) from None
     if width not in (1, 2, 3, 4):
         raise ValueError(f"{path.name}: unsupported sample width of {width} bytes")
+    if sample_rate <= 0:
+        raise ValueError(f"{path.name}: its header gives a sample rate of {sample_rate} Hz")
+    if len(frames) < announced * width * channels:
+        warnings.warn(
+            f"{path.name} ends after {len(frames) // (width * channels)} of the {announced} "
+            f"frames its header announces (a truncated file?); reading those", stacklevel=2
+        )
     usable = len(frames) - len(frames) % (width * channels)
     raw = np.frombuffer(frames[:usable], dtype=np.uint8)
     if width == 1:
@@ -637,7 +666,17 @@ def write_wav(path, signal, sample_rate):
         torch.Size([126, 129])
     """
     sample_rate = _check_sample_rate(sample_rate)
-    samples = to_numpy(signal).astype(np.float64).reshape(-1)
+    if 2 * sample_rate >= 1 << 32:  # the header's byte rate is an unsigned 32-bit field
+        raise ValueError(f"sample_rate must be below 2**31 to fit a .wav header, got {sample_rate}")
+    samples = to_numpy(signal)
+    if samples.dtype.kind not in "biuf":
+        raise TypeError(f"signal must hold real numbers, got dtype {samples.dtype}")
+    if samples.ndim != 1:  # flattening rows would play them one after another
+        raise ValueError(
+            f"signal must be a 1-D (mono) signal, got shape {tuple(samples.shape)}; write "
+            f"each channel or component to its own file"
+        )
+    samples = samples.astype(np.float64)
     if not np.isfinite(samples).all():
         raise ValueError("signal must be finite: it holds NaN or infinite samples")
     ints = np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
@@ -702,6 +741,9 @@ def save_factors(path, W, H, loss_history, **extra):
         "loss_history": np.asarray(loss_history, dtype=np.float64),
     }
     for name, value in extra.items():
+        if name in ("file", "allow_pickle"):  # numpy.savez's own arguments
+            raise ValueError(f"{name} cannot name an extra value (numpy.savez would take it "
+                             f"as its own argument); choose another name")
         arrays[name] = np.asarray(value)
         if arrays[name].dtype.hasobject:
             raise TypeError(f"{name} must be a number or a string, got {type(value).__name__}")

@@ -18,10 +18,12 @@ included), or a sequence of row blocks.  The streamed target kind
 (:mod:`torchnmf.targets.streamed`) reads only through this interface, so a
 user's own class with these members works as well.
 """
+import contextlib
 import mmap
 import numbers
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -46,17 +48,16 @@ def _torch_dtype_of(np_dtype, name):
     np_dtype = np.dtype(np_dtype)
     if np_dtype.hasobject or np_dtype.kind not in "biuf":
         raise ValueError(f"{name} must hold real numbers, got dtype {np_dtype}")
-    if np_dtype.kind == "f" and np_dtype.itemsize >= 4:
-        return torch.from_numpy(np.empty(0, np_dtype)).dtype
-    if np_dtype.kind == "f":
-        return torch.float32
+    if np_dtype.kind == "f":  # half as float32, long double as float64 (torch has neither)
+        return torch.float32 if np_dtype.itemsize <= 4 else torch.float64
     return torch.get_default_dtype()
 
 
 def _dense_block(array, dtype):
-    """A contiguous torch copy of a numpy array slice (a memmap slice is read here)."""
-    block = np.array(array, copy=True, order="C")
-    tensor = torch.from_numpy(block)
+    """A contiguous torch copy of a numpy array (a memmap slice is read here) in ``dtype``,
+    converted by numpy first: torch takes neither big-endian nor long double arrays."""
+    target = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype, np.float64)
+    tensor = torch.from_numpy(np.array(array, dtype=target, order="C"))
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
@@ -72,10 +73,29 @@ def _csr_block(indptr, indices, data, n_columns, dtype):
     indptr = np.asarray(indptr, dtype=np.int64)
     crow = torch.from_numpy(indptr - indptr[0])
     col = torch.from_numpy(np.array(indices, dtype=np.int64))
-    values = torch.from_numpy(np.array(data, copy=True))
-    if values.dtype != dtype:
-        values = values.to(dtype)
+    values = _dense_block(data, dtype)
     return _csr(crow, col, values, (len(indptr) - 1, n_columns))
+
+
+def _sorted_unique(indptr, indices):
+    """Whether every row's column indices rise strictly (``indptr`` not yet shifted)."""
+    rising = np.diff(indices) > 0
+    ends = np.asarray(indptr[1:-1], dtype=np.int64) - int(indptr[0]) - 1  # a row's last entry
+    rising[ends[(ends >= 0) & (ends < rising.size)]] = True  # the next row may start lower
+    return bool(rising.all())
+
+
+def _coalesced_csr_block(indptr, indices, data, n_columns, dtype):
+    """:func:`_csr_block` of unsorted CSR arrays, duplicates summed (as scipy's
+    ``sum_duplicates``): the statistics read each stored entry as a value of its own."""
+    counts = np.diff(np.asarray(indptr, dtype=np.int64))
+    rows = np.repeat(np.arange(len(counts)), counts)
+    coo = torch.sparse_coo_tensor(
+        torch.from_numpy(np.vstack([rows, np.asarray(indices, dtype=np.int64)])),
+        _dense_block(data, dtype), (len(counts), n_columns), check_invariants=True,
+    ).coalesce()
+    crow = torch.searchsorted(coo.indices()[0], torch.arange(len(counts) + 1))
+    return _csr(crow, coo.indices()[1].clone(), coo.values(), (len(counts), n_columns))
 
 
 class RowSource:
@@ -233,8 +253,13 @@ class ScipyRows(RowSource):
 
     def __init__(self, matrix, name="V"):
         self.matrix = matrix.tocsr()
-        self.matrix.sort_indices()
-        self.matrix.sum_duplicates()
+        try:  # indices in range, indptr rising: before sorting, which trusts them
+            self.matrix.check_format(full_check=True)
+        except ValueError as error:
+            raise ValueError(f"{name} is a malformed sparse matrix: {error}") from None
+        if not self.matrix.has_canonical_format:  # in place would change the caller's matrix
+            self.matrix = self.matrix.copy()
+            self.matrix.sum_duplicates()  # sorted, each entry once
         self.shape = tuple(int(s) for s in self.matrix.shape)
         self.dtype = _torch_dtype_of(self.matrix.dtype, name)
 
@@ -246,29 +271,59 @@ class ScipyRows(RowSource):
                           self.shape[1], self.dtype)
 
 
+@contextlib.contextmanager
+def _reading(path):
+    """What numpy or scipy raise on a file they cannot read, as a ValueError naming it."""
+    try:
+        yield
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        detail = " ".join(str(error).split())
+        if isinstance(error, ValueError) and detail.startswith(path.name):
+            raise
+        raise ValueError(f"{path.name} cannot be read: {detail}") from None
+
+
+def _memmap_npy(path):
+    """A read-only memory map of a ``.npy`` file (never unpickled)."""
+    with open(path, "rb") as handle:
+        if handle.read(6) != b"\x93NUMPY":
+            raise ValueError(f"{path.name} is not a .npy file (its header is wrong)")
+    with _reading(path):
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _open_npz(path):
+    """An open ``.npz`` archive (never unpickled); read its members with :func:`_npz_array`."""
+    with open(path, "rb") as handle:  # a missing file: OSError, as for every reader
+        if not zipfile.is_zipfile(handle):
+            raise ValueError(f"{path.name} is not a .npz file (not a zip archive)")
+    return np.load(path, allow_pickle=False)
+
+
+def _npz_array(archive, name, path):
+    """Member ``name`` of an open ``.npz`` archive (numpy hands other files back as bytes)."""
+    array = archive[name]
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{path.name}: its member {name!r} is not a .npy array")
+    return array
+
+
 def _shard_shape(path):
-    """The shape of one shard without reading its data."""
+    """The shape of one shard without reading its data (a dense ``.npz``'s is read)."""
     if path.suffix.lower() == ".npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False).shape
-    with np.load(path, allow_pickle=False) as archive:
-        if "shape" in archive.files:
-            return tuple(int(s) for s in archive["shape"])
+        return _memmap_npy(path).shape
+    with _reading(path), _open_npz(path) as archive:
+        if "format" in archive.files:  # scipy.sparse.save_npz: as _open_file decides
+            return tuple(int(s) for s in _npz_array(archive, "shape", path))
         names = archive.files
         if len(names) != 1:
             raise ValueError(f"{path.name}: a shard must be a scipy sparse .npz or hold one array")
-        return archive[names[0]].shape
+        return _npz_array(archive, names[0], path).shape
 
 
 def _load_shard(path):
     """One shard as a row source (sparse .npz, dense .npz or memory-mapped .npy)."""
-    if path.suffix.lower() == ".npy":
-        return ArrayRows(np.load(path, mmap_mode="r", allow_pickle=False), path.name)
-    with np.load(path, allow_pickle=False) as archive:
-        if "format" in archive.files:
-            from scipy import sparse
-
-            return ScipyRows(sparse.load_npz(path), path.name)
-        return ArrayRows(archive[archive.files[0]], path.name)
+    return _open_file(path, None)
 
 
 class ShardRows(RowSource):
@@ -357,33 +412,58 @@ class H5adRows(RowSource):
         except ImportError:
             raise ImportError("reading .h5ad files needs h5py; pip install 'torchnmf[h5ad]'") from None
         self.path = Path(path)
-        self.file = h5py.File(self.path, "r")
-        key = key or "X"
-        if key not in self.file:
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as error:
+            raise OSError(f"{self.path.name} cannot be opened as an HDF5 (.h5ad) file: "
+                          f"{error}") from None
+        try:
+            self._open(h5py, key or "X")
+        except BaseException:
             self.file.close()
+            raise
+
+    def _open(self, h5py, key):
+        self.name = f"{self.path.name}[{key!r}]"
+        if key not in self.file:
             raise ValueError(f"{self.path.name} has no matrix {key!r}")
         node = self.file[key]
         if isinstance(node, h5py.Dataset):
             if node.ndim != 2:
-                self.file.close()
-                raise ValueError(f"{self.path.name}[{key!r}] must be a matrix, got shape {node.shape}")
+                raise ValueError(f"{self.name} must be a matrix, got shape {node.shape}")
             self.dense = node
             self.shape = tuple(int(s) for s in node.shape)
-            self.dtype = _torch_dtype_of(node.dtype, f"{self.path.name}[{key!r}]")
+            self.dtype = _torch_dtype_of(node.dtype, self.name)
             return
         encoding = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", ""))
         encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
         if encoding not in ("csr_matrix", "csr"):
-            self.file.close()
             raise NotImplementedError(
-                f"{self.path.name}[{key!r}] is stored as {encoding or 'an unknown group'}; row "
+                f"{self.name} is stored as {encoding or 'an unknown group'}; row "
                 f"blocks need a dense or CSR matrix: write it with adata.X = adata.X.tocsr()"
             )
+        missing = [part for part in ("data", "indices", "indptr") if part not in node]
         shape = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
+        if missing or shape is None:
+            raise ValueError(f"{self.name} is a CSR group without "
+                             f"{', '.join(missing) or 'its shape attribute'}")
+        shape = np.asarray(shape).reshape(-1)
+        if shape.size != 2 or shape.dtype.kind not in "iu" or (shape < 0).any():
+            raise ValueError(f"{self.name} has shape {shape.tolist()}; a matrix needs two "
+                             f"non-negative integers")
         self.dense = None
         self.data, self.indices, self.indptr = node["data"], node["indices"], node["indptr"]
         self.shape = tuple(int(s) for s in shape)
-        self.dtype = _torch_dtype_of(self.data.dtype, f"{self.path.name}[{key!r}]")
+        stored = int(self.indptr[-1]) if self.indptr.shape[0] else None
+        if (self.indptr.shape != (self.shape[0] + 1,) or stored != self.data.shape[0]
+                or self.indices.shape != self.data.shape):
+            raise ValueError(
+                f"{self.name} is a malformed CSR group: shape {self.shape} needs "
+                f"{self.shape[0] + 1} indptr entries ending at the number of stored values; it "
+                f"has {self.indptr.shape[0]} ending at {stored}, {self.data.shape[0]} values and "
+                f"{self.indices.shape[0]} indices"
+            )
+        self.dtype = _torch_dtype_of(self.data.dtype, self.name)
         self.is_sparse = True
 
     def read(self, start, stop):
@@ -392,8 +472,18 @@ class H5adRows(RowSource):
             return _dense_block(self.dense[start:stop], self.dtype)
         indptr = self.indptr[start:stop + 1]
         low, high = int(indptr[0]), int(indptr[-1])
-        return _csr_block(indptr, self.indices[low:high], self.data[low:high], self.shape[1],
-                          self.dtype)
+        indices = self.indices[low:high]
+        # checked block by block: the whole index array may not fit in memory
+        if (np.diff(indptr) < 0).any() or (indices.size and (
+                indices.min() < 0 or indices.max() >= self.shape[1])):
+            raise ValueError(
+                f"{self.name} is a malformed CSR group: in rows {start}:{stop}, indptr falls "
+                f"or a column index is outside 0:{self.shape[1]}"
+            )
+        if not _sorted_unique(indptr, indices):  # written by other tools than scipy
+            return _coalesced_csr_block(indptr, indices, self.data[low:high], self.shape[1],
+                                        self.dtype)
+        return _csr_block(indptr, indices, self.data[low:high], self.shape[1], self.dtype)
 
     def close(self):
         self.file.close()
@@ -415,8 +505,9 @@ def _as_block(block, index):
             )
     elif hasattr(block, "tocsr"):
         csr = block.tocsr()
-        csr.sort_indices()
-        csr.sum_duplicates()
+        if not csr.has_canonical_format:  # in place would change the caller's block
+            csr = csr.copy()
+            csr.sum_duplicates()  # sorted, each entry once
         tensor = _csr_block(csr.indptr, csr.indices, csr.data, csr.shape[1],
                             _torch_dtype_of(csr.dtype, f"block {index}"))
     elif isinstance(block, np.ndarray):
@@ -636,13 +727,9 @@ def open_rows(path, *, key=None, shape=None):
 def _open_file(path, key):
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as error:
-            raise ValueError(f"{path.name} cannot be memory-mapped: {error}") from None
-        return ArrayRows(array, path.name)
+        return ArrayRows(_memmap_npy(path), path.name)
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
+        with _reading(path), _open_npz(path) as archive:
             names = archive.files
             if "format" in names and key is None:
                 from scipy import sparse
@@ -650,12 +737,14 @@ def _open_file(path, key):
                 return ScipyRows(sparse.load_npz(path), path.name)
             key = key or (names[0] if len(names) == 1 else "V")
             if key not in names:
-                raise ValueError(f"{path.name} has no array {key!r}; it holds {', '.join(names)}")
-            return ArrayRows(archive[key], f"{path.name}[{key!r}]")
+                raise ValueError(f"{path.name} has no array {key!r}; it holds "
+                                 f"{', '.join(names) or 'none'}")
+            return ArrayRows(_npz_array(archive, key, path), f"{path.name}[{key!r}]")
     if suffix == ".mtx":
         from scipy import io as scipy_io
 
-        matrix = scipy_io.mmread(str(path))
+        with _reading(path):
+            matrix = scipy_io.mmread(str(path))
         return ArrayRows(matrix, path.name) if isinstance(matrix, np.ndarray) else ScipyRows(
             matrix, path.name
         )
