@@ -426,3 +426,18 @@ def test_figure_path_is_checked_before_the_fit(tmp_path, capsys, monkeypatch, ma
     assert status == 1 and out == "" and err.count("\n") == 1
     assert re.search(message, err)
     assert not (tmp_path / "m.nmf.npz").exists()
+
+
+def test_a_figure_without_suffix_is_named_as_written(tmp_path, capsys, monkeypatch, matrix):
+    """matplotlib appends its format to ``--plot fig``: the message named ``fig`` for the
+    ``fig.png`` written, and ``--plot m`` on INPUT ``m.png`` would have overwritten it."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    np.save("m.npy", matrix)
+    status, out, err = fit(capsys, "m.npy", "-r", 2, "--max-iter", 2, "-q", "--plot", "fig")
+    assert status == 0, err
+    assert "wrote the figure to fig.png" in out and png_size(tmp_path / "fig.png")
+    np.save("m.png.npy", matrix)  # (np.save appends .npy): move it to m.png
+    (tmp_path / "m.png.npy").rename(tmp_path / "m.png")
+    status, out, err = fit(capsys, "m.png", "-r", 2, "-q", "--plot", "m")
+    assert status == 1 and "cannot write m: it is INPUT" in err

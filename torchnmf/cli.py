@@ -18,7 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli_selection import check_outputs
+from .cli_selection import check_outputs, figure_file
 
 __all__ = ["main"]
 
@@ -333,8 +333,9 @@ def _write_plot(path, model, V, args, audio):
         title=f"{Path(args.input).name}: {args.model.upper()} rank {args.rank}, "
         f"beta {args.beta:g}{subset}",
     )
+    path = figure_file(path)
     figure.savefig(path, dpi=100)
-    return Path(path)
+    return path
 
 
 def _write_audio(model, spectrogram, args, output):

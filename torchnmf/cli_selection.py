@@ -11,7 +11,8 @@ prediction error) to an ``.npz`` archive.
 import importlib.util
 from pathlib import Path
 
-__all__ = ["add_commands", "check_outputs", "parse_ranks", "run_rank", "run_consensus"]
+__all__ = ["add_commands", "check_outputs", "figure_file", "parse_ranks", "run_rank",
+           "run_consensus"]
 
 
 def check_outputs(paths, plot, error_type, input=None):
@@ -19,10 +20,12 @@ def check_outputs(paths, plot, error_type, input=None):
     ``plot`` whose directory does not exist, that would overwrite ``input`` (the data
     would be lost), a figure path that is a directory or whose suffix matplotlib cannot
     write, and a figure without matplotlib installed."""
-    # save_factors appends .npz to an archive's name
+    # save_factors appends .npz to an archive's name, matplotlib its format to a figure's
     written = [Path(p) if Path(p).suffix.lower() == ".npz" else Path(f"{p}.npz") for p in paths]
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    figure = figure_file(plot) if plot and has_matplotlib else plot
     source = None if input is None else Path(input).resolve()
-    for path, shown in (*zip(written, paths), (plot, plot)):
+    for path, shown in (*zip(written, paths), (figure, plot)):
         if path is None:
             continue
         if not Path(path).resolve().parent.is_dir():
@@ -33,7 +36,7 @@ def check_outputs(paths, plot, error_type, input=None):
                              f"overwritten; choose another file")
     if not plot:
         return
-    if importlib.util.find_spec("matplotlib") is None:
+    if not has_matplotlib:
         raise error_type("--plot needs matplotlib; pip install 'torchnmf[plot]'")
     if Path(plot).is_dir():
         raise error_type(f"cannot write the figure to {plot}: it is a directory; give a file "
@@ -45,6 +48,17 @@ def check_outputs(paths, plot, error_type, input=None):
     if suffix and suffix not in formats:
         raise error_type(f"cannot write the figure to {plot}: matplotlib writes "
                          f"{', '.join('.' + f for f in sorted(formats))}, not .{suffix}")
+
+
+def figure_file(plot):
+    """The file matplotlib writes for the figure path ``plot``: with its default format's
+    suffix where ``plot`` has none (``--plot fig`` wrote ``fig.png`` and reported ``fig``)."""
+    import matplotlib
+
+    path = Path(plot)
+    if path.suffix or not path.name or path.is_dir():
+        return path
+    return path.with_name(f"{path.name}.{matplotlib.rcParams['savefig.format']}")
 
 
 def parse_ranks(text):
@@ -158,8 +172,9 @@ def run_rank(args, out=print, error_type=ValueError):
     if args.plot:
         from .plot import rank_selection_figure
 
-        rank_selection_figure(table).savefig(args.plot)
-        out(f"wrote the figure to {args.plot}")
+        path = figure_file(args.plot)
+        rank_selection_figure(table).savefig(path)
+        out(f"wrote the figure to {path}")
     return 0
 
 
