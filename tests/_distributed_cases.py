@@ -55,8 +55,9 @@ def local_rows(V, start, stop):
 
 
 def fit_case(rank, world, kind="dense", fit=None, model=None, problem_args=None,
-             perturb_W=True, timeout=30):
-    """A distributed fit of this rank's rows; ``(n_iter, history, W, H rows)``."""
+             perturb_W=True, timeout=30, rank1_fit=None):
+    """A distributed fit of this rank's rows; ``(n_iter, history, W, H rows)``
+    (``rank1_fit``: options that rank 1 adds, such as streaming its rows)."""
     import torch.distributed as dist
 
     from torchnmf.nmf import NMF
@@ -68,6 +69,8 @@ def fit_case(rank, world, kind="dense", fit=None, model=None, problem_args=None,
         W0 = W0 * 7.0  # rank 0's W must win
     net = NMF(W=W0, H=H0[start:stop], **(model or {}))
     fit = dict(fit or {})
+    if rank == 1:
+        fit.update(rank1_fit or {})
     if mask is not None:
         fit["mask"] = mask[start:stop]
     n_iter = net.fit(as_kind(V[start:stop], kind), process_group=dist.group.WORLD,

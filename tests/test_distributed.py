@@ -82,6 +82,18 @@ def test_csc_and_streamed_targets(pool, kind, fit):
     assert_same_fit(results, cases.reference_fit(kind, fit))
 
 
+@pytest.mark.parametrize("kind,solver,beta", [
+    ("dense", "mu", 1), ("dense", "mu", 2), ("sparse", "mu_extrapolated", 1), ("masked", "mu", 2),
+])
+def test_streamed_rows_on_one_process_only(pool, kind, solver, beta):
+    # the processes' W terms must travel in the same form whatever kind each holds:
+    # a process that streams its rows sums the Gram matrix (beta=2) and the row of
+    # column sums (beta=1) as the in-memory ones do
+    fit = dict(beta=beta, solver=solver, max_iter=10, tol=0)
+    results = pool.run(cases.fit_case, kind=kind, fit=fit, rank1_fit=dict(block_rows=4))
+    assert_same_fit(results, cases.reference_fit(kind, fit))
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 @pytest.mark.parametrize("kind,solver,beta", [("dense", "mu", 1), ("sparse", "hals", 2)])
 def test_scale_is_shared_by_the_processes(pool, scale, kind, solver, beta):
