@@ -324,7 +324,7 @@ class BaseComponent(FactorModule):
         reduction = None
         if distributed:
             reduction = join(process_group, timeout, settings, rows=self.H.shape[0])
-            mask = agree_on_mask(reduction, V, mask, columns=update_W)
+            mask = agree_on_mask(reduction, V, mask, columns=update_W, solver=solver)
             with torch.no_grad():
                 reduction.broadcast_(self.W.detach(), what="broadcast of W from rank 0")
         if checkpointing is not None:
@@ -442,7 +442,7 @@ class BaseComponent(FactorModule):
                 l1_ratio=l1_ratio, start="given" if H is not None else "default",
             )
             reduction = join(process_group, timeout, settings, rows=shape[0])
-            mask = agree_on_mask(reduction, V, mask, columns=False)
+            mask = agree_on_mask(reduction, V, mask, columns=False, solver=solver)
             W = reduction.broadcast_(W.clone(), what="broadcast of W from rank 0")
         if H is None:
             H = self._default_activations(V, mask, W, shape, generator, reduction)

@@ -312,6 +312,8 @@ class StreamedTarget:
                 f"estimated: drop the column or observe at least one entry in it"
             )
         self.masked = hidden
+        # per column, whether some entry is observed (None: every entry is)
+        self.observed_columns = seen_columns if hidden else None
         self.may_hide = hidden  # no hidden entry anywhere: the plain kinds, no per-pass checks
         self.observed = observed
         self.total = total
@@ -547,6 +549,15 @@ class StreamedStats:
         return self.constant + total, negative, positive
 
 
+def masked_hals_error():
+    """The refusal of weighted HALS on a streamed target (see :class:`MaskedStreamedStats`)."""
+    return NotImplementedError(
+        "solver='hals' with a mask or missing values needs the whole masked residual in "
+        "memory, which a streamed V does not give; use solver='mu' or "
+        "solver='mu_extrapolated' for a streamed masked fit"
+    )
+
+
 class MaskedStreamedStats(StreamedStats):
     """:class:`StreamedStats` of a target with unobserved entries.
 
@@ -561,8 +572,4 @@ class MaskedStreamedStats(StreamedStats):
         return W.shape
 
     def observed_target(self):
-        raise NotImplementedError(
-            "solver='hals' with a mask or missing values needs the whole masked residual in "
-            "memory, which a streamed V does not give; use solver='mu' or "
-            "solver='mu_extrapolated' for a streamed masked fit"
-        )
+        raise masked_hals_error()
