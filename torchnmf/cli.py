@@ -424,7 +424,14 @@ def _open_own_rows(args, world):
                 f"under torchrun, fit reads .npy, .npz, .mtx or .h5ad INPUT (each process its "
                 f"own rows), got {Path(args.input).name}"
             )
-        return io.open_rows(args.input, key=args.key)
+        source = io.open_rows(args.input, key=args.key)
+        if source.shape[0] < world:  # (every process sees it, before any waits for another)
+            raise CommandError(
+                f"under torchrun, fit splits the rows of INPUT over the {world} processes, but "
+                f"{Path(args.input).name} has {source.shape[0]} rows; run it with at most "
+                f"{source.shape[0]} processes"
+            )
+        return source
     if suffix not in (".npy", ".npz"):
         raise CommandError(f"under torchrun, --model nmfd reads an (N, C, L) .npy or .npz "
                            f"INPUT, got {Path(args.input).name}")
