@@ -61,6 +61,16 @@ def _non_negative_float(text):
 _non_negative_float.__name__ = "non-negative number"
 
 
+def _positive_seconds(text):
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+_positive_seconds.__name__ = "positive number of seconds"
+
+
 def _finite_float(text):
     value = float(text)
     if value != value or value in (float("inf"), float("-inf")):
@@ -134,7 +144,7 @@ def _build_parser():
                      "from it when it exists (e.g. after torchrun --max-restarts)")
     fit.add_argument("--checkpoint-every", type=_positive_int, default=10,
                      help="iterations between checkpoints (default %(default)s)")
-    fit.add_argument("--timeout", type=_non_negative_float, default=300.0,
+    fit.add_argument("--timeout", type=_positive_seconds, default=300.0,
                      help="under torchrun, seconds to wait for the other processes before "
                      "failing (default %(default)s)")
 
