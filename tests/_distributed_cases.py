@@ -170,8 +170,10 @@ def reference_init(method="nndsvda", kind="dense", N=24, C=10, R=3, seed=5):
     return W.numpy(), H.numpy()
 
 
-def checkpoint_case(rank, world, path, fit, resume=None, checkpoint=None):
-    """A distributed fit that saves and/or resumes; ``(n_iter, history, W, H rows)``."""
+def checkpoint_case(rank, world, path, fit, resume=None, checkpoint=None, rank1=None):
+    """A distributed fit that saves and/or resumes; ``(n_iter, history, W, H rows)``
+    (``rank1``: what rank 1 passes instead, of ``checkpoint``, ``resume`` and
+    ``checkpoint_every``)."""
     import torch.distributed as dist
 
     from torchnmf.nmf import NMF
@@ -179,9 +181,11 @@ def checkpoint_case(rank, world, path, fit, resume=None, checkpoint=None):
     V, _, W0, H0 = problem()
     edges = split(V.shape[0], world)
     start, stop = edges[rank], edges[rank + 1]
+    options = dict(checkpoint=checkpoint, checkpoint_every=5, resume=resume)
+    if rank == 1:
+        options.update(rank1 or {})
     net = NMF(W=W0 if resume is None else W0 * 5, H=H0[start:stop])
-    n_iter = net.fit(V[start:stop], process_group=dist.group.WORLD, timeout=30,
-                     checkpoint=checkpoint, checkpoint_every=5, resume=resume, **fit)
+    n_iter = net.fit(V[start:stop], process_group=dist.group.WORLD, timeout=30, **options, **fit)
     return n_iter, list(net.loss_history), net.W.detach().numpy().copy(), net.H.detach().numpy().copy()
 
 
