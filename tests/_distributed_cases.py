@@ -32,9 +32,11 @@ def problem(kind="dense", N=24, C=10, R=3, seed=0, dtype=torch.float64, scale=1.
     mask = None
     if kind in ("sparse", "sparse_csr", "sparse_csc", "sparse_masked"):
         V = V * (torch.rand(N, C, generator=g, dtype=dtype) < 0.6)
-    if kind in ("masked", "sparse_masked"):
+    if kind in ("masked", "sparse_masked", "masked_rank1"):
         mask = torch.rand(N, C, generator=g) > 0.2
         mask[:, 0] = True  # every column observed on both processes' rows
+    if kind == "masked_rank1":  # every entry of rank 0's rows observed
+        mask[: split(N, 2)[1]] = True
     W0 = torch.rand(C, R, generator=g, dtype=dtype) + 0.1
     H0 = torch.rand(N, R, generator=g, dtype=dtype) + 0.1
     return V, mask, W0, H0
@@ -55,8 +57,9 @@ def local_rows(V, start, stop):
 
 
 def fit_case(rank, world, kind="dense", fit=None, model=None, problem_args=None,
-             perturb_W=True, timeout=30):
-    """A distributed fit of this rank's rows; ``(n_iter, history, W, H rows)``."""
+             perturb_W=True, timeout=30, per_rank=None):
+    """A distributed fit of this rank's rows; ``(n_iter, history, W, H rows)``
+    (``per_rank``: ``{rank: options}`` that a rank adds, such as streaming its rows)."""
     import torch.distributed as dist
 
     from torchnmf.nmf import NMF
@@ -68,6 +71,7 @@ def fit_case(rank, world, kind="dense", fit=None, model=None, problem_args=None,
         W0 = W0 * 7.0  # rank 0's W must win
     net = NMF(W=W0, H=H0[start:stop], **(model or {}))
     fit = dict(fit or {})
+    fit.update((per_rank or {}).get(rank, {}))
     if mask is not None:
         fit["mask"] = mask[start:stop]
     n_iter = net.fit(as_kind(V[start:stop], kind), process_group=dist.group.WORLD,
@@ -166,8 +170,10 @@ def reference_init(method="nndsvda", kind="dense", N=24, C=10, R=3, seed=5):
     return W.numpy(), H.numpy()
 
 
-def checkpoint_case(rank, world, path, fit, resume=None, checkpoint=None):
-    """A distributed fit that saves and/or resumes; ``(n_iter, history, W, H rows)``."""
+def checkpoint_case(rank, world, path, fit, resume=None, checkpoint=None, rank1=None):
+    """A distributed fit that saves and/or resumes; ``(n_iter, history, W, H rows)``
+    (``rank1``: what rank 1 passes instead, of ``checkpoint``, ``resume`` and
+    ``checkpoint_every``)."""
     import torch.distributed as dist
 
     from torchnmf.nmf import NMF
@@ -175,9 +181,11 @@ def checkpoint_case(rank, world, path, fit, resume=None, checkpoint=None):
     V, _, W0, H0 = problem()
     edges = split(V.shape[0], world)
     start, stop = edges[rank], edges[rank + 1]
+    options = dict(checkpoint=checkpoint, checkpoint_every=5, resume=resume)
+    if rank == 1:
+        options.update(rank1 or {})
     net = NMF(W=W0 if resume is None else W0 * 5, H=H0[start:stop])
-    n_iter = net.fit(V[start:stop], process_group=dist.group.WORLD, timeout=30,
-                     checkpoint=checkpoint, checkpoint_every=5, resume=resume, **fit)
+    n_iter = net.fit(V[start:stop], process_group=dist.group.WORLD, timeout=30, **options, **fit)
     return n_iter, list(net.loss_history), net.W.detach().numpy().copy(), net.H.detach().numpy().copy()
 
 

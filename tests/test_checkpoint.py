@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import _distributed_cases as cases
-from _distributed_pool import Pool
+from _distributed_pool import CaseFailed, Pool
 from torchnmf.nmf import NMF
 from torchnmf.solvers import checkpoint as checkpoint_module
 
@@ -115,6 +115,31 @@ def test_two_processes_resume(pool, tmp_path, solver, beta):
     # and the two-process fit is the one-process fit of the stacked matrix
     reference = cases.reference_fit("dense", dict(fit, max_iter=20))
     np.testing.assert_allclose(resumed[0][2], reference[2], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("saves,rank1,message", [
+    # every save is a collective: a process that saves at other iterations, or not at
+    # all, must not fit with the others
+    (True, dict(checkpoint=None), "rank 1 has checkpoints='none' and rank 0 has "
+                                  "checkpoints='every 5 iterations'"),
+    (True, dict(checkpoint_every=4), "rank 1 has checkpoints='every 4 iterations'"),
+    (False, dict(resume=None), "rank 1 has resume=False and rank 0 has resume=True"),
+    # rank 1's file is another fit's: every process stops, not only rank 1
+    (False, dict(resume="other"), r"rank 1 refused its checkpoint \(resume=.* was "
+                                  r"saved with beta=2.0, but this fit has beta=1.0"),
+])
+def test_two_processes_agree_on_checkpoints(pool, tmp_path, saves, rank1, message):
+    path, other = str(tmp_path / "fit.ckpt"), str(tmp_path / "other.ckpt")
+    fit = dict(beta=1, tol=0, max_iter=5)
+    pool.run(cases.checkpoint_case, path=path, fit=fit, checkpoint=path)
+    pool.run(cases.checkpoint_case, path=other, fit=dict(fit, beta=2), checkpoint=other)
+    rank1 = {name: other if value == "other" else value for name, value in rank1.items()}
+    options = dict(checkpoint=path) if saves else dict(resume=path)
+    with pytest.raises(CaseFailed, match=r"ranks \[0, 1\] failed; ValueError: .*" + message):
+        pool.run(cases.checkpoint_case, path=path, fit=dict(fit, max_iter=12), rank1=rank1,
+                 **options)
+    # the group is still usable
+    assert pool.run(cases.checkpoint_case, path=path, fit=fit)[0][0] == 5
 
 
 @pytest.mark.parametrize("mode", ["die", "hang"])

@@ -244,6 +244,9 @@ def test_unavailable_accelerator_is_one_line(tmp_path, capsys):
         (["fit", "x.npy", "-r", "2", "--beta", "nan"], "invalid finite number value: 'nan'"),
         (["fit", "x.npy", "-r", "2", "--solver", "newton"], "invalid choice: 'newton'"),
         (["fit", "x.npy", "-r", "2", "--model", "plca"], "invalid choice: 'plca'"),
+        # torch.distributed takes 0 s as "fail at once" and cannot hold infinite seconds
+        (["fit", "x.npy", "-r", "2", "--timeout", "0"], "invalid positive number of seconds value: '0'"),
+        (["fit", "x.npy", "-r", "2", "--timeout", "inf"], "invalid positive number of seconds value: 'inf'"),
     ],
 )
 def test_usage_errors_give_status_2(capsys, argv, message):

@@ -171,6 +171,16 @@ def test_torchrun_nmfd_needs_sequences(tmp_path):
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
+def test_torchrun_needs_a_row_per_process(tmp_path):
+    # a process without rows would fail alone, deep in building its model
+    np.save(tmp_path / "V.npy", np.ones((1, 6)))
+    done = torchrun(["V.npy", "-r", "2", "-q"], tmp_path)
+    assert done.returncode == 1
+    message = "fit splits the rows of INPUT over the 2 processes, but V.npy has 1 rows"
+    assert done.stderr.count(message) == 2, done.stderr
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed beside this Python")
 @pytest.mark.parametrize("solver", ["hals"])
 def test_torchrun_streams_its_rows_like_the_plain_streamed_fit(tmp_path, solver):
     # each process reads only its rows, a block at a time (blocks that do not divide

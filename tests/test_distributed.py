@@ -82,6 +82,31 @@ def test_csc_and_streamed_targets(pool, kind, fit):
     assert_same_fit(results, cases.reference_fit(kind, fit))
 
 
+@pytest.mark.parametrize("kind,solver,beta,streams", [
+    ("dense", "mu", 1, 1), ("dense", "mu", 2, 1), ("sparse", "mu_extrapolated", 1, 1),
+    ("masked", "mu", 2, 1),
+    # rank 0 streams rows with no missing entry, rank 1 holds a mask: both masked kinds
+    ("masked_rank1", "mu", 2, 0), ("masked_rank1", "mu", 1, 0), ("masked_rank1", "mu", 1, 1),
+])
+def test_streamed_rows_on_one_process_only(pool, kind, solver, beta, streams):
+    # the processes' W terms must travel in the same form whatever kind each holds:
+    # a process that streams its rows sums the Gram matrix (beta=2) and the row of
+    # column sums (beta=1) as the in-memory ones do, and a masked form where another
+    # process has a mask
+    fit = dict(beta=beta, solver=solver, max_iter=10, tol=0)
+    results = pool.run(cases.fit_case, kind=kind, fit=fit, per_rank={streams: dict(block_rows=4)})
+    assert_same_fit(results, cases.reference_fit(kind, fit))
+
+
+@pytest.mark.parametrize("kind,streams", [("masked", 1), ("masked_rank1", 0)])
+def test_masked_hals_with_a_streamed_process_is_refused_everywhere(pool, kind, streams):
+    # weighted HALS needs the masked residual in memory: every process refuses it
+    fit = dict(beta=2, solver="hals", max_iter=5, tol=0)
+    with pytest.raises(CaseFailed, match=r"ranks \[0, 1\] failed; NotImplementedError: solver='hals' "
+                                         r"with a mask or missing values"):
+        pool.run(cases.fit_case, kind=kind, fit=fit, per_rank={streams: dict(block_rows=4)})
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
 @pytest.mark.parametrize("kind,solver,beta", [("dense", "mu", 1), ("sparse", "hals", 2)])
 def test_scale_is_shared_by_the_processes(pool, scale, kind, solver, beta):

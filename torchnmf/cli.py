@@ -61,6 +61,16 @@ def _non_negative_float(text):
 _non_negative_float.__name__ = "non-negative number"
 
 
+def _positive_seconds(text):
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+_positive_seconds.__name__ = "positive number of seconds"
+
+
 def _finite_float(text):
     value = float(text)
     if value != value or value in (float("inf"), float("-inf")):
@@ -134,7 +144,7 @@ def _build_parser():
                      "from it when it exists (e.g. after torchrun --max-restarts)")
     fit.add_argument("--checkpoint-every", type=_positive_int, default=10,
                      help="iterations between checkpoints (default %(default)s)")
-    fit.add_argument("--timeout", type=_non_negative_float, default=300.0,
+    fit.add_argument("--timeout", type=_positive_seconds, default=300.0,
                      help="under torchrun, seconds to wait for the other processes before "
                      "failing (default %(default)s)")
 
@@ -425,7 +435,14 @@ def _open_own_rows(args, world):
                 f"under torchrun, fit reads .npy, .npz, .mtx or .h5ad INPUT (each process its "
                 f"own rows), got {Path(args.input).name}"
             )
-        return io.open_rows(args.input, key=args.key)
+        source = io.open_rows(args.input, key=args.key)
+        if source.shape[0] < world:  # (every process sees it, before any waits for another)
+            raise CommandError(
+                f"under torchrun, fit splits the rows of INPUT over the {world} processes, but "
+                f"{Path(args.input).name} has {source.shape[0]} rows; run it with at most "
+                f"{source.shape[0]} processes"
+            )
+        return source
     if suffix not in (".npy", ".npz"):
         raise CommandError(f"under torchrun, --model nmfd reads an (N, C, L) .npy or .npz "
                            f"INPUT, got {Path(args.input).name}")

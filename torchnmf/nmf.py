@@ -44,6 +44,7 @@ from .models.fitting import (
 )
 from .models.forward import conv_transpose, linear
 from .models.provenance import record_matrix_reconstruction
+from .solvers.checkpoint import agreed_checkpointing
 from .solvers.penalty import Penalty
 from .solvers.sparseness import SparseProjectedGradient
 from .targets import statistics
@@ -327,8 +328,10 @@ class BaseComponent(FactorModule):
         )
         reduction = None
         if distributed:
-            reduction = join(process_group, timeout, settings, rows=self.H.shape[0])
-            mask = agree_on_mask(reduction, V, mask, columns=update_W)
+            # every process saves at the same iterations (each save is a collective)
+            agreed = {**settings, **agreed_checkpointing(checkpointing)}
+            reduction = join(process_group, timeout, agreed, rows=self.H.shape[0])
+            mask = agree_on_mask(reduction, V, mask, columns=update_W, solver=solver)
             with torch.no_grad():
                 reduction.broadcast_(self.W.detach(), what="broadcast of W from rank 0")
         if checkpointing is not None:
@@ -446,7 +449,7 @@ class BaseComponent(FactorModule):
                 l1_ratio=l1_ratio, start="given" if H is not None else "default",
             )
             reduction = join(process_group, timeout, settings, rows=shape[0])
-            mask = agree_on_mask(reduction, V, mask, columns=False)
+            mask = agree_on_mask(reduction, V, mask, columns=False, solver=solver)
             W = reduction.broadcast_(W.clone(), what="broadcast of W from rank 0")
         if H is None:
             H = self._default_activations(V, mask, W, shape, generator, reduction)

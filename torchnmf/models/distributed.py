@@ -16,6 +16,7 @@ import numbers
 import torch
 
 from ..targets.distributed import DEFAULT_TIMEOUT, DistributedStats, Reduction
+from ..targets.streamed import StreamedTarget, masked_hals_error
 
 __all__ = [
     "check_process_group",
@@ -112,22 +113,36 @@ def fit_settings(model, **options):
     return settings
 
 
-def agree_on_mask(reduction, V, mask, columns=True):
+def agree_on_mask(reduction, V, mask, columns=True, solver=None):
     """The local mask, all True where another process has one and this one has none.
 
     Every process must use the same target kind (weighted HALS differs from
-    plain HALS); a block that happens to have no missing entry gets an
-    all-observed mask.  With ``columns``, every column must be observed on some
-    process.
+    plain HALS, and a masked kind's ``W`` terms have another form); a block
+    that happens to have no missing entry gets an all-observed mask (a
+    streamed ``V`` holds its mask: it becomes a masked target and ``None`` is
+    returned).  With ``columns``, every column must be observed on some
+    process.  ``solver="hals"`` with a mask and a streamed ``V`` on some
+    process is refused on every process.
     """
-    flags = torch.tensor([0.0 if mask is None else 1.0], dtype=torch.float64, device=V.device)
+    streamed = isinstance(V, StreamedTarget)
+    masked = V.masked if streamed else mask is not None
+    flags = torch.tensor([float(masked), float(streamed)], dtype=torch.float64, device=V.device)
     reduction.sum_(flags, what="agreement on masks")
-    if flags.item() == 0:
+    if flags[0].item() == 0:
         return None
-    if mask is None:
-        mask = torch.ones(V.shape, dtype=torch.bool, device=V.device)
+    if solver == "hals" and flags[1].item() > 0:
+        raise masked_hals_error()
+    if streamed:
+        V.masked = True  # (V is the fit's own target, built from the caller's matrix)
+        # one row: per column, whether some entry is observed
+        seen = V.observed_columns
+        seen = torch.ones(1, V.shape[1], dtype=torch.bool, device=V.device) if seen is None else seen.reshape(1, -1)
+    else:
+        if mask is None:
+            mask = torch.ones(V.shape, dtype=torch.bool, device=V.device)
+        seen = mask
     if columns:
-        check_columns_observed(reduction, mask)
+        check_columns_observed(reduction, seen)
     return mask
 
 

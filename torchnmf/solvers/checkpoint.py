@@ -14,7 +14,7 @@ import os
 
 import torch
 
-__all__ = ["Checkpointing", "checkpoint_path", "load_checkpoint", "save_atomic"]
+__all__ = ["Checkpointing", "agreed_checkpointing", "checkpoint_path", "load_checkpoint", "save_atomic"]
 
 FORMAT = "torchnmf-checkpoint-1"
 # settings a resumed fit may change: when to stop
@@ -69,6 +69,16 @@ def load_checkpoint(path):
     return state
 
 
+def agreed_checkpointing(checkpointing):
+    """What every process of a group must share about ``checkpointing`` (a
+    :class:`Checkpointing` or ``None``), as plain values: the iterations at which
+    each saves (every save is a collective) and whether it resumes."""
+    if checkpointing is None:
+        return {"checkpoints": "none", "resume": False}
+    every = "none" if checkpointing.path is None else f"every {checkpointing.every} iterations"
+    return {"checkpoints": every, "resume": checkpointing.state is not None}
+
+
 class Checkpointing:
     """Saving every ``every`` iterations to ``path`` and/or resuming from ``resume``.
 
@@ -98,25 +108,41 @@ class Checkpointing:
 
     def attach(self, settings, reduction=None):
         """Check a resumed state against this fit's ``settings`` (and, across
-        processes, that every process resumes from the same iteration)."""
+        processes, that every process can resume, from the same iteration)."""
         self.settings = dict(settings)
         self.reduction = reduction
         if self.state is None:
             return self
         saved = self.state["settings"]
+        refusal = None
         for name, value in self.settings.items():
             if name not in RESUMABLE and saved.get(name) != value:
-                raise ValueError(
+                refusal = ValueError(
                     f"resume={os.fspath(self.resume)!r} was saved with {name}={saved.get(name)!r}, "
                     f"but this fit has {name}={value!r}; resume with the same settings"
                 )
-        if reduction is not None:
-            done = reduction.gather_objects(self.state["n_iter"], "exchange of checkpoints")
-            if len(set(done)) > 1:
-                raise ValueError(
-                    f"resume: the processes' checkpoints are from different iterations {done}; "
-                    f"resume from a checkpoint every process completed"
-                )
+                break
+        if reduction is None:
+            if refusal is not None:
+                raise refusal
+            return self
+        # every process learns of a refusal, instead of waiting for the refused one
+        everyone = reduction.gather_objects(
+            (self.state["n_iter"], None if refusal is None else str(refusal)),
+            "exchange of checkpoints",
+        )
+        if refusal is not None:
+            raise refusal
+        for rank, (_, other) in enumerate(everyone):
+            if other is not None:
+                raise ValueError(f"resume: rank {rank} refused its checkpoint ({other}); every "
+                                 f"process stops")
+        done = [n_iter for n_iter, _ in everyone]
+        if len(set(done)) > 1:
+            raise ValueError(
+                f"resume: the processes' checkpoints are from different iterations {done}; "
+                f"resume from a checkpoint every process completed"
+            )
         return self
 
     def loop_options(self, problem, solver):

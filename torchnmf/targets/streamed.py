@@ -319,6 +319,8 @@ class StreamedTarget:
                 f"estimated: drop the column or observe at least one entry in it"
             )
         self.masked = hidden
+        # per column, whether some entry is observed (None: every entry is)
+        self.observed_columns = seen_columns if hidden else None
         self.may_hide = hidden  # no hidden entry anywhere: the plain kinds, no per-pass checks
         self.observed = observed
         self.total = total
@@ -481,6 +483,20 @@ class StreamedStats:
     def _zero(self, like):
         return torch.zeros((), dtype=torch.float64, device=like.device)
 
+    # -- the forms of the W terms, as the in-memory kinds give them ----------------------
+    # A distributed fit sums each process's W terms in one all-reduce, so a process
+    # that streams its rows must hand over the same shapes as one that holds them.
+    @property
+    def gram_form(self):
+        """True when the positive ``W`` term is ``W @ (H.T @ H)`` (beta=2): the sum
+        over blocks of each block's."""
+        return self.beta == 2
+
+    def _positive_shape(self, W):
+        """beta=1's positive ``W`` term is the column sums of ``H``, one row ``(1, R)``
+        (as the dense and sparse kinds give it); ``(C, R)`` otherwise."""
+        return (1, W.shape[-1]) if self.beta == 1 else W.shape
+
     # -- interface --------------------------------------------------------------------------
     def h_terms(self, H, W, divergence=True):
         """The ``H`` terms ``(N, R)`` and the divergence (``None`` with ``divergence=False``)."""
@@ -494,9 +510,9 @@ class StreamedStats:
         return negative, positive, (self.constant + total) if divergence else None
 
     def w_terms(self, H, W, divergence=False):
-        """The ``W`` terms ``(C, R)``, summed over blocks; with ``divergence=True`` also
-        the divergence at (H, W)."""
-        negative, positive = W.new_zeros(W.shape), W.new_zeros(W.shape)
+        """The ``W`` terms, summed over blocks, in the in-memory kinds' shapes (see
+        :meth:`_positive_shape`); with ``divergence=True`` also the divergence at (H, W)."""
+        negative, positive = W.new_zeros(W.shape), W.new_zeros(self._positive_shape(W))
         total = self._zero(W)
         for start, stop, block, mask in self._blocks():
             local = self._local(block, mask)
@@ -526,7 +542,7 @@ class StreamedStats:
         """
         total = self._zero(H)
         negative = W.new_zeros(W.shape) if want_w else None
-        positive = W.new_zeros(W.shape) if want_w else None
+        positive = W.new_zeros(self._positive_shape(W)) if want_w else None
         for start, stop, block, mask in self._blocks():
             local = self._local(block, mask)
             rows = H[start:stop]
@@ -540,6 +556,15 @@ class StreamedStats:
         return self.constant + total, negative, positive
 
 
+def masked_hals_error():
+    """The refusal of weighted HALS on a streamed target (see :class:`MaskedStreamedStats`)."""
+    return NotImplementedError(
+        "solver='hals' with a mask or missing values needs the whole masked residual in "
+        "memory, which a streamed V does not give; use solver='mu' or "
+        "solver='mu_extrapolated' for a streamed masked fit"
+    )
+
+
 class MaskedStreamedStats(StreamedStats):
     """:class:`StreamedStats` of a target with unobserved entries.
 
@@ -547,9 +572,11 @@ class MaskedStreamedStats(StreamedStats):
     which a stream of row blocks cannot give: it is refused at solver set-up.
     """
 
+    # as the in-memory masked kind: both W terms (C, R), no Gram form
+    gram_form = False
+
+    def _positive_shape(self, W):
+        return W.shape
+
     def observed_target(self):
-        raise NotImplementedError(
-            "solver='hals' with a mask or missing values needs the whole masked residual in "
-            "memory, which a streamed V does not give; use solver='mu' or "
-            "solver='mu_extrapolated' for a streamed masked fit"
-        )
+        raise masked_hals_error()
