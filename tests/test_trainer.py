@@ -284,6 +284,28 @@ def test_provenance_records_follow_versions():
     assert key not in _RECORDS
 
 
+@pytest.mark.slow  # importing dynamo takes seconds; the compilation itself a fraction of one
+def test_compiled_nmf_compiles_once_and_trains_like_eager(generator):
+    """Under torch.compile the forward recorded its output by id, so every call
+    recompiled it (until dynamo's recompile limit, with a warning) and
+    fullgraph=True failed; the compiled model's steps (generic route) are eager's."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    twin = NMF(W=model.W.detach(), H=model.H.detach())
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    trainer, eager = BetaMu(model.parameters(), beta=1), BetaMu(twin.parameters(), beta=1)
+    for _ in range(4):
+        assert_close(trainer.step(lambda: (V, compiled())), eager.step(lambda: (V, twin())))
+    assert counter.frame_count == 1
+    assert_close(model.W, twin.W)
+    assert_close(model.H, twin.H)
+    torch._dynamo.reset()
+
+
 def test_fixed_and_unused_parameters_are_left_alone(generator):
     V = positive_target(generator)
     W0 = torch.rand(9, 3, generator=generator, dtype=torch.float64)
