@@ -433,6 +433,27 @@ def test_betamu_errors(generator):
         BetaMu(model.parameters(), beta=0).step(lambda: (zeros, model()))
 
 
+def test_group_added_after_a_step_checks_the_target_for_its_beta(generator):
+    """The target's check was cached on the first group's beta alone: a group of
+    beta=0 added (or a second group's beta set to 0) after a step took a target with
+    zeros silently."""
+    V = positive_target(generator)
+    V[0, 0] = 0
+    model = NMF(V.shape, rank=3).double()
+    trainer = BetaMu([model.W], beta=1)
+    trainer.step(lambda: (V, model()))
+    trainer.add_param_group({"params": [model.H], "beta": 0})
+    H = model.H.detach().clone()
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive target"):
+        trainer.step(lambda: (V, model()))
+    assert torch.equal(model.H.detach(), H)
+    trainer.param_groups[1]["beta"] = 1
+    trainer.step(lambda: (V, model()))
+    trainer.param_groups[1]["beta"] = -0.5
+    with pytest.raises(ValueError, match="beta=-0.5 needs a strictly positive target"):
+        trainer.step(lambda: (V, model()))
+
+
 # -- SparsityProj ------------------------------------------------------------------
 def test_sparsity_proj_reaches_target_and_never_increases(generator):
     V, _, _ = low_rank(30, 20, 3, generator, noise=0.1)

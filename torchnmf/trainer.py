@@ -236,8 +236,12 @@ class BetaMu(Optimizer):
                 f"{tuple(target.shape)} and {tuple(prediction.shape)}"
             )
         target = target.detach()
-        key = (target.data_ptr(), target._version, target.shape, target.stride(), target.dtype)
-        beta = self.param_groups[0]["beta"]
+        # every group's beta: a group added (or a beta changed) since the last check
+        # may refuse the target's zeros
+        betas = tuple(group["beta"] for group in self.param_groups)
+        key = (target.data_ptr(), target._version, target.shape, target.stride(), target.dtype,
+               betas)
+        beta = betas[0]
         if key != self._checked_target or self._constant[0] != beta:
             check_target(target, "target")
             for group in self.param_groups:
