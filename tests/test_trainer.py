@@ -433,6 +433,34 @@ def test_betamu_errors(generator):
         BetaMu(model.parameters(), beta=0).step(lambda: (zeros, model()))
 
 
+@pytest.mark.parametrize("route", ["closed form", "generic"])
+def test_betamu_refuses_a_negative_or_nan_prediction_before_any_update(generator, route):
+    """A prediction with a subtraction (``model() - 1``) sent W to 1e14 and H to 1e-18
+    in one step, a NaN one (a parameter gone NaN) made every parameter NaN; both
+    returned a number.  Now a ValueError, with the parameters as they were."""
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    trainer = BetaMu(model.parameters(), beta=1)
+    start = [p.detach().clone() for p in model.parameters()]
+    edits = {"negative": lambda out: out - 1, "nan": lambda out: out * float("nan"),
+             "infinite": lambda out: out * float("inf")}
+    messages = {"negative": "prediction must be non-negative, but its smallest entry is",
+                "nan": "prediction contains NaN", "infinite": "prediction contains infinite"}
+    def prediction():
+        return model() if route == "closed form" else model() * 1
+
+    for kind, edit in edits.items():
+        with pytest.raises(ValueError, match=messages[kind]):
+            trainer.step(lambda: (V, edit(prediction())))
+        for p, p0 in zip(model.parameters(), start):
+            assert torch.equal(p.detach(), p0)
+    zeros = model().detach().clone()  # exact zeros in the prediction are fine
+    with torch.no_grad():
+        model.H[0] = 0
+    trainer.step(lambda: (zeros, prediction()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_group_added_after_a_step_checks_the_target_for_its_beta(generator):
     """The target's check was cached on the first group's beta alone: a group of
     beta=0 added (or a second group's beta set to 0) after a step took a target with

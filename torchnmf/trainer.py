@@ -56,6 +56,7 @@ from .targets.residual import ENTRYWISE_AMPLIFICATION, amplification
 from ._validation import (
     check_beta_with_zeros,
     check_non_negative_number,
+    check_non_negative_tensor,
     check_open_fraction,
     check_positive_int,
     check_real,
@@ -155,8 +156,9 @@ class BetaMu(Optimizer):
 
     Raises:
         ValueError: for negative regularisation or a non-finite ``beta``;
-            during :meth:`step`, for a closure output of the wrong shape or a
-            negative target.
+            during :meth:`step`, for a closure output of the wrong shape, a
+            negative target, or a prediction with a negative, NaN or infinite entry
+            (checked before any parameter changes).
         TypeError: for a closure output that is not ``(target, prediction)``.
 
     Examples::
@@ -327,6 +329,9 @@ class BetaMu(Optimizer):
         order = [(group, p) for group in self.param_groups for p in _trainable(group)]
         with torch.enable_grad():
             output = self._check_output(closure())
+        # before any update: a NaN (parameters gone NaN) or a negative prediction (a
+        # subtraction in the model) would silently spoil every parameter
+        check_non_negative_tensor(output[1].detach(), "prediction")
         factors = self._matrix_route(output[1], order)
         if factors is not None:
             return self._matrix_step(*output, *factors, order)
