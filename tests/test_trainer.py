@@ -512,6 +512,28 @@ def test_sparsity_proj_along_another_dim(generator):
         assert abs(float(sparseness(row)) - 0.5) < 1e-8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparsity_proj_started_at_a_stationary_point_still_learns(generator, dtype):
+    """A zero gradient at the first step gave the parameter a step size of
+    |X| / tiny (inf in float64, 1e38 in float32): every later step was refused
+    (float64) or refused for many steps, and the loss stayed where it was."""
+    from torchnmf.solvers.sparseness import project_components_
+
+    p = nn.Parameter(torch.rand(4, 10, generator=generator, dtype=dtype) * 10)
+    with torch.no_grad():
+        project_components_(p, 0.5, dim=0)
+    fitted = p.detach().clone()
+    proj = SparsityProj([p], sparsity=0.5, dim=0)
+    assert float(proj.step(lambda: (p - fitted).pow(2).sum())) == 0
+    target = torch.rand(4, 10, generator=generator, dtype=dtype)
+    first = float(proj.step(lambda: (p - target).pow(2).sum()))
+    second = float(proj.step(lambda: (p - target).pow(2).sum()))
+    assert second < 0.1 * first
+    assert 0 < proj.state[p]["step_size"] < 10
+    for row in p.detach():
+        assert abs(float(sparseness(row)) - 0.5) < 1e-5
+
+
 def test_sparsity_proj_errors(generator):
     model = NMF((10, 6), rank=2)
     for bad in (0, 1, 1.2):

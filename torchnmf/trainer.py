@@ -41,6 +41,8 @@ Examples::
 The two trainers share this module (past 400 lines, half of it documentation)
 because they share the closure protocol and the parameter-group checks.
 """
+import math
+
 import torch
 from torch.optim import Optimizer
 
@@ -444,7 +446,8 @@ class SparsityProj(Optimizer):
     fails).  After an accepted step the next step size grows by 1.2 (Hoyer,
     JMLR 5, 2004).  As in the paper's initialisation, a parameter's first step
     starts by projecting it, so that the search begins from a feasible point.  Step sizes start at :math:`\|X\| / \|\nabla X\|` per
-    parameter and live in the optimizer's state.
+    parameter (at its first step with a non-zero gradient) and live in the
+    optimizer's state.
 
     The closure returns the loss without calling ``backward``: the trainer
     differentiates it itself (and stores the gradients in ``.grad``), then
@@ -552,10 +555,18 @@ class SparsityProj(Optimizer):
         for p in fresh:
             # Hoyer's initialisation: a parameter meets the constraint before its first step.
             project_components_(p, group["sparsity"], dim=group["dim"])
-            tiny = torch.finfo(p.dtype).tiny
-            self.state[p]["step_size"] = float(p.norm()) / max(float(gradient[id(p)].norm()), tiny)
+            slope = float(gradient[id(p)].norm())
+            size = float(p.norm()) / slope if slope > 0 else math.inf
+            if math.isfinite(size):
+                self.state[p]["step_size"] = size
+            # else a zero gradient (a start at a stationary point): there is no step to
+            # take, and a step size of inf would refuse every later step; the size is
+            # set at the first step with a gradient
         if fresh:
             best = float(self._loss(closure()))
+        params = [p for p in params if "step_size" in self.state[p]]
+        if not params:
+            return best
         start = [p.detach().clone() for p in params]
         for _ in range(group["max_iter"]):
             for p, p0 in zip(params, start):
