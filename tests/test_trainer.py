@@ -551,6 +551,16 @@ def test_sparsity_proj_errors(generator):
     with pytest.raises(ValueError, match="does not depend on any trainable parameter"):
         proj.step(lambda: model().sum().detach())
 
+    def backward_inside():  # torch.optim's closure idiom: ended in autograd's RuntimeError
+        loss = model().sum()
+        loss.backward()
+        return loss
+
+    W = model.W.detach().clone()
+    with pytest.raises(ValueError, match="must return the loss without calling backward"):
+        proj.step(backward_inside)
+    assert torch.equal(model.W.detach(), W)
+
 
 @pytest.mark.parametrize("beta", [1e-6, 0.001, 0.999])
 @pytest.mark.parametrize("chained", [False, True])

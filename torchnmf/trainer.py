@@ -462,7 +462,9 @@ class SparsityProj(Optimizer):
 
     Raises:
         ValueError: ``sparsity`` outside (0, 1), a bad ``dim`` or ``max_iter``,
-            or a parameter whose components have fewer than 2 entries.
+            or a parameter whose components have fewer than 2 entries; during
+            :meth:`step`, a loss that cannot be differentiated (a closure that
+            called ``backward`` itself).
 
     Examples::
 
@@ -535,8 +537,16 @@ class SparsityProj(Optimizer):
             )
         groups = [(group, _trainable(group)) for group in self.param_groups]
         params = [p for _, ps in groups for p in ps]
-        with torch.enable_grad():
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        try:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        except RuntimeError as error:
+            # torch.optim's closure idiom (loss.backward() inside) frees the graph first
+            raise ValueError(
+                "SparsityProj could not differentiate the loss the closure returns; the "
+                "closure must return the loss without calling backward (the trainer "
+                f"differentiates it itself): {error}"
+            ) from error
         gradient = dict(zip(map(id, params), grads))
         for p, g in zip(params, grads):
             if g is not None:
