@@ -427,6 +427,17 @@ def test_betamu_errors(generator):
         trainer.step(lambda: (V.masked_fill(V > 0.5, float("nan")), model()))
     with pytest.raises(TypeError, match="BetaMu needs a dense target, got layout torch.sparse_coo"):
         trainer.step(lambda: (V.to_sparse(), model()))
+    chained = chain(12, 9)
+    start = [p.detach().clone() for p in chained.parameters()]
+
+    def backward_inside():  # torch.optim's closure idiom: ended in autograd's RuntimeError
+        prediction = chained(None)
+        beta_div(prediction, V, 1).backward()
+        return V, prediction
+
+    with pytest.raises(ValueError, match="must return \\(target, prediction\\) without calling"):
+        BetaMu(chained.parameters()).step(backward_inside)
+    assert all(torch.equal(p.detach(), p0) for p, p0 in zip(chained.parameters(), start))
     zeros = V.clone()
     zeros[0, 0] = 0
     with pytest.raises(ValueError, match="beta=0 needs a strictly positive target"):
@@ -557,7 +568,7 @@ def test_sparsity_proj_errors(generator):
         return loss
 
     W = model.W.detach().clone()
-    with pytest.raises(ValueError, match="must return the loss without calling backward"):
+    with pytest.raises(ValueError, match="must return the loss without calling"):
         proj.step(backward_inside)
     assert torch.equal(model.W.detach(), W)
 

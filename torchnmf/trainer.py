@@ -75,6 +75,16 @@ def _check_closure(closure, expects):
         )
 
 
+def _undifferentiable(trainer, returns, error):
+    """The error for a closure output autograd cannot differentiate; mostly torch.optim's
+    closure idiom (``loss.backward()`` inside), which frees the graph first."""
+    return ValueError(
+        f"{trainer} could not differentiate what the closure returns; the closure must "
+        f"return {returns} without calling backward (the trainer differentiates it "
+        f"itself): {error}"
+    )
+
+
 def _trainable(group):
     return [p for p in group["params"] if p.requires_grad]
 
@@ -159,8 +169,9 @@ class BetaMu(Optimizer):
     Raises:
         ValueError: for negative regularisation or a non-finite ``beta``;
             during :meth:`step`, for a closure output of the wrong shape, a
-            negative target, or a prediction with a negative, NaN or infinite entry
-            (checked before any parameter changes).
+            negative target, a prediction with a negative, NaN or infinite entry
+            (checked before any parameter changes), or one that cannot be
+            differentiated (a closure that called ``backward`` itself).
         TypeError: for a closure output that is not ``(target, prediction)``.
 
     Examples::
@@ -346,10 +357,13 @@ class BetaMu(Optimizer):
                 target, prediction = output
                 first = i == 0 and group["beta"] == self._constant[0]
                 constant = self._constant[1] if first else None
-                ((negative, positive),), divergence = beta_gradient_parts(
-                    prediction, target, group["beta"], [p], constant=constant,
-                    scale=1.0 / self._scale,
-                )
+                try:
+                    ((negative, positive),), divergence = beta_gradient_parts(
+                        prediction, target, group["beta"], [p], constant=constant,
+                        scale=1.0 / self._scale,
+                    )
+                except RuntimeError as error:
+                    raise _undifferentiable("BetaMu", "(target, prediction)", error) from error
             if i == 0:
                 if divergence is not None and not _terms_too_large(self._constant[0]):
                     unit = objective_unit(self._scale, self._constant[0])
@@ -541,12 +555,7 @@ class SparsityProj(Optimizer):
             with torch.enable_grad():
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
         except RuntimeError as error:
-            # torch.optim's closure idiom (loss.backward() inside) frees the graph first
-            raise ValueError(
-                "SparsityProj could not differentiate the loss the closure returns; the "
-                "closure must return the loss without calling backward (the trainer "
-                f"differentiates it itself): {error}"
-            ) from error
+            raise _undifferentiable("SparsityProj", "the loss", error) from error
         gradient = dict(zip(map(id, params), grads))
         for p, g in zip(params, grads):
             if g is not None:
