@@ -268,6 +268,27 @@ def test_closed_form_route_only_for_the_unmodified_reconstruction(monkeypatch, g
     assert len(calls) == 2 + 4
 
 
+@pytest.mark.parametrize("target", ["parameter", "detached", "clone"])
+def test_a_target_made_of_the_factors_takes_the_generic_route(target):
+    """A target that is (a view of) a factor, or computed from one, changes with
+    each update; the generic route evaluates the closure again before each, the
+    closed form used its one evaluation for both factors: the same model stepped
+    to a different point from the second step on."""
+    g = torch.Generator().manual_seed(0)
+    W, H = (torch.rand(8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    make = {"parameter": lambda m: m.W, "detached": lambda m: m.W.detach(),
+            "clone": lambda m: m.W.clone()}[target]
+    values = []
+    for route in ("closed form", "generic"):
+        model = NMF(W=W, H=H)
+        trainer = BetaMu(model.parameters(), beta=1)
+        values.append([trainer.step(lambda: (make(model), model() if route == "closed form"
+                                             else model() * 1)) for _ in range(3)])
+        values.append(model.W.detach())
+    assert_close(values[0], values[2])
+    assert_close(values[1], values[3])
+
+
 def test_provenance_records_follow_versions():
     from torchnmf.models.provenance import _RECORDS, matrix_factors_of
 

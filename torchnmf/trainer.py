@@ -341,11 +341,12 @@ class BetaMu(Optimizer):
         _check_closure(closure, "(target, prediction)")
         order = [(group, p) for group in self.param_groups for p in _trainable(group)]
         with torch.enable_grad():
-            output = self._check_output(closure())
+            returned = closure()
+            output = self._check_output(returned)
         # before any update: a NaN (parameters gone NaN) or a negative prediction (a
         # subtraction in the model) would silently spoil every parameter
         check_non_negative_tensor(output[1].detach(), "prediction")
-        factors = self._matrix_route(output[1], order)
+        factors = self._matrix_route(*output, order, target_moves=returned[0].requires_grad)
         if factors is not None:
             return self._matrix_step(*output, *factors, order)
         gradients = []
@@ -385,17 +386,24 @@ class BetaMu(Optimizer):
 
     # -- the closed-form route for one NMF's own reconstruction ----------------------
     @staticmethod
-    def _matrix_route(prediction, order):
+    def _matrix_route(target, prediction, order, target_moves=False):
         """``(H, W)`` when the step can use :meth:`NMF.fit`'s closed-form statistics.
 
         That is when the prediction is exactly an :class:`~torchnmf.nmf.NMF`'s
         own :math:`H W^\top` (see :mod:`torchnmf.models.provenance`), every trainable
-        parameter is one of those two factors and all share one ``beta``.
+        parameter is one of those two factors and all share one ``beta``, and
+        the target stays what it is while they change: not computed with
+        gradients (``target_moves``: a target made from the parameters, which
+        the generic route evaluates again before each update) and sharing no
+        memory with either factor.
         """
         factors = matrix_factors_of(prediction)
-        if factors is None or not order:
+        if factors is None or not order or target_moves:
             return None
         H, W = factors
+        storage = target.untyped_storage().data_ptr()
+        if storage in (H.untyped_storage().data_ptr(), W.untyped_storage().data_ptr()):
+            return None
         if any(p is not H and p is not W for _, p in order):
             return None
         if len({group["beta"] for group, _ in order}) != 1:
