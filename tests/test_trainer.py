@@ -289,6 +289,20 @@ def test_a_target_made_of_the_factors_takes_the_generic_route(target):
     assert_close(values[1], values[3])
 
 
+@pytest.mark.parametrize("route", ["closed form", "generic"])
+def test_returned_divergence_is_the_first_groups_beta_when_it_trains_nothing(generator, route):
+    """The step returns the divergence of the first group's beta; with that group
+    frozen and one NMF trained in a group of another beta, the closed form returned
+    the trained group's (KL, where the generic route gave the Euclidean)."""
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    frozen = nn.Parameter(torch.rand(3, dtype=torch.float64), requires_grad=False)
+    trainer = BetaMu([{"params": [frozen], "beta": 2}, {"params": [model.H, model.W], "beta": 1}])
+    before = model().detach()
+    value = trainer.step(lambda: (V, model() if route == "closed form" else model() * 1))
+    assert_close(value, beta_div(before, V, 2))
+
+
 def test_provenance_records_follow_versions():
     from torchnmf.models.provenance import _RECORDS, matrix_factors_of
 

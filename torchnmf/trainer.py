@@ -346,7 +346,8 @@ class BetaMu(Optimizer):
         # before any update: a NaN (parameters gone NaN) or a negative prediction (a
         # subtraction in the model) would silently spoil every parameter
         check_non_negative_tensor(output[1].detach(), "prediction")
-        factors = self._matrix_route(*output, order, target_moves=returned[0].requires_grad)
+        factors = self._matrix_route(*output, order, self._constant[0],
+                                     target_moves=returned[0].requires_grad)
         if factors is not None:
             return self._matrix_step(*output, *factors, order)
         gradients = []
@@ -386,12 +387,14 @@ class BetaMu(Optimizer):
 
     # -- the closed-form route for one NMF's own reconstruction ----------------------
     @staticmethod
-    def _matrix_route(target, prediction, order, target_moves=False):
+    def _matrix_route(target, prediction, order, beta, target_moves=False):
         """``(H, W)`` when the step can use :meth:`NMF.fit`'s closed-form statistics.
 
         That is when the prediction is exactly an :class:`~torchnmf.nmf.NMF`'s
         own :math:`H W^\top` (see :mod:`torchnmf.models.provenance`), every trainable
-        parameter is one of those two factors and all share one ``beta``, and
+        parameter is one of those two factors and all share one ``beta``, the
+        first group's (the divergence that :meth:`step` returns; a first group
+        with nothing to train may have another), and
         the target stays what it is while they change: not computed with
         gradients (``target_moves``: a target made from the parameters, which
         the generic route evaluates again before each update) and sharing no
@@ -406,7 +409,7 @@ class BetaMu(Optimizer):
             return None
         if any(p is not H and p is not W for _, p in order):
             return None
-        if len({group["beta"] for group, _ in order}) != 1:
+        if {group["beta"] for group, _ in order} != {beta}:
             return None
         return factors
 
