@@ -79,9 +79,9 @@ def _undifferentiable(trainer, returns, error):
     """The error for a closure output autograd cannot differentiate; mostly torch.optim's
     closure idiom (``loss.backward()`` inside), which frees the graph first."""
     return ValueError(
-        f"{trainer} could not differentiate what the closure returns; the closure must "
-        f"return {returns} without calling backward (the trainer differentiates it "
-        f"itself): {error}"
+        f"{trainer} could not differentiate what the closure returns ({error}); the "
+        f"closure must return {returns} without calling backward: the trainer "
+        f"differentiates it itself"
     )
 
 
@@ -364,6 +364,8 @@ class BetaMu(Optimizer):
                         prediction, target, group["beta"], [p], constant=constant,
                         scale=1.0 / self._scale,
                     )
+                except torch.OutOfMemoryError:
+                    raise
                 except RuntimeError as error:
                     raise _undifferentiable("BetaMu", "(target, prediction)", error) from error
             if i == 0:
@@ -565,6 +567,8 @@ class SparsityProj(Optimizer):
         try:
             with torch.enable_grad():
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as error:
             raise _undifferentiable("SparsityProj", "the loss", error) from error
         gradient = dict(zip(map(id, params), grads))
