@@ -507,6 +507,21 @@ def test_betamu_refuses_a_negative_or_nan_prediction_before_any_update(generator
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_betamu_refuses_a_signed_parameter_before_any_update(generator):
+    """A signed parameter (nn.Linear's start) under a non-negative prediction had its
+    negative entries set to zero by the first update, silently."""
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    signed = nn.Parameter(torch.randn(12, 9, generator=generator, dtype=torch.float64))
+    trainer = BetaMu([model.H, model.W, signed], beta=1)
+    start = [p.detach().clone() for p in (model.H, model.W, signed)]
+    with pytest.raises(ValueError, match="the parameter of shape \\(12, 9\\) must be "
+                                         "non-negative, but its smallest entry is -"):
+        trainer.step(lambda: (V, model() + nn.functional.softplus(signed)))
+    for p, p0 in zip((model.H, model.W, signed), start):
+        assert torch.equal(p.detach(), p0)
+
+
 def test_group_added_after_a_step_checks_the_target_for_its_beta(generator):
     """The target's check was cached on the first group's beta alone: a group of
     beta=0 added (or a second group's beta set to 0) after a step took a target with

@@ -170,7 +170,8 @@ class BetaMu(Optimizer):
         ValueError: for negative regularisation or a non-finite ``beta``;
             during :meth:`step`, for a closure output of the wrong shape, a
             negative target, a prediction with a negative, NaN or infinite entry
-            (checked before any parameter changes), or one that cannot be
+            (checked before any parameter changes), a parameter with a negative,
+            NaN or infinite entry at its first step, or a prediction that cannot be
             differentiated (a closure that called ``backward`` itself).
         TypeError: for a closure output that is not ``(target, prediction)``.
 
@@ -346,6 +347,12 @@ class BetaMu(Optimizer):
         # before any update: a NaN (parameters gone NaN) or a negative prediction (a
         # subtraction in the model) would silently spoil every parameter
         check_non_negative_tensor(output[1].detach(), "prediction")
+        for _, p in order:
+            if "step" not in self.state[p]:
+                # once per parameter: the update keeps signs and flushes what is under
+                # the dtype's tiny to zero, so a signed start (nn.Linear's) would be
+                # clamped silently
+                check_non_negative_tensor(p.detach(), f"the parameter of shape {tuple(p.shape)}")
         factors = self._matrix_route(*output, order, self._constant[0],
                                      target_moves=returned[0].requires_grad)
         if factors is not None:
