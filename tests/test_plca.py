@@ -49,6 +49,25 @@ def test_forward_is_the_nmf_map_of_h_diag_z(generator):
     assert_close(conv().detach(), expected.detach())
 
 
+def test_forward_scales_the_rank_axis_of_batched_activations(generator):
+    """PLCA's forward took H with batch dimensions (rank last, as NMF's does) but
+    scaled its dimension 1 by Z: an H of shape (2, 4, 4) gave a wrong distribution
+    silently, (3, 5, 4) a broadcasting RuntimeError, a 1-D H an output of shape
+    (1, C); a Z of the wrong length failed inside torch too."""
+    model = PLCA(W=torch.rand(6, 4, generator=generator, dtype=torch.float64), H=(3, 4))
+    W = model.W.detach()
+    Z = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    for shape in [(2, 4, 4), (3, 5, 4), (4,)]:
+        H = torch.rand(shape, generator=generator, dtype=torch.float64)
+        assert_close(model(H=H, Z=Z).detach(), (H * Z) @ W.T)
+    for bad in (torch.rand(3, dtype=torch.float64), Z.view(1, 4)):
+        with pytest.raises(ValueError, match="Z must be a 1-D tensor with one entry per "
+                                             "component \\(4\\), got shape"):
+            model(Z=bad)
+    with pytest.raises(TypeError, match="Z must be a tensor, got list"):
+        model(Z=[0.25] * 4)
+
+
 def test_rank_from_z_and_trainable_flags():
     model = PLCA(Z=torch.tensor([1.0, 3.0]), W=None)
     assert model.rank == 2 and model.W is None and model.H is None

@@ -268,6 +268,41 @@ def test_closed_form_route_only_for_the_unmodified_reconstruction(monkeypatch, g
     assert len(calls) == 2 + 4
 
 
+@pytest.mark.parametrize("target", ["parameter", "detached", "clone"])
+def test_a_target_made_of_the_factors_takes_the_generic_route(target):
+    """A target that is (a view of) a factor, or computed from one, changes with
+    each update; the generic route evaluates the closure again before each, the
+    closed form used its one evaluation for both factors: the same model stepped
+    to a different point from the second step on."""
+    g = torch.Generator().manual_seed(0)
+    W, H = (torch.rand(8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    make = {"parameter": lambda m: m.W, "detached": lambda m: m.W.detach(),
+            "clone": lambda m: m.W.clone()}[target]
+    values = []
+    for route in ("closed form", "generic"):
+        model = NMF(W=W, H=H)
+        trainer = BetaMu(model.parameters(), beta=1)
+        values.append([trainer.step(lambda: (make(model), model() if route == "closed form"
+                                             else model() * 1)) for _ in range(3)])
+        values.append(model.W.detach())
+    assert_close(values[0], values[2])
+    assert_close(values[1], values[3])
+
+
+@pytest.mark.parametrize("route", ["closed form", "generic"])
+def test_returned_divergence_is_the_first_groups_beta_when_it_trains_nothing(generator, route):
+    """The step returns the divergence of the first group's beta; with that group
+    frozen and one NMF trained in a group of another beta, the closed form returned
+    the trained group's (KL, where the generic route gave the Euclidean)."""
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    frozen = nn.Parameter(torch.rand(3, dtype=torch.float64), requires_grad=False)
+    trainer = BetaMu([{"params": [frozen], "beta": 2}, {"params": [model.H, model.W], "beta": 1}])
+    before = model().detach()
+    value = trainer.step(lambda: (V, model() if route == "closed form" else model() * 1))
+    assert_close(value, beta_div(before, V, 2))
+
+
 def test_provenance_records_follow_versions():
     from torchnmf.models.provenance import _RECORDS, matrix_factors_of
 
@@ -282,6 +317,28 @@ def test_provenance_records_follow_versions():
     key = id(out)
     del out
     assert key not in _RECORDS
+
+
+@pytest.mark.slow  # importing dynamo takes seconds; the compilation itself a fraction of one
+def test_compiled_nmf_compiles_once_and_trains_like_eager(generator):
+    """Under torch.compile the forward recorded its output by id, so every call
+    recompiled it (until dynamo's recompile limit, with a warning) and
+    fullgraph=True failed; the compiled model's steps (generic route) are eager's."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    twin = NMF(W=model.W.detach(), H=model.H.detach())
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    trainer, eager = BetaMu(model.parameters(), beta=1), BetaMu(twin.parameters(), beta=1)
+    for _ in range(4):
+        assert_close(trainer.step(lambda: (V, compiled())), eager.step(lambda: (V, twin())))
+    assert counter.frame_count == 1
+    assert_close(model.W, twin.W)
+    assert_close(model.H, twin.H)
+    torch._dynamo.reset()
 
 
 def test_fixed_and_unused_parameters_are_left_alone(generator):
@@ -405,10 +462,85 @@ def test_betamu_errors(generator):
         trainer.step(lambda: (V.masked_fill(V > 0.5, float("nan")), model()))
     with pytest.raises(TypeError, match="BetaMu needs a dense target, got layout torch.sparse_coo"):
         trainer.step(lambda: (V.to_sparse(), model()))
+    chained = chain(12, 9)
+    start = [p.detach().clone() for p in chained.parameters()]
+
+    def backward_inside():  # torch.optim's closure idiom: ended in autograd's RuntimeError
+        prediction = chained(None)
+        beta_div(prediction, V, 1).backward()
+        return V, prediction
+
+    with pytest.raises(ValueError, match="must return \\(target, prediction\\) without calling"):
+        BetaMu(chained.parameters()).step(backward_inside)
+    assert all(torch.equal(p.detach(), p0) for p, p0 in zip(chained.parameters(), start))
     zeros = V.clone()
     zeros[0, 0] = 0
     with pytest.raises(ValueError, match="beta=0 needs a strictly positive target"):
         BetaMu(model.parameters(), beta=0).step(lambda: (zeros, model()))
+
+
+@pytest.mark.parametrize("route", ["closed form", "generic"])
+def test_betamu_refuses_a_negative_or_nan_prediction_before_any_update(generator, route):
+    """A prediction with a subtraction (``model() - 1``) sent W to 1e14 and H to 1e-18
+    in one step, a NaN one (a parameter gone NaN) made every parameter NaN; both
+    returned a number.  Now a ValueError, with the parameters as they were."""
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    trainer = BetaMu(model.parameters(), beta=1)
+    start = [p.detach().clone() for p in model.parameters()]
+    edits = {"negative": lambda out: out - 1, "nan": lambda out: out * float("nan"),
+             "infinite": lambda out: out * float("inf")}
+    messages = {"negative": "prediction must be non-negative, but its smallest entry is",
+                "nan": "prediction contains NaN", "infinite": "prediction contains infinite"}
+    def prediction():
+        return model() if route == "closed form" else model() * 1
+
+    for kind, edit in edits.items():
+        with pytest.raises(ValueError, match=messages[kind]):
+            trainer.step(lambda: (V, edit(prediction())))
+        for p, p0 in zip(model.parameters(), start):
+            assert torch.equal(p.detach(), p0)
+    zeros = model().detach().clone()  # exact zeros in the prediction are fine
+    with torch.no_grad():
+        model.H[0] = 0
+    trainer.step(lambda: (zeros, prediction()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_betamu_refuses_a_signed_parameter_before_any_update(generator):
+    """A signed parameter (nn.Linear's start) under a non-negative prediction had its
+    negative entries set to zero by the first update, silently."""
+    V = positive_target(generator)
+    model = NMF(V.shape, rank=3).double()
+    signed = nn.Parameter(torch.randn(12, 9, generator=generator, dtype=torch.float64))
+    trainer = BetaMu([model.H, model.W, signed], beta=1)
+    start = [p.detach().clone() for p in (model.H, model.W, signed)]
+    with pytest.raises(ValueError, match="the parameter of shape \\(12, 9\\) must be "
+                                         "non-negative, but its smallest entry is -"):
+        trainer.step(lambda: (V, model() + nn.functional.softplus(signed)))
+    for p, p0 in zip((model.H, model.W, signed), start):
+        assert torch.equal(p.detach(), p0)
+
+
+def test_group_added_after_a_step_checks_the_target_for_its_beta(generator):
+    """The target's check was cached on the first group's beta alone: a group of
+    beta=0 added (or a second group's beta set to 0) after a step took a target with
+    zeros silently."""
+    V = positive_target(generator)
+    V[0, 0] = 0
+    model = NMF(V.shape, rank=3).double()
+    trainer = BetaMu([model.W], beta=1)
+    trainer.step(lambda: (V, model()))
+    trainer.add_param_group({"params": [model.H], "beta": 0})
+    H = model.H.detach().clone()
+    with pytest.raises(ValueError, match="beta=0 needs a strictly positive target"):
+        trainer.step(lambda: (V, model()))
+    assert torch.equal(model.H.detach(), H)
+    trainer.param_groups[1]["beta"] = 1
+    trainer.step(lambda: (V, model()))
+    trainer.param_groups[1]["beta"] = -0.5
+    with pytest.raises(ValueError, match="beta=-0.5 needs a strictly positive target"):
+        trainer.step(lambda: (V, model()))
 
 
 # -- SparsityProj ------------------------------------------------------------------
@@ -441,6 +573,28 @@ def test_sparsity_proj_along_another_dim(generator):
         assert abs(float(sparseness(row)) - 0.5) < 1e-8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparsity_proj_started_at_a_stationary_point_still_learns(generator, dtype):
+    """A zero gradient at the first step gave the parameter a step size of
+    |X| / tiny (inf in float64, 1e38 in float32): every later step was refused
+    (float64) or refused for many steps, and the loss stayed where it was."""
+    from torchnmf.solvers.sparseness import project_components_
+
+    p = nn.Parameter(torch.rand(4, 10, generator=generator, dtype=dtype) * 10)
+    with torch.no_grad():
+        project_components_(p, 0.5, dim=0)
+    fitted = p.detach().clone()
+    proj = SparsityProj([p], sparsity=0.5, dim=0)
+    assert float(proj.step(lambda: (p - fitted).pow(2).sum())) == 0
+    target = torch.rand(4, 10, generator=generator, dtype=dtype)
+    first = float(proj.step(lambda: (p - target).pow(2).sum()))
+    second = float(proj.step(lambda: (p - target).pow(2).sum()))
+    assert second < 0.1 * first
+    assert 0 < proj.state[p]["step_size"] < 10
+    for row in p.detach():
+        assert abs(float(sparseness(row)) - 0.5) < 1e-5
+
+
 def test_sparsity_proj_errors(generator):
     model = NMF((10, 6), rank=2)
     for bad in (0, 1, 1.2):
@@ -457,6 +611,16 @@ def test_sparsity_proj_errors(generator):
         proj.step(lambda: (model(), model()))
     with pytest.raises(ValueError, match="does not depend on any trainable parameter"):
         proj.step(lambda: model().sum().detach())
+
+    def backward_inside():  # torch.optim's closure idiom: ended in autograd's RuntimeError
+        loss = model().sum()
+        loss.backward()
+        return loss
+
+    W = model.W.detach().clone()
+    with pytest.raises(ValueError, match="must return the loss without calling"):
+        proj.step(backward_inside)
+    assert torch.equal(model.W.detach(), W)
 
 
 @pytest.mark.parametrize("beta", [1e-6, 0.001, 0.999])

@@ -655,8 +655,11 @@ class NMF(BaseComponent):
 
     def forward(self, H=None, W=None):
         output = super().forward(H, W)
-        if H is None and W is None and torch.is_grad_enabled():
-            # lets BetaMu recognise its prediction and use Gram products (see torchnmf.models.provenance)
+        if H is None and W is None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # lets BetaMu recognise its prediction and use Gram products (see
+            # torchnmf.models.provenance); under torch.compile the record (keyed by the
+            # output's id) would recompile the forward at every call, and BetaMu takes
+            # the generic route, with the same updates
             record_matrix_reconstruction(output, self.H, self.W)
         return output
 

@@ -166,7 +166,11 @@ class BaseComponent(FactorModule):
         ``W`` alone when ``Z`` is ``None``)."""
         if Z is None:
             return cls._factor_map(H, W)
-        return cls._factor_map(H * Z.view((1, -1) + (1,) * (H.dim() - 2)), W)
+        # Z scales H's rank axis: the last for the matrix model (H may carry batch
+        # dimensions before it, as for NMF), dimension 1 for the shift-invariant ones
+        shape = [1] * H.dim()
+        shape[-1 if cls._factor_ndim is None else 1] = -1
+        return cls._factor_map(H * Z.view(shape), W)
 
     def forward(self, H=None, W=None, Z=None, norm=None):
         r"""The reconstruction from the given factors, falling back to the module's own.
@@ -180,7 +184,15 @@ class BaseComponent(FactorModule):
             Tensor: a distribution summing to one (times ``norm``).
         """
         H, W = self._own_factors(H, W)
-        Z = self.Z if Z is None else Z
+        if Z is None:
+            Z = self.Z
+        elif not isinstance(Z, torch.Tensor):
+            raise TypeError(f"Z must be a tensor, got {type(Z).__name__}")
+        elif Z.shape != (W.shape[1],):
+            raise ValueError(
+                f"Z must be a 1-D tensor with one entry per component ({W.shape[1]}), got "
+                f"shape {tuple(Z.shape)}"
+            )
         output = self.reconstruct(H, W, Z)
         return output if norm is None else output * _check_norm(norm)
 

@@ -41,6 +41,8 @@ Examples::
 The two trainers share this module (past 400 lines, half of it documentation)
 because they share the closure protocol and the parameter-group checks.
 """
+import math
+
 import torch
 from torch.optim import Optimizer
 
@@ -56,6 +58,7 @@ from .targets.residual import ENTRYWISE_AMPLIFICATION, amplification
 from ._validation import (
     check_beta_with_zeros,
     check_non_negative_number,
+    check_non_negative_tensor,
     check_open_fraction,
     check_positive_int,
     check_real,
@@ -70,6 +73,16 @@ def _check_closure(closure, expects):
         raise TypeError(
             f"step needs a closure returning {expects}, got {type(closure).__name__}"
         )
+
+
+def _undifferentiable(trainer, returns, error):
+    """The error for a closure output autograd cannot differentiate; mostly torch.optim's
+    closure idiom (``loss.backward()`` inside), which frees the graph first."""
+    return ValueError(
+        f"{trainer} could not differentiate what the closure returns ({error}); the "
+        f"closure must return {returns} without calling backward: the trainer "
+        f"differentiates it itself"
+    )
 
 
 def _trainable(group):
@@ -155,8 +168,11 @@ class BetaMu(Optimizer):
 
     Raises:
         ValueError: for negative regularisation or a non-finite ``beta``;
-            during :meth:`step`, for a closure output of the wrong shape or a
-            negative target.
+            during :meth:`step`, for a closure output of the wrong shape, a
+            negative target, a prediction with a negative, NaN or infinite entry
+            (checked before any parameter changes), a parameter with a negative,
+            NaN or infinite entry at its first step, or a prediction that cannot be
+            differentiated (a closure that called ``backward`` itself).
         TypeError: for a closure output that is not ``(target, prediction)``.
 
     Examples::
@@ -236,8 +252,12 @@ class BetaMu(Optimizer):
                 f"{tuple(target.shape)} and {tuple(prediction.shape)}"
             )
         target = target.detach()
-        key = (target.data_ptr(), target._version, target.shape, target.stride(), target.dtype)
-        beta = self.param_groups[0]["beta"]
+        # every group's beta: a group added (or a beta changed) since the last check
+        # may refuse the target's zeros
+        betas = tuple(group["beta"] for group in self.param_groups)
+        key = (target.data_ptr(), target._version, target.shape, target.stride(), target.dtype,
+               betas)
+        beta = betas[0]
         if key != self._checked_target or self._constant[0] != beta:
             check_target(target, "target")
             for group in self.param_groups:
@@ -322,8 +342,19 @@ class BetaMu(Optimizer):
         _check_closure(closure, "(target, prediction)")
         order = [(group, p) for group in self.param_groups for p in _trainable(group)]
         with torch.enable_grad():
-            output = self._check_output(closure())
-        factors = self._matrix_route(output[1], order)
+            returned = closure()
+            output = self._check_output(returned)
+        # before any update: a NaN (parameters gone NaN) or a negative prediction (a
+        # subtraction in the model) would silently spoil every parameter
+        check_non_negative_tensor(output[1].detach(), "prediction")
+        for _, p in order:
+            if "step" not in self.state[p]:
+                # once per parameter: the update keeps signs and flushes what is under
+                # the dtype's tiny to zero, so a signed start (nn.Linear's) would be
+                # clamped silently
+                check_non_negative_tensor(p.detach(), f"the parameter of shape {tuple(p.shape)}")
+        factors = self._matrix_route(*output, order, self._constant[0],
+                                     target_moves=returned[0].requires_grad)
         if factors is not None:
             return self._matrix_step(*output, *factors, order)
         gradients = []
@@ -335,10 +366,15 @@ class BetaMu(Optimizer):
                 target, prediction = output
                 first = i == 0 and group["beta"] == self._constant[0]
                 constant = self._constant[1] if first else None
-                ((negative, positive),), divergence = beta_gradient_parts(
-                    prediction, target, group["beta"], [p], constant=constant,
-                    scale=1.0 / self._scale,
-                )
+                try:
+                    ((negative, positive),), divergence = beta_gradient_parts(
+                        prediction, target, group["beta"], [p], constant=constant,
+                        scale=1.0 / self._scale,
+                    )
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError as error:
+                    raise _undifferentiable("BetaMu", "(target, prediction)", error) from error
             if i == 0:
                 if divergence is not None and not _terms_too_large(self._constant[0]):
                     unit = objective_unit(self._scale, self._constant[0])
@@ -360,20 +396,29 @@ class BetaMu(Optimizer):
 
     # -- the closed-form route for one NMF's own reconstruction ----------------------
     @staticmethod
-    def _matrix_route(prediction, order):
+    def _matrix_route(target, prediction, order, beta, target_moves=False):
         """``(H, W)`` when the step can use :meth:`NMF.fit`'s closed-form statistics.
 
         That is when the prediction is exactly an :class:`~torchnmf.nmf.NMF`'s
         own :math:`H W^\top` (see :mod:`torchnmf.models.provenance`), every trainable
-        parameter is one of those two factors and all share one ``beta``.
+        parameter is one of those two factors and all share one ``beta``, the
+        first group's (the divergence that :meth:`step` returns; a first group
+        with nothing to train may have another), and
+        the target stays what it is while they change: not computed with
+        gradients (``target_moves``: a target made from the parameters, which
+        the generic route evaluates again before each update) and sharing no
+        memory with either factor.
         """
         factors = matrix_factors_of(prediction)
-        if factors is None or not order:
+        if factors is None or not order or target_moves:
             return None
         H, W = factors
+        storage = target.untyped_storage().data_ptr()
+        if storage in (H.untyped_storage().data_ptr(), W.untyped_storage().data_ptr()):
+            return None
         if any(p is not H and p is not W for _, p in order):
             return None
-        if len({group["beta"] for group, _ in order}) != 1:
+        if {group["beta"] for group, _ in order} != {beta}:
             return None
         return factors
 
@@ -435,7 +480,8 @@ class SparsityProj(Optimizer):
     fails).  After an accepted step the next step size grows by 1.2 (Hoyer,
     JMLR 5, 2004).  As in the paper's initialisation, a parameter's first step
     starts by projecting it, so that the search begins from a feasible point.  Step sizes start at :math:`\|X\| / \|\nabla X\|` per
-    parameter and live in the optimizer's state.
+    parameter (at its first step with a non-zero gradient) and live in the
+    optimizer's state.
 
     The closure returns the loss without calling ``backward``: the trainer
     differentiates it itself (and stores the gradients in ``.grad``), then
@@ -450,7 +496,9 @@ class SparsityProj(Optimizer):
 
     Raises:
         ValueError: ``sparsity`` outside (0, 1), a bad ``dim`` or ``max_iter``,
-            or a parameter whose components have fewer than 2 entries.
+            or a parameter whose components have fewer than 2 entries; during
+            :meth:`step`, a loss that cannot be differentiated (a closure that
+            called ``backward`` itself).
 
     Examples::
 
@@ -523,8 +571,13 @@ class SparsityProj(Optimizer):
             )
         groups = [(group, _trainable(group)) for group in self.param_groups]
         params = [p for _, ps in groups for p in ps]
-        with torch.enable_grad():
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        try:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            raise _undifferentiable("SparsityProj", "the loss", error) from error
         gradient = dict(zip(map(id, params), grads))
         for p, g in zip(params, grads):
             if g is not None:
@@ -543,10 +596,18 @@ class SparsityProj(Optimizer):
         for p in fresh:
             # Hoyer's initialisation: a parameter meets the constraint before its first step.
             project_components_(p, group["sparsity"], dim=group["dim"])
-            tiny = torch.finfo(p.dtype).tiny
-            self.state[p]["step_size"] = float(p.norm()) / max(float(gradient[id(p)].norm()), tiny)
+            slope = float(gradient[id(p)].norm())
+            size = float(p.norm()) / slope if slope > 0 else math.inf
+            if math.isfinite(size):
+                self.state[p]["step_size"] = size
+            # else a zero gradient (a start at a stationary point): there is no step to
+            # take, and a step size of inf would refuse every later step; the size is
+            # set at the first step with a gradient
         if fresh:
             best = float(self._loss(closure()))
+        params = [p for p in params if "step_size" in self.state[p]]
+        if not params:
+            return best
         start = [p.detach().clone() for p in params]
         for _ in range(group["max_iter"]):
             for p, p0 in zip(params, start):
