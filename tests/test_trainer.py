@@ -646,3 +646,26 @@ def test_returned_divergence_at_beta_near_zero_and_one(beta, chained):
             prediction = model(None).double().clamp_min(torch.finfo(torch.float32).eps)
         true = float(pointwise_divergence(V.double(), prediction, beta).sum())
         assert float(trainer.step(lambda: (V, model(None)))) == pytest.approx(true, rel=1e-5)
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_prediction_checks_on_an_accelerator_only_at_the_first_step(monkeypatch, accelerator):
+    """Each check of the prediction reads a value back; on an accelerator (here a
+    stand-in) that is a synchronisation the steps avoid, so only the first is checked."""
+    import torchnmf.trainer as trainer_module
+
+    checked = []
+    original = trainer_module.check_non_negative_tensor
+
+    def counted(tensor, name, *args, **kwargs):
+        checked.append(name)
+        return original(tensor, name, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "check_non_negative_tensor", counted)
+    monkeypatch.setattr(trainer_module.device, "on_accelerator", lambda tensor: accelerator)
+    V = torch.rand(20, 6, dtype=torch.float64) + 0.1
+    model = NMF(V.shape, rank=2).double()
+    optimizer = BetaMu(model.parameters(), beta=1)
+    for _ in range(3):
+        optimizer.step(lambda: (V, model()))
+    assert checked.count("prediction") == (1 if accelerator else 3)

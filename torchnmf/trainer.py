@@ -46,6 +46,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from . import _device as device
 from . import metrics
 from .models.provenance import matrix_factors_of
 from .solvers.mu import mu_exponent, mu_update_
@@ -170,7 +171,8 @@ class BetaMu(Optimizer):
         ValueError: for negative regularisation or a non-finite ``beta``;
             during :meth:`step`, for a closure output of the wrong shape, a
             negative target, a prediction with a negative, NaN or infinite entry
-            (checked before any parameter changes), a parameter with a negative,
+            (checked before any parameter changes; on an accelerator, at the first
+            step only, since each check reads a value back), a parameter with a negative,
             NaN or infinite entry at its first step, or a prediction that cannot be
             differentiated (a closure that called ``backward`` itself).
         TypeError: for a closure output that is not ``(target, prediction)``.
@@ -345,8 +347,12 @@ class BetaMu(Optimizer):
             returned = closure()
             output = self._check_output(returned)
         # before any update: a NaN (parameters gone NaN) or a negative prediction (a
-        # subtraction in the model) would silently spoil every parameter
-        check_non_negative_tensor(output[1].detach(), "prediction")
+        # subtraction in the model) would silently spoil every parameter.  On an
+        # accelerator the check reads a value back, a synchronisation the steps otherwise
+        # avoid: there the first step's prediction only (a model that subtracts shows it)
+        first = any("step" not in self.state[p] for _, p in order)
+        if first or not device.on_accelerator(output[1]):
+            check_non_negative_tensor(output[1].detach(), "prediction")
         for _, p in order:
             if "step" not in self.state[p]:
                 # once per parameter: the update keeps signs and flushes what is under
