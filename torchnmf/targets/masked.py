@@ -119,7 +119,7 @@ class MaskedMatrixStats:
         self.V = V
         self.block_elements = block_elements
         self.beta = float(beta)
-        self._cross_inner = cross_inner(self.beta)
+        self._cross_inner = cross_inner(self.beta, V.dtype)
         self.eps = torch.finfo(V.dtype).eps
         self.dtype = V.dtype
         N, C = V.shape
