@@ -423,3 +423,27 @@ def test_float32_objective_of_a_good_fit_at_beta_half(solver, kind):
     prediction = model.H.detach().double() @ model.W.detach().double().T
     true = float(pointwise_divergence(V.double(), prediction, 0.5).sum())
     assert model.loss_history[-1] == pytest.approx(true, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "masked"])
+def test_float32_kl_objective_of_every_matrix_kind(kind):
+    """A float32 KL fit of 2276 x 30 data (the breast cancer data four times, each
+    copy perturbed by 2%): the dot products that summed ``V log WH`` (and, masked,
+    every term of the closed form) were 0.06-0.08% off the objective of the factors
+    after 20 iterations (0.35% on ten copies).  Now every kind reports it to 1e-5."""
+    from sklearn.datasets import load_breast_cancer
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.tensor(load_breast_cancer().data).repeat(4, 1)
+    V = (data * (1 + 0.02 * torch.rand(data.shape, generator=g, dtype=torch.float64))).float()
+    W, H = initialize(V, 5, method="nndsvda")
+    target, options = V, {}
+    if kind == "sparse":
+        target = V.to_sparse_csr()
+    elif kind == "masked":
+        options["mask"] = torch.rand(V.shape, generator=g) > 0.1
+    model = NMF(W=W, H=H)
+    model.fit(target, beta=1, tol=0, max_iter=20, **options)
+    entries = pointwise_divergence(V.double(), model.H.detach().double() @ model.W.detach().double().T, 1)
+    true = float(entries[options["mask"]].sum() if options else entries.sum())
+    assert model.loss_history[-1] == pytest.approx(true, rel=1e-5)

@@ -22,6 +22,7 @@ __all__ = [
     "inner",
     "accurate_inner",
     "cross_inner",
+    "accurate_cross",
     "matmul_into",
     "add_product_",
     "batch_shape",
@@ -114,9 +115,9 @@ def accurate_inner(a, b):
     return products.sum(-1).sum(-1, dtype=torch.float64)
 
 
-def cross_inner(beta, dtype):
-    """The :func:`inner` for a sum the closed forms divide by ``beta - 1``:
-    :func:`accurate_inner` where that division amplifies its rounding, and for
+def accurate_cross(beta, dtype):
+    """Whether the closed forms' cross term (divided by ``beta - 1``) needs a sum more
+    accurate than a dot product: where that division amplifies its rounding, and for
     every dtype narrower than float64.
 
     The dot product's rounding grows with the entries it sums: on the breast
@@ -125,9 +126,13 @@ def cross_inner(beta, dtype):
     of the objective; ``"mu_extrapolated"``, comparing such values, then
     refused ten times as many moves as in float64 and ended 33% higher.
     """
-    if amplification(beta) > 1 or torch.finfo(dtype).eps > torch.finfo(torch.float64).eps:
-        return accurate_inner
-    return inner
+    return amplification(beta) > 1 or torch.finfo(dtype).eps > torch.finfo(torch.float64).eps
+
+
+def cross_inner(beta, dtype):
+    """The :func:`inner` for the cross term: :func:`accurate_inner` where
+    :func:`accurate_cross` asks for it."""
+    return accurate_inner if accurate_cross(beta, dtype) else inner
 
 
 def matmul_into(out, a, b):
@@ -327,7 +332,7 @@ class DenseMatrixStats:
         if beta == 1:
             if divergence:
                 torch.log(WH, out=denom)
-                part = -host_value(inner(denom, V_block))
+                part = -host_value(self._cross_inner(denom, V_block))
             torch.div(V_block, WH, out=numer)
             return part
         if beta == 0 and divergence:
