@@ -401,3 +401,49 @@ def test_exact_fit_of_data_with_a_zero_row_reports_no_floor(dtype, beta, generat
     history = torch.tensor(model.loss_history, dtype=torch.float64)
     assert (history[1:] <= history[:-1] * (1 + 1e-6)).all()
     assert float(history[-1]) < 1e-3 * float(history[0])
+
+
+
+@pytest.mark.parametrize("solver", ["mu", "mu_extrapolated"])
+@pytest.mark.parametrize("kind", ["dense", "masked"])
+def test_float32_objective_of_a_good_fit_at_beta_half(solver, kind):
+    """The breast cancer data (features from 0.001 to 4000) fit well at beta=0.5 in
+    float32: the closed form's terms are 900 times the objective, and the dot
+    product that summed its cross term (2e-6 off) put the reported objective 0.1%
+    off the iterate's, so that ``"mu_extrapolated"`` refused ten times as many
+    moves as in float64 and ended 33% higher after 200 iterations.  The objective
+    a fit reports is now that of its factors to 1e-5."""
+    from sklearn.datasets import load_breast_cancer
+
+    V = torch.tensor(load_breast_cancer().data, dtype=torch.float32)
+    W, H = initialize(V, 5, method="nndsvda")
+    options = {"mask": torch.ones(V.shape, dtype=torch.bool)} if kind == "masked" else {}
+    model = NMF(W=W, H=H)
+    model.fit(V, beta=0.5, tol=0, max_iter=40, solver=solver, **options)
+    prediction = model.H.detach().double() @ model.W.detach().double().T
+    true = float(pointwise_divergence(V.double(), prediction, 0.5).sum())
+    assert model.loss_history[-1] == pytest.approx(true, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "masked"])
+def test_float32_kl_objective_of_every_matrix_kind(kind):
+    """A float32 KL fit of 2276 x 30 data (the breast cancer data four times, each
+    copy perturbed by 2%): the dot products that summed ``V log WH`` (and, masked,
+    every term of the closed form) were 0.06-0.08% off the objective of the factors
+    after 20 iterations (0.35% on ten copies).  Now every kind reports it to 1e-5."""
+    from sklearn.datasets import load_breast_cancer
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.tensor(load_breast_cancer().data).repeat(4, 1)
+    V = (data * (1 + 0.02 * torch.rand(data.shape, generator=g, dtype=torch.float64))).float()
+    W, H = initialize(V, 5, method="nndsvda")
+    target, options = V, {}
+    if kind == "sparse":
+        target = V.to_sparse_csr()
+    elif kind == "masked":
+        options["mask"] = torch.rand(V.shape, generator=g) > 0.1
+    model = NMF(W=W, H=H)
+    model.fit(target, beta=1, tol=0, max_iter=20, **options)
+    entries = pointwise_divergence(V.double(), model.H.detach().double() @ model.W.detach().double().T, 1)
+    true = float(entries[options["mask"]].sum() if options else entries.sum())
+    assert model.loss_history[-1] == pytest.approx(true, rel=1e-5)
