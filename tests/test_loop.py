@@ -67,7 +67,7 @@ def test_a_callback_reads_every_iteration(device_stand_in):
 
 
 def test_a_non_finite_objective_is_refused_at_the_read_back(device_stand_in):
-    with pytest.raises(FloatingPointError, match="the objective became nan at iteration 3"):
+    with pytest.raises(FloatingPointError, match="the objective was nan after 2 iterations"):
         loop.run_fit(decreasing_steps([3.0, 2.0, math.nan, 1.0]), lambda: 0.0, 0, 4)
     assert device_stand_in == [4]
 

@@ -425,7 +425,7 @@ def test_a_fit_whose_objective_overflows_leaves_the_model_alone(solver, generato
                 H=torch.rand(30, 2, generator=generator, dtype=torch.float64))
     model.loss_history = [1.0, 0.5]  # a previous fit's
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(FloatingPointError, match="the objective became inf at iteration 1"):
+    with pytest.raises(FloatingPointError, match="the objective was inf at the start"):
         model.fit(V, beta=2, solver=solver, max_iter=5)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert model.loss_history == [1.0, 0.5]
@@ -444,7 +444,7 @@ def test_an_overflowing_penalised_objective_leaves_the_model_alone(make, shape, 
     model = make().double()
     model.loss_history = [1.0, 0.5]
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(FloatingPointError, match="the objective became inf at iteration 1"):
+    with pytest.raises(FloatingPointError, match="the objective was inf at the start"):
         model.fit(V, beta=2, alpha=1e200, max_iter=5)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert model.loss_history == [1.0, 0.5]

@@ -124,11 +124,7 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
     def record(loss, iteration):
         """Append ``loss`` in the data's units; that value."""
         reported = loss * unit if unit != 1 else loss
-        if not math.isfinite(reported):
-            raise FloatingPointError(
-                f"the objective became {reported} at iteration {iteration}; "
-                f"check the data's scale or use a smaller beta"
-            )
+        _refuse_non_finite(reported, iteration)
         history.append(reported)
         return reported
 
@@ -197,10 +193,14 @@ def run_fit(step, objective, tol, max_iter, verbose=False, callback=None, desc="
 
 
 def _refuse_non_finite(loss, n_iter, member=None):
+    """Raise on a non-finite ``loss``, the objective before iteration ``n_iter`` (that of
+    the start for the first: "at iteration 1" read as if an iteration had run)."""
     if not math.isfinite(loss):
         which = "" if member is None else f" of member {member}"
+        when = ("at the start" if n_iter == 1
+                else f"after {n_iter - 1} iteration{'s' if n_iter > 2 else ''}")
         raise FloatingPointError(
-            f"the objective{which} became {loss} at iteration {n_iter}; "
+            f"the objective{which} was {loss} {when}; "
             f"check the data's scale or use a smaller beta"
         )
 
