@@ -192,3 +192,17 @@ def test_suggest_rank_checks_its_errors():
     with pytest.raises(ValueError, match="errors must be finite"):
         suggest_rank([1, 2], torch.tensor([[float("nan"), 1.0]]))
     assert suggest_rank([1, 2, 3], [3.0, 1.0, 0.95]) == 3  # one fold: no standard error
+
+
+def test_cross_validation_takes_nan_as_missing(generator):
+    """Its NaN error says "pass missing='mask'", which cross_validate did not take: with
+    it, NaN entries are the mask's hidden ones."""
+    V, _, _ = low_rank(30, 20, 2, generator, noise=0.05)
+    hidden = torch.rand(V.shape, generator=generator) < 0.05
+    with_nan = V.masked_fill(hidden, float("nan"))
+    with pytest.raises(ValueError, match="missing='mask'"):
+        cross_validate(with_nan, [1, 2], n_folds=3, n_restarts=1, max_iter=20)
+    options = dict(n_folds=3, n_restarts=1, max_iter=20)
+    by_nan = cross_validate(with_nan, [1, 2], missing="mask", **options)
+    by_mask = cross_validate(V, [1, 2], mask=~hidden, **options)
+    assert torch.equal(by_nan.errors, by_mask.errors)

@@ -163,7 +163,7 @@ def _entry_folds(observed, n_folds, generator):
 
 
 def cross_validate(V, ranks, n_folds=5, n_restarts=4, beta=2, tol=1e-4, max_iter=300, *,
-                   solver="mu", seed=0, mask=None):
+                   solver="mu", seed=0, mask=None, missing="error"):
     """Wold-style cross-validation of the rank by held-out entries.
 
     Args:
@@ -177,6 +177,8 @@ def cross_validate(V, ranks, n_folds=5, n_restarts=4, beta=2, tol=1e-4, max_iter
         seed (int): the folds and the restarts' starts.
         mask (Tensor, optional): entries that are missing anyway (never
             trained on, never scored).
+        missing (str): ``"error"`` (default) or ``"mask"``: NaN entries of ``V``
+            are missing ones too, as in :func:`~torchnmf.restarts.fit_restarts`.
 
     Returns:
         CrossValidation
@@ -197,7 +199,7 @@ def cross_validate(V, ranks, n_folds=5, n_restarts=4, beta=2, tol=1e-4, max_iter
     n_folds = check_positive_int(n_folds, "n_folds")
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}")
-    V, mask = prepare_matrix(V, mask)
+    V, mask = prepare_matrix(V, mask, missing)
     if n_folds > V.shape[0] * V.shape[1]:
         raise ValueError(
             f"n_folds must be at most the number of entries of V ({V.shape[0] * V.shape[1]}): "
