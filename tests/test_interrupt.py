@@ -62,3 +62,28 @@ def test_interrupt_in_the_middle_of_an_iteration(generator, monkeypatch):
     assert torch.equal(model.W.detach(), reference.W.detach())
     assert model.loss_history == pytest.approx(reference.loss_history, rel=1e-12)
     assert len(model.loss_history) == 4
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, RuntimeError])
+def test_plca_keeps_the_history_of_an_interrupted_fit(raised, generator):
+    """PLCA.fit, stopped by its callback, kept the last iterate but the previous fit's
+    loss_history (NMF.fit keeps both)."""
+    from torchnmf.plca import PLCA
+
+    V = torch.rand(20, 12, generator=generator, dtype=torch.float64) + 0.1
+    start = PLCA(V.shape, rank=3).double()
+    model, reference = PLCA(V.shape, rank=3).double(), PLCA(V.shape, rank=3).double()
+    model.load_state_dict(start.state_dict())
+    reference.load_state_dict(start.state_dict())
+    model.loss_history = [1.0]  # a previous fit's
+
+    def stop(n_iter, loss):
+        if n_iter == 5:
+            raise raised
+
+    with pytest.raises(raised):
+        model.fit(V, tol=0, max_iter=50, callback=stop)
+    reference.fit(V, tol=0, max_iter=5)
+    assert torch.equal(model.W.detach(), reference.W.detach())
+    expected = reference.loss_history if raised is KeyboardInterrupt else reference.loss_history[:5]
+    assert model.loss_history == pytest.approx(expected, rel=1e-12)

@@ -271,11 +271,30 @@ class BaseComponent(FactorModule):
         em = ExpectationMaximisation(
             stats, self.H.detach(), self.W.detach(), self.Z.detach(), update, alphas, scale=count,
         )
-        with torch.no_grad():
-            n_iter, history = run_fit(
-                em.step, em.objective, tol, max_iter, verbose=verbose, callback=callback,
-                desc=type(self).__name__, converged=lambda: em.converged,
-            )
+        seen = []  # the objectives before the completed iterations, kept if the fit fails
+
+        def step():
+            before = em.step()
+            if not em.converged:
+                seen.append(before)
+            return before
+
+        try:
+            with torch.no_grad():
+                n_iter, history = run_fit(
+                    step, em.objective, tol, max_iter, verbose=verbose, callback=callback,
+                    desc=type(self).__name__, converged=lambda: em.converged,
+                )
+        except BaseException as error:
+            # (a callback that raised, an interrupt): the factors hold the last completed
+            # iterate, as NMF.fit's, and so does the history; an interrupt's ends with
+            # that iterate's objective
+            if isinstance(error, KeyboardInterrupt):
+                with torch.no_grad():
+                    seen.append(em.objective())
+            if seen:
+                self.loss_history = [float(value) for value in seen]
+            raise
         self.loss_history = history
         return n_iter, total
 
