@@ -23,6 +23,7 @@ __all__ = [
     "accurate_inner",
     "cross_inner",
     "accurate_cross",
+    "float64_runs",
     "matmul_into",
     "add_product_",
     "batch_shape",
@@ -459,6 +460,27 @@ def float64_sum(x):
         x = _memory_order(x).flatten(-2)
     rows = x.sum(-1, dtype=torch.float32) if narrow_range(x.dtype) else x.sum(-1)
     return rows.sum(dtype=torch.float64)
+
+
+RUN = 1024  # entries summed in the dtype by float64_runs before their float64 total
+
+
+def float64_runs(x):
+    """The sums of ``x`` over its last dimension in float64 (one per leading index):
+    runs of :data:`RUN` entries summed in ``x``'s dtype, their totals in float64.
+
+    Within 2e-10 of the sum of 2M float32 entries' magnitudes (a dot product:
+    3e-6) at 0.13 ms where ``x.sum(-1, dtype=torch.float64)``, which converts
+    every entry, took 0.73 (one thread, measured): a sparse fit's stored entries
+    form one long row.  Sums the closed forms divide by a small ``beta - 1`` need
+    every entry in float64 (see :func:`~.residual.amplification`).
+    """
+    n = x.shape[-1]
+    full = n - n % RUN
+    total = x[..., :full].unflatten(-1, (-1, RUN)).sum(-1).sum(-1, dtype=torch.float64)
+    if full < n:
+        total = total + x[..., full:].sum(-1, dtype=torch.float64)
+    return total
 
 
 def power_sum(x, exponent):

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dense import accurate_cross, batch_shape, gram_divergence, matmul_into, power_sum
-from .residual import pointwise_divergence
+from .dense import (accurate_cross, batch_shape, float64_runs, gram_divergence, matmul_into,
+                    power_sum)
+from .residual import amplification, pointwise_divergence
 
 
 __all__ = [
@@ -438,6 +439,7 @@ class SparseMatrixStats:
         self.transposed_copy = transposed_copy
         self.beta = float(beta)
         self._accurate_cross = accurate_cross(self.beta, V.dtype)
+        self._amplified = amplification(self.beta) > 1
         self.eps = torch.finfo(V.dtype).eps
         csr = to_csr(V)
         self.shape = tuple(csr.shape)
@@ -448,13 +450,17 @@ class SparseMatrixStats:
         )
         self._work = None
 
-    def _cross_sum(self, sampled, values):
+    def _cross_sum(self, sampled, values, out=None):
         """:math:`\\sum` ``sampled * values`` over the stored entries, in float64 (per
         member of a stack): elementwise where :func:`~.dense.accurate_cross` asks for it
-        (a float32 KL fit's objective was 0.35% off by the dot product's rounding)."""
-        if self._accurate_cross:
-            return torch.mul(sampled, values).sum(-1, dtype=torch.float64)
-        return torch.matmul(sampled, values).to(torch.float64)
+        (a float32 KL fit's objective was 0.35% off by the dot product's rounding), the
+        products into ``out`` when it is given (a spare buffer)."""
+        if not self._accurate_cross:
+            return torch.matmul(sampled, values).to(torch.float64)
+        products = torch.mul(sampled, values, **({} if out is None else {"out": out}))
+        # near beta 0 and 1 the division amplifies even runs' rounding: every entry in
+        # float64 there (a KL-like fit at 0.99 was 1e-5 off with runs of float32 sums)
+        return products.sum(-1, dtype=torch.float64) if self._amplified else float64_runs(products)
 
     @property
     def by_columns(self):
@@ -547,7 +553,8 @@ class SparseMatrixStats:
                 total = torch.linalg.vecdot(
                     A.sum(-2, dtype=torch.float64), B.sum(-2, dtype=torch.float64)
                 )
-                divergence = self.constant + total - self._cross_sum(spare, values)
+                # (the log's buffer is spare once summed: the products go into it)
+                divergence = self.constant + total - self._cross_sum(spare, values, out=spare)
             torch.div(values, recon, out=recon)
             return side.product(recon, B, layout_of=A), B.sum(-2, keepdim=True), divergence
 
